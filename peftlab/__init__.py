@@ -1,0 +1,54 @@
+"""peftlab: parameter-efficient fine-tuning for Hugging Face transformers — apply, train,
+compare, choose.
+
+    import peftlab
+    model = peftlab.apply(model, peftlab.LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+    peftlab.trainable_parameters(model)        # (trainable, total)
+    peftlab.save_adapter(model, "out/")        # peft-compatible adapter directory
+"""
+
+from peftlab.core.config import ConfigError, MethodConfig, config_from_dict, load_config
+from peftlab.core.io import AdapterFileError, load_adapter, read_adapter_config, save_adapter
+from peftlab.core.model import (
+    apply,
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from peftlab.core.registry import methods as _methods
+from peftlab.methods.dora import DoRAConfig
+from peftlab.methods.full import FullFinetuneConfig
+from peftlab.methods.lora import LoRAConfig
+
+__version__ = "0.1.0"
+
+# ``peftlab.methods`` is also the name of the subpackage that holds the methods; importing it
+# (above) binds the module to that attribute, so the public function is bound last.
+methods = _methods
+
+__all__ = [
+    "AdapterFileError",
+    "ConfigError",
+    "DoRAConfig",
+    "FullFinetuneConfig",
+    "LoRAConfig",
+    "MethodConfig",
+    "apply",
+    "config_from_dict",
+    "disable_adapters",
+    "load_adapter",
+    "load_config",
+    "merge",
+    "merge_and_unload",
+    "methods",
+    "read_adapter_config",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

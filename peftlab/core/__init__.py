@@ -1,0 +1,1 @@
+"""The method core: configs, registry, module matching, model operations, adapter I/O."""

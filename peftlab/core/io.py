@@ -1,0 +1,247 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's layout.
+
+Keys are ``base_model.model.<parameter name without the adapter name>``, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, so LoRA/DoRA/QLoRA adapters
+load in ``peft.PeftModel.from_pretrained`` and peft's load here. peftlab's own fields live under
+the ``"peftlab"`` key, which peft ignores. Only safetensors is read or written; never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftlab.core.config import ConfigError, MethodConfig, config_from_dict
+from peftlab.core.model import active_adapter, adapter_configs, apply, saved_module_names
+from peftlab.core.registry import get_method
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory is missing, corrupt, or does not fit the model."""
+
+
+def _file_key(param_name: str, adapter_name: str, prefix: str) -> str | None:
+    """peft's key for a parameter of adapter ``adapter_name``; None if not one of its params."""
+    parts = param_name.split(".")
+    if not prefix:
+        return KEY_PREFIX + param_name
+    for i in range(1, len(parts)):
+        if parts[i] == adapter_name and prefix in parts[i - 1]:
+            return KEY_PREFIX + ".".join(parts[:i] + parts[i + 1 :])
+    return None
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed as in the file (``base_model.model.…``)."""
+    adapter_name = adapter_name or active_adapter(model)
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ConfigError(f"no adapter named {adapter_name!r} on the model; it has {sorted(configs)}")
+    spec = get_method(configs[adapter_name].method)
+    out: dict[str, torch.Tensor] = {}
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:
+        if not spec.param_prefix and not t.requires_grad:
+            continue  # full fine-tuning saves what trains
+        key = _file_key(name, adapter_name, spec.param_prefix)
+        if key is not None:
+            out[key] = t.detach().contiguous()
+    for module_name in saved_module_names(model, configs[adapter_name]):
+        for name, t in model.get_submodule(module_name).state_dict().items():
+            out[f"{KEY_PREFIX}{module_name}.{name}"] = t.detach().contiguous()
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    overwrite: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write the adapter to ``path``/{adapter_config.json, adapter_model.safetensors}.
+
+    Files are written to a temporary name and renamed, so an interrupted save never leaves a
+    half-written adapter. An existing adapter is only replaced with ``overwrite=True``.
+    """
+    path = Path(path)
+    adapter_name = adapter_name or active_adapter(model)
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ConfigError("the model carries no peftlab adapter to save; call peftlab.apply first")
+    config = configs[adapter_name]
+    spec = get_method(config.method)
+    if not overwrite and ((path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists()):
+        raise FileExistsError(
+            f"{path} already holds an adapter; pass overwrite=True to replace it or choose "
+            f"another directory"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model, adapter_name)
+    # Tied/shared tensors must be stored once: safetensors refuses aliases.
+    seen: dict[int, str] = {}
+    for k in list(tensors):
+        ptr = tensors[k].data_ptr()
+        if ptr in seen and tensors[k].numel() > 0:
+            tensors[k] = tensors[k].clone()
+        seen[ptr] = k
+    meta = {"format": "pt", "peftlab_method": config.method}
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    doc = dict(spec.peft_export(config)) if spec.peft_export else {}
+    doc["base_model_name_or_path"] = base_model_name_or_path or getattr(
+        getattr(model, "config", None), "_name_or_path", None
+    )
+    if "fan_in_fan_out" in doc:
+        from peftlab.core.matching import Conv1D
+
+        doc["fan_in_fan_out"] = any(
+            Conv1D and isinstance(m, Conv1D) for m in model.modules()
+        )
+    doc["peftlab"] = {
+        "format_version": FORMAT_VERSION,
+        "adapter_name": adapter_name,
+        "config": config.to_dict(),
+    }
+
+    def write_json(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(doc, indent=2, default=str))
+
+    _atomic_write(path / CONFIG_NAME, write_json)
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
+    """The method config stored in an adapter directory (peftlab's or peft's)."""
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise AdapterFileError(
+            f"{cfg_file} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        doc = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{cfg_file} is not valid JSON ({e}); the file is corrupt") from e
+    if "peftlab" in doc:
+        return config_from_dict(doc["peftlab"]["config"])
+    return _from_peft(doc, cfg_file)
+
+
+def _from_peft(doc: dict, cfg_file: Path) -> MethodConfig:
+    """Translate a peft ``LoraConfig`` document into a LoRA/DoRA config."""
+    if doc.get("peft_type") != "LORA":
+        raise AdapterFileError(
+            f"{cfg_file}: peft_type={doc.get('peft_type')!r} is not supported for import; "
+            f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA)"
+        )
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+        if doc.get(key):
+            raise AdapterFileError(f"{cfg_file}: peft option {key}={doc[key]!r} is not supported")
+    if doc.get("bias", "none") != "none":
+        raise AdapterFileError(f"{cfg_file}: peft option bias={doc['bias']!r} is not supported")
+    target = doc["target_modules"]
+    d = {
+        "method": "dora" if doc.get("use_dora") else "lora",
+        "r": doc["r"],
+        "alpha": doc["lora_alpha"],
+        "dropout": doc.get("lora_dropout", 0.0),
+        "target_modules": target if isinstance(target, str) else sorted(target),
+        "use_rslora": bool(doc.get("use_rslora", False)),
+    }
+    return config_from_dict(d)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (
+            f" It holds {pickled}: peftlab never unpickles files (they can run code); convert "
+            f"them to safetensors with safetensors.torch.save_file in a trusted environment."
+            if pickled
+            else ""
+        )
+        raise AdapterFileError(f"{weights} not found.{hint}")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(
+            f"{weights} is not a readable safetensors file ({e}); it is corrupt or truncated — "
+            f"re-save the adapter"
+        ) from e
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True
+) -> nn.Module:
+    """Apply the adapter stored in ``path`` to the base ``model`` and load its weights.
+
+    Raises:
+        AdapterFileError: the directory is missing or corrupt, or its tensors do not fit the
+            model (the message names the missing, unexpected and mis-shaped keys).
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
+    tensors = _read_weights(path)
+    spec = get_method(config.method)
+    apply(model, config, adapter_name)
+    expected: dict[str, torch.Tensor] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        key = _file_key(name, adapter_name, spec.param_prefix)
+        if key is not None and (spec.param_prefix or key in tensors):
+            expected[key] = t
+    for module_name in saved_module_names(model, config):
+        for name, t in model.get_submodule(module_name).state_dict(keep_vars=True).items():
+            expected[f"{KEY_PREFIX}{module_name}.{name}"] = t
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if spec.param_prefix and missing and strict:
+        problems.append(f"missing keys {missing[:4]}{' …' if len(missing) > 4 else ''}")
+    if unexpected and strict:
+        problems.append(f"keys the model has no place for {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}")
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape
+    ]
+    if shapes:
+        problems.append(f"shape mismatches {shapes[:4]}{' …' if len(shapes) > 4 else ''}")
+    if problems:
+        from peftlab.core.model import unload
+
+        unload(model)
+        raise AdapterFileError(
+            f"adapter {path} does not fit this model: {'; '.join(problems)}. Load it on the base "
+            f"model it was trained from (config {config.method}, {config.to_dict()})"
+        )
+    with torch.no_grad():
+        for key, t in expected.items():
+            if key in tensors:
+                t.copy_(tensors[key].to(t.dtype))
+    # DoRA and similar caches derived from loaded weights are keyed on tensor versions, so
+    # the copies above invalidate them.
+    return model

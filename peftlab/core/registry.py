@@ -1,0 +1,74 @@
+"""The method registry: name → config class + apply function.
+
+A method is one file in ``peftlab/methods/`` ending with one :func:`register_method` line.
+Nothing outside this registry branches on the method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from peftlab.core.config import ConfigError, MethodConfig
+
+ApplyFn = Callable[[nn.Module, MethodConfig, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What the core needs to know about one method."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    apply: ApplyFn
+    """Adapt ``model`` in place for ``config`` under ``adapter_name``."""
+    param_prefix: str
+    """Every parameter this method adds has this in its name ("lora_", "adapter_", …); the
+    trainable filter and adapter I/O are one substring test on it. Empty for ``full``."""
+    peft_export: Callable[[MethodConfig], dict] | None = None
+    """Fields of peft's ``adapter_config.json`` for this config, when peft can read it."""
+    unload: Callable[[nn.Module], None] | None = None
+    """Remove model-level state (hooks, extra modules) that is not an adapter layer."""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Register ``spec`` under ``spec.name`` and point its config class at that name."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    spec.config_cls.method = spec.name
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec registered under ``name``; an unknown name lists the known ones."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def spec_for_config(config: MethodConfig) -> MethodSpec:
+    _load_builtin_methods()
+    for spec in _REGISTRY.values():
+        if type(config) is spec.config_cls:
+            return spec
+    raise ConfigError(f"{type(config).__name__} is not the config of a registered method")
+
+
+def methods() -> list[str]:
+    """Names of the registered methods."""
+    _load_builtin_methods()
+    return list(_REGISTRY)
+
+
+def _load_builtin_methods() -> None:
+    import peftlab.methods  # noqa: F401  (importing registers them)

@@ -1,0 +1,121 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, https://arxiv.org/abs/2402.09353).
+
+    W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖      (norm per output row of the [out, in] weight)
+    h  = W'·x + b = (m / ‖·‖) ⊙ (W0·x + s·B·A·x) + b
+
+m starts at ‖W0‖ (B = 0, so W' = W0 at init). With ``detach_norm`` (paper §4.3) the norm is a
+constant for backprop, which cut training memory 24% on LLaMA-7B at no accuracy cost.
+
+The row norm is computed without building W0 + s·B·A:
+    ‖W0 + sBA‖²_i = ‖W0‖²_i + 2s·Σ_k B_ik (W0 Aᵀ)_ik + s²·Σ_k (B (A Aᵀ))_ik B_ik
+which needs ``[out, r]`` and ``[r, r]`` intermediates instead of ``[out, in]``; ‖W0‖² is
+cached while W0 is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.weights import dense_weight
+from peftlab.methods.lora import LoRAConfig, LoRALinear, add_low_rank_adapters, peft_lora_fields
+
+
+@dataclasses.dataclass
+class DoRAConfig(LoRAConfig):
+    """LoRA on the direction of each weight row plus a trainable per-row magnitude."""
+
+    detach_norm: bool = True
+    """Treat ‖W0 + sBA‖ as a constant in backprop (DoRA paper §4.3): less memory, same accuracy."""
+
+
+class DoRALinear(LoRALinear):
+    """A linear layer with DoRA adapters: LoRA's A and B plus ``lora_magnitude_vector[name]``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.detach_norm: dict[str, bool] = {}
+        self._w0_cache: tuple[tuple, torch.Tensor] | None = None
+        self._merged_norms: dict[str, torch.Tensor] = {}
+
+    def add_adapter(self, name: str, config: DoRAConfig) -> None:
+        super().add_adapter(name, config)
+        self.detach_norm[name] = config.detach_norm
+        with torch.no_grad():
+            m = self.weight_norm(name).to(self.lora_A[name].weight.dtype)
+        self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    def _w0(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W0 as ``[out, in]``, ‖W0‖² per row), the latter cached until W0 changes."""
+        w0 = dense_weight(self.base_layer)
+        raw = self.base_layer.weight
+        key = (raw.data_ptr(), raw._version, raw.dtype, raw.device)
+        if self._w0_cache is None or self._w0_cache[0] != key:
+            with torch.no_grad():
+                sq = w0.float().pow(2).sum(dim=1)
+            self._w0_cache = (key, sq)
+        return w0, self._w0_cache[1]
+
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row, ``[out]``, in float32."""
+        A = self.lora_A[name].weight.float()  # (r, in)
+        B = self.lora_B[name].weight.float()  # (out, r)
+        s = self.scaling[name]
+        w0, w0_sq = self._w0()
+        w0_at = w0.to(torch.float32) @ A.T  # (out, r)
+        cross = (B * w0_at).sum(dim=1)
+        ba_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
+        return (w0_sq + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(..., in)`` → ``(..., out)``."""
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        bias = getattr(self.base_layer, "bias", None)
+        for name in self.active:
+            A, B = self.lora_A[name], self.lora_B[name]
+            m = self.lora_magnitude_vector[name]
+            xa = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
+            dropout = self.lora_dropout[name]
+            if isinstance(dropout, nn.Identity) or not self.training:
+                base = result if bias is None else result - bias  # W0·x, (..., out)
+            else:
+                xa = dropout(xa)
+                base = nn.functional.linear(xa.to(result.dtype), dense_weight(self.base_layer))
+            if self.detach_norm[name]:
+                with torch.no_grad():
+                    norm = self.weight_norm(name)
+            else:
+                norm = self.weight_norm(name)
+            scale = (m / norm.to(m.dtype)).to(result.dtype)  # (out,)
+            lora = B(A(xa)) * self.scaling[name]
+            result = result + (scale - 1) * base + scale * lora.to(result.dtype)
+        return result
+
+    def _merged_weight(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        w = w0.float() + self.delta_weight(name).float()
+        norm = w.norm(dim=1)
+        self._merged_norms[name] = norm
+        scale = self.lora_magnitude_vector[name].float() / norm
+        return (w * scale[:, None]).to(w0.dtype)
+
+    def _unmerged_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        norm = self._merged_norms.pop(name)
+        scale = norm / self.lora_magnitude_vector[name].float()
+        return (w.float() * scale[:, None] - self.delta_weight(name).float()).to(w.dtype)
+
+
+def _peft_fields(config: DoRAConfig) -> dict:
+    return {**peft_lora_fields(config), "use_dora": True}
+
+
+def _apply(model: nn.Module, config: DoRAConfig, adapter_name: str) -> None:
+    add_low_rank_adapters(model, config, adapter_name, DoRALinear)
+
+
+register_method(MethodSpec("dora", DoRAConfig, _apply, "lora_", peft_export=_peft_fields))

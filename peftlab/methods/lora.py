@@ -1,0 +1,191 @@
+"""LoRA: low-rank adaptation of linear layers (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+    h = W0·x + s·B·A·x,   A ∈ R^{r×in}, B ∈ R^{out×r},   s = alpha / r   (rsLoRA: alpha / √r)
+
+A starts Kaiming-uniform (a=√5) and B at zero, so the model is unchanged at init. The update
+folds exactly into W0 for inference (``merge``), and several named adapters can live on one
+layer with one of them active.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from peftlab.core.config import MethodConfig, check
+from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.weights import dense_weight, features, write_dense_weight
+
+
+@dataclasses.dataclass
+class LoRAConfig(MethodConfig):
+    """Low-rank adaptation of the targeted linear layers."""
+
+    mergeable = True
+
+    r: int = 8
+    """Rank of the update B·A; higher trains more parameters and adds capacity."""
+    alpha: float = 16
+    """Scale numerator: the update is multiplied by alpha / r (alpha / √r with use_rslora)."""
+    dropout: float = 0.0
+    """Dropout on the input of the low-rank path, in [0, 1)."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names/suffixes, a regex, or "all-linear" (every linear layer but the output head)."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha / √r (Kalajdzievski 2023), so larger ranks keep learning."""
+    init: str = "kaiming"
+    """Init of A: "kaiming" (uniform, a=√5, as the LoRA reference code) or "gaussian" (N(0, 1/r)).
+    B always starts at zero."""
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer, e.g. 8")
+        check(self.alpha > 0, "alpha", self.alpha, "a positive number, e.g. 2·r")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.05")
+        check(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
+        check(
+            isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,
+            "target_modules",
+            self.target_modules,
+            'a module name list, a regex, or "all-linear"',
+        )
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer (``nn.Linear``, ``Conv1D`` or a 4-bit ``Linear4bit``) plus LoRA adapters.
+
+    The base layer is wrapped, never copied. Adapter ``name`` owns ``lora_A[name]``
+    (``[r, in]``), ``lora_B[name]`` (``[out, r]``) and a scaling factor.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = features(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str, config: LoRAConfig) -> None:
+        w = self.base_layer.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[name] = config.scaling
+        if config.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def set_adapter(self, names: list[str]) -> None:
+        if self.merged:
+            self.unmerge()
+        self.active = [n for n in names if n in self.lora_A]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A as ``[out, in]``."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(..., in)`` → ``(..., out)``."""
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        for name in self.active:
+            A = self.lora_A[name]
+            xa = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
+            update = self.lora_B[name](A(self.lora_dropout[name](xa))) * self.scaling[name]
+            result = result + update.to(result.dtype)
+        return result
+
+    # -- merging: each adapter type says what merged weight it produces and how to undo it
+    def _merged_weight(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        return w0 + self.delta_weight(name).to(w0.dtype)
+
+    def _unmerged_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return w - self.delta_weight(name).to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.disabled:
+            return
+        for name in self.active:
+            if name not in self.merged:
+                write_dense_weight(self.base_layer, self._merged_weight(name, dense_weight(self.base_layer)))
+                self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            write_dense_weight(self.base_layer, self._unmerged_weight(name, dense_weight(self.base_layer)))
+
+    def unload(self, merge: bool = True, **kwargs) -> nn.Module:
+        if merge:
+            self.merge()
+        else:
+            self.unmerge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}"
+
+
+def add_low_rank_adapters(
+    model: nn.Module, config: LoRAConfig, adapter_name: str, layer_cls: type[LoRALinear]
+) -> list[str]:
+    """Wrap every targeted linear layer in ``layer_cls`` (reusing a wrapper already there)
+    and add adapter ``adapter_name`` to it. Returns the targeted names."""
+    targets = find_targets(model, config.target_modules)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            module = layer_cls(module)
+            set_submodule(model, name, module)
+        elif type(module) is not layer_cls:
+            raise TypeError(f"{name} is a {type(module).__name__}, expected {layer_cls.__name__}")
+        module.add_adapter(adapter_name, config)
+    return targets
+
+
+def peft_lora_fields(config: LoRAConfig) -> dict:
+    """Fields of peft's LoraConfig for ``adapter_config.json``."""
+    return {
+        "peft_type": "LORA",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.target_modules,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": config.modules_to_save,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "task_type": None,
+        "inference_mode": True,
+    }
+
+
+def _apply(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
+    add_low_rank_adapters(model, config, adapter_name, LoRALinear)
+
+
+register_method(MethodSpec("lora", LoRAConfig, _apply, "lora_", peft_export=peft_lora_fields))
