@@ -20,6 +20,7 @@ from peftlab.core.model import (
     unmerge,
 )
 from peftlab.core.registry import methods as _methods
+from peftlab.methods.adapter import AdapterConfig
 from peftlab.methods.dora import DoRAConfig
 from peftlab.methods.full import FullFinetuneConfig
 from peftlab.methods.lora import LoRAConfig
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 methods = _methods
 
 __all__ = [
+    "AdapterConfig",
     "AdapterFileError",
     "ConfigError",
     "DoRAConfig",
