@@ -1,0 +1,212 @@
+"""The user's document's comparison table, and the criteria that check each cell against a
+measurement.
+
+The table (section "方法对比分析 / 参数量与显存对比" of the document) rates each method on
+trainable parameters, memory (显存占用), inference overhead (推理开销) and training stability
+(训练稳定性). Its words become levels here; each level has a measured criterion:
+
+- **Trainable parameters**: the stated % range, inclusive (DoRA's "+ weight dimension" also
+  requires DoRA to train more parameters than LoRA with the same rank and targets).
+- **Memory** — ``train_info.peak_memory.total_bytes`` (weights as held after ``apply`` plus
+  everything training adds) as a ratio ``q`` to full fine-tuning's: high ``q ≥ 0.9``;
+  medium ``0.5 ≤ q < 0.9``; low ``q < 0.5``; very low: low *and* within 5% of the smallest
+  of all methods measured. Needs ``full`` in the comparison.
+- **Inference overhead** of the form one would deploy (merged where the method merges,
+  otherwise unmerged): slowdown ``o = max(prefill latency ratio, 1 / decode speed ratio) − 1``
+  against the base model timed in the same process on the same prompts. none/very low
+  ``o ≤ 5%`` (the timing noise floor on a shared CPU); low ``5% < o ≤ 15%``; medium
+  ``15% < o ≤ 50%``; high ``o > 50%``.
+- **Training stability**: high = no loss spike, step-to-step log-loss variability at most
+  1.5× the median of all methods in the comparison, and (with several seeds) a final-loss
+  coefficient of variation across seeds ≤ 10%; low = a non-finite loss or ≥ 3 spikes;
+  medium otherwise.
+
+A claim *held* when the measured level equals the stated one; otherwise it is "better than
+claimed" or "worse than claimed" (lower memory/overhead, higher stability count as better).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+# Document row → (registry name, trainable % range, memory, inference overhead, stability,
+# method whose trainable count this one must exceed: DoRA's "0.1–1% + 权重维度" = LoRA's + m).
+DOCUMENT_TABLE = [
+    ("Full Fine-tuning", "full", (100.0, 100.0), "high", "none", "high", None),
+    ("LoRA", "lora", (0.1, 1.0), "low", "very low", "high", None),
+    ("QLoRA", "qlora", (0.1, 1.0), "very low", "very low", "medium", None),
+    ("DoRA", "dora", (0.1, 1.0), "low", "low", "high", "lora"),
+    ("Adapter", "adapter", (1.0, 3.0), "medium", "medium", "high", None),
+    ("Prefix-Tuning", "prefix", (0.01, 0.1), "low", "low", "medium", None),
+    ("P-Tuning v2", "ptuning-v2", (0.01, 0.1), "low", "low", "medium", None),
+]
+ORIGINAL_WORDS = {"high": "高", "medium": "中等", "low": "低", "very low": "极低", "none": "无"}
+
+# Levels ordered from best to worst, per column; "none" and "very low" share the bottom rung of
+# the overhead scale because timing cannot tell 0% from 3%.
+MEMORY_ORDER = ["very low", "low", "medium", "high"]
+OVERHEAD_ORDER = ["very low", "low", "medium", "high"]
+STABILITY_ORDER = ["high", "medium", "low"]
+
+
+def memory_level(total: float, full_total: float, smallest: float) -> str:
+    q = total / full_total
+    if q >= 0.9:
+        return "high"
+    if q >= 0.5:
+        return "medium"
+    return "very low" if total <= 1.05 * smallest else "low"
+
+
+def overhead_fraction(ratios: dict | None) -> float | None:
+    """``max(prefill latency ratio, 1/decode speed ratio) − 1``; None when nothing was timed."""
+    if not ratios:
+        return None
+    parts = [ratios.get("prefill_latency_ratio")]
+    if ratios.get("decode_speed_ratio"):
+        parts.append(1.0 / ratios["decode_speed_ratio"])
+    parts = [p for p in parts if p is not None]
+    return max(parts) - 1.0 if parts else None
+
+
+def overhead_level(o: float) -> str:
+    if o <= 0.05:
+        return "very low"
+    if o <= 0.15:
+        return "low"
+    return "medium" if o <= 0.50 else "high"
+
+
+def stability_level(stab: dict, median_var: float | None, seed_cv: float | None) -> str:
+    var = stab.get("loss_variability")
+    if stab.get("nonfinite") or stab.get("loss_spikes", 0) >= 3:
+        return "low"
+    calm = stab.get("loss_spikes", 0) == 0 and (
+        var is None or median_var is None or var <= 1.5 * median_var
+    )
+    steady = seed_cv is None or seed_cv <= 0.10
+    return "high" if calm and steady else "medium"
+
+
+def verdict(measured: str, claimed: str, order: list[str]) -> str:
+    claimed = "very low" if claimed == "none" and "very low" in order else claimed
+    a, b = order.index(measured), order.index(claimed)
+    return "held" if a == b else "better than claimed" if a < b else "worse than claimed"
+
+
+def check_claims(summary: dict[str, dict]) -> list[dict]:
+    """One row per claim of the document's table: claimed, measured, verdict.
+
+    ``summary`` maps method → aggregated figures from :func:`peftlab.bench.report.summarize`
+    (keys ``trainable_percent``, ``trainable_params``, ``memory_total_bytes``, ``deploy_overhead``,
+    ``stability``, ``seed_cv``).
+    """
+    rows: list[dict] = []
+    ok = {m: s for m, s in summary.items() if s.get("status") == "ok"}
+    full = ok.get("full")
+    totals = [s["memory_total_bytes"] for s in ok.values() if s.get("memory_total_bytes")]
+    variabilities = [s["stability"].get("loss_variability") for s in ok.values()]
+    variabilities = [v for v in variabilities if v is not None]
+    median_var = statistics.median(variabilities) if variabilities else None
+
+    def row(doc_name, method, column, claimed, measured, result, criterion):
+        rows.append(
+            {
+                "method": method,
+                "document_row": doc_name,
+                "column": column,
+                "claimed": claimed,
+                "measured": measured,
+                "verdict": result,
+                "criterion": criterion,
+            }
+        )
+
+    for doc_name, method, (lo, hi), mem, ovh, stab, exceeds in DOCUMENT_TABLE:
+        s = ok.get(method)
+        claimed_pct = f"{lo:g}–{hi:g}%" if lo != hi else f"{lo:g}%"
+        if exceeds:
+            claimed_pct += " + weight dimension"
+        if s is None:
+            why = "not in this comparison" if method not in summary else "run failed"
+            for col, claim in (
+                ("trainable params", claimed_pct),
+                ("memory", mem),
+                ("inference overhead", ovh),
+                ("training stability", stab),
+            ):
+                row(doc_name, method, col, claim, why, "not measured", "")
+            continue
+        pct = s["trainable_percent"]
+        held = lo <= round(pct, 6) <= hi
+        extra = ""
+        if exceeds and exceeds in ok:
+            more = s["trainable_params"] - ok[exceeds]["trainable_params"]
+            held = held and more > 0
+            extra = f"; {more:+,} vs {exceeds}"
+        result = "held" if held else "better than claimed" if pct < lo else "worse than claimed"
+        row(
+            doc_name,
+            method,
+            "trainable params",
+            claimed_pct,
+            f"{pct:.4g}%{extra}",
+            result,
+            "measured % inside the stated range",
+        )
+
+        if full is None or not totals:
+            row(
+                doc_name,
+                method,
+                "memory",
+                mem,
+                "needs full fine-tuning as reference",
+                "not measured",
+                "",
+            )
+        else:
+            q = s["memory_total_bytes"] / full["memory_total_bytes"]
+            level = memory_level(s["memory_total_bytes"], full["memory_total_bytes"], min(totals))
+            row(
+                doc_name,
+                method,
+                "memory",
+                mem,
+                f"{level} ({q:.2f}× full)",
+                verdict(level, mem, MEMORY_ORDER),
+                "total training memory / full's: high ≥0.9, medium ≥0.5, low <0.5, very low = low and smallest",
+            )
+
+        o = s.get("deploy_overhead")
+        if o is None:
+            row(doc_name, method, "inference overhead", ovh, "not timed", "not measured", "")
+        else:
+            level = overhead_level(o)
+            row(
+                doc_name,
+                method,
+                "inference overhead",
+                ovh,
+                f"{level} ({100 * o:+.1f}%, {s['deploy_form']})",
+                verdict(level, ovh, OVERHEAD_ORDER),
+                "slowdown vs base: ≤5% very low, ≤15% low, ≤50% medium",
+            )
+
+        level = stability_level(s["stability"], median_var, s.get("seed_cv"))
+        var = s["stability"].get("loss_variability")
+        desc = (
+            f"{level} ({s['stability'].get('loss_spikes', 0)} spikes, variability {var:.3f})"
+            if var is not None
+            else f"{level} ({s['stability'].get('loss_spikes', 0)} spikes)"
+        )
+        row(
+            doc_name,
+            method,
+            "training stability",
+            stab,
+            desc,
+            verdict(level, stab, STABILITY_ORDER),
+            "high: 0 spikes, variability ≤1.5× median of methods, seed CV ≤10%; low: ≥3 spikes or non-finite",
+        )
+    return rows

@@ -1,0 +1,263 @@
+"""Measurements taken inside one comparison worker: memory, speed, inference latency, stability.
+
+Everything here is a plain function of numbers or of a model, so the statistics are unit-tested
+on synthetic inputs and the same code measures every method.
+
+Definitions (the report quotes them):
+
+- **Peak memory** — GPU: ``torch.cuda.max_memory_allocated`` over training. CPU: the process's
+  peak resident set size during training (Linux ``VmHWM``, reset right before training through
+  ``/proc/self/clear_refs``; elsewhere a 10 ms psutil sampler) minus the RSS right after the
+  model loaded. ``total`` adds back the model's own weights as they sit after ``apply`` (so a
+  4-bit base counts 4-bit), which is what "memory to train this method" means.
+- **Loss spike** — a logged training loss more than :data:`SPIKE_RATIO` × the median of the
+  :data:`SPIKE_WINDOW` losses logged before it (only counted once that many exist).
+- **Loss variability** — the standard deviation of step-to-step changes of log-loss,
+  ``std(log l_t − log l_{t−1})``: 0 for a smooth curve, ~0.1 for ±10% jitter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SPIKE_RATIO = 1.5
+SPIKE_WINDOW = 10
+WARMUP_STEPS = 3
+"""Steps excluded from speed figures (allocator warm-up, first-call overheads)."""
+
+
+# ---------------------------------------------------------------- stability
+
+
+def loss_spikes(
+    losses: Sequence[float], ratio: float = SPIKE_RATIO, window: int = SPIKE_WINDOW
+) -> int:
+    """Number of losses above ``ratio`` × the median of the ``window`` losses before them.
+
+    A non-finite loss counts as a spike.
+    """
+    spikes = 0
+    for i in range(window, len(losses)):
+        if not math.isfinite(losses[i]) or losses[i] > ratio * statistics.median(
+            losses[i - window : i]
+        ):
+            spikes += 1
+    return spikes
+
+
+def loss_variability(losses: Sequence[float]) -> float | None:
+    """``std(log l_t − log l_{t−1})`` over consecutive positive finite losses; None if < 3."""
+    logs = [math.log(x) for x in losses if math.isfinite(x) and x > 0]
+    diffs = [b - a for a, b in zip(logs, logs[1:])]
+    return statistics.pstdev(diffs) if len(diffs) >= 2 else None
+
+
+def spread(values: Sequence[float | None]) -> dict | None:
+    """Mean, sample std and range of the non-None values; None for fewer than two."""
+    vals = [v for v in values if v is not None]
+    if len(vals) < 2:
+        return None
+    return {
+        "n": len(vals),
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals),
+        "min": min(vals),
+        "max": max(vals),
+    }
+
+
+def speed(records: Sequence[dict], warmup: int = WARMUP_STEPS) -> dict:
+    """Median step time and tokens/s over training records after ``warmup`` steps.
+
+    Each record needs ``step_time`` (s) and ``tokens`` (tokens in that step's batch).
+    Tokens/s is the median of the per-step rates, so one stalled step does not move it.
+    """
+    timed = [r for r in records if r.get("step_time") is not None]
+    after = timed[warmup:] if len(timed) > warmup else timed
+    if not after:
+        return {"step_time_median_s": None, "tokens_per_s": None, "timed_steps": 0}
+    rates = [r["tokens"] / r["step_time"] for r in after if r.get("tokens") and r["step_time"] > 0]
+    return {
+        "step_time_median_s": statistics.median(r["step_time"] for r in after),
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "timed_steps": len(after),
+        "warmup_steps": min(warmup, len(timed)),
+    }
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or CPU peak RSS.
+
+    Use as ``with PeakMemory(device) as pm: ...`` then read ``pm.peak_bytes`` (the absolute
+    peak during the block) and ``pm.method`` (how it was measured).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return self
+        if _reset_hwm():
+            self.method = "VmHWM (peak RSS, reset via /proc/self/clear_refs)"
+            return self
+        self.method = "psutil RSS sampled every 10 ms"
+        self.peak_bytes = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            self.peak_bytes = _status_kb("VmHWM") or rss_bytes()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter for this process (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+def tensor_bytes(model: nn.Module) -> dict:
+    """Bytes held by the model's parameters and buffers, split trainable / frozen."""
+    trainable = frozen = 0
+    for p in model.parameters():
+        n = p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # bitsandbytes keeps 4-bit quantization constants outside the parameter storage.
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            for t in (
+                getattr(qs, "absmax", None),
+                getattr(getattr(qs, "state2", None), "absmax", None),
+            ):
+                if isinstance(t, torch.Tensor):
+                    buffers += t.numel() * t.element_size()
+    return {
+        "trainable_bytes": trainable,
+        "frozen_bytes": frozen,
+        "buffer_bytes": buffers,
+        "weights_bytes": trainable + frozen + buffers,
+    }
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Total size of the regular files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------- inference
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: first call pays for allocation and lazy init
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def inference_speed(model: nn.Module, batch: dict, new_tokens: int = 16, repeats: int = 3) -> dict:
+    """Prefill latency and decode throughput of ``model`` on ``batch`` (tokenized prompts).
+
+    Prefill: median seconds of one forward over the prompts. Decode: greedy ``generate`` of
+    ``new_tokens`` minus ``generate`` of 1 token, so prompt processing cancels out; tokens/s is
+    ``batch × (new_tokens − 1)`` over that difference. Models without ``generate`` (encoders
+    with a classification head) report prefill only.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        prefill = _median_time(lambda: model(**batch), repeats)
+        out = {"prefill_s": prefill, "decode_tokens_per_s": None}
+        if new_tokens > 1 and getattr(model, "can_generate", lambda: False)():
+            pad = getattr(model.generation_config, "pad_token_id", None)
+            if pad is None:
+                pad = getattr(model.generation_config, "eos_token_id", None)
+            if isinstance(pad, list):
+                pad = pad[0]
+
+            def gen(n: int):
+                return model.generate(
+                    **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
+                )
+
+            t_full = _median_time(lambda: gen(new_tokens), repeats)
+            t_one = _median_time(lambda: gen(1), repeats)
+            rows = batch["input_ids"].shape[0]
+            out["decode_tokens_per_s"] = rows * (new_tokens - 1) / max(t_full - t_one, 1e-9)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def overhead_ratios(base: dict, other: dict | None) -> dict | None:
+    """``other`` relative to ``base``: prefill latency ratio (>1 slower), decode speed ratio (<1 slower)."""
+    if other is None:
+        return None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    return {
+        "prefill_latency_ratio": ratio(other["prefill_s"], base["prefill_s"]),
+        "decode_speed_ratio": ratio(
+            other.get("decode_tokens_per_s"), base.get("decode_tokens_per_s")
+        ),
+    }

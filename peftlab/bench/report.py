@@ -1,0 +1,362 @@
+"""Turn comparison results into a terminal table, ``report.md`` and a self-contained
+``report.html`` (figures embedded as base64 PNG; no network needed to read it)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from peftlab.bench import claims as claims_mod
+from peftlab.bench import measure
+
+COLUMNS = [
+    "method",
+    "trainable params",
+    "memory",
+    "train speed",
+    "inference overhead",
+    "training stability",
+    "quality",
+    "status",
+]
+
+
+def _metric(ev: dict) -> tuple[str | None, float | None]:
+    for key in ("eval_exact_match", "eval_accuracy"):
+        if ev.get(key) is not None:
+            return key[5:], ev[key]
+    return None, None
+
+
+def _median(values):
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+    """Method → figures aggregated over its seeds (medians of measurements, means of quality,
+    cross-seed spread of final loss and metric)."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_method[r["run_info"]["method"]].append(r)
+    out: dict[str, dict] = {}
+    for method, runs in by_method.items():
+        ok = [r["train_info"] for r in runs if r["train_info"]["status"] == "ok"]
+        if not ok:
+            out[method] = {
+                "status": "failed",
+                "error": runs[0]["train_info"].get("error"),
+                "seeds": len(runs),
+            }
+            continue
+        first = ok[0]
+        metric_name, _ = _metric(first.get("eval", {}))
+        metrics = [_metric(t.get("eval", {}))[1] for t in ok]
+        finals = [t.get("eval", {}).get("eval_loss", t.get("final_loss")) for t in ok]
+        loss_spread = measure.spread(finals)
+        unmerged = [t["inference"]["unmerged_vs_base"] for t in ok]
+        merged = [t["inference"]["merged_vs_base"] for t in ok]
+        deploy_form = "merged" if first.get("mergeable") and merged[0] else "unmerged"
+        deploy = [
+            claims_mod.overhead_fraction(m if deploy_form == "merged" else u)
+            for u, m in zip(unmerged, merged)
+        ]
+        out[method] = {
+            "status": "ok" if len(ok) == len(runs) else "partly failed",
+            "seeds": len(runs),
+            "trainable_params": first["trainable_params"],
+            "total_params": first["total_params"],
+            "trainable_percent": first["trainable_percent"],
+            "adapter_bytes": first["adapter_bytes"],
+            "memory_bytes": _median(t["peak_memory"]["bytes"] for t in ok),
+            "memory_total_bytes": _median(t["peak_memory"]["total_bytes"] for t in ok),
+            "step_time_s": _median(t["step_time_median_s"] for t in ok),
+            "tokens_per_s": _median(t["tokens_per_s"] for t in ok),
+            "unmerged_overhead": _median(claims_mod.overhead_fraction(u) for u in unmerged),
+            "merged_overhead": _median(claims_mod.overhead_fraction(m) for m in merged),
+            "deploy_overhead": _median(deploy),
+            "deploy_form": deploy_form,
+            "stability": {
+                "loss_spikes": max(t["stability"]["loss_spikes"] for t in ok),
+                "loss_variability": _median(t["stability"]["loss_variability"] for t in ok),
+            },
+            "final_loss_spread": loss_spread,
+            "metric_spread": measure.spread(metrics),
+            "seed_cv": loss_spread["std"] / loss_spread["mean"]
+            if loss_spread and loss_spread["mean"]
+            else None,
+            "eval_loss": _median(t.get("eval", {}).get("eval_loss") for t in ok),
+            "eval_ppl": _median(t.get("eval", {}).get("eval_ppl") for t in ok),
+            "metric_name": metric_name,
+            "metric": statistics.fmean([m for m in metrics if m is not None])
+            if any(m is not None for m in metrics)
+            else None,
+            "loss_curves": [t["loss_curve"] for t in ok],
+        }
+    return out
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _pct(o) -> str:
+    return "–" if o is None else f"{100 * o:+.1f}%"
+
+
+def table_rows(summary: dict[str, dict]) -> list[list[str]]:
+    """The document's columns (trainable params, memory, inference overhead, stability) plus speed
+    and quality, as strings."""
+    rows = []
+    for method, s in summary.items():
+        if s["status"] == "failed":
+            rows.append([method] + ["–"] * (len(COLUMNS) - 2) + [f"failed: {s['error']}"[:80]])
+            continue
+        ovh = f"{_pct(s['unmerged_overhead'])} unmerged"
+        if s["merged_overhead"] is not None:
+            ovh += f", {_pct(s['merged_overhead'])} merged"
+        var = s["stability"]["loss_variability"]
+        stab = (
+            f"{s['stability']['loss_spikes']} spikes, var {var:.3f}"
+            if var is not None
+            else f"{s['stability']['loss_spikes']} spikes"
+        )
+        if s["final_loss_spread"]:
+            stab += f", seed std {s['final_loss_spread']['std']:.3f}"
+        quality = f"loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "–"
+        if s["metric"] is not None:
+            quality += f", {s['metric_name']} {s['metric']:.3f}"
+        speed = (
+            f"{s['step_time_s']:.2f} s/step, {s['tokens_per_s']:.0f} tok/s"
+            if s["step_time_s"] is not None and s["tokens_per_s"] is not None
+            else "–"
+        )
+        rows.append(
+            [
+                method,
+                f"{s['trainable_params']:,} ({s['trainable_percent']:.3g}%)",
+                f"{_bytes(s['memory_total_bytes'])} (+{_bytes(s['memory_bytes'])})",
+                speed,
+                ovh,
+                stab,
+                quality,
+                s["status"],
+            ]
+        )
+    return rows
+
+
+def print_table(summary: dict[str, dict]) -> None:
+    rows = table_rows(summary)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(r[i]) for r in [COLUMNS] + rows) for i in range(len(COLUMNS))]
+        for r in [COLUMNS] + rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        return
+    t = Table(title="peftlab compare (memory: total to train (+ above the loaded model))")
+    for c in COLUMNS:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def figures(summary: dict[str, dict]) -> dict[str, bytes]:
+    """PNG bytes of: loss curves, memory bars, speed bars, trainable params vs quality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {m: s for m, s in summary.items() if s["status"] != "failed"}
+    out: dict[str, bytes] = {}
+    if not ok:
+        return out
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        return buf.getvalue()
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m, s in ok.items():
+        for i, curve in enumerate(s["loss_curves"]):
+            if curve:
+                steps, losses = zip(*curve)
+                ax.plot(steps, losses, label=m if i == 0 else None, alpha=1.0 if i == 0 else 0.4)
+    ax.set(xlabel="step", ylabel="training loss", title="Loss curves", yscale="log")
+    ax.legend(fontsize=8)
+    out["loss_curves"] = png(fig)
+
+    names = list(ok)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    total = [(ok[m]["memory_total_bytes"] or 0) / 2**20 for m in names]
+    above = [(ok[m]["memory_bytes"] or 0) / 2**20 for m in names]
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], total, width=0.4, label="total to train")
+    ax.bar([i + 0.2 for i in x], above, width=0.4, label="above loaded model")
+    ax.set_xticks(list(x), names, rotation=30)
+    ax.set(ylabel="MiB", title="Peak training memory")
+    ax.legend(fontsize=8)
+    out["memory"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(names, [ok[m]["tokens_per_s"] or 0 for m in names])
+    ax.set(ylabel="training tokens/s (median after warm-up)", title="Training speed")
+    ax.tick_params(axis="x", rotation=30)
+    out["speed"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    key = next((s["metric_name"] for s in ok.values() if s["metric"] is not None), None)
+    for m, s in ok.items():
+        y = s["metric"] if key else s["eval_loss"]
+        if y is not None:
+            ax.scatter(s["trainable_params"], y)
+            ax.annotate(m, (s["trainable_params"], y), fontsize=8)
+    ax.set(
+        xscale="log",
+        xlabel="trainable parameters",
+        ylabel=key or "eval loss",
+        title="Trainable parameters vs quality",
+    )
+    out["params_vs_quality"] = png(fig)
+    return out
+
+
+# ---------------------------------------------------------------- documents
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc])
+
+
+def _settings(results: list[dict]) -> list[str]:
+    ri = results[0]["run_info"]
+    meta = results[0]["meta_info"]
+    v = meta.get("versions", {})
+    seeds = sorted({r["run_info"]["seed"] for r in results})
+    return [
+        f"model `{ri['model']}` ({ri['kind']}), data `{ri['data']}`, {ri['steps']} steps × batch "
+        f"{ri['batch_size']} (max length {ri['max_length']}), seeds {seeds}, device {ri.get('device')}",
+        f"machine: {meta.get('host')}, {meta.get('platform')}, {meta.get('cpu_count')} CPUs, "
+        f"{meta.get('cuda_device') or 'no GPU'}; load average at the first run's end: {meta.get('load_average')}",
+        f"versions: peftlab {v.get('peftlab')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
+        f"bitsandbytes {v.get('bitsandbytes')}",
+    ]
+
+
+DEFINITIONS = [
+    "**memory**: total = peak process memory during training minus the runtime's own footprint "
+    "(weights counted as held after `apply`, so a 4-bit base counts 4-bit); in brackets, the peak "
+    "above the RSS right after the model loaded (CPU: Linux VmHWM peak RSS; GPU: "
+    "`torch.cuda.max_memory_allocated`).",
+    f"**train speed**: medians over the steps after the first {measure.WARMUP_STEPS}.",
+    "**inference overhead**: slowdown against the base model timed in the same process on the same "
+    "prompts: max(prefill latency ratio, 1 / decode tokens/s ratio) − 1.",
+    f"**stability**: a spike is a logged loss above {measure.SPIKE_RATIO}× the median of the "
+    f"{measure.SPIKE_WINDOW} before it; variability is the std of step-to-step change of log-loss; "
+    "seed std is the spread of final eval loss across seeds.",
+]
+
+
+def write_report(out: str | Path, results: list[dict], echo: bool = True) -> dict:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out``; returns their paths."""
+    out = Path(out)
+    summary = summarize(results)
+    if echo:
+        print_table(summary)
+    rows = table_rows(summary)
+    claim_rows = claims_mod.check_claims(summary)
+    claim_table = [
+        [
+            c["document_row"],
+            c["column"],
+            f"{c['claimed']} ({claims_mod.ORIGINAL_WORDS.get(c['claimed'], '')})"
+            if c["claimed"] in claims_mod.ORIGINAL_WORDS
+            else c["claimed"],
+            c["measured"],
+            c["verdict"],
+        ]
+        for c in claim_rows
+    ]
+    figs = figures(summary)
+    (out / "figures").mkdir(exist_ok=True)
+    for name, data in figs.items():
+        (out / "figures" / f"{name}.png").write_bytes(data)
+    failures = [(m, s["error"]) for m, s in summary.items() if s["status"] == "failed"]
+
+    md = ["# peftlab compare — report", ""] + [f"- {s}" for s in _settings(results)] + [""]
+    md += ["## Measured", "", _md_table(COLUMNS, rows), ""]
+    md += [
+        "## The document's table, checked",
+        "",
+        _md_table(["document row", "column", "claimed", "measured", "verdict"], claim_table),
+        "",
+        "Criteria (from `peftlab/bench/claims.py`):",
+        "",
+    ]
+    md += [f"- {line.strip()}" for line in claims_mod.__doc__.split("\n- ")[1:]] + [""]
+    md += ["## Definitions", ""] + [f"- {d}" for d in DEFINITIONS] + [""]
+    if failures:
+        md += ["## Failed runs", ""] + [f"- `{m}`: {e}" for m, e in failures] + [""]
+    md += ["## Figures", ""] + [f"![{n}](figures/{n}.png)" for n in figs] + [""]
+    (out / "report.md").write_text("\n".join(md))
+
+    def h_table(header, body):
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+        trs = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>"
+
+    imgs = "".join(
+        f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
+        f"<figcaption>{n.replace('_', ' ')}</figcaption></figure>"
+        for n, d in figs.items()
+    )
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>peftlab compare — report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:90%}}th{{background:#eee}}figure{{display:inline-block;margin:1em}}</style>
+</head><body><h1>peftlab compare — report</h1>
+<ul>{"".join(f"<li>{html.escape(s)}</li>" for s in _settings(results))}</ul>
+<h2>Measured</h2>{h_table(COLUMNS, rows)}
+<h2>The document's table, checked</h2>{h_table(["document row", "column", "claimed", "measured", "verdict"], claim_table)}
+<pre>{html.escape(claims_mod.__doc__)}</pre>
+<h2>Definitions</h2><ul>{"".join(f"<li>{html.escape(d)}</li>" for d in DEFINITIONS)}</ul>
+{"<h2>Failed runs</h2><ul>" + "".join(f"<li>{html.escape(m)}: {html.escape(str(e))}</li>" for m, e in failures) + "</ul>" if failures else ""}
+<h2>Figures</h2>{imgs}
+</body></html>
+"""
+    (out / "report.html").write_text(page)
+    import json
+
+    (out / "summary.json").write_text(
+        json.dumps({"methods": summary, "claims": claim_rows}, indent=2, default=str)
+    )
+    return {
+        "report_md": str(out / "report.md"),
+        "report_html": str(out / "report.html"),
+        "summary": summary,
+        "claims": claim_rows,
+    }

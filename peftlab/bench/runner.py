@@ -1,0 +1,395 @@
+"""``peftlab compare``: train every method on the same model, data, token budget, seed and
+evaluation, each in its own process, and write one JSON per run plus a report.
+
+The output directory is the comparison's state: ``plan.json`` (the settings), one
+``<method>.json`` per run (``<method>-seed<k>.json`` with several seeds), written atomically by
+the worker, and ``runs/<run>/`` (training directory and worker log). Running the same command
+again skips every run whose JSON exists, so a killed comparison resumes with what is missing;
+a run that failed keeps its recorded error unless ``retry_failed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from peftlab.core.config import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATA = {"causal-lm": "builtin:sort"}
+"""Default data per model kind; classification has no built-in task, so it needs ``data``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Training budget shared by every method; the defaults are sized for a 2-core CPU."""
+
+    steps: int
+    batch_size: int
+    max_length: int
+    eval_every: int
+    new_tokens: int = 16
+    repeats: int = 3
+
+
+FULL = Budget(steps=40, batch_size=8, max_length=64, eval_every=20)
+"""`peftlab compare`: ≤ 20 min for every method on the bundled SmolLM2 on a 2-core CPU."""
+QUICK = Budget(steps=10, batch_size=4, max_length=48, eval_every=10, new_tokens=8, repeats=2)
+"""`peftlab compare --quick`: ≤ 5 min."""
+
+
+def default_methods(kind: str) -> list[str]:
+    """Every registered method that applies to models of ``kind``.
+
+    A config class may declare ``kinds`` (a ClassVar tuple of "causal-lm" /
+    "classification"); one that does not is taken to apply to both.
+    """
+    from peftlab.core.registry import get_method, methods
+
+    return [m for m in methods() if kind in getattr(get_method(m).config_cls, "kinds", (kind,))]
+
+
+def run_name(method: str, seed: int, seeds: list[int]) -> str:
+    return method if len(seeds) == 1 else f"{method}-seed{seed}"
+
+
+def fingerprint(spec: dict) -> str:
+    """Hash of everything that decides a run's numbers (not paths), to refuse mixing settings."""
+    keys = (
+        "method",
+        "method_args",
+        "model",
+        "kind",
+        "data",
+        "seed",
+        "steps",
+        "batch_size",
+        "max_length",
+        "lr",
+        "inference",
+        "train_overrides",
+        "device",
+    )
+    blob = json.dumps({k: spec.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan(
+    methods: list[str] | None = None,
+    model: str = DEFAULT_MODEL,
+    data: str | None = None,
+    steps: int | None = None,
+    seeds: int = 1,
+    out: str | Path = "compare-out",
+    quick: bool = False,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    lr: float = 1e-3,
+    lr_full: float = 5e-5,
+    method_args: dict[str, dict] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    train_overrides: dict | None = None,
+) -> list[dict]:
+    """The worker specs of a comparison, one per method and seed (see :func:`compare`)."""
+    import torch
+
+    from peftlab.core.registry import get_method
+    from peftlab.core.registry import methods as registered
+    from peftlab.models import model_kind
+
+    if seeds < 1:
+        raise ConfigError(f"seeds={seeds!r} is invalid: seeds must be at least 1")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"steps={steps!r} is invalid: steps must be at least 1")
+    kind = model_kind(model)
+    if data is None and kind not in DEFAULT_DATA:
+        raise ConfigError(
+            f"model {model!r} is a {kind} model and peftlab has no built-in {kind} task; pass "
+            f"data (--data), e.g. a .tsv with text and label columns such as ../shared/data/sst2/train.tsv"
+        )
+    methods = list(methods) if methods else default_methods(kind)
+    for m in methods:
+        get_method(m)  # unknown name → error listing the registered ones
+    unknown = sorted(set(method_args or {}) - set(registered()))
+    if unknown:
+        raise ConfigError(
+            f"method_args names unknown method(s) {unknown}; registered: {registered()}"
+        )
+    budget = QUICK if quick else FULL
+    budget = dataclasses.replace(
+        budget,
+        steps=steps or budget.steps,
+        batch_size=batch_size or budget.batch_size,
+        max_length=max_length or budget.max_length,
+    )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out).resolve()
+    seed_list = [seed + k for k in range(seeds)]
+    specs = []
+    for m in methods:
+        trains_base = not get_method(m).param_prefix
+        for s in seed_list:
+            name = run_name(m, s, seed_list)
+            spec = {
+                "name": name,
+                "method": m,
+                "method_args": dict((method_args or {}).get(m, {})),
+                "model": model,
+                "kind": kind,
+                "data": data or DEFAULT_DATA[kind],
+                "seed": s,
+                "steps": budget.steps,
+                "batch_size": budget.batch_size,
+                "max_length": budget.max_length,
+                # Full fine-tuning moves every weight, so it needs a far smaller step size.
+                "lr": lr_full if trains_base else lr,
+                "device": device,
+                "threads": None,
+                "inference": {
+                    "new_tokens": budget.new_tokens,
+                    "repeats": budget.repeats,
+                    "max_prompt_length": budget.max_length,
+                },
+                "train_overrides": {
+                    "eval_every": budget.eval_every,
+                    "save_every": budget.steps,
+                    **(train_overrides or {}),
+                },
+                "run_dir": str(out / "runs" / name),
+                "result_path": str(out / f"{name}.json"),
+            }
+            spec["fingerprint"] = fingerprint(spec)
+            specs.append(spec)
+    return specs
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_one(spec: dict, timeout: float | None = None) -> dict:
+    """Run one worker process for ``spec``; a crash with no JSON is recorded as a failure."""
+    from peftlab.bench.worker import failure, write_json_atomic
+
+    run_dir = Path(spec["run_dir"])
+    if run_dir.exists():  # leftovers of a run killed before it wrote its result
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir.parent / f"{spec['name']}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    log_path = run_dir.parent / f"{spec['name']}.log"
+    start = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "peftlab.bench.worker", str(spec_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    result = _load(Path(spec["result_path"]))
+    if result is None:
+        tail = log_path.read_text()[-4000:] if log_path.exists() else ""
+        why = (
+            f"worker exited with {rc} after {timeout} s"
+            if rc == "timeout"
+            else f"worker exited with code {rc}"
+        )
+        result = failure(spec, f"{why} and wrote no result (see {log_path})", tail, start)
+        write_json_atomic(spec["result_path"], result)
+    return result
+
+
+def compare(
+    methods: list[str] | None = None,
+    model: str = DEFAULT_MODEL,
+    data: str | None = None,
+    steps: int | None = None,
+    seeds: int = 1,
+    out: str | Path = "compare-out",
+    quick: bool = False,
+    retry_failed: bool = False,
+    timeout: float | None = None,
+    report: bool = True,
+    echo: bool = True,
+    **settings,
+) -> dict:
+    """Compare PEFT methods on one model and dataset; returns ``{"results": [...], "out": dir}``.
+
+    Args:
+        methods: registry names; default every registered method that applies to the model.
+        model: bundled name, HF directory or GGUF path.
+        data: ``builtin:<task>`` or a data file; default a built-in task for the model's kind.
+        steps: optimizer steps per run (default 40; 10 with ``quick``).
+        seeds: runs per method with seeds ``seed``, ``seed+1``, …
+        out: output directory; rerunning with the same ``out`` resumes.
+        quick: the small budget (`--quick`, a few minutes on a 2-core CPU).
+        retry_failed: rerun runs whose recorded result is a failure.
+        timeout: seconds after which one run is stopped and recorded as failed.
+        report: write ``report.md`` / ``report.html`` and print the summary table.
+        echo: print progress lines.
+        **settings: further :func:`plan` keywords (``batch_size``, ``max_length``, ``lr``,
+            ``lr_full``, ``method_args``, ``seed``, ``device``, ``train_overrides``).
+    """
+    specs = plan(methods, model, data, steps, seeds, out, quick, **settings)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, specs)
+    results = []
+    for i, spec in enumerate(specs, 1):
+        path = Path(spec["result_path"])
+        done = _load(path)
+        if done is not None and (done["train_info"]["status"] == "ok" or not retry_failed):
+            if echo:
+                print(
+                    f"[{i}/{len(specs)}] {spec['name']}: already done ({done['train_info']['status']}), skipped"
+                )
+            results.append(done)
+            continue
+        if echo:
+            print(
+                f"[{i}/{len(specs)}] {spec['name']}: training {spec['steps']} steps …", flush=True
+            )
+        t0 = time.perf_counter()
+        result = run_one(spec, timeout)
+        results.append(result)
+        if echo:
+            ti = result["train_info"]
+            what = (
+                f"ok, final loss {ti['final_loss']:.3f}"
+                if ti["status"] == "ok" and ti.get("final_loss") is not None
+                else ti["status"]
+                if ti["status"] == "ok"
+                else f"FAILED: {ti['error']}"
+            )
+            print(
+                f"[{i}/{len(specs)}] {spec['name']}: {what} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    if report:
+        from peftlab.bench.report import write_report
+
+        paths = write_report(out, results, echo=echo)
+    else:
+        paths = {}
+    return {"results": results, "out": str(out), **paths}
+
+
+def _check_resumable(out: Path, specs: list[dict]) -> None:
+    """Refuse to mix results of different settings in one directory."""
+    plan_path = out / "plan.json"
+    for spec in specs:
+        done = _load(Path(spec["result_path"]))
+        if done is not None and done["run_info"].get("fingerprint") != spec["fingerprint"]:
+            raise ConfigError(
+                f"{spec['result_path']} holds a run made with different settings than this comparison "
+                f"(model, data, steps, batch, lr or method options differ); pass another --out, or "
+                f"delete that file to rerun it"
+            )
+    from peftlab.bench.worker import write_json_atomic
+
+    write_json_atomic(
+        plan_path, {"runs": [{k: v for k, v in s.items() if k != "threads"} for s in specs]}
+    )
+
+
+def _method_args(items: list[str]) -> dict[str, dict]:
+    """``["lora.r=16", "adapter.bottleneck=32"]`` → ``{"lora": {"r": 16}, "adapter": {...}}``."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise ConfigError(
+                f"--set {item!r} is invalid: write METHOD.OPTION=VALUE, e.g. lora.r=16"
+            )
+        out.setdefault(method, {})[field] = yaml.safe_load(value)
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train every method on the same model and data, measure, and write a report",
+        description="Train each method in its own process on the same model, data, token budget "
+        "and seed; measure trainable parameters, adapter size, peak memory, speed, inference "
+        "overhead, stability and quality; write <method>.json per run, report.md and report.html. "
+        "Rerun the same command to resume.",
+    )
+    p.add_argument(
+        "--methods", help="comma-separated registry names (default: all that apply to the model)"
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="bundled name, HF directory or .gguf file"
+    )
+    p.add_argument("--data", help="builtin:<task> or a data file (default: a built-in task)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"optimizer steps per run (default {FULL.steps}; {QUICK.steps} with --quick)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per method, seeds 0..K-1 (stability across seeds)",
+    )
+    p.add_argument("--out", default="compare-out", help="output directory; rerun to resume")
+    p.add_argument(
+        "--quick", action="store_true", help="small budget: a few minutes on a 2-core CPU"
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the PEFT methods")
+    p.add_argument("--lr-full", type=float, default=5e-5, help="learning rate of full fine-tuning")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.OPTION=VALUE",
+        help="method option, e.g. --set lora.r=16 (repeatable)",
+    )
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds after which one run is stopped and recorded as failed",
+    )
+    p.set_defaults(func=_cli)
+
+
+def _cli(a: argparse.Namespace) -> int:
+    res = compare(
+        methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None,
+        model=a.model,
+        data=a.data,
+        steps=a.steps,
+        seeds=a.seeds,
+        out=a.out,
+        quick=a.quick,
+        retry_failed=a.retry_failed,
+        timeout=a.timeout,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        lr=a.lr,
+        lr_full=a.lr_full,
+        method_args=_method_args(a.set),
+    )
+    return 0 if all(r["train_info"]["status"] == "ok" for r in res["results"]) else 1

@@ -1,0 +1,320 @@
+"""One comparison run (one method, one seed) in its own process: ``python -m peftlab.bench.worker SPEC``.
+
+The runner writes a JSON spec (see :func:`peftlab.bench.runner.plan`) and starts this module
+once per method and seed, so every run starts from a fresh interpreter and its memory figure is
+its own. The worker loads the model, times the base model's inference, trains through
+:func:`peftlab.train.train`, then measures the adapted model (unmerged and, where the method is
+mergeable, merged) on the same prompts, and writes ``<method>.json`` atomically. Any exception
+is recorded in that JSON with ``status: "failed"``; the runner records crashes that leave no
+JSON (a killed or segfaulting process).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+CAUSAL_PROMPTS = [
+    "Sort these numbers in ascending order: 42 7 19 3",
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Translate to French: good morning",
+]
+CLASSIFICATION_PROMPTS = [
+    "a gripping, beautifully acted film",
+    "the plot is thin and the jokes fall flat",
+    "an uneven but often charming comedy",
+    "i would not recommend it to anyone",
+]
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and a rename, so a reader (or a resumed
+    comparison) sees either the whole result or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def meta_info() -> dict:
+    import torch
+    import transformers
+
+    try:
+        import bitsandbytes
+
+        bnb = bitsandbytes.__version__
+    except Exception:  # noqa: BLE001 — optional; its absence is a fact to report
+        bnb = None
+    import peftlab
+
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": {
+            "peftlab": peftlab.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "bitsandbytes": bnb,
+        },
+    }
+
+
+def prompt_batch(tokenizer, kind: str, max_length: int) -> dict:
+    """The fixed prompts every method is timed on, tokenized and left-padded."""
+    if kind == "classification":
+        texts = CLASSIFICATION_PROMPTS
+    else:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
+            )
+            if getattr(tokenizer, "chat_template", None)
+            else t
+            for t in CAUSAL_PROMPTS
+        ]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last column
+    try:
+        enc = tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
+    finally:
+        tokenizer.padding_side = side
+    return dict(enc)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """``(training records, evaluation records)`` from the run's ``metrics.jsonl``."""
+    train, evals = [], []
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return train, evals
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if any(k.startswith("eval_") for k in rec):
+            evals.append(rec)
+        if "loss" in rec:
+            train.append(rec)
+    return train, evals
+
+
+def run(spec: dict) -> dict:
+    """Train and measure one method as ``spec`` says; returns the result JSON object."""
+    import torch
+
+    import peftlab
+    from peftlab.bench import measure
+    from peftlab.core.model import adapter_configs
+    from peftlab.core.registry import get_method
+    from peftlab.models import load_model, load_tokenizer
+    from peftlab.train import train
+
+    run_info = {
+        k: spec[k]
+        for k in (
+            "method",
+            "method_args",
+            "model",
+            "kind",
+            "data",
+            "seed",
+            "steps",
+            "batch_size",
+            "max_length",
+            "lr",
+            "fingerprint",
+        )
+    }
+    run_info.update(start=now(), device=spec.get("device", "cpu"), argv=sys.argv)
+    torch.manual_seed(spec["seed"])
+    device = torch.device(spec.get("device", "cpu"))
+    rss_start = measure.rss_bytes()
+    t0 = time.perf_counter()
+    model = load_model(spec["model"], kind=spec["kind"]).to(device)
+    tokenizer = load_tokenizer(spec["model"])
+    load_s = time.perf_counter() - t0
+    rss_loaded = measure.rss_bytes()
+    loaded_weights = measure.tensor_bytes(model)["weights_bytes"]
+
+    inf = spec["inference"]
+    prompts = {
+        k: v.to(device)
+        for k, v in prompt_batch(tokenizer, spec["kind"], inf["max_prompt_length"]).items()
+    }
+    new_tokens = inf["new_tokens"] if spec["kind"] == "causal-lm" else 0
+    base_speed = measure.inference_speed(model, prompts, new_tokens, inf["repeats"])
+
+    run_dir = Path(spec["run_dir"])
+    config = {
+        "model": spec["model"],
+        "method": spec["method"],
+        "method_args": spec["method_args"],
+        "data": spec["data"],
+        "max_steps": spec["steps"],
+        "batch_size": spec["batch_size"],
+        "lr": spec["lr"],
+        "seed": spec["seed"],
+        "max_length": spec["max_length"],
+        "output_dir": str(run_dir),
+        **spec.get("train_overrides", {}),
+    }
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with measure.PeakMemory(device) as peak:
+        t_train = time.perf_counter()
+        summary = train(config, model=model, tokenizer=tokenizer)
+        train_s = time.perf_counter() - t_train
+    if not adapter_configs(model):
+        raise RuntimeError(
+            "peftlab.train returned without applying the method to the model it was given"
+        )
+
+    trainable, total = peftlab.trainable_parameters(model)
+    weights = measure.tensor_bytes(model)
+    base_rss = rss_loaded if device.type == "cpu" else 0
+    peak_above_load = peak.peak_bytes - base_rss
+    records, evals = read_metrics(run_dir)
+    losses = [r["loss"] for r in records]
+    adapter_dir = run_dir / "adapter"
+    if not adapter_dir.is_dir():
+        peftlab.save_adapter(model, adapter_dir)
+
+    unmerged = measure.inference_speed(model, prompts, new_tokens, inf["repeats"])
+    merged = None
+    cfg = next(iter(adapter_configs(model).values()))
+    if type(cfg).mergeable:
+        peftlab.merge(model)
+        merged = measure.inference_speed(model, prompts, new_tokens, inf["repeats"])
+        peftlab.unmerge(model)
+
+    final_eval = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
+    train_info = {
+        "status": "ok",
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "adapter_bytes": measure.dir_bytes(adapter_dir),
+        "peak_memory": {
+            "bytes": peak_above_load,
+            # The runtime's own footprint (RSS after load minus the weights it then held) taken
+            # off the peak: what training this method needs, with a 4-bit base counted 4-bit.
+            "total_bytes": peak.peak_bytes
+            - (rss_loaded - loaded_weights if device.type == "cpu" else 0),
+            "loaded_weights_bytes": loaded_weights,
+            "how": peak.method + ("" if device.type == "cuda" else " minus RSS after model load"),
+            "peak_process_bytes": peak.peak_bytes,
+            "rss_before_load_bytes": rss_start if device.type == "cpu" else None,
+            "rss_after_load_bytes": rss_loaded if device.type == "cpu" else None,
+            **weights,
+        },
+        **measure.speed(records),
+        "train_seconds": train_s,
+        "model_load_seconds": load_s,
+        "loss_curve": [[r["step"], r["loss"]] for r in records],
+        "eval_curve": [
+            {"step": e.get("step"), **{k: v for k, v in e.items() if k.startswith("eval_")}}
+            for e in evals
+        ],
+        "final_loss": losses[-1] if losses else None,
+        "stability": {
+            "loss_spikes": measure.loss_spikes(losses),
+            "loss_variability": measure.loss_variability(losses),
+            "definition": f"spike: loss > {measure.SPIKE_RATIO} x median of the previous {measure.SPIKE_WINDOW} "
+            "logged losses; variability: std of step-to-step change of log-loss",
+        },
+        "eval": final_eval,
+        "inference": {
+            "prompts": len(prompts["input_ids"]),
+            "prompt_tokens": int(prompts["input_ids"].shape[1]),
+            "new_tokens": new_tokens,
+            "base": base_speed,
+            "unmerged": unmerged,
+            "merged": merged,
+            "unmerged_vs_base": measure.overhead_ratios(base_speed, unmerged),
+            "merged_vs_base": measure.overhead_ratios(base_speed, merged),
+        },
+        "mergeable": type(cfg).mergeable,
+        "trains_base": not get_method(spec["method"]).param_prefix,
+        "method_config": cfg.to_dict(),
+        "train_summary": summary if isinstance(summary, dict) else None,
+    }
+    run_info["end"] = now()
+    return {"run_info": run_info, "train_info": train_info, "meta_info": meta_info()}
+
+
+def failure(spec: dict, error: str, tb: str, start: str | None = None) -> dict:
+    """The result JSON of a run that failed: its spec, the error, and the traceback's tail."""
+    run_info = {
+        k: spec.get(k)
+        for k in (
+            "method",
+            "method_args",
+            "model",
+            "kind",
+            "data",
+            "seed",
+            "steps",
+            "batch_size",
+            "max_length",
+            "lr",
+            "fingerprint",
+        )
+    }
+    run_info.update(start=start, end=now())
+    try:
+        meta = meta_info()
+    except Exception:  # noqa: BLE001 — a broken environment must still leave a record
+        meta = {"host": socket.gethostname()}
+    return {
+        "run_info": run_info,
+        "train_info": {"status": "failed", "error": error, "traceback": tb[-4000:]},
+        "meta_info": meta,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m peftlab.bench.worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    import torch
+
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    start = now()
+    try:
+        result = run(spec)
+    except Exception as e:  # noqa: BLE001 — recorded, so the comparison goes on
+        traceback.print_exc()
+        write_json_atomic(
+            spec["result_path"],
+            failure(spec, f"{type(e).__name__}: {e}", traceback.format_exc(), start),
+        )
+        return 1
+    write_json_atomic(spec["result_path"], result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

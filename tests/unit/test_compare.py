@@ -1,0 +1,301 @@
+"""The comparison lab's statistics, claim criteria, report and runner bookkeeping, on synthetic
+results (no training), so each definition is pinned by numbers worked out by hand."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from peftlab.bench import claims, measure, report, runner
+from peftlab.core.config import ConfigError
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_loss_spikes_counts_jumps_over_the_rolling_median():
+    flat = [1.0] * 20
+    assert measure.loss_spikes(flat) == 0
+    curve = flat[:]
+    curve[12] = 1.6  # 1.6 > 1.5 × median(1.0)
+    curve[15] = 1.4  # below the threshold
+    curve[18] = float("nan")  # a non-finite loss is a spike
+    assert measure.loss_spikes(curve) == 2
+    # The first SPIKE_WINDOW losses have no history and are never spikes.
+    assert measure.loss_spikes([1.0, 9.0] + flat) == 0
+
+
+def test_loss_variability_is_std_of_log_steps():
+    assert measure.loss_variability([2.0 * 0.9**k for k in range(10)]) == pytest.approx(
+        0.0, abs=1e-12
+    )
+    zigzag = [1.0, 1.1] * 10 + [1.0]  # 10 steps up, 10 down
+    d = math.log(1.1)
+    assert measure.loss_variability(zigzag) == pytest.approx(d, rel=1e-9)  # steps ±d → std d
+    assert measure.loss_variability([1.0, 0.5]) is None
+
+
+def test_speed_drops_warmup_and_takes_medians():
+    recs = [{"step_time": 10.0, "tokens": 100}] * 3 + [
+        {"step_time": t, "tokens": 100} for t in (1.0, 2.0, 4.0)
+    ]
+    s = measure.speed(recs, warmup=3)
+    assert s["step_time_median_s"] == 2.0
+    assert s["tokens_per_s"] == 50.0  # median of 100, 50, 25
+    assert s["timed_steps"] == 3
+
+
+def test_spread_needs_two_values():
+    assert measure.spread([1.0, None]) is None
+    s = measure.spread([1.0, 3.0])
+    assert (s["mean"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
+    assert s["std"] == pytest.approx(math.sqrt(2))
+
+
+def test_peak_memory_sees_an_allocation():
+    with measure.PeakMemory("cpu") as pm:
+        start = measure.rss_bytes()
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        del x
+    assert pm.peak_bytes - start > 60 * 2**20, pm.method
+
+
+def test_inference_speed_on_a_tiny_model():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    batch = {
+        "input_ids": torch.randint(0, 128, (2, 6)),
+        "attention_mask": torch.ones(2, 6, dtype=torch.long),
+    }
+    s = measure.inference_speed(model, batch, new_tokens=4, repeats=1)
+    assert s["prefill_s"] > 0 and s["decode_tokens_per_s"] > 0
+    r = measure.overhead_ratios(
+        s, {"prefill_s": 2 * s["prefill_s"], "decode_tokens_per_s": s["decode_tokens_per_s"] / 4}
+    )
+    assert r["prefill_latency_ratio"] == pytest.approx(2.0)
+    assert r["decode_speed_ratio"] == pytest.approx(0.25)
+    assert claims.overhead_fraction(r) == pytest.approx(3.0)  # 4× slower decode dominates
+
+
+# ---------------------------------------------------------------- synthetic results
+
+
+def assert_self_contained(page: str, figures: int) -> None:
+    """``figures`` embedded PNGs, and nothing the page would fetch from elsewhere."""
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]{100,})"', page)
+    assert len(images) == figures
+    for b64 in images:
+        assert base64.b64decode(b64).startswith(b"\x89PNG")
+    rest = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert not re.search(r"https?:|//[a-z0-9]|@import|<link|<script", rest, re.I), (
+        "external reference"
+    )
+    assert (
+        re.findall(r'(?:src|href)="([^"]*)"', rest) == [""] * figures
+    )  # only the stripped data URIs
+
+
+def fake_result(
+    method, trainable, total, mem_total, overhead=0.0, seed=0, losses=None, mergeable=True, acc=0.8
+):
+    losses = losses or [2.0 * 0.95**k for k in range(30)]
+    base = {"prefill_s": 0.1, "decode_tokens_per_s": 100.0}
+    slowed = {"prefill_s": 0.1 * (1 + overhead), "decode_tokens_per_s": 100.0 / (1 + overhead)}
+    return {
+        "run_info": {
+            "method": method,
+            "model": "tiny",
+            "kind": "causal-lm",
+            "data": "builtin:sort",
+            "seed": seed,
+            "steps": len(losses),
+            "batch_size": 4,
+            "max_length": 32,
+            "device": "cpu",
+            "fingerprint": "x",
+        },
+        "train_info": {
+            "status": "ok",
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / total,
+            "adapter_bytes": 4 * trainable,
+            "peak_memory": {"bytes": mem_total // 2, "total_bytes": mem_total},
+            "step_time_median_s": 1.0,
+            "tokens_per_s": 100.0,
+            "loss_curve": [[i + 1, v] for i, v in enumerate(losses)],
+            "final_loss": losses[-1],
+            "stability": {
+                "loss_spikes": measure.loss_spikes(losses),
+                "loss_variability": measure.loss_variability(losses),
+            },
+            "eval": {
+                "eval_loss": losses[-1],
+                "eval_ppl": math.exp(losses[-1]),
+                "eval_exact_match": acc,
+            },
+            "inference": {
+                "base": base,
+                "unmerged": slowed,
+                "merged": base if mergeable else None,
+                "unmerged_vs_base": measure.overhead_ratios(base, slowed),
+                "merged_vs_base": measure.overhead_ratios(base, base) if mergeable else None,
+            },
+            "mergeable": mergeable,
+        },
+        "meta_info": {"host": "h", "versions": {"torch": torch.__version__}},
+    }
+
+
+def study():
+    total = 1_000_000
+    return [
+        fake_result("full", total, total, 4000),
+        fake_result("lora", 5_000, total, 1600, overhead=0.3),
+        fake_result("dora", 5_500, total, 1650, overhead=0.6),
+        fake_result("adapter", 20_000, total, 1700, overhead=0.2, mergeable=False),
+        fake_result(
+            "prefix",
+            2_000,
+            total,
+            1450,
+            overhead=0.1,
+            mergeable=False,
+            losses=[1.0] * 12 + [2.0] + [1.0] * 10 + [3.0] + [1.0] * 5 + [2.5],
+        ),
+    ]
+
+
+def claim(rows, method, column):
+    (row,) = [r for r in rows if r["method"] == method and r["column"] == column]
+    return row
+
+
+def test_claims_follow_the_documented_criteria():
+    rows = claims.check_claims(report.summarize(study()))
+    assert claim(rows, "full", "trainable params")["verdict"] == "held"
+    assert claim(rows, "lora", "trainable params")["verdict"] == "held"  # 0.5% in 0.1–1%
+    assert claim(rows, "adapter", "trainable params")["verdict"] == "held"  # 2%
+    assert (
+        claim(rows, "prefix", "trainable params")["verdict"] == "worse than claimed"
+    )  # 0.2% > 0.1%
+    dora = claim(rows, "dora", "trainable params")
+    assert dora["verdict"] == "held" and "+500 vs lora" in dora["measured"]
+    # memory: full is the reference (high); 1600/4000 = 0.4 → low; prefix 1450 is the smallest.
+    assert claim(rows, "full", "memory")["verdict"] == "held"
+    assert claim(rows, "lora", "memory")["verdict"] == "held"
+    assert (
+        claim(rows, "adapter", "memory")["verdict"] == "better than claimed"
+    )  # low, claimed medium
+    assert claim(rows, "prefix", "memory")["measured"].startswith("very low")
+    # overhead uses the merged form where the method merges: LoRA merged = base → very low.
+    assert claim(rows, "lora", "inference overhead")["verdict"] == "held"
+    assert claim(rows, "adapter", "inference overhead")["verdict"] == "held"  # 20% → medium
+    assert claim(rows, "prefix", "inference overhead")["verdict"] == "held"  # 10% → low
+    # stability: 3 spikes → low, worse than the claimed medium.
+    assert claim(rows, "prefix", "training stability")["verdict"] == "worse than claimed"
+    assert claim(rows, "lora", "training stability")["verdict"] == "held"
+    for r in (
+        claim(rows, m, c) for m in ("qlora", "ptuning-v2") for c in ("memory", "trainable params")
+    ):
+        assert r["verdict"] == "not measured"
+
+
+def test_memory_claims_need_full_as_reference():
+    rows = claims.check_claims(report.summarize(study()[1:]))
+    assert claim(rows, "lora", "memory")["verdict"] == "not measured"
+
+
+def test_seed_spread_enters_summary_and_stability():
+    runs = [
+        fake_result("lora", 5, 1000, 10, seed=0),
+        fake_result("lora", 5, 1000, 10, seed=1, losses=[3.0 * 0.95**k for k in range(30)]),
+    ]
+    s = report.summarize(runs)["lora"]
+    assert s["seeds"] == 2 and s["final_loss_spread"]["n"] == 2
+    assert s["seed_cv"] == pytest.approx(
+        s["final_loss_spread"]["std"] / s["final_loss_spread"]["mean"]
+    )
+    assert (
+        claims.stability_level(s["stability"], s["stability"]["loss_variability"], s["seed_cv"])
+        == "medium"
+    )
+
+
+def test_report_is_self_contained(tmp_path):
+    results = study()
+    results.append(
+        {
+            "run_info": {"method": "qlora", "seed": 0},
+            "meta_info": {},
+            "train_info": {"status": "failed", "error": "RuntimeError: boom"},
+        }
+    )
+    paths = report.write_report(tmp_path, results, echo=False)
+    assert_self_contained((tmp_path / "report.html").read_text(), figures=4)
+    md = (tmp_path / "report.md").read_text()
+    assert "RuntimeError: boom" in md and "| lora |" in md and "LoRA" in md
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {
+        "loss_curves.png",
+        "memory.png",
+        "speed.png",
+        "params_vs_quality.png",
+    }
+    assert paths["summary"]["qlora"]["status"] == "failed"
+    json.loads((tmp_path / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- runner bookkeeping
+
+
+def test_plan_validates_its_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="seeds must be at least 1"):
+        runner.plan(["lora"], model="smollm2-135m", seeds=0, out=tmp_path)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        runner.plan(["nope"], model="smollm2-135m", out=tmp_path)
+    with pytest.raises(ConfigError, match="no built-in classification task"):
+        runner.plan(["lora"], model="minilm-l6", out=tmp_path)
+    with pytest.raises(ConfigError, match="METHOD.OPTION=VALUE"):
+        runner._method_args(["r=16"])
+    assert runner._method_args(["lora.r=16", "lora.target_modules=[q_proj]"]) == {
+        "lora": {"r": 16, "target_modules": ["q_proj"]}
+    }
+
+
+def test_plan_gives_every_method_the_same_budget(tmp_path):
+    specs = runner.plan(["lora", "full"], model="smollm2-135m", seeds=2, out=tmp_path, quick=True)
+    assert [s["name"] for s in specs] == ["lora-seed0", "lora-seed1", "full-seed0", "full-seed1"]
+    for key in ("steps", "batch_size", "max_length", "data", "inference", "train_overrides"):
+        assert len({json.dumps(s[key]) for s in specs}) == 1, key
+    assert {s["lr"] for s in specs if s["method"] == "full"} == {5e-5}
+    assert len({s["fingerprint"] for s in specs}) == 4
+
+
+def test_resume_skips_done_runs_and_refuses_other_settings(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_one(spec, timeout=None):
+        calls.append(spec["name"])
+        res = fake_result(spec["method"], 5, 1000, 10)
+        res["run_info"]["fingerprint"] = spec["fingerprint"]
+        if spec["method"] == "dora":
+            res["train_info"] = {"status": "failed", "error": "boom"}
+        (tmp_path / f"{spec['name']}.json").write_text(json.dumps(res))
+        return res
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    kw = dict(model="smollm2-135m", out=tmp_path, quick=True, report=False, echo=False)
+    runner.compare(["lora", "dora"], **kw)
+    assert calls == ["lora", "dora"]
+    runner.compare(["lora", "dora"], **kw)
+    assert calls == ["lora", "dora"]  # nothing rerun; the failure stays recorded
+    runner.compare(["lora", "dora"], retry_failed=True, **kw)
+    assert calls == ["lora", "dora", "dora"]
+    with pytest.raises(ConfigError, match="different settings"):
+        runner.compare(["lora"], steps=3, **kw)
