@@ -7,6 +7,7 @@ compare, choose.
     peftlab.save_adapter(model, "out/")        # peft-compatible adapter directory
 """
 
+from peftlab.bench import compare
 from peftlab.core.config import ConfigError, MethodConfig, config_from_dict, load_config
 from peftlab.core.io import AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from peftlab.core.model import (
@@ -40,6 +41,7 @@ __all__ = [
     "LoRAConfig",
     "MethodConfig",
     "apply",
+    "compare",
     "config_from_dict",
     "disable_adapters",
     "load_adapter",

@@ -13,6 +13,7 @@ import sys
 # (module, function) pairs that add one subcommand each.
 SUBCOMMANDS = [
     ("peftlab.demo", "add_parser"),
+    ("peftlab.bench.runner", "add_parser"),
 ]
 
 
