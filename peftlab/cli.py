@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = [
     ("peftlab.demo", "add_parser"),
     ("peftlab.bench.runner", "add_parser"),
+    ("peftlab.train", "add_parser"),
 ]
 
 

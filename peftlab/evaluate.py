@@ -1,0 +1,177 @@
+"""Evaluation: token loss and perplexity, exact match by greedy generation, accuracy.
+
+The ``*_sums`` functions return numerators and denominators (not ratios) so that several
+processes can add theirs up before dividing; :func:`evaluate` does the dividing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.data.encode import IGNORE, TaskData, collate
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of per-token losses, number of tokens)`` for a batch; differentiable.
+
+    Causal LMs: cross-entropy of each response token given the tokens before it (labels
+    ``[B, T]``, -100 skipped). Classification: cross-entropy of each example (labels ``[B]``).
+    Summing (not averaging) lets the caller normalize by the token count of a whole
+    accumulated, multi-process batch.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if labels.dim() == 1:  # classification: logits [B, C]
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.new_tensor(
+            labels.numel()
+        )
+    # logits [B, T, V]: position t predicts token t+1.
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return total, (shift_labels != IGNORE).sum()
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def loss_sums(
+    model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device
+) -> tuple[float, int]:
+    """Summed token loss and token count over ``examples``."""
+    total, count = 0.0, 0
+    for chunk in _batches(examples, batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        s, n = loss_sum(model, batch)
+        total, count = total + s.item(), count + int(n)
+    return total, count
+
+
+@torch.no_grad()
+def accuracy_counts(
+    model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device
+) -> tuple[int, int]:
+    """``(correct, total)`` of argmax predictions for classification examples."""
+    correct = 0
+    for chunk in _batches(examples, batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    return correct, len(examples)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding, decoded."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    for chunk in _batches(prompts, batch_size):
+        width = max(len(p) for p in chunk)
+        # Left padding keeps every prompt's last token at the same position, so the first
+        # generated token of each row follows its own prompt.
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return out
+
+
+def normalize(text: str) -> str:
+    """Exact-match normal form: surrounding whitespace and inner runs of whitespace ignored."""
+    return " ".join(text.split())
+
+
+def exact_match_counts(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    answers: list[str],
+    batch_size: int,
+    device,
+) -> tuple[int, int]:
+    """``(hits, total)``: greedy generations equal to the reference answer after :func:`normalize`."""
+    if not prompts:
+        return 0, 0
+    longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    preds = generate(model, tokenizer, prompts, longest + 4, batch_size, device)
+    return sum(normalize(p) == normalize(a) for p, a in zip(preds, answers)), len(answers)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    data: TaskData,
+    batch_size: int = 16,
+    exact_match: bool = False,
+    device=None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Callable[[list[float]], list[float]] | None = None,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``data.eval``.
+
+    Returns ``eval_loss`` and (causal LMs) ``eval_ppl``; ``eval_exact_match`` when
+    ``exact_match``; ``eval_accuracy`` for classification. With ``shard=(rank, world)`` each
+    process takes every world-th example and ``reduce`` sums the per-process counts.
+    """
+    device = device or next(model.parameters()).device
+    rank, world = shard
+    examples = data.eval[rank::world]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        sums = list(loss_sums(model, examples, pad, batch_size, device))
+        if data.kind == "classification":
+            sums += accuracy_counts(model, examples, pad, batch_size, device)
+        elif exact_match:
+            sums += exact_match_counts(
+                model,
+                tokenizer,
+                data.eval_prompts[rank::world],
+                data.eval_answers[rank::world],
+                batch_size,
+                device,
+            )
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        sums = reduce([float(s) for s in sums])
+    loss = sums[0] / max(sums[1], 1)
+    out = {"eval_loss": loss}
+    if data.kind == "classification":
+        out["eval_accuracy"] = sums[2] / max(sums[3], 1)
+    else:
+        out["eval_ppl"] = math.exp(min(loss, 50.0))
+        if exact_match:
+            out["eval_exact_match"] = sums[2] / max(sums[3], 1)
+    return out

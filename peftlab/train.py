@@ -1,0 +1,561 @@
+"""The training loop and ``peftlab train``.
+
+One loop, read top to bottom: setup (config, run dir, data, model, method, optimizer) →
+train (token-normalized loss over accumulated micro-batches and processes, warmup + cosine,
+clipping, logging, periodic evaluation and checkpoints) → evaluate → save the adapter.
+``accelerate`` places the model on the device, applies mixed precision and, under
+``accelerate launch`` / ``torchrun``, wraps it in DistributedDataParallel.
+
+Measurement (memory, time) wraps :func:`train` from outside; it can pass a model it loaded
+itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import peftlab
+from peftlab import checkpoint
+from peftlab.core.config import ConfigError
+from peftlab.data import DataError, collate, load_task_data
+from peftlab.evaluate import evaluate, loss_sum
+from peftlab.train_config import TrainConfig, apply_overrides
+
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "add_parser"]
+
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoints",
+    "adapter",
+    "tensorboard",
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite; training stopped."""
+
+
+def train(
+    config: TrainConfig | dict | str | Path,
+    overrides: list[str] | None = None,
+    model=None,
+    tokenizer=None,
+    resume: bool = False,
+) -> dict:
+    """Train as ``config`` says and return the run's summary (also written to summary.json).
+
+    Args:
+        config: a :class:`TrainConfig`, a dict of its keys, or a YAML path. With ``resume``,
+            the run directory (its ``config.yaml`` is read) or a config whose output_dir holds
+            the run.
+        overrides: ``key=value`` strings applied on top (``method_args.r=8``).
+        model, tokenizer: preloaded instead of loading ``config.model`` (the method is still
+            applied here).
+        resume: continue from the newest checkpoint in output_dir.
+
+    Returns:
+        ``output_dir``, ``steps``, ``final_loss``, ``eval_before``/``eval_after``, ``tokens``,
+        ``loss_tokens``, ``truncated``, ``trainable_params``, ``wall_time`` and more.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = _resolve(config, overrides, resume)
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard" if cfg.tensorboard else None,
+        project_dir=str(out),
+    )
+    main, rank, world = (
+        accelerator.is_main_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise ConfigError("mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
+
+    # ---- setup: run directory -------------------------------------------------------------
+    ckpt = checkpoint.latest(out) if resume else None
+    if not resume:
+        _check_output_dir(out, cfg.overwrite)
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if main:
+        if not resume and cfg.overwrite:
+            for name in RUN_FILES:
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _truncate_metrics(out / "metrics.jsonl", _ckpt_step(ckpt))
+        (out / "summary.json").unlink(missing_ok=True)
+    set_seed(cfg.seed)
+
+    # ---- setup: data and model ------------------------------------------------------------
+    from peftlab.models import load_model, load_tokenizer, model_kind
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kind = _kind(model) if model is not None else model_kind(cfg.model)
+    data = load_task_data(
+        tokenizer,
+        cfg.data,
+        kind,
+        cfg.max_length,
+        cfg.eval_size,
+        cfg.eval_data,
+        cfg.data_size,
+        cfg.seed,
+        cfg.text_column,
+        cfg.label_column,
+    )
+    if model is None:
+        model = load_model(cfg.model, kind, num_labels=max(2, len(data.label_names)))
+    method_config = cfg.method_config()
+    if kind == "classification":
+        method_config = _train_new_head(model, method_config)
+    peftlab.apply(model, method_config)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = peftlab.trainable_parameters(model)
+    optimizer = _make_optimizer(model, cfg)
+
+    global_batch = cfg.batch_size * world  # examples per micro-batch across processes
+    micro_per_epoch = len(data.train) // global_batch  # the last, partial micro-batch is dropped
+    if micro_per_epoch == 0:
+        raise DataError(
+            f"batch_size={cfg.batch_size} × {world} process(es) = {global_batch} exceeds the "
+            f"{len(data.train)} training examples; lower batch_size or add data"
+        )
+    total_steps = (
+        cfg.max_steps
+        if cfg.max_steps is not None
+        else max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+    )
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, warmup, total_steps))
+    # The scheduler is not given to prepare(): accelerate would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = {
+        "step": 0,
+        "micro_batch": 0,
+        "tokens": 0,
+        "loss_tokens": 0,
+        "wall_time": 0.0,
+        "last_loss": None,
+    }
+    if ckpt is not None:
+        state.update(checkpoint.load(ckpt, unwrapped, optimizer, scheduler, accelerator))
+        accelerator.print(
+            f"resuming {out} from {ckpt.name} (step {state['step']} of {total_steps})"
+        )
+    if cfg.tensorboard:
+        accelerator.init_trackers(
+            "tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()}
+        )
+
+    exact = (
+        cfg.eval_exact_match
+        if cfg.eval_exact_match is not None
+        else cfg.data.startswith("builtin:")
+    )
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(
+            unwrapped,
+            tokenizer,
+            data,
+            eval_bs,
+            exact,
+            accelerator.device,
+            (rank, world),
+            reduce=lambda xs: _reduce_sum(accelerator, xs),
+        )
+        _log(accelerator, out, {"step": step, **metrics}, cfg.tensorboard)
+        return metrics
+
+    pad_id = tokenizer.pad_token_id
+    perms: dict[int, list[int]] = {}
+
+    def micro_batch(m: int) -> dict[str, torch.Tensor]:
+        """This process's share of global micro-batch ``m``: a pure function of (seed, m), so
+        a resumed run sees exactly the batches the interrupted one would have seen."""
+        epoch, pos = divmod(m, micro_per_epoch)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perms.clear()
+            perms[epoch] = torch.randperm(len(data.train), generator=g).tolist()
+        start = pos * global_batch + rank * cfg.batch_size
+        chunk = [data.train[i] for i in perms[epoch][start : start + cfg.batch_size]]
+        return {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id).items()}
+
+    eval_before = run_eval(0) if cfg.eval_before and state["step"] == 0 and cfg.eval_size else None
+    eval_after: dict | None = None
+    if main:
+        accelerator.print(
+            f"{cfg.method} on {cfg.model}: {trainable:,} of {total:,} parameters train "
+            f"({100 * trainable / total:.3f}%); {len(data.train)} training examples, "
+            f"{data.truncated} truncated at max_length={cfg.max_length}; {total_steps} steps of "
+            f"{global_batch * cfg.grad_accum} examples on {world} process(es), {accelerator.device}"
+        )
+
+    # ---- train ----------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        disable=not (main and cfg.progress),
+        dynamic_ncols=True,
+    )
+    session_start = time.perf_counter()
+    wall_before = state["wall_time"]
+    model.train()
+    while state["step"] < total_steps:
+        t0 = time.perf_counter()
+        step = state["step"] + 1
+        batches = [micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
+        # Normalize by the response tokens of the whole step, over every micro-batch and every
+        # process, so grad_accum and DDP give the gradient of one big batch.
+        local = [
+            sum(_loss_count(b) for b in batches),
+            sum(int(b["attention_mask"].sum()) for b in batches),
+        ]
+        loss_tokens, tokens = (int(x) for x in _reduce_sum(accelerator, local))
+        scale = world / max(loss_tokens, 1)  # DDP averages gradients over processes
+        loss_total = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                s, _ = loss_sum(model, batch)
+                accelerator.backward(s * scale)
+            loss_total += s.detach().float()
+        loss = _reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        bad_norm = (
+            grad_norm is not None and not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16"
+        )
+        if not math.isfinite(loss) or bad_norm:
+            # fp16's loss scaler skips steps with inf gradients itself; anything else is fatal.
+            _diverged(accelerator, out, cfg, step, loss, grad_norm, state)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+
+        state.update(
+            step=step,
+            micro_batch=state["micro_batch"] + cfg.grad_accum,
+            last_loss=loss,
+            tokens=state["tokens"] + tokens,
+            loss_tokens=state["loss_tokens"] + loss_tokens,
+            wall_time=wall_before + time.perf_counter() - session_start,
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / step_time:.0f}")
+        if step % cfg.log_every == 0 or step == total_steps:
+            line = {
+                "step": step,
+                "epoch": round(state["micro_batch"] / micro_per_epoch, 4),
+                "loss": loss,
+                "lr": lr,
+                "tokens": tokens,
+                "loss_tokens": loss_tokens,
+                "step_time": step_time,
+                "tokens_per_s": tokens / step_time,
+            }
+            if grad_norm is not None:
+                line["grad_norm"] = grad_norm
+            _log(accelerator, out, line, cfg.tensorboard)
+        if cfg.eval_size and (
+            step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+        ):
+            metrics = run_eval(step)
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if step == total_steps:
+                eval_after = metrics
+            model.train()
+        if cfg.save_every and step % cfg.save_every == 0:
+            checkpoint.save(
+                accelerator, out, step, unwrapped, optimizer, scheduler, state, cfg.keep_checkpoints
+            )
+    bar.close()
+
+    # ---- save -----------------------------------------------------------------------------
+    if main:
+        _save_adapter(unwrapped, out / "adapter")
+    if eval_before is None:
+        eval_before = _first_eval(out / "metrics.jsonl") if main else None
+    summary = {
+        "status": "completed",
+        "output_dir": str(out),
+        "model": cfg.model,
+        "method": cfg.method,
+        "data": cfg.data,
+        "steps": state["step"],
+        "final_loss": state["last_loss"],
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+        "tokens": state["tokens"],
+        "loss_tokens": state["loss_tokens"],
+        "train_examples": len(data.train),
+        "truncated": data.truncated,
+        "dropped": data.dropped,
+        "trainable_params": trainable,
+        "total_params": total,
+        "processes": world,
+        "device": str(accelerator.device),
+        "wall_time": state["wall_time"],
+        "resumed_from": ckpt.name if ckpt else None,
+    }
+    if main:
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    if cfg.tensorboard:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _resolve(config, overrides: list[str] | None, resume: bool) -> TrainConfig:
+    """The run's config: from a TrainConfig, dict or YAML path (with ``--resume``, a run dir)."""
+    if isinstance(config, TrainConfig):
+        config = config.to_dict()
+    if isinstance(config, str | Path):
+        path = Path(config)
+        if resume and path.is_dir():
+            if not (path / "config.yaml").is_file():
+                raise ConfigError(
+                    f"--resume {path}: no config.yaml there, so it holds no peftlab run"
+                )
+            path = path / "config.yaml"
+        cfg = TrainConfig.load(path, overrides)
+    else:
+        cfg = TrainConfig.from_dict(apply_overrides(config, overrides or []))
+    return cfg
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = sorted(p.name for p in out.iterdir())[:6]
+        raise FileExistsError(
+            f"output_dir {out} is not empty (holds {held}); it may hold a run. Pass "
+            f"overwrite=true to replace it, `peftlab train --resume {out}` to continue it, or "
+            f"choose another output_dir"
+        )
+
+
+def _ckpt_step(ckpt: Path | None) -> int:
+    return int(ckpt.name.split("-")[1]) if ckpt else 0
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only lines up to ``step``: a killed run may have logged past its last checkpoint."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step] if step else []
+    _atomic_write(path, "".join(ln + "\n" for ln in kept))
+
+
+def _first_eval(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    for ln in path.read_text().splitlines():
+        d = json.loads(ln)
+        if d.get("step") == 0 and "eval_loss" in d:
+            return {k: v for k, v in d.items() if k.startswith("eval_")}
+    return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _log(accelerator, out: Path, line: dict, tensorboard: bool) -> None:
+    if accelerator.is_main_process:
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+    if tensorboard:
+        accelerator.log({k: v for k, v in line.items() if k != "step"}, step=line["step"])
+
+
+def _reduce_sum(accelerator, values: list[float]) -> list[float]:
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()
+
+
+def _loss_count(batch: dict[str, torch.Tensor]) -> int:
+    labels = batch["labels"]
+    return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
+
+
+def _kind(model) -> str:
+    return (
+        "classification"
+        if type(model).__name__.endswith("ForSequenceClassification")
+        else "causal-lm"
+    )
+
+
+def _train_new_head(model, method_config):
+    """A classification head is new, so it must train even under a PEFT method: add it to
+    ``modules_to_save`` unless the user chose those modules."""
+    if method_config.modules_to_save is not None or not hasattr(method_config, "modules_to_save"):
+        return method_config
+    heads = [n for n, _ in model.named_children() if n in ("classifier", "score")]
+    return method_config.replace(modules_to_save=heads) if heads else method_config
+
+
+def _make_optimizer(model, cfg: TrainConfig):
+    """AdamW over the trainable parameters; matrices decay, vectors (biases, norms, DoRA
+    magnitudes) do not."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    try:
+        from peftlab.optim import make_optimizer  # bitsandbytes 8-bit / paged AdamW (QLoRA issue)
+    except ImportError:
+        if cfg.optimizer != "adamw":
+            raise ConfigError(
+                f"optimizer={cfg.optimizer!r} needs peftlab.optim (bitsandbytes optimizers), "
+                f"which this install lacks; use optimizer=adamw"
+            ) from None
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay)
+
+
+def _schedule(cfg: TrainConfig, warmup: int, total: int):
+    """LR multiplier at optimizer step s (0-based): linear warmup, then cosine/linear decay."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        decay = (
+            0.5 * (1 + math.cos(math.pi * progress))
+            if cfg.lr_schedule == "cosine"
+            else 1 - progress
+        )
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return factor
+
+
+def _diverged(
+    accelerator, out: Path, cfg: TrainConfig, step: int, loss: float, grad_norm, state: dict
+):
+    last = checkpoint.latest(out)
+    msg = (
+        f"loss={loss} (grad_norm={grad_norm}) at step {step}: training stopped before the update. "
+        f"Nothing was overwritten: the last good checkpoint is "
+        f"{last if last else 'none (no checkpoint written yet)'}, and {out / 'adapter'} was not "
+        f"written. Lower lr (now {cfg.lr}), keep max_grad_norm set, or use mixed_precision=no/bf16."
+    )
+    if accelerator.is_main_process:
+        summary = {
+            "status": "diverged",
+            "error": msg,
+            "output_dir": str(out),
+            "steps": state["step"],
+            "final_loss": state["last_loss"],
+            "method": cfg.method,
+            "model": cfg.model,
+        }
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    raise TrainingDiverged(msg)
+
+
+def _save_adapter(model, dest: Path) -> None:
+    """Write the adapter next to ``dest`` and swap it in, so a crash never leaves half of one."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peftlab.save_adapter(model, tmp)
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a method on a model from a YAML config",
+        description="Train from CONFIG.yaml with key=value overrides (dotted keys reach into "
+        "method_args: method_args.r=8), or continue a run with --resume OUTPUT_DIR.",
+    )
+    p.add_argument("config", nargs="?", help="YAML training config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
+    p.add_argument(
+        "--resume",
+        metavar="OUTPUT_DIR",
+        help="continue the run in OUTPUT_DIR from its newest checkpoint",
+    )
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.resume:
+        if args.config:  # `train --resume DIR k=v`: argparse put the first override in `config`
+            overrides.insert(0, args.config)
+        source = args.resume
+    elif args.config:
+        source = args.config
+    else:
+        raise ConfigError("give a config file (peftlab train CONFIG.yaml) or --resume OUTPUT_DIR")
+    try:
+        summary = train(source, overrides, resume=bool(args.resume))
+    except TrainingDiverged as e:
+        print(f"peftlab train: {e}", flush=True)
+        return 3
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("output_dir", "steps", "final_loss", "eval_before", "eval_after")
+            }
+        )
+    )
+    return 0
