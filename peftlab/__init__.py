@@ -25,6 +25,9 @@ from peftlab.methods.adapter import AdapterConfig
 from peftlab.methods.dora import DoRAConfig
 from peftlab.methods.full import FullFinetuneConfig
 from peftlab.methods.lora import LoRAConfig
+from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
+from peftlab.methods.prompt import PromptTuningConfig
+from peftlab.methods.ptuning_v2 import PTuningV2Config
 
 __version__ = "0.1.0"
 
@@ -40,10 +43,14 @@ __all__ = [
     "FullFinetuneConfig",
     "LoRAConfig",
     "MethodConfig",
+    "PTuningV2Config",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "apply",
     "compare",
     "config_from_dict",
     "disable_adapters",
+    "fold_prefix",
     "load_adapter",
     "load_config",
     "merge",

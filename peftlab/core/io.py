@@ -52,6 +52,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     spec = get_method(configs[adapter_name].method)
     out: dict[str, torch.Tensor] = {}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
+    if spec.export is not None:
+        tensors = list(spec.export(model, adapter_name)[1].items())
     for name, t in tensors:
         if not spec.param_prefix and not t.requires_grad:
             continue  # full fine-tuning saves what trains
@@ -94,6 +96,8 @@ def save_adapter(
         raise ConfigError("the model carries no peftlab adapter to save; call peftlab.apply first")
     config = configs[adapter_name]
     spec = get_method(config.method)
+    if spec.export is not None:
+        config = spec.export(model, adapter_name)[0]
     if not overwrite and ((path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists()):
         raise FileExistsError(
             f"{path} already holds an adapter; pass overwrite=True to replace it or choose "

@@ -31,6 +31,10 @@ class MethodSpec:
     """Fields of peft's ``adapter_config.json`` for this config, when peft can read it."""
     unload: Callable[[nn.Module], None] | None = None
     """Remove model-level state (hooks, extra modules) that is not an adapter layer."""
+    export: Callable[[nn.Module, str], tuple[MethodConfig, dict]] | None = None
+    """What ``save_adapter`` writes for adapter ``name`` instead of the live parameters: the
+    config and the tensors by parameter name (prefix tuning saves its folded prefix table, not
+    the reparameterization MLP that produced it). The model is not changed."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

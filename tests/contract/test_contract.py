@@ -17,6 +17,11 @@ TINY_ARGS: dict[str, dict] = {
     "lora": {"r": 4, "target_modules": "all-linear"},
     "dora": {"r": 4, "target_modules": "all-linear"},
     "adapter": {"bottleneck": 8, "placement": "houlsby"},
+    # Virtual-token methods train a classifier's head by default (modules_to_save); [] keeps
+    # it frozen here because unload cannot restore a head trained in place.
+    "prefix": {"num_virtual_tokens": 4, "reparam_hidden": 16, "modules_to_save": []},
+    "ptuning-v2": {"num_virtual_tokens": 4, "modules_to_save": []},
+    "prompt": {"num_virtual_tokens": 4, "modules_to_save": []},
 }
 # (method, arch) pairs a method does not support, with the reason.
 UNSUPPORTED: dict[tuple[str, str], str] = {}

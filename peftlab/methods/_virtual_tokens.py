@@ -1,0 +1,95 @@
+"""Machinery shared by the virtual-token methods (prefix, P-Tuning v2, prompt tuning).
+
+These methods add no adapter layer: they change the *inputs* of the transformer body (its
+``inputs_embeds``, ``cache``, ``attention_mask``, ``position_ids``) from a forward pre-hook on it,
+so they work with the model class unchanged. Their parameters live in one extra module attached
+to the model (``peftlab_prefix``, ``peftlab_prompt``, ...), which also owns the hooks; the
+method's ``unload`` removes both.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from peftlab.core.config import ConfigError, check
+from peftlab.core.model import active_adapter
+
+# Head names of transformers' *ForSequenceClassification / *ForTokenClassification models.
+_HEAD_NAMES = ("classifier", "score")
+
+
+def check_num_virtual_tokens(n: Any) -> None:
+    check(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0,
+        "num_virtual_tokens",
+        n,
+        "a positive integer (the number of virtual tokens), e.g. 20",
+    )
+
+
+def transformer_body(model: nn.Module) -> nn.Module:
+    """The module that takes ``input_ids``/``inputs_embeds`` and runs the layers (LlamaModel,
+    GPT2Model, BertModel), i.e. ``model.base_model`` for transformers models."""
+    body = getattr(model, "base_model", model)
+    if not callable(getattr(body, "forward", None)):
+        raise ConfigError(f"{type(model).__name__} has no transformer body to attach to")
+    return body
+
+
+def forward_params(module: nn.Module) -> inspect.Signature:
+    return inspect.signature(module.forward)
+
+
+def bind_call(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """All arguments of one forward call by name (positional ones included, ``**kwargs`` flat)."""
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    out: dict[str, Any] = {}
+    for name, value in bound.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def default_head(model: nn.Module, config) -> None:
+    """Let a classification model's new head train: ``modules_to_save=None`` resolves to it.
+
+    A prompt trained against a randomly initialised, frozen head cannot classify, so (as
+    P-Tuning v2 does) the head trains with the prompts. ``modules_to_save=[]`` opts out.
+    """
+    if config.modules_to_save is not None or "Classification" not in type(model).__name__:
+        return
+    heads = [n for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    if heads:
+        config.modules_to_save = heads[:1]
+
+
+class VirtualTokenModule(nn.Module):
+    """Base of the module a virtual-token method attaches to the model: keeps a plain (not
+    registered) reference to the owning model and removes its own hooks."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        # A plain attribute, not a submodule: the owner contains this module, not vice versa.
+        object.__setattr__(self, "_owner", owner)
+
+    def active(self) -> str | None:
+        """The adapter to use for this call, or None (adapters disabled / another method)."""
+        if getattr(self._owner, "peftlab_disabled", False):
+            return None
+        return active_adapter(self._owner)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this module registered (found by owner, so deep copies work)."""
+        for module in self._owner.modules():
+            for hooks, with_kwargs in (
+                (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
+                (module._forward_hooks, module._forward_hooks_with_kwargs),
+            ):
+                for key in [k for k, f in hooks.items() if getattr(f, "__self__", None) is self]:
+                    del hooks[key]
+                    with_kwargs.pop(key, None)
