@@ -258,6 +258,7 @@ def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
     hidden = _hidden_size(model)
     sites: list[str] = []
     problems: list[str] = []
+    blocks = 0
     for list_name, module_list in named_modules(model):
         if not isinstance(module_list, nn.ModuleList):
             continue
@@ -268,7 +269,10 @@ def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
                 for n, c in block.named_children()
                 if "attn" in n.lower() or "attention" in n.lower()
             ]
-            if not attn or hidden is None:
+            if not attn:
+                continue
+            blocks += 1
+            if hidden is None:
                 continue
             attn_name, attn_mod = attn[0]  # the first is self-attention (cross-attention follows)
             attn_out = [
@@ -290,18 +294,23 @@ def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
                 continue
             sites.extend(([attn_out[-1]] if placement == "houlsby" else []) + ffn_out)
     if problems or not sites:
-        detail = (
-            f" Blocks it could not read: {'; '.join(problems[:3])}."
-            if problems
-            else (
-                " It found no transformer block (an nn.ModuleList element with an attention child)."
+        if problems:
+            detail = (
+                f"blocks it could not read: {'; '.join(problems[:3])}"
+                f"{' …' if len(problems) > 3 else ''} (a mixture-of-experts feed-forward has no "
+                f"single output projection)"
             )
-        )
+        elif blocks and hidden is None:
+            detail = "the model has no config.hidden_size or input embeddings to read it from"
+        else:
+            detail = (
+                "it found no transformer block (an nn.ModuleList element with an attention child)"
+            )
         raise ConfigError(
             f"cannot place {placement!r} bottleneck adapters in {_architecture(model)}: peftlab "
             f"looks for one attention output projection and one feed-forward output projection "
-            f"(width {hidden}) per block.{detail} Pass target_modules=[...] naming the output "
-            f"projections to adapt instead."
+            f"to the hidden size in every block, and {detail}. Pass "
+            f"target_modules=[...] naming the linear layers whose output should get an adapter."
         )
     return sites
 
