@@ -1,0 +1,265 @@
+"""Training-step time and peak memory: peftlab vs peft, side by side, one process per config.
+
+    python -m benchmarks.train_step                      # driver: all configs, 3 repeats
+    python -m benchmarks.train_step --configs floor,peftlab-lora-all,peft-lora-all --repeats 5
+    python -m benchmarks.train_step --config peftlab-dora-all   # one worker, prints RESULT json
+
+Every configuration runs the same model (SmolLM2-135M by default) on the same batch
+(random token ids, batch 4 × 128, labels = inputs), AdamW over its trainable parameters,
+``--warmup`` untimed steps then ``--steps`` timed ones; the worker reports the median step.
+The "floor" is the frozen base model's forward plus the backward to its input embeddings
+(no parameter gradients, no optimizer): the least any adapter method can cost.
+
+Memory: ``peak_rss_gb`` is the whole process's peak resident set (model load included);
+``train_peak_rss_gb`` is the peak while training alone (the kernel's counter is reset after
+setup); on CUDA ``cuda_peak_gb`` is ``torch.cuda.max_memory_allocated`` over training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks import harness, loading
+from benchmarks.harness import fmt, ratio, verdict
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -- configurations ------------------------------------------------------------------------
+def _peftlab(method: str, quantized: bool = False, **fields) -> Callable:
+    def build(args) -> nn.Module:
+        import peftlab
+
+        if method not in peftlab.methods():
+            raise RuntimeError(f"peftlab has no method {method!r} yet (has {peftlab.methods()})")
+        model = loading.load(args, quantized=quantized)
+        peftlab.apply(model, peftlab.config_from_dict({"method": method, **fields}))
+        return model
+
+    return build
+
+
+def _peft(make_config: Callable, quantized: bool = False) -> Callable:
+    def build(args) -> nn.Module:
+        import peft
+
+        model = loading.load(args, quantized=quantized)
+        return peft.get_peft_model(model, make_config(peft))
+
+    return build
+
+
+def _peft_lora(targets, **kw) -> Callable:
+    return lambda peft: peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", **kw
+    )
+
+
+QV = ["q_proj", "v_proj"]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+CONFIGS: dict[str, Callable] = {
+    "floor": lambda args: loading.load(args),
+    "peftlab-lora-qv": _peftlab("lora", target_modules=QV, **LORA),
+    "peft-lora-qv": _peft(_peft_lora(QV)),
+    "peftlab-lora-all": _peftlab("lora", target_modules="all-linear", **LORA),
+    "peft-lora-all": _peft(_peft_lora("all-linear")),
+    "peftlab-dora-all": _peftlab("dora", target_modules="all-linear", **LORA),
+    "peft-dora-all": _peft(_peft_lora("all-linear", use_dora=True)),
+    # QLoRA: both sides adapt the very same bitsandbytes NF4 (double-quantized) base.
+    "peftlab-qlora-all": _peftlab("qlora", quantized=True, target_modules="all-linear", **LORA),
+    "peft-qlora-all": _peft(_peft_lora("all-linear"), quantized=True),
+    "peftlab-prefix": _peftlab("prefix", num_virtual_tokens=20),
+    "peft-prefix": _peft(
+        lambda peft: peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
+    ),
+    "peftlab-adapter": _peftlab("adapter"),
+    "full": _peftlab("full"),
+}
+
+
+# -- worker --------------------------------------------------------------------------------
+def make_batch(args, vocab_size: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (args.batch, args.seq), generator=g).to(device)
+
+
+def worker(args) -> dict:
+    """Build one configuration, train it, and return its measurements."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    model = CONFIGS[args.config](args)
+    model.to(device).train()
+    load_s = time.perf_counter() - t0
+    ids = make_batch(args, model.config.vocab_size, device)
+    floor = args.config == "floor"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if floor:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = []
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    embed = model.get_input_embeddings()
+
+    def step() -> float:
+        if floor:
+            # Backward to the input embeddings only: no weight gradient, no optimizer state.
+            inputs = embed(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=inputs, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    setup_rss = harness.rss_gb()
+    harness.reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        t = time.perf_counter()
+        losses.append(step())
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    trainable = sum(p.numel() for p in params)
+    result = {
+        "config": args.config,
+        "step_s": statistics.median(times),
+        "step_s_mean": statistics.fmean(times),
+        "load_s": load_s,
+        "setup_rss_gb": setup_rss,
+        "train_peak_rss_gb": harness.peak_rss_gb(),
+        "peak_rss_gb": _process_peak_gb(),
+        "trainable_params": trainable,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        **loading.quantized_storage(model),
+    }
+    if device.type == "cuda":
+        result["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _process_peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+
+
+# -- report --------------------------------------------------------------------------------
+def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, float, str]]:
+    """Print the table and the issue's targets; returns (target, value, limit, verdict) rows."""
+    cuda = any("cuda_peak_gb" in m for m in med.values())
+    mem = "cuda_peak_gb" if cuda else "peak_rss_gb"
+    out(f"\n{'config':<20} {'n':>2} {'step s':>8} {'×floor':>7} {'peak RSS GB':>11} "
+        f"{'train RSS GB':>12}" + (f" {'CUDA GB':>8}" if cuda else "") + f" {'trainable':>11}")
+    floor = med.get("floor", {})
+    for name, m in med.items():
+        if "error" in m:
+            out(f"{name:<20} {m['n']:>2} error: {m['error'][:150]}")
+            continue
+        out(f"{name:<20} {m['n']:>2} {m['step_s']:>8.3f} {fmt(ratio(m, floor, 'step_s')):>7} "
+            f"{m['peak_rss_gb']:>11.3f} {fmt(m.get('train_peak_rss_gb')):>12}"
+            + (f" {fmt(m.get('cuda_peak_gb')):>8}" if cuda else "")
+            + f" {m['trainable_params']:>11,}")
+
+    def get(name):
+        return med.get(name, {})
+
+    rows: list[tuple[str, float | None, float, str]] = []
+    checks = [
+        ("LoRA all-linear step / floor", "peftlab-lora-all", "floor", "step_s", 1.12),
+        ("LoRA all-linear memory / peft", "peftlab-lora-all", "peft-lora-all", mem, 1.00),
+        ("LoRA q,v step / peft (info)", "peftlab-lora-qv", "peft-lora-qv", "step_s", 1.00),
+        ("LoRA all-linear step / peft (info)", "peftlab-lora-all", "peft-lora-all", "step_s", 1.00),
+        ("DoRA step / peft DoRA", "peftlab-dora-all", "peft-dora-all", "step_s", 0.85),
+        ("DoRA step / own LoRA", "peftlab-dora-all", "peftlab-lora-all", "step_s", 1.25),
+        ("DoRA memory / peft DoRA", "peftlab-dora-all", "peft-dora-all", mem, 0.90),
+        ("prefix step / peft", "peftlab-prefix", "peft-prefix", "step_s", 1.00),
+        ("prefix memory / peft", "peftlab-prefix", "peft-prefix", mem, 1.00),
+        ("QLoRA step / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", "step_s", 1.00),
+        ("QLoRA memory / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", mem, 1.00),
+    ]
+    out("\ntarget                               ratio   limit  verdict")
+    for label, a, b, key, limit in checks:
+        r = ratio(get(a), get(b), key)
+        v = verdict(r, limit)
+        rows.append((label, r, limit, v))
+        out(f"{label:<36} {fmt(r):>6}  ≤{limit:.2f}  {v}")
+    for name in ("peftlab-qlora-all", "peft-qlora-all"):
+        bits = get(name).get("quant_bits_per_param")
+        if bits is not None:
+            out(f"{name}: base weights {bits:.3f} bits/param ({bits / 8:.4f} bytes) vs the "
+                f"4.127-bit NF4+double-quant floor ({bits / 4.127:.3f}×)")
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="run one configuration in this process (worker mode)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, driver mode")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="smollm2-135m", help='"smollm2-135m" or "tiny" (tests)')
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="driver: also write all raw results and medians here")
+    return p.parse_args(argv)
+
+
+def worker_args(args) -> list[str]:
+    keys = ("model", "device", "dtype", "batch", "seq", "warmup", "steps", "threads")
+    return [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.config:
+        if args.config not in CONFIGS:
+            print(f"unknown --config {args.config!r}; choose from {', '.join(CONFIGS)}")
+            return 2
+        print(harness.RESULT_TAG + json.dumps(worker(args)), flush=True)
+        return 0
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        print(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+        return 2
+    print(f"train_step: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
+          f"{args.repeats} repeats, each in its own process", flush=True)
+    raw = harness.drive("train_step", configs, args.repeats, worker_args(args),
+                        log=lambda s: print(s, flush=True))
+    med = harness.medians(raw)
+    rows = report(med)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
