@@ -24,13 +24,37 @@ def is_quantized(layer: nn.Module) -> bool:
     return getattr(layer.weight, "quant_state", None) is not None
 
 
+def dequantize_4bit(weight: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (``Params4bit``) as a dense tensor of its original shape.
+
+    bitsandbytes' native CPU kernel (0.50) indexes blocks per row, while quantization blocks
+    the flattened tensor; the two disagree when the row length is not a multiple of the
+    blocksize (a 32-wide tiny model, or blocksize 128 on 64-wide rows) and it returns wrong
+    values. Those cases are decoded here in plain torch, bit-identical to bitsandbytes'
+    reference decoder; everything else uses bitsandbytes.
+    """
+    import bitsandbytes.functional as bnbf
+
+    qs = weight.quant_state
+    if weight.device.type != "cpu" or qs.shape[-1] % qs.blocksize == 0:
+        return bnbf.dequantize_4bit(weight.data, qs)
+    absmax = qs.absmax
+    if qs.nested:  # double quantization: 8-bit absmax + fp32 scale per 256 + offset
+        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    absmax = absmax.float()
+    packed = weight.data.reshape(-1).view(torch.uint8)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)  # high nibble first
+    n, blocks = qs.shape.numel(), absmax.numel()
+    values = qs.code.to(packed.device, torch.float32)[codes.long()][:n]
+    values = nn.functional.pad(values, (0, blocks * qs.blocksize - n)).view(blocks, -1)
+    return (values * absmax[:, None]).reshape(-1)[:n].view(qs.shape).to(qs.dtype)
+
+
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as a dense ``[out, in]`` tensor (dequantized if it is 4-bit)."""
     w = layer.weight
     if getattr(w, "quant_state", None) is not None:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(w.data, w.quant_state)
+        return dequantize_4bit(w)
     if Conv1D and isinstance(layer, Conv1D):
         return w.T
     return w

@@ -16,6 +16,7 @@ from tests.conftest import TINY
 TINY_ARGS: dict[str, dict] = {
     "lora": {"r": 4, "target_modules": "all-linear"},
     "dora": {"r": 4, "target_modules": "all-linear"},
+    "qlora": {"r": 4, "target_modules": "all-linear"},
     "adapter": {"bottleneck": 8, "placement": "houlsby"},
     # Virtual-token methods train a classifier's head by default (modules_to_save); [] keeps
     # it frozen here because unload cannot restore a head trained in place.
