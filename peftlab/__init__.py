@@ -28,6 +28,7 @@ from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
 from peftlab.methods.prompt import PromptTuningConfig
 from peftlab.methods.ptuning_v2 import PTuningV2Config
+from peftlab.methods.qlora import QLoRAConfig
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "PTuningV2Config",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "QLoRAConfig",
     "apply",
     "compare",
     "config_from_dict",

@@ -1,0 +1,75 @@
+"""Optimizers for adapter training: torch AdamW, or bitsandbytes' 8-bit and paged AdamW.
+
+Paged optimizers (QLoRA paper §3) keep AdamW's state in CUDA unified memory, which the driver
+pages out to CPU RAM when a long sequence would otherwise run the GPU out of memory. That only
+exists with CUDA: asked for without it, :func:`make_optimizer` warns and uses torch AdamW.
+8-bit AdamW (Dettmers et al. 2022, https://arxiv.org/abs/2110.02861) stores both moments in
+blockwise 8 bits (~75% less optimizer memory) and runs on the CPU too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from peftlab.core.config import ConfigError
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_32bit", "paged_adamw_8bit")
+"""Names :func:`make_optimizer` accepts ("paged_adamw" is "paged_adamw_32bit")."""
+
+_BNB_CLASSES = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw": "PagedAdamW32bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+}
+
+
+def _devices(params: list) -> set[str]:
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return {t.device.type for t in tensors}
+
+
+def make_optimizer(
+    params: Iterable[torch.Tensor] | Iterable[dict],
+    name: str = "adamw",
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """An AdamW-family optimizer over ``params`` (tensors or torch param-group dicts).
+
+    Args:
+        params: the trainable parameters, or param groups (a group's own ``weight_decay``
+            wins over the argument).
+        name: one of :data:`OPTIMIZERS`. The paged ones need the parameters on a CUDA
+            device; elsewhere a ``UserWarning`` says so and torch AdamW is returned.
+        lr: learning rate.
+        weight_decay: decoupled weight decay.
+
+    Raises:
+        ConfigError: ``name`` is not a known optimizer.
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={name!r} is invalid: optimizer must be one of {OPTIMIZERS}")
+    params = list(params)
+    if not params:
+        raise ConfigError("make_optimizer got no parameters: nothing trains (did you apply a method?)")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    devices = _devices(params)
+    if name.startswith("paged_") and devices != {"cuda"}:
+        warnings.warn(
+            f"optimizer={name!r} pages optimizer state between GPU and CPU memory and needs "
+            f"CUDA, but the parameters are on {sorted(devices)}"
+            f"{'' if torch.cuda.is_available() else ' and CUDA is not available'}; using "
+            f"torch.optim.AdamW (32-bit, not paged) instead. Pass optimizer='adamw' (or "
+            f"'adamw_8bit' for 8-bit state on the CPU) to silence this.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB_CLASSES[name])(params, lr=lr, weight_decay=weight_decay)
