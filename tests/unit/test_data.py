@@ -52,7 +52,9 @@ def test_builtin_tasks_are_seeded_and_correct():
         assert r["messages"][1]["content"] == " ".join(map(str, sorted(nums)))
     for r in generate("arith", 50, 0):
         a, op, b = r["messages"][0]["content"].split(":")[1].split()
-        assert int(r["messages"][1]["content"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert int(r["messages"][1]["content"]) == (
+            int(a) + int(b) if op == "+" else int(a) - int(b)
+        )
 
 
 def test_labels_cover_only_the_response_plain_and_chat_template(tok):
@@ -63,7 +65,12 @@ def test_labels_cover_only_the_response_plain_and_chat_template(tok):
     assert tok.decode(prompt).endswith("### Response:\n")
 
     tok.chat_template = TEMPLATE
-    multi = [msgs[0], msgs[1], {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
+    multi = [
+        msgs[0],
+        msgs[1],
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "ok"},
+    ]
     ids, labels, prompt = encode_messages(tok, multi)
     # Both assistant turns are learned; user turns and role headers are not.
     assert _response_text(tok, ids, labels) == "b a</s>ok</s>"
@@ -74,17 +81,34 @@ def test_alpaca_json_jsonl_and_chat_jsonl(tmp_path):
     rec = {"instruction": "Add", "input": "1 2", "output": "3"}
     (tmp_path / "a.json").write_text(json.dumps([rec, {**rec, "input": ""}]))
     out = read_generation(tmp_path / "a.json")
-    assert out[0]["messages"][0]["content"] == "Add\n\n1 2" and out[1]["messages"][0]["content"] == "Add"
+    assert (
+        out[0]["messages"][0]["content"] == "Add\n\n1 2"
+        and out[1]["messages"][0]["content"] == "Add"
+    )
     assert read_generation(_write(tmp_path / "a.jsonl", [json.dumps(rec)] * 3))[2] == out[0]
-    chat = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                         {"role": "assistant", "content": "a"}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     assert read_generation(_write(tmp_path / "c.jsonl", [json.dumps(chat)]))[0] == chat
 
 
 def test_split_truncation_and_collation(tok):
-    d = load_task_data(tok, "builtin:sort", "causal-lm", max_length=62, eval_size=10, data_size=30, seed=0)
-    assert len(d.train) + d.dropped == 30 and d.dropped > 0 and len(d.eval) <= 10 and len(d.eval_prompts) == len(d.eval)
-    full = load_task_data(tok, "builtin:sort", "causal-lm", max_length=1000, eval_size=10, data_size=30, seed=0)
+    d = load_task_data(
+        tok, "builtin:sort", "causal-lm", max_length=62, eval_size=10, data_size=30, seed=0
+    )
+    assert (
+        len(d.train) + d.dropped == 30
+        and d.dropped > 0
+        and len(d.eval) <= 10
+        and len(d.eval_prompts) == len(d.eval)
+    )
+    full = load_task_data(
+        tok, "builtin:sort", "causal-lm", max_length=1000, eval_size=10, data_size=30, seed=0
+    )
     longer = sum(len(e["input_ids"]) > 62 for e in full.train + full.eval)
     assert d.truncated == longer > 0  # every cut example is counted
     assert all(len(e["input_ids"]) <= 62 for e in d.train)
@@ -93,14 +117,18 @@ def test_split_truncation_and_collation(tok):
     batch = collate(full.train[:3], tok.pad_token_id)
     width = max(len(e["input_ids"]) for e in full.train[:3])
     assert batch["input_ids"].shape == batch["labels"].shape == (3, width)
-    assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(e["input_ids"]) for e in full.train[:3]]))
+    assert torch.equal(
+        batch["attention_mask"].sum(1), torch.tensor([len(e["input_ids"]) for e in full.train[:3]])
+    )
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
 
 
 def test_classification_csv(tmp_path, tok):
     rows = ["review,stars"] + [f"text number {i},{'pos' if i % 2 else 'neg'}" for i in range(20)]
     path = _write(tmp_path / "d.csv", rows)
-    d = load_task_data(tok, str(path), "classification", 8, eval_size=4, text_column="review", label_column="stars")
+    d = load_task_data(
+        tok, str(path), "classification", 8, eval_size=4, text_column="review", label_column="stars"
+    )
     assert d.label_names == ["neg", "pos"] and len(d.train) == 16 and len(d.eval) == 4
     assert d.truncated == 20 and all(len(e["input_ids"]) == 8 for e in d.train)
     assert collate(d.train[:2], 0)["labels"].shape == (2,)
@@ -109,13 +137,27 @@ def test_classification_csv(tmp_path, tok):
 @pytest.mark.parametrize(
     "name,content,pattern",
     [
-        ("bad.jsonl", ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '],
-         r"bad\.jsonl: line 2: malformed JSON"),
-        ("missing.jsonl", ['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'],
-         r"missing\.jsonl: line 2: missing field 'output'"),
+        (
+            "bad.jsonl",
+            ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '],
+            r"bad\.jsonl: line 2: malformed JSON",
+        ),
+        (
+            "missing.jsonl",
+            ['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'],
+            r"missing\.jsonl: line 2: missing field 'output'",
+        ),
         ("empty.jsonl", [""], r"empty\.jsonl holds no examples"),
-        ("chat.jsonl", ['{"messages": [{"role": "user", "content": "hi"}]}'], r"chat\.jsonl: line 1: the last message"),
-        ("arr.json", ['[{"instruction": "a", "output": "b"}, {"output": "b"}]'], r"arr\.json: record 1: missing field 'instruction'"),
+        (
+            "chat.jsonl",
+            ['{"messages": [{"role": "user", "content": "hi"}]}'],
+            r"chat\.jsonl: line 1: the last message",
+        ),
+        (
+            "arr.json",
+            ['[{"instruction": "a", "output": "b"}, {"output": "b"}]'],
+            r"arr\.json: record 1: missing field 'instruction'",
+        ),
     ],
 )
 def test_bad_generation_files(tmp_path, name, content, pattern):
@@ -125,16 +167,30 @@ def test_bad_generation_files(tmp_path, name, content, pattern):
 
 def test_bad_classification_and_specs(tmp_path, tok):
     path = _write(tmp_path / "d.tsv", ["sentence\tlabel", "fine\t1"])
-    with pytest.raises(DataError, match=r"d\.tsv: no column 'target' \(set by label_column\); the header has columns \['sentence', 'label'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"d\.tsv: no column 'target' \(set by label_column\); the header has columns \['sentence', 'label'\]",
+    ):
         read_classification(path, "sentence", "target")
     with pytest.raises(DataError, match=r"d\.tsv holds no examples"):
         read_classification(_write(tmp_path / "d.tsv", ["sentence\tlabel"]), "sentence", "label")
-    with pytest.raises(DataError, match="builtin:nope is not a built-in task; built-in tasks: builtin:sort"):
+    with pytest.raises(
+        DataError, match="builtin:nope is not a built-in task; built-in tasks: builtin:sort"
+    ):
         load_task_data(tok, "builtin:nope", "causal-lm", 64)
-    with pytest.raises(DataError, match="is causal-lm data but the model is a classification model"):
+    with pytest.raises(
+        DataError, match="is causal-lm data but the model is a classification model"
+    ):
         load_task_data(tok, "builtin:sort", "classification", 64)
-    with pytest.raises(DataError, match=re.escape("no training examples left after holding out eval_size=64")):
-        load_task_data(tok, str(_write(tmp_path / "s.jsonl", ['{"instruction": "a", "output": "b"}'])), "causal-lm", 64)
+    with pytest.raises(
+        DataError, match=re.escape("no training examples left after holding out eval_size=64")
+    ):
+        load_task_data(
+            tok,
+            str(_write(tmp_path / "s.jsonl", ['{"instruction": "a", "output": "b"}'])),
+            "causal-lm",
+            64,
+        )
     with pytest.raises(DataError, match="does not exist"):
         read_generation(tmp_path / "nope.json")
 

@@ -1,0 +1,204 @@
+"""The training loop in-process on tiny models: config checks, schedule, token-normalized
+accumulation, metrics and run layout, NaN stop, classification, and transformers.Trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.core.config import ConfigError
+from peftlab.train import TrainConfig, TrainingDiverged, _schedule, train
+from tests.conftest import tiny_bert
+from tests.tiny_lm import char_tokenizer, save_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm"))
+
+
+def _cfg(tiny_dir, out, **kw):
+    base = dict(
+        model=tiny_dir,
+        method="lora",
+        method_args={"r": 4, "target_modules": "all-linear"},
+        data="builtin:sort",
+        data_size=64,
+        eval_size=8,
+        max_steps=6,
+        batch_size=4,
+        lr=1e-2,
+        eval_exact_match=False,
+        progress=False,
+        output_dir=str(out),
+    )
+    return {**base, **kw}
+
+
+def _metrics(out):
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key\(s\) \['bacth_size'\]; known keys: model, method"
+    ):
+        TrainConfig.from_dict({"bacth_size": 4})
+    with pytest.raises(
+        ConfigError, match="method: unknown method 'lorra'; registered methods: .*lora"
+    ):
+        TrainConfig(method="lorra")
+    with pytest.raises(ConfigError, match="method_args: unknown option"):
+        TrainConfig(method_args={"rank": 8})
+    with pytest.raises(ConfigError, match="mixed_precision='fp32' is invalid"):
+        TrainConfig(mixed_precision="fp32")
+    with pytest.raises(ConfigError, match="override 'lr' must look like key=value"):
+        train({}, ["lr"])
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method_args: {r: 16}\nlr: 2e-4\nmax_steps: 10\n")
+    cfg = TrainConfig.load(
+        path, ["method_args.r=8", "method_args.target_modules=[q_proj, v_proj]", "lr=1e-3"]
+    )
+    assert cfg.method_args == {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+    assert cfg.lr == 1e-3 and cfg.max_steps == 10 and cfg.epochs is None
+    assert TrainConfig.load(path).lr == 2e-4  # YAML reads "2e-4" as a string; accepted as a float
+
+
+def test_warmup_then_cosine():
+    f = _schedule(
+        TrainConfig(max_steps=10, lr_schedule="cosine", min_lr_ratio=0.1), warmup=2, total=10
+    )
+    assert [round(f(s), 4) for s in (0, 1)] == [round(1 / 3, 4), round(2 / 3, 4)]
+    assert f(2) == pytest.approx(1.0)
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(10) == pytest.approx(0.1)
+
+
+def test_run_layout_metrics_and_overwrite(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(tiny_dir, out, eval_every=3, eval_exact_match=True, eval_size=4))
+    assert {p.name for p in out.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "adapter",
+        "summary.json",
+    }
+    lines = _metrics(out)
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 7))
+    for m in steps:
+        assert {"step", "loss", "lr", "tokens", "loss_tokens", "step_time", "epoch"} <= set(m)
+        assert m["tokens"] > m["loss_tokens"] > 0 and m["step_time"] > 0
+    evals = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 3, 6]
+    assert {"eval_ppl", "eval_exact_match"} <= set(evals[0])
+    assert summary["steps"] == 6 and summary["eval_before"]["eval_loss"] == evals[0]["eval_loss"]
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == steps[-1]["loss"]
+    assert peftlab.read_adapter_config(out / "adapter")  # a loadable adapter directory
+
+    with pytest.raises(FileExistsError, match="is not empty.*overwrite=true.*--resume"):
+        train(_cfg(tiny_dir, out))
+    train(_cfg(tiny_dir, out, max_steps=2, overwrite=True, eval_size=0))
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+
+def test_grad_accum_matches_one_big_batch(tiny_dir, tmp_path):
+    """Loss is normalized by the tokens of the whole step, so 2 × 2 accumulated examples train
+    exactly like one batch of 4 (up to float rounding from the different padding)."""
+    a = train(_cfg(tiny_dir, tmp_path / "a", batch_size=4, grad_accum=1, eval_size=0))
+    b = train(_cfg(tiny_dir, tmp_path / "b", batch_size=2, grad_accum=2, eval_size=0))
+    la = [m["loss"] for m in _metrics(tmp_path / "a")]
+    lb = [m["loss"] for m in _metrics(tmp_path / "b")]
+    assert len(la) == 6 and a["loss_tokens"] == b["loss_tokens"]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_adapter(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, out, save_every=3, eval_size=0))
+    before = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # NaN logits from the 3rd training forward on
+        calls["n"] += module.training
+        return output * float("nan") if calls["n"] >= 3 else output
+
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(
+        TrainingDiverged, match=r"loss=nan .* at step 9.*last good checkpoint is .*step-0000006"
+    ):
+        train(str(out), ["max_steps=12"], model=model, resume=True)
+    assert {p.name: p.read_bytes() for p in (out / "adapter").iterdir()} == before
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_classification_trains_head_and_reports_accuracy(tmp_path):
+    rows = ["text,label"] + [f"{'good' if i % 2 else 'bad'} movie {i},{i % 2}" for i in range(40)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    model = tiny_bert()
+    head = model.classifier.weight.detach().clone()
+    embed = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    summary = train(
+        {
+            "model": "unused",
+            "method": "lora",
+            "method_args": {"r": 4, "target_modules": ["query", "value"]},
+            "data": str(tmp_path / "d.csv"),
+            "eval_size": 8,
+            "max_steps": 5,
+            "batch_size": 8,
+            "lr": 1e-2,
+            "progress": False,
+            "output_dir": str(tmp_path / "run"),
+        },
+        model=model,
+        tokenizer=char_tokenizer(),
+    )
+    assert set(summary["eval_after"]) == {"eval_loss", "eval_accuracy"}
+    assert not torch.equal(model.classifier.weight, head)  # the new head trained (modules_to_save)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, embed)  # the base stays frozen
+
+
+def test_transformers_trainer_trains_a_peftlab_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from tests.conftest import tiny_llama
+
+    model = peftlab.apply(
+        tiny_llama(), peftlab.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (16, 12), generator=g)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert result.global_step == 4 and len(losses) == 4 and losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    assert changed and all("lora_" in n for n in changed)
+    peftlab.save_adapter(model, tmp_path / "a")
