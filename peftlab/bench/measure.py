@@ -24,7 +24,7 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -202,49 +202,69 @@ def dir_bytes(path: str | os.PathLike) -> int:
 # ---------------------------------------------------------------- inference
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first call pays for allocation and lazy init
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.no_grad()
-def inference_speed(model: nn.Module, batch: dict, new_tokens: int = 16, repeats: int = 3) -> dict:
-    """Prefill latency and decode throughput of ``model`` on ``batch`` (tokenized prompts).
+def time_inference(
+    models: dict[str, nn.Module], batch: dict, new_tokens: int = 16, repeats: int = 3
+) -> dict:
+    """Prefill latency and decode throughput of each model on ``batch`` (tokenized prompts).
 
-    Prefill: median seconds of one forward over the prompts. Decode: greedy ``generate`` of
+    The models are timed in turn within each of ``repeats`` rounds (after one warm-up round)
+    and each figure is the median over rounds, so a load change on a shared machine hits all
+    of them alike instead of whichever happened to run then.
+
+    Prefill: seconds of one forward over the prompts. Decode: greedy ``generate`` of
     ``new_tokens`` minus ``generate`` of 1 token, so prompt processing cancels out; tokens/s is
     ``batch × (new_tokens − 1)`` over that difference. Models without ``generate`` (encoders
     with a classification head) report prefill only.
+
+    Returns:
+        name → ``{"prefill_s", "decode_tokens_per_s"}``.
     """
-    was_training = model.training
-    model.eval()
+    rows = batch["input_ids"].shape[0]
+    states = {name: m.training for name, m in models.items()}
+
+    def gen(model: nn.Module, n: int):
+        pad = getattr(model.generation_config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(model.generation_config, "eos_token_id", None)
+        pad = pad[0] if isinstance(pad, list) else pad
+        return model.generate(
+            **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
+        )
+
+    def one_round(model: nn.Module) -> tuple[float, float | None]:
+        t0 = time.perf_counter()
+        model(**batch)
+        prefill = time.perf_counter() - t0
+        if new_tokens <= 1 or not getattr(model, "can_generate", lambda: False)():
+            return prefill, None
+        t0 = time.perf_counter()
+        gen(model, new_tokens)
+        t_full = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gen(model, 1)
+        t_one = time.perf_counter() - t0
+        return prefill, rows * (new_tokens - 1) / max(t_full - t_one, 1e-9)
+
     try:
-        prefill = _median_time(lambda: model(**batch), repeats)
-        out = {"prefill_s": prefill, "decode_tokens_per_s": None}
-        if new_tokens > 1 and getattr(model, "can_generate", lambda: False)():
-            pad = getattr(model.generation_config, "pad_token_id", None)
-            if pad is None:
-                pad = getattr(model.generation_config, "eos_token_id", None)
-            if isinstance(pad, list):
-                pad = pad[0]
-
-            def gen(n: int):
-                return model.generate(
-                    **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
-                )
-
-            t_full = _median_time(lambda: gen(new_tokens), repeats)
-            t_one = _median_time(lambda: gen(1), repeats)
-            rows = batch["input_ids"].shape[0]
-            out["decode_tokens_per_s"] = rows * (new_tokens - 1) / max(t_full - t_one, 1e-9)
-        return out
+        for m in models.values():
+            m.eval()
+            one_round(m)  # warm-up: first calls pay for allocation and lazy init
+        times: dict[str, list] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, m in models.items():
+                times[name].append(one_round(m))
     finally:
-        model.train(was_training)
+        for name, m in models.items():
+            m.train(states[name])
+    out = {}
+    for name, ts in times.items():
+        decode = [d for _, d in ts if d is not None]
+        out[name] = {
+            "prefill_s": statistics.median(p for p, _ in ts),
+            "decode_tokens_per_s": statistics.median(decode) if decode else None,
+        }
+    return out
 
 
 def overhead_ratios(base: dict, other: dict | None) -> dict | None:

@@ -120,7 +120,7 @@ def table_rows(summary: dict[str, dict]) -> list[list[str]]:
     rows = []
     for method, s in summary.items():
         if s["status"] == "failed":
-            rows.append([method] + ["–"] * (len(COLUMNS) - 2) + [f"failed: {s['error']}"[:80]])
+            rows.append([method] + ["–"] * (len(COLUMNS) - 2) + [f"failed: {s['error']}"[:70]])
             continue
         ovh = f"{_pct(s['unmerged_overhead'])} unmerged"
         if s["merged_overhead"] is not None:
@@ -157,21 +157,34 @@ def table_rows(summary: dict[str, dict]) -> list[list[str]]:
 
 
 def print_table(summary: dict[str, dict]) -> None:
+    """The table on the terminal: rich when stdout is a terminal, aligned plain text otherwise
+    (logs, pipes), so nothing is wrapped or cut."""
+    import sys
+
     rows = table_rows(summary)
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
+        Console = None  # noqa: N806
+    if Console is None or not sys.stdout.isatty():
         widths = [max(len(r[i]) for r in [COLUMNS] + rows) for i in range(len(COLUMNS))]
         for r in [COLUMNS] + rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print(TABLE_NOTE)
         return
-    t = Table(title="peftlab compare (memory: total to train (+ above the loaded model))")
+    t = Table(caption=TABLE_NOTE)
     for c in COLUMNS:
         t.add_column(c)
     for r in rows:
         t.add_row(*r)
     Console().print(t)
+
+
+TABLE_NOTE = (
+    "memory: total to train (+ above the loaded model); inference overhead: slowdown vs the base "
+    "model; stability: loss spikes, log-loss variability (definitions in report.md)"
+)
 
 
 # ---------------------------------------------------------------- figures

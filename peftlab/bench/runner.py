@@ -33,14 +33,14 @@ class Budget:
     steps: int
     batch_size: int
     max_length: int
-    eval_every: int
+    eval_size: int
     new_tokens: int = 16
     repeats: int = 3
 
 
-FULL = Budget(steps=40, batch_size=8, max_length=64, eval_every=20)
+FULL = Budget(steps=40, batch_size=8, max_length=64, eval_size=32, new_tokens=12, repeats=5)
 """`peftlab compare`: ≤ 20 min for every method on the bundled SmolLM2 on a 2-core CPU."""
-QUICK = Budget(steps=10, batch_size=4, max_length=48, eval_every=10, new_tokens=8, repeats=2)
+QUICK = Budget(steps=10, batch_size=4, max_length=48, eval_size=16, new_tokens=8, repeats=2)
 """`peftlab compare --quick`: ≤ 5 min."""
 
 
@@ -157,9 +157,14 @@ def plan(
                     "repeats": budget.repeats,
                     "max_prompt_length": budget.max_length,
                 },
+                # One evaluation, after the last step, on the same held-out examples for every
+                # method; no checkpoints: a run is the unit a resumed comparison redoes.
                 "train_overrides": {
-                    "eval_every": budget.eval_every,
-                    "save_every": budget.steps,
+                    "eval_size": budget.eval_size,
+                    "eval_every": 0,
+                    "eval_before": False,
+                    "save_every": 0,
+                    "progress": False,
                     **(train_overrides or {}),
                 },
                 "run_dir": str(out / "runs" / name),

@@ -119,6 +119,10 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def _num_labels(model) -> int:
+    return int(getattr(model.config, "num_labels", 2) or 2)
+
+
 def run(spec: dict) -> dict:
     """Train and measure one method as ``spec`` says; returns the result JSON object."""
     import torch
@@ -163,7 +167,6 @@ def run(spec: dict) -> dict:
         for k, v in prompt_batch(tokenizer, spec["kind"], inf["max_prompt_length"]).items()
     }
     new_tokens = inf["new_tokens"] if spec["kind"] == "causal-lm" else 0
-    base_speed = measure.inference_speed(model, prompts, new_tokens, inf["repeats"])
 
     run_dir = Path(spec["run_dir"])
     config = {
@@ -200,13 +203,23 @@ def run(spec: dict) -> dict:
     if not adapter_dir.is_dir():
         peftlab.save_adapter(model, adapter_dir)
 
-    unmerged = measure.inference_speed(model, prompts, new_tokens, inf["repeats"])
-    merged = None
+    # A fresh copy of the base model, timed in the same rounds as the adapted one (see
+    # measure.time_inference): the ratios compare like with like on a machine whose load drifts.
+    base = load_model(spec["model"], kind=spec["kind"], num_labels=_num_labels(model)).to(device)
+    timed = measure.time_inference(
+        {"base": base, "unmerged": model}, prompts, new_tokens, inf["repeats"]
+    )
+    base_speed, unmerged = timed["base"], timed["unmerged"]
+    merged = merged_base = None
     cfg = next(iter(adapter_configs(model).values()))
     if type(cfg).mergeable:
         peftlab.merge(model)
-        merged = measure.inference_speed(model, prompts, new_tokens, inf["repeats"])
+        timed = measure.time_inference(
+            {"base": base, "merged": model}, prompts, new_tokens, inf["repeats"]
+        )
+        merged_base, merged = timed["base"], timed["merged"]
         peftlab.unmerge(model)
+    del base
 
     final_eval = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
     train_info = {
@@ -251,8 +264,11 @@ def run(spec: dict) -> dict:
             "base": base_speed,
             "unmerged": unmerged,
             "merged": merged,
+            "base_in_merged_round": merged_base,
             "unmerged_vs_base": measure.overhead_ratios(base_speed, unmerged),
-            "merged_vs_base": measure.overhead_ratios(base_speed, merged),
+            "merged_vs_base": measure.overhead_ratios(merged_base, merged) if merged else None,
+            "how": f"median of {inf['repeats']} rounds, each timing a fresh base model and the "
+            "adapted one in turn on the same prompts, after a warm-up round",
         },
         "mergeable": type(cfg).mergeable,
         "trains_base": not get_method(spec["method"]).param_prefix,

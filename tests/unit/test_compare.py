@@ -65,7 +65,7 @@ def test_peak_memory_sees_an_allocation():
     assert pm.peak_bytes - start > 60 * 2**20, pm.method
 
 
-def test_inference_speed_on_a_tiny_model():
+def test_time_inference_on_tiny_models():
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
@@ -73,7 +73,9 @@ def test_inference_speed_on_a_tiny_model():
         "input_ids": torch.randint(0, 128, (2, 6)),
         "attention_mask": torch.ones(2, 6, dtype=torch.long),
     }
-    s = measure.inference_speed(model, batch, new_tokens=4, repeats=1)
+    timed = measure.time_inference({"a": model, "b": tiny_llama(1)}, batch, new_tokens=4, repeats=1)
+    assert set(timed) == {"a", "b"}
+    s = timed["a"]
     assert s["prefill_s"] > 0 and s["decode_tokens_per_s"] > 0
     r = measure.overhead_ratios(
         s, {"prefill_s": 2 * s["prefill_s"], "decode_tokens_per_s": s["decode_tokens_per_s"] / 4}
