@@ -122,27 +122,30 @@ class QDoRALinear(_QuantizedBaseMerge, DoRALinear):
 
 
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> None:
-    """Get a model with 4-bit layers ready to train adapters on it.
+    """Get a model with 4-bit layers ready to train adapters on it (as the QLoRA recipe does).
 
-    Normalization layers are kept in float32 (their statistics are sensitive to 16-bit
-    rounding, and they are tiny). With ``gradient_checkpointing`` the model recomputes
+    Every 16-bit parameter left outside the 4-bit layers — layer norms above all, whose
+    statistics suffer from 16-bit rounding, and with them the embeddings and the output head —
+    is cast to float32: a float32 norm turns the hidden states float32, and a 16-bit head or
+    norm downstream could not take them. With ``gradient_checkpointing`` the model recomputes
     activations in backward; since every base weight is frozen, the input embeddings are made
     to require grad so the checkpointed blocks still have a grad path to the adapters.
     """
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            for p in module.parameters(recurse=False):
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.float()
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
     if gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable", None
+        )
+        if enable is None:
             raise ConfigError(
                 f"gradient_checkpointing=True needs a transformers PreTrainedModel; "
                 f"{type(model).__name__} has no gradient_checkpointing_enable"
             )
         if getattr(model, "_require_grads_hook", None) is None:
             model.enable_input_require_grads()
-        model.gradient_checkpointing_enable()
+        enable()
 
 
 def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
@@ -174,7 +177,8 @@ def _unload_model(model: nn.Module) -> None:
     """Undo k-bit preparation; after a re-quantizing merge, measure and log the logit drift."""
     if any(getattr(c, "gradient_checkpointing", False) for c in adapter_configs(model).values()):
         model.disable_input_require_grads()
-        model.gradient_checkpointing_disable()
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
     if any("_peftlab_dense" in m.__dict__ for m in model.modules()):
         from peftlab.quant import log_requantization_drift
 
