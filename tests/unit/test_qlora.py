@@ -305,6 +305,15 @@ def test_adapter_loads_in_peft_on_a_bitsandbytes_quantized_base(tmp_path, use_do
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
 
+    # And peftlab adopts the bitsandbytes-loaded base as it is (no second quantization).
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
+    )
+    peftlab.load_adapter(loaded, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(loaded, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
+    plain = peftlab.merge_and_unload(loaded)
+    assert _rel(_logits(plain, ids), _logits(ours, ids)) < 1e-4
+
 
 # -- optimizers ------------------------------------------------------------------------------
 
@@ -399,3 +408,11 @@ def test_smollm2_nf4_storage_error_loss_gap_and_exact_merge():
     rel = _rel(merged, out)
     print(f"SmolLM2 merge_and_unload(dequantize=True) vs unmerged QLoRA: logits rel {rel:.2e}")
     assert not _quantized_layers(plain) and rel < 1e-4
+
+
+def test_layer_repacked_by_bitsandbytes_cpu_inference_is_refused():
+    model = peftlab.unload(peftlab.apply(tiny_llama(), QLoRAConfig(r=4)))  # 4-bit layers, no adapter
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.weight.quant_state.packing_format_for_cpu = True  # what bnb's eval path leaves behind
+    with pytest.raises(ConfigError, match="q_proj was repacked .* apply QLoRA right after loading"):
+        peftlab.apply(model, QLoRAConfig(r=4))
