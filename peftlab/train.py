@@ -75,6 +75,8 @@ def train(
     cfg = _resolve(config, overrides, resume)
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
+        # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU.
+        cpu=_no_accelerator(),
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(out),
@@ -417,6 +419,11 @@ def _reduce_sum(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(t, reduction="sum").tolist()
 
 
+def _no_accelerator() -> bool:
+    acc = getattr(torch, "accelerator", None)
+    return not (acc.is_available() if acc is not None else torch.cuda.is_available())
+
+
 def _loss_count(batch: dict[str, torch.Tensor]) -> int:
     labels = batch["labels"]
     return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
@@ -550,12 +557,7 @@ def _cli(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"peftlab train: {e}", flush=True)
         return 3
-    print(
-        json.dumps(
-            {
-                k: summary[k]
-                for k in ("output_dir", "steps", "final_loss", "eval_before", "eval_after")
-            }
-        )
-    )
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
+        keys = ("output_dir", "steps", "final_loss", "eval_before", "eval_after")
+        print(json.dumps({k: summary[k] for k in keys}))
     return 0
