@@ -25,7 +25,7 @@ import torch
 import yaml
 
 import peftlab
-from peftlab import checkpoint
+from peftlab import checkpoint, rundir
 from peftlab.core.config import ConfigError
 from peftlab.data import DataError, collate, load_task_data
 from peftlab.evaluate import evaluate, loss_sum
@@ -92,16 +92,16 @@ def train(
     # ---- setup: run directory -------------------------------------------------------------
     ckpt = checkpoint.latest(out) if resume else None
     if not resume:
-        _check_output_dir(out, cfg.overwrite)
+        rundir.check_output_dir(out, cfg.overwrite)
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if main:
         if not resume and cfg.overwrite:
-            for name in RUN_FILES:
+            for name in rundir.RUN_FILES:
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _truncate_metrics(out / "metrics.jsonl", _ckpt_step(ckpt))
+        rundir.truncate_metrics(out / "metrics.jsonl", _ckpt_step(ckpt))
         (out / "summary.json").unlink(missing_ok=True)
     set_seed(cfg.seed)
 
@@ -192,7 +192,7 @@ def train(
             (rank, world),
             reduce=lambda xs: _reduce_sum(accelerator, xs),
         )
-        _log(accelerator, out, {"step": step, **metrics}, cfg.tensorboard)
+        rundir.log(accelerator, out, {"step": step, **metrics}, cfg.tensorboard)
         return metrics
 
     pad_id = tokenizer.pad_token_id
@@ -292,7 +292,7 @@ def train(
             }
             if grad_norm is not None:
                 line["grad_norm"] = grad_norm
-            _log(accelerator, out, line, cfg.tensorboard)
+            rundir.log(accelerator, out, line, cfg.tensorboard)
         if cfg.eval_size and (
             step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
         ):
@@ -309,9 +309,9 @@ def train(
 
     # ---- save -----------------------------------------------------------------------------
     if main:
-        _save_adapter(unwrapped, out / "adapter")
+        rundir.save_adapter(unwrapped, out / "adapter")
     if eval_before is None:
-        eval_before = _first_eval(out / "metrics.jsonl") if main else None
+        eval_before = rundir.first_eval(out / "metrics.jsonl") if main else None
     summary = {
         "status": "completed",
         "output_dir": str(out),
@@ -335,7 +335,7 @@ def train(
         "resumed_from": ckpt.name if ckpt else None,
     }
     if main:
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     if cfg.tensorboard:
         accelerator.end_training()
     accelerator.wait_for_everyone()
@@ -363,53 +363,8 @@ def _resolve(config, overrides: list[str] | None, resume: bool) -> TrainConfig:
     return cfg
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        held = sorted(p.name for p in out.iterdir())[:6]
-        raise FileExistsError(
-            f"output_dir {out} is not empty (holds {held}); it may hold a run. Pass "
-            f"overwrite=true to replace it, `peftlab train --resume {out}` to continue it, or "
-            f"choose another output_dir"
-        )
-
-
 def _ckpt_step(ckpt: Path | None) -> int:
     return int(ckpt.name.split("-")[1]) if ckpt else 0
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only lines up to ``step``: a killed run may have logged past its last checkpoint."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step] if step else []
-    _atomic_write(path, "".join(ln + "\n" for ln in kept))
-
-
-def _first_eval(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    for ln in path.read_text().splitlines():
-        d = json.loads(ln)
-        if d.get("step") == 0 and "eval_loss" in d:
-            return {k: v for k, v in d.items() if k.startswith("eval_")}
-    return None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _log(accelerator, out: Path, line: dict, tensorboard: bool) -> None:
-    if accelerator.is_main_process:
-        with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(line) + "\n")
-    if tensorboard:
-        accelerator.log({k: v for k, v in line.items() if k != "step"}, step=line["step"])
 
 
 def _reduce_sum(accelerator, values: list[float]) -> list[float]:
@@ -455,15 +410,8 @@ def _make_optimizer(model, cfg: TrainConfig):
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    try:
-        from peftlab.optim import make_optimizer  # bitsandbytes 8-bit / paged AdamW (QLoRA issue)
-    except ImportError:
-        if cfg.optimizer != "adamw":
-            raise ConfigError(
-                f"optimizer={cfg.optimizer!r} needs peftlab.optim (bitsandbytes optimizers), "
-                f"which this install lacks; use optimizer=adamw"
-            ) from None
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from peftlab.optim import make_optimizer  # torch AdamW or bitsandbytes 8-bit / paged
+
     return make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay)
 
 
@@ -506,20 +454,8 @@ def _diverged(
             "method": cfg.method,
             "model": cfg.model,
         }
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     raise TrainingDiverged(msg)
-
-
-def _save_adapter(model, dest: Path) -> None:
-    """Write the adapter next to ``dest`` and swap it in, so a crash never leaves half of one."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peftlab.save_adapter(model, tmp)
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- CLI -------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 
 from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
-
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+from peftlab.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 
 @dataclasses.dataclass
@@ -67,7 +66,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
     optimizer: str = "adamw"
-    """"adamw" (torch), or bitsandbytes "adamw_8bit", "paged_adamw_8bit", "paged_adamw" (CUDA)."""
+    """"adamw" (torch), or bitsandbytes "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"
+    (paged: CUDA only; elsewhere torch AdamW with a warning)."""
     seed: int = 0
     """Seeds adapter init, data order, dropout and the built-in task generator."""
 

@@ -18,16 +18,27 @@ import yaml
 from tests.tiny_lm import save_tiny_lm
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 def _peftlab(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "peftlab.cli", *args], cwd=REPO, env=ENV, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", "peftlab.cli", *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"peftlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"peftlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -51,11 +62,22 @@ def tiny_dir(tmp_path_factory):
 
 def _config(tmp_path: Path, tiny_dir: str, **kw) -> Path:
     cfg = {
-        "model": tiny_dir, "method": "lora",
+        "model": tiny_dir,
+        "method": "lora",
         "method_args": {"r": 4, "dropout": 0.1, "target_modules": "all-linear"},
-        "data": "builtin:sort", "data_size": 48, "eval_size": 4, "eval_exact_match": False,
-        "max_steps": 12, "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2,
-        "save_every": 4, "progress": False, "seed": 3, **kw,
+        "data": "builtin:sort",
+        "data_size": 48,
+        "eval_size": 4,
+        "eval_exact_match": False,
+        "max_steps": 12,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "save_every": 4,
+        "progress": False,
+        "seed": 3,
+        **kw,
     }
     path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -84,10 +106,20 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
         model.register_forward_pre_hook(hook)
         train({str(cfg)!r}, ["output_dir={killed}"], model=model)
     """)
-    proc = subprocess.run([sys.executable, "-c", victim], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", victim],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (killed / "adapter").exists() and max(_losses(killed)) == 9  # it died in step 10
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
+        "step-0000004",
+        "step-0000008",
+    ]
 
     out = _peftlab("train", "--resume", str(killed))
     assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 12
@@ -103,14 +135,33 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
 def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
     """Global batch 4 per step: 1 process × batch 4 vs 2 processes (gloo) × batch 2. The loss is
     normalized by the global token count, so the curves agree to float rounding (≤1e-5)."""
-    cfg = _config(tmp_path, tiny_dir, method_args={"r": 4, "target_modules": "all-linear"},
-                  grad_accum=1, max_steps=6, save_every=0)
+    cfg = _config(
+        tmp_path,
+        tiny_dir,
+        method_args={"r": 4, "target_modules": "all-linear"},
+        grad_accum=1,
+        max_steps=6,
+        save_every=0,
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     _peftlab("train", str(cfg), f"output_dir={one}", "batch_size=4")
     proc = subprocess.run(
-        ["torchrun", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         "-m", "peftlab.cli", "train", str(cfg), f"output_dir={two}", "batch_size=2"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            "torchrun",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "-m",
+            "peftlab.cli",
+            "train",
+            str(cfg),
+            f"output_dir={two}",
+            "batch_size=2",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((two / "summary.json").read_text())
@@ -123,10 +174,14 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
 def test_cli_errors(tiny_dir, tmp_path):
     cfg = _config(tmp_path, tiny_dir, max_steps=1, save_every=0, eval_size=0)
     bad = _peftlab("train", str(cfg), "learning_rate=1", check=False)
-    assert bad.returncode == 2 and "unknown config key(s) ['learning_rate']; known keys:" in bad.stderr
+    assert (
+        bad.returncode == 2 and "unknown config key(s) ['learning_rate']; known keys:" in bad.stderr
+    )
     bad = _peftlab("train", str(cfg), "method=lorra", check=False)
     assert bad.returncode == 2 and "unknown method 'lorra'" in bad.stderr
-    bad = _peftlab("train", str(cfg), "data=missing.jsonl", f"output_dir={tmp_path / 'x'}", check=False)
+    bad = _peftlab(
+        "train", str(cfg), "data=missing.jsonl", f"output_dir={tmp_path / 'x'}", check=False
+    )
     assert bad.returncode == 2 and "data file missing.jsonl does not exist" in bad.stderr
     out = tmp_path / "run"
     _peftlab("train", str(cfg), f"output_dir={out}")
@@ -139,7 +194,7 @@ def test_cli_errors(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_smollm2_lora_learns_a_builtin_task(tmp_path):
     """The bundled SmolLM2-135M with LoRA on builtin:max: training loss falls and exact match
-    on 32 held-out prompts rises (before training the model answers in prose: 0 exact)."""
+    on 24 held-out prompts rises (before training the model answers in prose: 0 exact)."""
     from peftlab.models import resolve
 
     try:
@@ -149,13 +204,30 @@ def test_smollm2_lora_learns_a_builtin_task(tmp_path):
     cfg = REPO / "configs" / "lora.yaml"
     out = tmp_path / "run"
     proc = _peftlab(
-        "train", str(cfg), f"output_dir={out}", "data=builtin:max", "data_size=400", "eval_size=32",
-        "max_steps=30", "batch_size=8", "lr=2e-3", "warmup_steps=3", "max_length=96",
-        "eval_every=0", "save_every=0", "method_args.r=8", "progress=false", timeout=900,
+        "train",
+        str(cfg),
+        f"output_dir={out}",
+        "data=builtin:max",
+        "data_size=400",
+        "eval_size=24",
+        "max_steps=30",
+        "batch_size=8",
+        "lr=2e-3",
+        "warmup_steps=3",
+        "max_length=96",
+        "eval_every=0",
+        "save_every=0",
+        "method_args.r=8",
+        "progress=false",
+        timeout=900,
     )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     losses = _losses(out)
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
-    print(f"loss {first:.3f} -> {last:.3f}; exact match {summary['eval_before']} -> {summary['eval_after']}")
+    print(
+        f"loss {first:.3f} -> {last:.3f}; exact match {summary['eval_before']} -> {summary['eval_after']}"
+    )
     assert last < 0.5 * first
-    assert summary["eval_after"]["eval_exact_match"] > summary["eval_before"]["eval_exact_match"] + 0.2
+    assert (
+        summary["eval_after"]["eval_exact_match"] > summary["eval_before"]["eval_exact_match"] + 0.2
+    )
