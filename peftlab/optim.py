@@ -55,7 +55,9 @@ def make_optimizer(
         raise ConfigError(f"optimizer={name!r} is invalid: optimizer must be one of {OPTIMIZERS}")
     params = list(params)
     if not params:
-        raise ConfigError("make_optimizer got no parameters: nothing trains (did you apply a method?)")
+        raise ConfigError(
+            "make_optimizer got no parameters: nothing trains (did you apply a method?)"
+        )
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     devices = _devices(params)

@@ -68,14 +68,23 @@ def quantize_linear(
     in_f, out_f = features(layer)
     w = dense_weight(layer).detach().contiguous()
     q = Linear4bit(
-        in_f, out_f, bias=False, compute_dtype=compute_dtype, compress_statistics=double_quant,
-        quant_type=quant_type, device="meta",
+        in_f,
+        out_f,
+        bias=False,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        device="meta",
         peftlab_conv1d=bool(Conv1D and isinstance(layer, Conv1D)),
     )
     # Moving a not-yet-quantized Params4bit to a device is what quantizes it.
     q.weight = Params4bit(
-        w, requires_grad=False, blocksize=blocksize, compress_statistics=double_quant,
-        quant_type=quant_type, module=q,
+        w,
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        module=q,
     ).to(w.device)
     q.bias = layer.bias
     return q
@@ -99,7 +108,9 @@ def dequantized_layer(layer: nn.Module) -> nn.Module:
 def requantize(dense: nn.Module, like: nn.Module) -> Linear4bit:
     """Quantize the dense layer ``dense`` with the settings of the 4-bit layer ``like``."""
     w = like.weight
-    return quantize_linear(dense, w.quant_type, w.compress_statistics, w.blocksize, like.compute_dtype)
+    return quantize_linear(
+        dense, w.quant_type, w.compress_statistics, w.blocksize, like.compute_dtype
+    )
 
 
 def _state_bytes(qs) -> tuple[int, int]:
@@ -109,7 +120,9 @@ def _state_bytes(qs) -> tuple[int, int]:
     if qs.nested:
         s2 = qs.state2
         constants += s2.absmax.numel() * s2.absmax.element_size()
-        constants += qs.offset.numel() * qs.offset.element_size() if torch.is_tensor(qs.offset) else 4
+        constants += (
+            qs.offset.numel() * qs.offset.element_size() if torch.is_tensor(qs.offset) else 4
+        )
         tables += s2.code.numel() * s2.code.element_size()
     return constants, tables
 
@@ -167,12 +180,18 @@ def log_requantization_drift(model: nn.Module, probe_tokens: int = 16) -> dict[s
     with the re-quantized layers and with the exact ones; the relative L2 difference of the
     logits (and of the weights) is logged, and the exact layers are then dropped.
     """
-    pairs = [(n, m, m.__dict__.pop("_peftlab_dense")) for n, m in model.named_modules()
-             if "_peftlab_dense" in m.__dict__]
+    pairs = [
+        (n, m, m.__dict__.pop("_peftlab_dense"))
+        for n, m in model.named_modules()
+        if "_peftlab_dense" in m.__dict__
+    ]
     if not pairs:
         return None
     weight_err = [
-        ((dense_weight(q).float() - dense_weight(d).float()).norm() / dense_weight(d).float().norm()).item()
+        (
+            (dense_weight(q).float() - dense_weight(d).float()).norm()
+            / dense_weight(d).float().norm()
+        ).item()
         for _, q, d in pairs
     ]
     result = {"weight_rel_error": sum(weight_err) / len(weight_err)}
@@ -200,8 +219,11 @@ def log_requantization_drift(model: nn.Module, probe_tokens: int = 16) -> dict[s
         "merge_and_unload(dequantize=False) re-quantized %d merged layers to 4 bits: logits "
         "moved by %s relative (max abs %s) on a %d-token random probe, weights by %.4f mean "
         "relative. dequantize=True returns the exact merged model instead.",
-        len(pairs), _fmt(result.get("logit_rel_drift")), _fmt(result.get("logit_max_abs_drift")),
-        probe_tokens, result["weight_rel_error"],
+        len(pairs),
+        _fmt(result.get("logit_rel_drift")),
+        _fmt(result.get("logit_max_abs_drift")),
+        probe_tokens,
+        result["weight_rel_error"],
     )
     return result
 

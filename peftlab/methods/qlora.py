@@ -63,11 +63,20 @@ class QLoRAConfig(LoRAConfig):
         super().__post_init__()
         check(self.quant_type in QUANT_TYPES, "quant_type", self.quant_type, '"nf4" or "fp4"')
         check(
-            self.blocksize in BLOCKSIZES, "blocksize", self.blocksize,
+            self.blocksize in BLOCKSIZES,
+            "blocksize",
+            self.blocksize,
             f"one of bitsandbytes' 4-bit block sizes {BLOCKSIZES}",
         )
-        check(self.compute_dtype in DTYPES, "compute_dtype", self.compute_dtype, f"one of {list(DTYPES)}")
-        check(isinstance(self.double_quant, bool), "double_quant", self.double_quant, "true or false")
+        check(
+            self.compute_dtype in DTYPES,
+            "compute_dtype",
+            self.compute_dtype,
+            f"one of {list(DTYPES)}",
+        )
+        check(
+            isinstance(self.double_quant, bool), "double_quant", self.double_quant, "true or false"
+        )
 
     def adapter_config(self) -> LoRAConfig:
         """The LoRA (or, with ``use_dora``, DoRA) config of the adapters on the 4-bit base."""
@@ -168,8 +177,11 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
             _check_prequantized(name, module)
             continue
         set_submodule(
-            model, name,
-            quantize_linear(module, config.quant_type, config.double_quant, config.blocksize, compute_dtype),
+            model,
+            name,
+            quantize_linear(
+                module, config.quant_type, config.double_quant, config.blocksize, compute_dtype
+            ),
         )
     prepare_for_kbit_training(model, config.gradient_checkpointing)
     layer_cls = QDoRALinear if config.use_dora else QLoRALinear
@@ -205,5 +217,7 @@ def _peft_fields(config: QLoRAConfig) -> dict:
 
 
 register_method(
-    MethodSpec("qlora", QLoRAConfig, _apply, "lora_", peft_export=_peft_fields, unload=_unload_model)
+    MethodSpec(
+        "qlora", QLoRAConfig, _apply, "lora_", peft_export=_peft_fields, unload=_unload_model
+    )
 )

@@ -55,8 +55,13 @@ def tiny_llama64(seed=0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -66,21 +71,34 @@ def tiny_llama64(seed=0):
 
 def test_config_defaults_round_trip_and_export(tmp_path):
     cfg = QLoRAConfig(r=4, use_dora=True, compute_dtype="bfloat16")
-    assert (cfg.quant_type, cfg.double_quant, cfg.blocksize, cfg.target_modules) == ("nf4", True, 64, "all-linear")
+    assert (cfg.quant_type, cfg.double_quant, cfg.blocksize, cfg.target_modules) == (
+        "nf4",
+        True,
+        64,
+        "all-linear",
+    )
     assert peftlab.config_from_dict(json.loads(cfg.to_json())) == cfg
     model = peftlab.apply(tiny_llama(), QLoRAConfig(r=4))
     peftlab.save_adapter(model, tmp_path)
     doc = json.loads((tmp_path / "adapter_config.json").read_text())
     assert doc["peft_type"] == "LORA" and doc["use_dora"] is False and doc["r"] == 4
-    assert doc["peftlab"]["config"]["quant_type"] == "nf4" and doc["peftlab"]["config"]["double_quant"] is True
+    assert (
+        doc["peftlab"]["config"]["quant_type"] == "nf4"
+        and doc["peftlab"]["config"]["double_quant"] is True
+    )
     assert peftlab.read_adapter_config(tmp_path) == QLoRAConfig(r=4)
 
 
 @pytest.mark.parametrize(
     "bad,key",
-    [({"quant_type": "int4"}, "quant_type"), ({"quant_type": "NF4"}, "quant_type"),
-     ({"blocksize": 100}, "blocksize"), ({"blocksize": 8192}, "blocksize"),
-     ({"compute_dtype": "fp32"}, "compute_dtype"), ({"double_quant": "yes"}, "double_quant")],
+    [
+        ({"quant_type": "int4"}, "quant_type"),
+        ({"quant_type": "NF4"}, "quant_type"),
+        ({"blocksize": 100}, "blocksize"),
+        ({"blocksize": 8192}, "blocksize"),
+        ({"compute_dtype": "fp32"}, "compute_dtype"),
+        ({"double_quant": "yes"}, "double_quant"),
+    ],
 )
 def test_bad_config_is_a_clear_error(bad, key):
     with pytest.raises(ConfigError, match=rf"{key}=.* is invalid: {key} must be"):
@@ -177,7 +195,9 @@ def test_training_lowers_loss_changes_only_lora_and_keeps_4bit_weights_bit_ident
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     _logits(model, ids)  # an inference call first: it must not repack the stored codes
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    constants = {n: m.weight.quant_state.absmax.clone() for n, m in _quantized_layers(model).items()}
+    constants = {
+        n: m.weight.quant_state.absmax.clone() for n, m in _quantized_layers(model).items()
+    }
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     model.train()
@@ -197,8 +217,12 @@ def test_training_lowers_loss_changes_only_lora_and_keeps_4bit_weights_bit_ident
         if n in frozen:
             assert torch.equal(p.detach(), frozen[n]), f"{n} changed"
     for n, m in _quantized_layers(model).items():
-        assert m.weight.dtype == torch.uint8 and torch.equal(m.weight.quant_state.absmax, constants[n])
-    assert any(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+        assert m.weight.dtype == torch.uint8 and torch.equal(
+            m.weight.quant_state.absmax, constants[n]
+        )
+    assert any(
+        not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -247,14 +271,18 @@ def test_merge_and_unload_dequantize_equals_unmerged_logits(make, use_dora):
     assert layer.base_layer is quantized  # unmerge restores the very same 4-bit layer
     w_expected = dense_weight(quantized).float() + layer.delta_weight("default").float()
     if use_dora:
-        w_expected = w_expected * (layer.lora_magnitude_vector["default"] / w_expected.norm(dim=1))[:, None]
+        w_expected = (
+            w_expected * (layer.lora_magnitude_vector["default"] / w_expected.norm(dim=1))[:, None]
+        )
     plain = peftlab.merge_and_unload(model)
     assert not _quantized_layers(plain)
     rel = _rel(_logits(plain, ids), out)
     print(f"{make.__name__} use_dora={use_dora}: merged vs unmerged logits rel {rel:.2e}")
     assert rel < 1e-4
     torch.testing.assert_close(_logits(plain, ids), out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(dense_weight(plain.get_submodule(name)).float(), w_expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        dense_weight(plain.get_submodule(name)).float(), w_expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_merge_and_unload_requantized_logs_measured_drift(caplog):
@@ -267,7 +295,9 @@ def test_merge_and_unload_requantized_logs_measured_drift(caplog):
     layers = _quantized_layers(requantized)
     assert len(layers) == 14 and all(type(m) is Linear4bit for m in layers.values())
     assert all("_peftlab_dense" not in m.__dict__ for m in requantized.modules())
-    msg = next(r.getMessage() for r in caplog.records if "re-quantized 14 merged layers" in r.getMessage())
+    msg = next(
+        r.getMessage() for r in caplog.records if "re-quantized 14 merged layers" in r.getMessage()
+    )
     assert "logits moved by" in msg and "n/a" not in msg
     drift = _rel(_logits(requantized, ids), exact)
     print(f"re-quantized merge: logits rel drift {drift:.4f} on this batch; log: {msg}")
@@ -287,7 +317,9 @@ def test_adapter_loads_in_peft_on_a_bitsandbytes_quantized_base(tmp_path, use_do
     _perturb(ours)
     peftlab.save_adapter(ours, tmp_path / "adapter")
     bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
     base = AutoModelForCausalLM.from_pretrained(
@@ -328,8 +360,12 @@ def test_paged_optimizer_without_cuda_warns_and_uses_adamw(name):
 
 def test_adamw_8bit_runs_on_cpu_and_param_groups_keep_their_decay():
     p, v = nn.Parameter(torch.randn(64, 128)), nn.Parameter(torch.randn(64))
-    opt = make_optimizer([{"params": [p], "weight_decay": 0.1}, {"params": [v], "weight_decay": 0.0}],
-                         "adamw_8bit", lr=1e-3, weight_decay=0.5)
+    opt = make_optimizer(
+        [{"params": [p], "weight_decay": 0.1}, {"params": [v], "weight_decay": 0.0}],
+        "adamw_8bit",
+        lr=1e-3,
+        weight_decay=0.5,
+    )
     assert type(opt).__name__ == "AdamW8bit"
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     before = p.detach().clone()
@@ -341,7 +377,10 @@ def test_adamw_8bit_runs_on_cpu_and_param_groups_keep_their_decay():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paged optimizers need CUDA")
 def test_paged_optimizers_on_cuda():
     p = nn.Parameter(torch.randn(256, 256, device="cuda"))
-    for name, cls in [("paged_adamw_32bit", "PagedAdamW32bit"), ("paged_adamw_8bit", "PagedAdamW8bit")]:
+    for name, cls in [
+        ("paged_adamw_32bit", "PagedAdamW32bit"),
+        ("paged_adamw_8bit", "PagedAdamW8bit"),
+    ]:
         opt = make_optimizer([p], name, lr=1e-3)
         assert type(opt).__name__ == cls
         p.grad = torch.randn_like(p)
@@ -366,8 +405,10 @@ def test_smollm2_nf4_storage_error_loss_gap_and_exact_merge():
     from peftlab.models import load_model, load_tokenizer
 
     model, tok = load_model("smollm2-135m").eval(), load_tokenizer("smollm2-135m")
-    text = ["The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
-            "Water boils at one hundred degrees Celsius at sea level on the Earth."]
+    text = [
+        "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+        "Water boils at one hundred degrees Celsius at sea level on the Earth.",
+    ]
     batch = tok(text, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
@@ -385,14 +426,18 @@ def test_smollm2_nf4_storage_error_loss_gap_and_exact_merge():
         dense.weight = original[n]
         block.append(quantize_linear(dense, double_quant=False))
     mem_plain = quantized_memory(block)
-    errors = [_rel(dense_weight(model.get_submodule(n).base_layer).float(), w.detach())
-              for n, w in original.items()]
+    errors = [
+        _rel(dense_weight(model.get_submodule(n).base_layer).float(), w.detach())
+        for n, w in original.items()
+    ]
     nf4_error = sum(errors) / len(errors)
     with torch.no_grad():
         qlora_loss = model(**batch, labels=labels).loss.item()
-    print(f"SmolLM2 NF4+DQ: {mem}; without DQ: {mem_plain['bits_per_param']:.4f} bits; mean "
-          f"relative weight error {nf4_error:.4f} (max {max(errors):.4f}); loss float "
-          f"{float_loss:.4f} vs QLoRA {qlora_loss:.4f} (gap {qlora_loss - float_loss:+.4f})")
+    print(
+        f"SmolLM2 NF4+DQ: {mem}; without DQ: {mem_plain['bits_per_param']:.4f} bits; mean "
+        f"relative weight error {nf4_error:.4f} (max {max(errors):.4f}); loss float "
+        f"{float_loss:.4f} vs QLoRA {qlora_loss:.4f} (gap {qlora_loss - float_loss:+.4f})"
+    )
     assert 4.12 < mem["bits_per_param"] <= 4.2
     assert mem_plain["bits_per_param"] == pytest.approx(4.5)
     assert mem["quantized_params"] == sum(w.numel() for w in original.values())
@@ -411,7 +456,9 @@ def test_smollm2_nf4_storage_error_loss_gap_and_exact_merge():
 
 
 def test_layer_repacked_by_bitsandbytes_cpu_inference_is_refused():
-    model = peftlab.unload(peftlab.apply(tiny_llama(), QLoRAConfig(r=4)))  # 4-bit layers, no adapter
+    model = peftlab.unload(
+        peftlab.apply(tiny_llama(), QLoRAConfig(r=4))
+    )  # 4-bit layers, no adapter
     layer = model.model.layers[0].self_attn.q_proj
     layer.weight.quant_state.packing_format_for_cpu = True  # what bnb's eval path leaves behind
     with pytest.raises(ConfigError, match="q_proj was repacked .* apply QLoRA right after loading"):
