@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -70,10 +71,14 @@ def train(
         ``loss_tokens``, ``truncated``, ``trainable_params``, ``wall_time`` and more.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     cfg = _resolve(config, overrides, resume)
     out = Path(cfg.output_dir)
+    # accelerate keeps one process-wide state; drop it (keeping the process group) so that a
+    # second train() in the same process may use another mixed_precision.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU.
         cpu=_no_accelerator(),
@@ -86,6 +91,10 @@ def train(
         accelerator.process_index,
         accelerator.num_processes,
     )
+    if cfg.tensorboard and not any(
+        importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
+    ):
+        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard")
     if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise ConfigError("mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
 
@@ -127,6 +136,8 @@ def train(
     )
     if model is None:
         model = load_model(cfg.model, kind, num_labels=max(2, len(data.label_names)))
+    if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
+        model.to(accelerator.device)
     method_config = cfg.method_config()
     if kind == "classification":
         method_config = _train_new_head(model, method_config)

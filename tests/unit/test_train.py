@@ -202,3 +202,12 @@ def test_transformers_trainer_trains_a_peftlab_model(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
     assert changed and all("lora_" in n for n in changed)
     peftlab.save_adapter(model, tmp_path / "a")
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_dir, tmp_path):
+    summary = train(
+        _cfg(tiny_dir, tmp_path / "bf16", mixed_precision="bf16", max_steps=2, eval_size=0)
+    )
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    with pytest.raises(ConfigError, match="fp16' needs a CUDA device"):
+        train(_cfg(tiny_dir, tmp_path / "fp16", mixed_precision="fp16"))
