@@ -38,9 +38,9 @@ class Budget:
     repeats: int = 3
 
 
-FULL = Budget(steps=40, batch_size=8, max_length=64, eval_size=32, new_tokens=12, repeats=5)
+FULL = Budget(steps=25, batch_size=8, max_length=64, eval_size=32, new_tokens=12, repeats=3)
 """`peftlab compare`: ≤ 20 min for every method on the bundled SmolLM2 on a 2-core CPU."""
-QUICK = Budget(steps=10, batch_size=4, max_length=48, eval_size=16, new_tokens=8, repeats=2)
+QUICK = Budget(steps=6, batch_size=4, max_length=64, eval_size=8, new_tokens=8, repeats=2)
 """`peftlab compare --quick`: ≤ 5 min."""
 
 
@@ -172,6 +172,12 @@ def plan(
             }
             spec["fingerprint"] = fingerprint(spec)
             specs.append(spec)
+    # Bad keys or option values fail here, before any run starts, not once per method.
+    from peftlab.bench.worker import train_config
+    from peftlab.train_config import TrainConfig
+
+    for spec in specs:
+        TrainConfig.from_dict(train_config(spec)).method_config()
     return specs
 
 
@@ -329,6 +335,19 @@ def _method_args(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def _train_overrides(items: list[str]) -> dict:
+    """``["data_size=2000", "text_column=sentence"]`` → ``{"data_size": 2000, ...}``."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--train {item!r} is invalid: write KEY=VALUE, e.g. data_size=2000")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -371,6 +390,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="METHOD.OPTION=VALUE",
         help="method option, e.g. --set lora.r=16 (repeatable)",
     )
+    p.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training-config key for every run, e.g. --train data_size=2000 "
+        "--train eval_data=dev.tsv --train text_column=sentence (repeatable)",
+    )
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     p.add_argument(
         "--timeout",
@@ -396,5 +423,6 @@ def _cli(a: argparse.Namespace) -> int:
         lr=a.lr,
         lr_full=a.lr_full,
         method_args=_method_args(a.set),
+        train_overrides=_train_overrides(a.train),
     )
     return 0 if all(r["train_info"]["status"] == "ok" for r in res["results"]) else 1

@@ -119,6 +119,23 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def train_config(spec: dict) -> dict:
+    """The :func:`peftlab.train.train` config of a run: the shared budget plus its method."""
+    return {
+        "model": spec["model"],
+        "method": spec["method"],
+        "method_args": spec["method_args"],
+        "data": spec["data"],
+        "max_steps": spec["steps"],
+        "batch_size": spec["batch_size"],
+        "lr": spec["lr"],
+        "seed": spec["seed"],
+        "max_length": spec["max_length"],
+        "output_dir": spec["run_dir"],
+        **spec.get("train_overrides", {}),
+    }
+
+
 def _num_labels(model) -> int:
     return int(getattr(model.config, "num_labels", 2) or 2)
 
@@ -169,19 +186,7 @@ def run(spec: dict) -> dict:
     new_tokens = inf["new_tokens"] if spec["kind"] == "causal-lm" else 0
 
     run_dir = Path(spec["run_dir"])
-    config = {
-        "model": spec["model"],
-        "method": spec["method"],
-        "method_args": spec["method_args"],
-        "data": spec["data"],
-        "max_steps": spec["steps"],
-        "batch_size": spec["batch_size"],
-        "lr": spec["lr"],
-        "seed": spec["seed"],
-        "max_length": spec["max_length"],
-        "output_dir": str(run_dir),
-        **spec.get("train_overrides", {}),
-    }
+    config = train_config(spec)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     with measure.PeakMemory(device) as peak:
@@ -193,7 +198,12 @@ def run(spec: dict) -> dict:
             "peftlab.train returned without applying the method to the model it was given"
         )
 
+    # Counted by the trainer right after apply, i.e. what trained (a prefix's reparameterization
+    # MLP included, even if the method folds it into a table afterwards).
     trainable, total = peftlab.trainable_parameters(model)
+    after = {"trainable_params": trainable, "total_params": total}
+    if isinstance(summary, dict) and summary.get("trainable_params") is not None:
+        trainable, total = summary["trainable_params"], summary["total_params"]
     weights = measure.tensor_bytes(model)
     base_rss = rss_loaded if device.type == "cpu" else 0
     peak_above_load = peak.peak_bytes - base_rss
@@ -227,6 +237,7 @@ def run(spec: dict) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
+        "params_after_training": after,
         "adapter_bytes": measure.dir_bytes(adapter_dir),
         "peak_memory": {
             "bytes": peak_above_load,
@@ -276,6 +287,13 @@ def run(spec: dict) -> dict:
         "train_summary": summary if isinstance(summary, dict) else None,
     }
     run_info["end"] = now()
+    run_info["model_config"] = {
+        k: v for k, v in model.config.to_dict().items() if isinstance(v, int | float | str | bool)
+    }
+    run_info["model_class"] = type(model).__name__
+    run_info["num_labels"] = (
+        getattr(model.config, "num_labels", None) if spec["kind"] == "classification" else None
+    )
     return {"run_info": run_info, "train_info": train_info, "meta_info": meta_info()}
 
 

@@ -176,7 +176,12 @@ def test_killed_comparison_resumes_without_rerunning_the_finished_method(tiny, t
 
 def test_failing_method_is_recorded_and_the_rest_go_on(tiny, tmp_path):
     res = peftlab.compare(
-        ["dora", "lora"], model=tiny, out=tmp_path, method_args={"dora": {"r": 0}}, echo=False, **KW
+        ["dora", "lora"],
+        model=tiny,
+        out=tmp_path,
+        method_args={"dora": {"target_modules": ["no_such_module"]}},
+        echo=False,
+        **KW,
     )
     failed, ok = (r["train_info"] for r in res["results"])
     assert (

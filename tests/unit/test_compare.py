@@ -263,6 +263,14 @@ def test_plan_validates_its_inputs(tmp_path):
         runner.plan(["nope"], model="smollm2-135m", out=tmp_path)
     with pytest.raises(ConfigError, match="no built-in classification task"):
         runner.plan(["lora"], model="minilm-l6", out=tmp_path)
+    with pytest.raises(ConfigError, match="r=0"):  # before any run starts
+        runner.plan(["lora"], model="smollm2-135m", method_args={"lora": {"r": 0}}, out=tmp_path)
+    with pytest.raises(ConfigError, match="no_such_key"):
+        runner.plan(
+            ["lora"], model="smollm2-135m", train_overrides={"no_such_key": 1}, out=tmp_path
+        )
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        runner._train_overrides(["data_size"])
     with pytest.raises(ConfigError, match="METHOD.OPTION=VALUE"):
         runner._method_args(["r=16"])
     assert runner._method_args(["lora.r=16", "lora.target_modules=[q_proj]"]) == {
