@@ -92,8 +92,14 @@ def parse_blocks(path: Path) -> list[Block]:
             j += 1
         prev = lines[start - 1] if start else ""
         skip, bid = SKIP.search(prev), BLOCK_ID.search(prev)
-        block = Block(path, start + 1, lang, "\n".join(lines[start + 1 : j]) + "\n",
-                      skip.group(1) if skip else None, bid.group(1) if bid else None)
+        block = Block(
+            path,
+            start + 1,
+            lang,
+            "\n".join(lines[start + 1 : j]) + "\n",
+            skip.group(1) if skip else None,
+            bid.group(1) if bid else None,
+        )
         if lang == "text" and blocks and blocks[-1].lang == "python" and blocks[-1].output is None:
             between = lines[blocks[-1].line + blocks[-1].code.count("\n") : start]
             if all(not s.strip() or s.strip() == "```" for s in between):
@@ -162,9 +168,11 @@ SHELL_CMDS = [(b, c, o) for b in SHELL_BLOCKS for c, o in _commands(b)]
 
 @pytest.mark.parametrize(("block", "cmd", "shown"), SHELL_CMDS, ids=lambda x: str(x)[:60])
 def test_shell_command(block: Block, cmd: str, shown: str | None, tmp_path: Path) -> None:
+    if block.skip:
+        pytest.skip(block.skip)
     reason = classify(cmd)
-    if block.skip or reason:
-        pytest.skip(block.skip or reason)
+    if reason:
+        pytest.skip(reason)
     argv = shlex.split(cmd)
     if argv[0] == "peftlab":
         argv = [sys.executable, "-m", "peftlab.cli", *argv[1:]]
@@ -177,7 +185,8 @@ def test_shell_command(block: Block, cmd: str, shown: str | None, tmp_path: Path
 
 def test_every_documented_command_is_classified() -> None:
     for block, cmd, _ in SHELL_CMDS:
-        classify(cmd)  # raises for an unknown one
+        if not block.skip:  # a skipped block says why none of its commands run
+            classify(cmd)  # raises for an unknown one
 
 
 def test_doc_parser_finds_blocks_and_outputs() -> None:
@@ -194,6 +203,8 @@ def test_doc_parser_finds_blocks_and_outputs() -> None:
 # ---- numbers in the FAQ name their source --------------------------------------------------
 
 NUMBER = re.compile(r"(?<![\w.§/-])\d+(?:[.,]\d+)*")
+# Not claims: URLs and the year of a bibliographic reference ("Hu et al. 2021", "Li & Liang 2021").
+NOT_A_CLAIM = re.compile(r"<?https?://\S+|[A-Z][a-z]+(?: et al\.)? (?:19|20)\d\d\b")
 SOURCE = [
     re.compile(r"\[[^\]]*(§|Table|Fig\.|Figure|Appendix|abstract|Abstract|Eq\.)[^\]]*\]"),
     re.compile(r"`(peftlab|python|make)\b[^`]*`"),
@@ -211,7 +222,7 @@ def unsourced_lines(text: str) -> list[str]:
             continue
         if fenced or line.lstrip().startswith(">") or line.startswith("#") or "<!--" in line:
             continue
-        if NUMBER.search(line) and not any(s.search(line) for s in SOURCE):
+        if NUMBER.search(NOT_A_CLAIM.sub("", line)) and not any(s.search(line) for s in SOURCE):
             bad.append(line)
     return bad
 
@@ -222,7 +233,7 @@ def test_faq_numbers_have_sources() -> None:
     bad = unsourced_lines(text)
     assert not bad, "docs/faq.md lines with a number but no source marker:\n" + "\n".join(bad)
     ids = {b.id for b in parse_blocks(faq) if b.id}
-    for ref in re.findall(r"\[run: ([\w-]+)\]", text):
+    for ref in re.findall(r"(?<!`)\[run: ([\w-]+)\](?!`)", text):
         assert ref in ids, f"[run: {ref}] points at no block with <!-- id: {ref} --> in faq.md"
         block = next(b for b in parse_blocks(faq) if b.id == ref)
         assert block.output is not None or block.lang == "console", f"{ref}: no output shown"
@@ -236,6 +247,8 @@ def test_source_rule_catches_unsourced_numbers() -> None:
     assert not unsourced_lines("> 每个参数从 16-bit 降到 4.25-bit\n")
     assert not unsourced_lines("Measured: 4.127 bits [run: qlora-bits].\n")
     assert not unsourced_lines("P-Tuning v2 and NF4 and Llama-2\n")
+    assert not unsourced_lines("LoRA = Hu et al. 2021, <https://arxiv.org/abs/2106.09685>\n")
+    assert unsourced_lines("Hu et al. 2021 report 10,000 times fewer parameters.\n")
 
 
 # ---- method pages: every method, every option, every default --------------------------------
@@ -253,11 +266,14 @@ def test_method_page_lists_every_option_with_its_default(name: str) -> None:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         fields[f.name] = repr(default)
-    assert set(rows) == set(fields), f"{page.name}: option table {sorted(rows)} != fields {sorted(fields)}"
+    assert set(rows) == set(fields), (
+        f"{page.name}: option table {sorted(rows)} != fields {sorted(fields)}"
+    )
     wrong = {k: (rows[k], fields[k]) for k in fields if rows[k] != fields[k]}
     assert not wrong, f"{page.name}: documented default != code default: {wrong}"
-    assert any(b.lang == "python" and "trainable_parameters" in b.code
-               for b in parse_blocks(page)), f"{page.name}: no runnable example counting parameters"
+    assert any(
+        b.lang == "python" and "trainable_parameters" in b.code for b in parse_blocks(page)
+    ), f"{page.name}: no runnable example counting parameters"
 
 
 # ---- the closed forms the method pages state ------------------------------------------------
@@ -272,7 +288,9 @@ def _dims(model) -> dict[str, int]:
         "f": c.intermediate_size if getattr(c, "intermediate_size", None) else 4 * c.hidden_size,
         "kv": (getattr(c, "num_key_value_heads", None) or heads) * (c.hidden_size // heads),
         "V": c.vocab_size,
-        "head": sum(p.numel() for n, p in model.named_parameters() if n.startswith(("classifier", "score"))),
+        "head": sum(
+            p.numel() for n, p in model.named_parameters() if n.startswith(("classifier", "score"))
+        ),
     }
 
 
@@ -303,11 +321,21 @@ def closed_form(name: str, arch: str, model, cfg) -> int:
     if name == "adapter":
         m = d // 16
         return (2 if cfg.placement == "houlsby" else 1) * L * (2 * d * m + d + m) + (
-            head if cfg.modules_to_save else 0)
+            head if cfg.modules_to_save else 0
+        )
     if name in ("prefix", "ptuning-v2"):
         p, width = cfg.num_virtual_tokens, L * 2 * k["kv"]
-        n = p * width if not cfg.reparam else (
-            p * d + d * cfg.reparam_hidden + cfg.reparam_hidden + cfg.reparam_hidden * width + width)
+        n = (
+            p * width
+            if not cfg.reparam
+            else (
+                p * d
+                + d * cfg.reparam_hidden
+                + cfg.reparam_hidden
+                + cfg.reparam_hidden * width
+                + width
+            )
+        )
         return n + head
     if name == "prompt":
         return cfg.num_virtual_tokens * d + head
@@ -343,3 +371,35 @@ def test_closed_form_parameter_count(name: str, arch: str) -> None:
 
 def test_every_registered_method_has_a_closed_form() -> None:
     assert set(CONFIGS) == set(peftlab.methods())
+
+
+# ---- links -----------------------------------------------------------------------------------
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+# Pages other issues own; linked ahead of their arrival. Remove an entry once the path exists.
+PENDING = {
+    "docs/results": "the comparison study (issue 6) is committed later",
+    "docs/estimator.md": "the memory estimator page (issue 7)",
+    "docs/performance.md": "the performance page (issue 9)",
+}
+
+
+def _anchor(heading: str) -> str:
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path: Path) -> None:
+    for target in LINK.findall(path.read_text()):
+        if re.match(r"^[a-z]+:", target):
+            continue  # external
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
+        if not dest.exists():
+            assert rel in PENDING, f"{path.name}: link to missing {target}"
+            continue
+        if anchor and dest.suffix == ".md":
+            anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
+            assert anchor in anchors, f"{path.name}: no heading for #{anchor} in {dest.name}"
