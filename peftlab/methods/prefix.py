@@ -134,16 +134,23 @@ class PrefixEncoder(VirtualTokenModule):
         self.add_module(tag + "mlp", nn.ModuleDict())
         self.configs: dict[str, PrefixTuningConfig] = {}
         self.gc_layers = _checkpointed_layers(owner)
+        self._restore_gc = False
         body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        body.register_forward_hook(self._post_hook)
 
     def part(self, kind: str) -> nn.ParameterDict | nn.ModuleDict:
         return getattr(self, self.tag + kind)
 
     def add(self, name: str, config: PrefixTuningConfig, device: torch.device) -> None:
-        p, width = config.num_virtual_tokens, self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        p, width = (
+            config.num_virtual_tokens,
+            self.num_layers * 2 * self.num_kv_heads * self.head_dim,
+        )
         if config.reparam:
             # As Li & Liang's code: nn.Embedding (N(0, 1)) → Linear → Tanh → Linear.
-            self.part("embedding")[name] = nn.Parameter(torch.randn(p, self.hidden_size, device=device))
+            self.part("embedding")[name] = nn.Parameter(
+                torch.randn(p, self.hidden_size, device=device)
+            )
             self.part("mlp")[name] = nn.Sequential(
                 nn.Linear(self.hidden_size, config.reparam_hidden),
                 nn.Tanh(),
@@ -154,24 +161,40 @@ class PrefixEncoder(VirtualTokenModule):
             self.part("table")[name] = nn.Parameter(torch.randn(p, width, device=device))
         self.configs[name] = config
 
+    def layer_rows(self, name: str, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s slice of the table, ``[p, 2·n_kv·d_head]``.
+
+        Computed per layer, each slice with its own autograd graph: reentrant gradient
+        checkpointing runs one backward per layer, and a graph shared by all layers (one MLP
+        call) would be freed by the first of them.
+        """
+        width = 2 * self.num_kv_heads * self.head_dim
+        cols = slice(layer * width, (layer + 1) * width)
+        if name in self.part("table"):
+            return self.part("table")[name][:, cols]
+        mlp = self.part("mlp")[name]
+        hidden = mlp[1](mlp[0](self.part("embedding")[name]))
+        return nn.functional.linear(hidden, mlp[2].weight[cols], mlp[2].bias[cols])
+
     def table(self, name: str) -> torch.Tensor:
         """The prefix table of adapter ``name``, ``[p, L·2·n_kv·d_head]``."""
         if name in self.part("table"):
             return self.part("table")[name]
-        return self.part("mlp")[name](self.part("embedding")[name])
+        # Assembled from the same per-layer computation the forward uses, so a folded table
+        # reproduces the unfolded outputs bit for bit.
+        return torch.cat([self.layer_rows(name, i) for i in range(self.num_layers)], dim=1)
 
     def layer_prefixes(self, name: str, batch: int, dtype: torch.dtype) -> list[tuple]:
         """Per layer ``(keys, values)``, each ``[batch, n_kv, p, d_head]``."""
-        table = self.table(name)
-        if self.training and self.configs[name].dropout:
-            table = nn.functional.dropout(table, self.configs[name].dropout)
-        p = table.shape[0]
-        kv = table.to(dtype).view(p, self.num_layers, 2, self.num_kv_heads, self.head_dim)
-        kv = kv.permute(1, 2, 3, 0, 4)  # (L, 2, n_kv, p, d_head)
-        return [
-            (kv[i, 0].expand(batch, -1, -1, -1), kv[i, 1].expand(batch, -1, -1, -1))
-            for i in range(self.num_layers)
-        ]
+        out = []
+        for i in range(self.num_layers):
+            rows = self.layer_rows(name, i)
+            if self.training and self.configs[name].dropout:
+                rows = nn.functional.dropout(rows, self.configs[name].dropout)
+            kv = rows.to(dtype).view(rows.shape[0], 2, self.num_kv_heads, self.head_dim)
+            kv = kv.permute(1, 2, 0, 3)  # (2, n_kv, p, d_head)
+            out.append((kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)))
+        return out
 
     @torch.no_grad()
     def fold(self, name: str) -> bool:
@@ -230,6 +253,12 @@ class PrefixEncoder(VirtualTokenModule):
         kw[self.cache_arg] = cache
         for layer in self.gc_layers:
             layer._can_checkpoint_with_cache = read_only
+        if read_only and body.__dict__.get("gradient_checkpointing"):
+            # Some bodies (GPT2Model) withhold the cache from their layers themselves when
+            # checkpointing; their flag does nothing else (each layer checkpoints itself), so it
+            # is lowered for this call and restored by the post-hook.
+            body.gradient_checkpointing = False
+            self._restore_gc = True
         mask = kw.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
@@ -242,6 +271,10 @@ class PrefixEncoder(VirtualTokenModule):
             # The positions the model would give these tokens without the prefix.
             kw["position_ids"] = torch.arange(past, past + length, device=ref.device).unsqueeze(0)
         return (), kw
+
+    def _post_hook(self, body: nn.Module, args: tuple, output):
+        if self._restore_gc:
+            body.gradient_checkpointing, self._restore_gc = True, False
 
 
 def _encoder(model: nn.Module, attr: str) -> PrefixEncoder | None:

@@ -80,7 +80,10 @@ class PromptEncoder(VirtualTokenModule):
                 init = table[rows.to(table.device)].float().clone()
             else:
                 std = table.float().std().item()
-                init = torch.randn(config.num_virtual_tokens, table.shape[1], device=table.device) * std
+                init = (
+                    torch.randn(config.num_virtual_tokens, table.shape[1], device=table.device)
+                    * std
+                )
         self.prompt_embeddings[name] = nn.Parameter(init)
 
     def _pre_hook(self, body: nn.Module, args: tuple, kwargs: dict):
@@ -115,7 +118,9 @@ class PromptEncoder(VirtualTokenModule):
                 kw["token_type_ids"] = torch.cat([types.new_zeros(batch, p), types], dim=1)
             position_ids = kw.get("position_ids")
             if position_ids is not None:
-                lead = torch.arange(p, device=position_ids.device).expand(*position_ids.shape[:-1], p)
+                lead = torch.arange(p, device=position_ids.device).expand(
+                    *position_ids.shape[:-1], p
+                )
                 kw["position_ids"] = torch.cat([lead, position_ids + p], dim=-1)
             if cache is not None:
                 cache.peftlab_prompt = p
@@ -165,4 +170,6 @@ def _unload(model: nn.Module) -> None:
         del model._modules[ATTR]
 
 
-register_method(MethodSpec("prompt", PromptTuningConfig, _apply, param_prefix="prompt_", unload=_unload))
+register_method(
+    MethodSpec("prompt", PromptTuningConfig, _apply, param_prefix="prompt_", unload=_unload)
+)
