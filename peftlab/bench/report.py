@@ -263,19 +263,44 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc])
 
 
+def _load_range(results: list[dict]) -> str:
+    loads = [
+        r["meta_info"]["load_average"][0] for r in results if r["meta_info"].get("load_average")
+    ]
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "not recorded"
+
+
 def _settings(results: list[dict]) -> list[str]:
     ri = results[0]["run_info"]
     meta = results[0]["meta_info"]
     v = meta.get("versions", {})
     seeds = sorted({r["run_info"]["seed"] for r in results})
+    import datetime
+
+    stamps = [
+        (r["run_info"].get("start"), r["run_info"].get("end"))
+        for r in results
+        if r["run_info"].get("start") and r["run_info"].get("end")
+    ]
+    span = ""
+    if stamps:
+        t0 = min(datetime.datetime.fromisoformat(a) for a, _ in stamps)
+        t1 = max(datetime.datetime.fromisoformat(b) for _, b in stamps)
+        runs_s = sum(
+            (
+                datetime.datetime.fromisoformat(b) - datetime.datetime.fromisoformat(a)
+            ).total_seconds()
+            for a, b in stamps
+        )
+        span = f"runs from {t0:%Y-%m-%d %H:%M} to {t1:%H:%M} UTC, {runs_s / 60:.1f} min inside the workers"
     return [
         f"model `{ri['model']}` ({ri['kind']}), data `{ri['data']}`, {ri['steps']} steps × batch "
         f"{ri['batch_size']} (max length {ri['max_length']}), seeds {seeds}, device {ri.get('device')}",
         f"machine: {meta.get('host')}, {meta.get('platform')}, {meta.get('cpu_count')} CPUs, "
-        f"{meta.get('cuda_device') or 'no GPU'}; load average at the first run's end: {meta.get('load_average')}",
+        f"{meta.get('cuda_device') or 'no GPU'}; 1-min load average at the runs' ends: {_load_range(results)}",
         f"versions: peftlab {v.get('peftlab')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"bitsandbytes {v.get('bitsandbytes')}",
-    ]
+    ] + ([span] if span else [])
 
 
 DEFINITIONS = [
