@@ -107,7 +107,9 @@ def drive(
             res = run_worker(script, config, worker_args, timeout)
             results[config].append(res)
             status = res.get("error") or _short(res)
-            log(f"[repeat {rep + 1}/{repeats}] {config:<22} {time.perf_counter() - t0:5.0f} s  {status}")
+            log(
+                f"[repeat {rep + 1}/{repeats}] {config:<22} {time.perf_counter() - t0:5.0f} s  {status}"
+            )
     return results
 
 

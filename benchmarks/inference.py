@@ -50,8 +50,12 @@ def build(args) -> nn.Module:
         import peft
 
         cfg = peft.LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-            use_dora=method == "dora", task_type="CAUSAL_LM",
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            use_dora=method == "dora",
+            task_type="CAUSAL_LM",
         )
         model = peft.get_peft_model(model, cfg)
     if lib is not None:
@@ -114,18 +118,24 @@ def worker(args) -> dict:
 
 def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, float, str]]:
     base = med.get("base", {})
-    out(f"\n{'config':<24} {'n':>2} {'prefill s':>10} {'×base':>6} {'decode s/tok':>13} {'×base':>6}")
+    out(
+        f"\n{'config':<24} {'n':>2} {'prefill s':>10} {'×base':>6} {'decode s/tok':>13} {'×base':>6}"
+    )
     for name, m in med.items():
         if "error" in m:
             out(f"{name:<24} {m['n']:>2} error: {m['error'][:150]}")
             continue
-        out(f"{name:<24} {m['n']:>2} {m['prefill_s']:>10.4f} {fmt(ratio(m, base, 'prefill_s'), '.3f'):>6} "
-            f"{m['decode_s_per_token']:>13.5f} {fmt(ratio(m, base, 'decode_s_per_token'), '.3f'):>6}")
+        out(
+            f"{name:<24} {m['n']:>2} {m['prefill_s']:>10.4f} {fmt(ratio(m, base, 'prefill_s'), '.3f'):>6} "
+            f"{m['decode_s_per_token']:>13.5f} {fmt(ratio(m, base, 'decode_s_per_token'), '.3f'):>6}"
+        )
     rows = []
     out("\ntarget                                   ratio   limit  verdict")
     for name, limit in [
-        ("peftlab-lora-merged", 1.02), ("peftlab-dora-merged", 1.02),
-        ("peftlab-lora-unloaded", 1.02), ("peftlab-lora-unmerged", 1.10),
+        ("peftlab-lora-merged", 1.02),
+        ("peftlab-dora-merged", 1.02),
+        ("peftlab-lora-unloaded", 1.02),
+        ("peftlab-lora-unmerged", 1.10),
         ("peft-lora-unmerged", 1.10),
     ]:
         for key, label in (("prefill_s", "prefill"), ("decode_s_per_token", "decode")):
@@ -168,14 +178,21 @@ def main(argv=None) -> int:
         return 2
     keys = ("model", "device", "dtype", "batch", "seq", "new_tokens", "reps", "threads")
     wargs = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    print(f"inference: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
-          f"{args.repeats} repeats, each in its own process", flush=True)
-    raw = harness.drive("inference", configs, args.repeats, wargs, log=lambda s: print(s, flush=True))
+    print(
+        f"inference: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
+        f"{args.repeats} repeats, each in its own process",
+        flush=True,
+    )
+    raw = harness.drive(
+        "inference", configs, args.repeats, wargs, log=lambda s: print(s, flush=True)
+    )
     med = harness.medians(raw)
     rows = report(med)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1
+            )
     return 0
 
 

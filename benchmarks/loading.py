@@ -28,8 +28,13 @@ def tiny_llama_dir() -> Path:
 
         torch.manual_seed(0)
         cfg = LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
         )
         _tiny_dir = Path(tempfile.mkdtemp(prefix="peftlab-bench-tiny-"))
         LlamaForCausalLM(cfg).save_pretrained(_tiny_dir)

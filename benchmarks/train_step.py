@@ -170,17 +170,21 @@ def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, flo
     """Print the table and the issue's targets; returns (target, value, limit, verdict) rows."""
     cuda = any("cuda_peak_gb" in m for m in med.values())
     mem = "cuda_peak_gb" if cuda else "peak_rss_gb"
-    out(f"\n{'config':<20} {'n':>2} {'step s':>8} {'×floor':>7} {'peak RSS GB':>11} "
-        f"{'train RSS GB':>12}" + (f" {'CUDA GB':>8}" if cuda else "") + f" {'trainable':>11}")
+    out(
+        f"\n{'config':<20} {'n':>2} {'step s':>8} {'×floor':>7} {'peak RSS GB':>11} "
+        f"{'train RSS GB':>12}" + (f" {'CUDA GB':>8}" if cuda else "") + f" {'trainable':>11}"
+    )
     floor = med.get("floor", {})
     for name, m in med.items():
         if "error" in m:
             out(f"{name:<20} {m['n']:>2} error: {m['error'][:150]}")
             continue
-        out(f"{name:<20} {m['n']:>2} {m['step_s']:>8.3f} {fmt(ratio(m, floor, 'step_s')):>7} "
+        out(
+            f"{name:<20} {m['n']:>2} {m['step_s']:>8.3f} {fmt(ratio(m, floor, 'step_s')):>7} "
             f"{m['peak_rss_gb']:>11.3f} {fmt(m.get('train_peak_rss_gb')):>12}"
             + (f" {fmt(m.get('cuda_peak_gb')):>8}" if cuda else "")
-            + f" {m['trainable_params']:>11,}")
+            + f" {m['trainable_params']:>11,}"
+        )
 
     def get(name):
         return med.get(name, {})
@@ -208,8 +212,10 @@ def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, flo
     for name in ("peftlab-qlora-all", "peft-qlora-all"):
         bits = get(name).get("quant_bits_per_param")
         if bits is not None:
-            out(f"{name}: base weights {bits:.3f} bits/param ({bits / 8:.4f} bytes) vs the "
-                f"4.127-bit NF4+double-quant floor ({bits / 4.127:.3f}×)")
+            out(
+                f"{name}: base weights {bits:.3f} bits/param ({bits / 8:.4f} bytes) vs the "
+                f"4.127-bit NF4+double-quant floor ({bits / 4.127:.3f}×)"
+            )
     return rows
 
 
@@ -248,16 +254,21 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
         return 2
-    print(f"train_step: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
-          f"{args.repeats} repeats, each in its own process", flush=True)
-    raw = harness.drive("train_step", configs, args.repeats, worker_args(args),
-                        log=lambda s: print(s, flush=True))
+    print(
+        f"train_step: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
+        f"{args.repeats} repeats, each in its own process",
+        flush=True,
+    )
+    raw = harness.drive(
+        "train_step", configs, args.repeats, worker_args(args), log=lambda s: print(s, flush=True)
+    )
     med = harness.medians(raw)
     rows = report(med)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f,
-                      indent=1)
+            json.dump(
+                {"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1
+            )
     return 0
 
 

@@ -72,29 +72,34 @@ class DoRALinear(LoRALinear):
         return (w0_sq + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(..., in)`` → ``(..., out)``."""
+        """``x``: ``(..., in)`` → ``(..., out)``.
+
+        Computed as ``scale ⊙ z + rest`` with ``z = W0·x + s·B·A·x`` (one ``addmm`` on the
+        base output, as in LoRA), ``scale = m / ‖W0 + sBA‖`` (``(out,)``) and ``rest`` the
+        bias. Autograd then keeps one ``(..., out)`` tensor (z, for the gradient of m) per
+        layer instead of both W0·x and B·A·x.
+        """
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
         bias = getattr(self.base_layer, "bias", None)
         for name in self.active:
-            A, B = self.lora_A[name], self.lora_B[name]
-            m = self.lora_magnitude_vector[name]
-            xa = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
             dropout = self.lora_dropout[name]
             if isinstance(dropout, nn.Identity) or not self.training:
-                base = result if bias is None else result - bias  # W0·x, (..., out)
-            else:
-                xa = dropout(xa)
+                xa, base, rest = x, (result if bias is None else result - bias), bias  # W0·x
+            else:  # the update sees dropout(x), so W0 must too (a second base matmul)
+                xa = dropout(x.to(self.lora_A[name].weight.dtype))
                 base = nn.functional.linear(xa.to(result.dtype), dense_weight(self.base_layer))
+                rest = result - base  # W0·(x - dropout(x)) + b stays outside the scale
+            m = self.lora_magnitude_vector[name]
             if self.detach_norm[name]:
                 with torch.no_grad():
                     norm = self.weight_norm(name)
             else:
                 norm = self.weight_norm(name)
             scale = (m / norm.to(m.dtype)).to(result.dtype)  # (out,)
-            lora = B(A(xa)) * self.scaling[name]
-            result = result + (scale - 1) * base + scale * lora.to(result.dtype)
+            z = self.add_update(base, xa, name, dropout=False)  # (..., out)
+            result = z * scale if rest is None else torch.addcmul(rest, z, scale)
         return result
 
     def _merged_weight(self, name: str, w0: torch.Tensor) -> torch.Tensor:

@@ -107,11 +107,32 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return result
         for name in self.active:
-            A = self.lora_A[name]
-            xa = x if x.dtype == A.weight.dtype else x.to(A.weight.dtype)
-            update = self.lora_B[name](A(self.lora_dropout[name](xa))) * self.scaling[name]
-            result = result + update.to(result.dtype)
+            result = self.add_update(result, x, name)
         return result
+
+    def add_update(
+        self, result: torch.Tensor, x: torch.Tensor, name: str, dropout: bool = True
+    ) -> torch.Tensor:
+        """``result + s·B·A·dropout(x)``; ``x``: ``(..., in)``, ``result``: ``(..., out)``.
+
+        When the dtypes agree, one ``addmm`` does the B product, the scaling and the sum:
+        no ``(..., out)`` temporaries besides the output, and nothing saved for backward
+        but A·x (``(..., r)``). A dropout of 0 is an ``nn.Identity`` (no copy of x).
+        ``dropout=False`` when the caller has applied it already.
+        """
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        xa = x if x.dtype == A.dtype else x.to(A.dtype)
+        if dropout:
+            xa = self.lora_dropout[name](xa)
+        ax = nn.functional.linear(xa, A)  # (..., r)
+        if result.dtype != B.dtype:  # e.g. a 16-bit base under fp32 adapters
+            update = nn.functional.linear(ax, B) * self.scaling[name]
+            return result + update.to(result.dtype)
+        out = torch.addmm(
+            result.reshape(-1, result.shape[-1]), ax.reshape(-1, ax.shape[-1]), B.t(),
+            alpha=self.scaling[name],
+        )
+        return out.view(result.shape)
 
     # -- merging: each adapter type says what merged weight it produces and how to undo it
     def _merged_weight(self, name: str, w0: torch.Tensor) -> torch.Tensor:

@@ -39,11 +39,12 @@ def test_forward_and_grads_match_materialised_formula(detach, bias):
     torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-6)
     y_ours.pow(2).sum().backward()
     y_ref.pow(2).sum().backward()
+    # fp32 gradients of two orderings of the same sums: both sit ~1e-5 from a float64 reference.
     for name in ("lora_A", "lora_B"):
         torch.testing.assert_close(getattr(ours, name)["default"].weight.grad,
-                                   getattr(ref, name)["default"].weight.grad, rtol=1e-4, atol=1e-6)
+                                   getattr(ref, name)["default"].weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.lora_magnitude_vector["default"].grad,
-                               ref.lora_magnitude_vector["default"].grad, rtol=1e-4, atol=1e-6)
+                               ref.lora_magnitude_vector["default"].grad, rtol=1e-4, atol=1e-5)
 
 
 def test_norm_cache_follows_in_place_weight_changes():
