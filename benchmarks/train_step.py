@@ -41,7 +41,8 @@ def _peftlab(method: str, quantized: bool = False, **fields) -> Callable:
         if method not in peftlab.methods():
             raise RuntimeError(f"peftlab has no method {method!r} yet (has {peftlab.methods()})")
         model = loading.load(args, quantized=quantized)
-        peftlab.apply(model, peftlab.config_from_dict({"method": method, **fields}))
+        extra = {"compute_dtype": QLORA_DTYPES[args.dtype]} if method == "qlora" else {}
+        peftlab.apply(model, peftlab.config_from_dict({"method": method, **fields, **extra}))
         return model
 
     return build
@@ -52,6 +53,8 @@ def _peft(make_config: Callable, quantized: bool = False) -> Callable:
         import peft
 
         model = loading.load(args, quantized=quantized)
+        if quantized:  # the QLoRA recipe's preparation, without gradient checkpointing (as ours)
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return peft.get_peft_model(model, make_config(peft))
 
     return build
@@ -63,6 +66,7 @@ def _peft_lora(targets, **kw) -> Callable:
     )
 
 
+QLORA_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 QV = ["q_proj", "v_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 CONFIGS: dict[str, Callable] = {
@@ -76,9 +80,20 @@ CONFIGS: dict[str, Callable] = {
     # QLoRA: both sides adapt the very same bitsandbytes NF4 (double-quantized) base.
     "peftlab-qlora-all": _peftlab("qlora", quantized=True, target_modules="all-linear", **LORA),
     "peft-qlora-all": _peft(_peft_lora("all-linear"), quantized=True),
-    "peftlab-prefix": _peftlab("prefix", num_virtual_tokens=20),
+    # Prefix tuning, 20 virtual tokens: a plain prefix table (peft's default), and with the
+    # reparameterization MLP (peftlab's default; peft's prefix_projection) of width 512.
+    "peftlab-prefix": _peftlab("prefix", num_virtual_tokens=20, reparam=False),
     "peft-prefix": _peft(
         lambda peft: peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
+    ),
+    "peftlab-prefix-mlp": _peftlab("prefix", num_virtual_tokens=20, reparam_hidden=512),
+    "peft-prefix-mlp": _peft(
+        lambda peft: peft.PrefixTuningConfig(
+            num_virtual_tokens=20,
+            prefix_projection=True,
+            encoder_hidden_size=512,
+            task_type="CAUSAL_LM",
+        )
     ),
     "peftlab-adapter": _peftlab("adapter"),
     "full": _peftlab("full"),
@@ -200,6 +215,9 @@ def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, flo
         ("DoRA memory / peft DoRA", "peftlab-dora-all", "peft-dora-all", mem, 0.90),
         ("prefix step / peft", "peftlab-prefix", "peft-prefix", "step_s", 1.00),
         ("prefix memory / peft", "peftlab-prefix", "peft-prefix", mem, 1.00),
+        ("prefix+MLP step / peft", "peftlab-prefix-mlp", "peft-prefix-mlp", "step_s", 1.00),
+        ("prefix+MLP memory / peft", "peftlab-prefix-mlp", "peft-prefix-mlp", mem, 1.00),
+        ("full step / floor (info)", "full", "floor", "step_s", 99.0),
         ("QLoRA step / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", "step_s", 1.00),
         ("QLoRA memory / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", mem, 1.00),
     ]
