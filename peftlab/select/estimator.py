@@ -41,8 +41,14 @@ OPTIMIZER_BYTES = {
 }
 """Optimizer state bytes per trainable parameter (see module docstring)."""
 ATTENTION = ("sdpa", "eager")
-QKV = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-       "attention.self.query", "attention.self.key", "attention.self.value"}
+QKV = {
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+}
 O_PROJ = {"self_attn.o_proj", "attention.output.dense"}
 UP = {"mlp.gate_proj", "mlp.up_proj", "intermediate.dense"}
 DOWN = {"mlp.down_proj", "output.dense"}
@@ -78,7 +84,13 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> float:
-        return self.weights + self.gradients + self.optimizer_states + self.activations + self.workspace
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer_states
+            + self.activations
+            + self.workspace
+        )
 
     @property
     def beyond_load(self) -> float:
@@ -91,17 +103,40 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(peak=self.peak, beyond_load=self.beyond_load)
-        d["gb"] = {k: round(d[k] / GB, 3) for k in (
-            "weights", "gradients", "optimizer_states", "activations", "workspace", "peak", "inference")}
+        d["gb"] = {
+            k: round(d[k] / GB, 3)
+            for k in (
+                "weights",
+                "gradients",
+                "optimizer_states",
+                "activations",
+                "workspace",
+                "peak",
+                "inference",
+            )
+        }
         return d
 
     def table(self) -> str:
-        rows = ["weights", "gradients", "optimizer_states", "activations", "workspace", "peak", "inference"]
-        head = (f"{self.model} · {self.method} · batch {self.batch_size} × {self.seq_len} · {self.dtype} · "
-                f"{self.optimizer}{' · checkpointing' if self.gradient_checkpointing else ''} "
-                f"· trainable {self.trainable_params:,} of {self.total_params:,}")
-        return "\n".join([head] + [f"  {r:<17}{getattr(self, r) / GB:9.3f} GB" for r in rows]
-                         + [f"  (peak at {self.phase})"])
+        rows = [
+            "weights",
+            "gradients",
+            "optimizer_states",
+            "activations",
+            "workspace",
+            "peak",
+            "inference",
+        ]
+        head = (
+            f"{self.model} · {self.method} · batch {self.batch_size} × {self.seq_len} · {self.dtype} · "
+            f"{self.optimizer}{' · checkpointing' if self.gradient_checkpointing else ''} "
+            f"· trainable {self.trainable_params:,} of {self.total_params:,}"
+        )
+        return "\n".join(
+            [head]
+            + [f"  {r:<17}{getattr(self, r) / GB:9.3f} GB" for r in rows]
+            + [f"  (peak at {self.phase})"]
+        )
 
 
 def _lowrank_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:
@@ -120,11 +155,18 @@ def _lowrank_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int
 def _adapter_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:
     """Per token: an adapter saves its input (for the down-projection's weight gradient) and
     its activation's saved tensors (width m)."""
-    return sum(arch.hidden + p.adapter_act_saves * p.bottleneck for s in p.adapters if s in suffixes)
+    return sum(
+        arch.hidden + p.adapter_act_saves * p.bottleneck for s in p.adapters if s in suffixes
+    )
 
 
 def block_saved_elements(
-    arch: Architecture, p: MethodPlan, seq: int, attention: str, grad_in: bool, training: bool = True
+    arch: Architecture,
+    p: MethodPlan,
+    seq: int,
+    attention: str,
+    grad_in: bool,
+    training: bool = True,
 ) -> float:
     """Elements per token that autograd keeps for one block's backward.
 
@@ -179,7 +221,13 @@ def block_saved_elements(
         else:
             # q·kᵀ saves k only when q needs a gradient (not in block 0 without grad_in).
             k = arch.q_dim * f if (grad_in or lin & QKV) else 0
-            n += arch.q_dim + k + arch.q_dim * f + arch.heads * tk + (arch.q_dim if lin & O_PROJ else 0)
+            n += (
+                arch.q_dim
+                + k
+                + arch.q_dim * f
+                + arch.heads * tk
+                + (arch.q_dim if lin & O_PROJ else 0)
+            )
     elif lin & O_PROJ:
         n += arch.q_dim
     n += _lowrank_extra(p, arch, QKV | O_PROJ) + _adapter_extra(p, arch, O_PROJ)
@@ -195,8 +243,10 @@ def _activation_bytes(arch, p, batch, seq, attention, act_bytes, checkpointing, 
     s = seq + p.seq_extra
     tokens = batch * s
     grad0 = p.embeddings_trainable or p.seq_extra > 0 or checkpointing
-    blocks = [block_saved_elements(arch, p, s, attention, grad_in=(l > 0 or grad0), training=training)
-              for l in range(arch.layers)]
+    blocks = [
+        block_saved_elements(arch, p, s, attention, grad_in=(k > 0 or grad0), training=training)
+        for k in range(arch.layers)
+    ]
     if checkpointing:
         # Each block keeps only its input; in backward one block at a time is recomputed.
         per_token = arch.layers * arch.hidden + max(blocks)
@@ -205,7 +255,9 @@ def _activation_bytes(arch, p, batch, seq, attention, act_bytes, checkpointing, 
     h = arch.hidden
     if arch.family == BERT:
         emb = (h + 2 + (h if arch.dropout else 0)) if grad0 else 0
-        head = 4 * h * batch  # pooler input/tanh output, dropout mask, classifier input ([CLS] only)
+        head = (
+            4 * h * batch
+        )  # pooler input/tanh output, dropout mask, classifier input ([CLS] only)
         saved = (per_token + emb) * tokens * act_bytes + head * act_bytes
         return saved, 0.0
     final = h + 1 + (h if p.norms_trainable else 0) + (h if p.head_trainable else 0)
@@ -251,13 +303,19 @@ def estimate_memory(
         ConfigError: an unknown model, method, dtype, optimizer or attention, or a non-positive size.
     """
     if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"dtype={dtype!r} is invalid: dtype must be one of {', '.join(DTYPE_BYTES)}.")
+        raise ConfigError(
+            f"dtype={dtype!r} is invalid: dtype must be one of {', '.join(DTYPE_BYTES)}."
+        )
     if optimizer not in OPTIMIZER_BYTES:
-        raise ConfigError(f"optimizer={optimizer!r} is invalid: optimizer must be one of {', '.join(OPTIMIZER_BYTES)}.")
+        raise ConfigError(
+            f"optimizer={optimizer!r} is invalid: optimizer must be one of {', '.join(OPTIMIZER_BYTES)}."
+        )
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device={device!r} is invalid: device must be 'cuda' or 'cpu'.")
     if attention not in ATTENTION:
-        raise ConfigError(f"attention={attention!r} is invalid: attention must be 'sdpa' or 'eager'.")
+        raise ConfigError(
+            f"attention={attention!r} is invalid: attention must be 'sdpa' or 'eager'."
+        )
     for key, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key}={v!r} is invalid: {key} must be a positive integer.")
@@ -281,7 +339,9 @@ def estimate_memory(
         acts += arch.layers * sum(2 * shapes[s][1] for s in p.targets) * act_bytes
     dequant = 0.0
     if p.quantized:
-        compute = DTYPE_BYTES.get(str(fields.get("compute_dtype", "float32")).replace("torch.", ""), 4)
+        compute = DTYPE_BYTES.get(
+            str(fields.get("compute_dtype", "float32")).replace("torch.", ""), 4
+        )
         dequant = max(i * o for i, o, _ in shapes.values()) * compute
         if device == "cpu":
             per_block = sum(shapes[s][0] * shapes[s][1] for s in p.targets)
@@ -298,16 +358,37 @@ def estimate_memory(
         gradients, activations, workspace, phase = grads, 0.0, step_ws, "optimizer step"
     inference = _inference_bytes(arch, p, batch_size, seq_len, b, weights, method_params)
     return MemoryEstimate(
-        model=arch.name, method=name, config={"method": name, **fields}, batch_size=batch_size,
-        seq_len=seq_len, dtype=dtype, optimizer=optimizer, gradient_checkpointing=ckpt, attention=attention,
-        trainable_params=p.trainable, total_params=total + method_params, weights=weights,
-        gradients=gradients, optimizer_states=states, activations=activations, workspace=workspace,
-        phase=phase, loaded_weights=total * b, inference=inference,
+        model=arch.name,
+        method=name,
+        config={"method": name, **fields},
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        optimizer=optimizer,
+        gradient_checkpointing=ckpt,
+        attention=attention,
+        trainable_params=p.trainable,
+        total_params=total + method_params,
+        weights=weights,
+        gradients=gradients,
+        optimizer_states=states,
+        activations=activations,
+        workspace=workspace,
+        phase=phase,
+        loaded_weights=total * b,
+        inference=inference,
         detail={
-            "saved_activations": acts, "loss_workspace": loss_ws, "dequant_workspace": dequant,
-            "all_gradients": grads, "step_workspace": step_ws, "quantized_params": p.quantized,
-            "quant_bits": p.quant_bits, "device": device, "activation_bytes_per_element": act_bytes,
-            "backward_start_bytes": weights + states + bwd, "optimizer_step_bytes": weights + states + step,
+            "saved_activations": acts,
+            "loss_workspace": loss_ws,
+            "dequant_workspace": dequant,
+            "all_gradients": grads,
+            "step_workspace": step_ws,
+            "quantized_params": p.quantized,
+            "quant_bits": p.quant_bits,
+            "device": device,
+            "activation_bytes_per_element": act_bytes,
+            "backward_start_bytes": weights + states + bwd,
+            "optimizer_step_bytes": weights + states + step,
         },
     )
 
@@ -320,7 +401,9 @@ def _head(arch: Architecture) -> int:
 
 def _largest_trainable(arch: Architecture, p: MethodPlan) -> int:
     if p.method == "full":
-        return max(arch.vocab * arch.hidden, max(i * o for i, o, _ in arch.linear_shapes().values()))
+        return max(
+            arch.vocab * arch.hidden, max(i * o for i, o, _ in arch.linear_shapes().values())
+        )
     if p.prefix_mlp_hidden:
         return p.prefix_mlp_hidden * arch.layers * 2 * arch.kv_dim
     if p.kv_extra:
@@ -335,7 +418,11 @@ def _inference_bytes(arch, p, batch, seq, b, train_weights, method_params) -> fl
     if p.mergeable and not p.quantized:
         weights = arch.total_params() * b  # the update is folded in: the base model's size
     else:
-        weights = train_weights - method_params * (4 if p.upcast_non_quantized else b) + p.inference_extra_params * b
+        weights = (
+            train_weights
+            - method_params * (4 if p.upcast_non_quantized else b)
+            + p.inference_extra_params * b
+        )
     tokens = seq + p.kv_extra + p.seq_extra
     kv = 0 if arch.family == BERT else 2 * arch.layers * arch.kv_dim * tokens * batch * b
     transient = batch * (seq + p.seq_extra) * 2 * arch.intermediate * b + batch * arch.vocab * b

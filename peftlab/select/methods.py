@@ -36,10 +36,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"r": 8, "target_modules": "all-linear"},
     "dora": {"r": 8, "target_modules": "all-linear"},
     "qlora": {
-        "r": 8, "target_modules": "all-linear", "use_dora": False, "double_quant": True,
-        "blocksize": 64, "quant_type": "nf4", "gradient_checkpointing": False,
+        "r": 8,
+        "target_modules": "all-linear",
+        "use_dora": False,
+        "double_quant": True,
+        "blocksize": 64,
+        "quant_type": "nf4",
+        "gradient_checkpointing": False,
     },
-    "adapter": {"bottleneck": None, "reduction_factor": None, "placement": "houlsby", "activation": "relu"},
+    "adapter": {
+        "bottleneck": None,
+        "reduction_factor": None,
+        "placement": "houlsby",
+        "activation": "relu",
+    },
     "prefix": {"num_virtual_tokens": 20, "reparam": True, "reparam_hidden": 512},
     "ptuning-v2": {"num_virtual_tokens": 20, "reparam": False, "reparam_hidden": 512},
     "prompt": {"num_virtual_tokens": 20},
@@ -94,14 +104,21 @@ def method_fields(config: Any) -> tuple[str, dict[str, Any]]:
         name, given = config, {}
     elif isinstance(config, dict):
         if "method" not in config:
-            raise ConfigError("a method config dict needs a 'method' key, e.g. {'method': 'lora', 'r': 8}")
+            raise ConfigError(
+                "a method config dict needs a 'method' key, e.g. {'method': 'lora', 'r': 8}"
+            )
         name, given = config["method"], {k: v for k, v in config.items() if k != "method"}
     else:
         name, given = config.method, config.to_dict()
         given.pop("method", None)
     if name not in DEFAULTS:
-        raise ConfigError(f"the memory estimator has no model of method {name!r}; known: {', '.join(DEFAULTS)}")
-    return name, {**DEFAULTS[name], **{k: v for k, v in given.items() if k in DEFAULTS[name] or k == "modules_to_save"}}
+        raise ConfigError(
+            f"the memory estimator has no model of method {name!r}; known: {', '.join(DEFAULTS)}"
+        )
+    return name, {
+        **DEFAULTS[name],
+        **{k: v for k, v in given.items() if k in DEFAULTS[name] or k == "modules_to_save"},
+    }
 
 
 def _block_prefix(arch: Architecture) -> str:
@@ -117,9 +134,15 @@ def match_targets(arch: Architecture, target_modules: Any) -> list[str]:
     if target_modules == "all-linear":
         return suffixes
     if isinstance(target_modules, str):
-        return [s for s, n in names.items() if re.fullmatch(target_modules, n) or re.fullmatch(
-            target_modules, n.replace(".0.", ".1."))]
-    hits = [s for s, n in names.items() if any(n == t or n.endswith("." + t) for t in target_modules)]
+        return [
+            s
+            for s, n in names.items()
+            if re.fullmatch(target_modules, n)
+            or re.fullmatch(target_modules, n.replace(".0.", ".1."))
+        ]
+    hits = [
+        s for s, n in names.items() if any(n == t or n.endswith("." + t) for t in target_modules)
+    ]
     if not hits:
         raise ConfigError(
             f"target_modules={target_modules!r} matches no linear layer of {arch.name}; its "
@@ -151,19 +174,34 @@ def plan(arch: Architecture, config: Any) -> MethodPlan:
         total = arch.total_params()
         frozen = arch.vocab * d if f["freeze_embeddings"] else 0
         return MethodPlan(
-            name, total - frozen, {s: 0 for s in shapes}, head_trainable=True, norms_trainable=True,
-            embeddings_trainable=not f["freeze_embeddings"], mergeable=True,
+            name,
+            total - frozen,
+            {s: 0 for s in shapes},
+            head_trainable=True,
+            norms_trainable=True,
+            embeddings_trainable=not f["freeze_embeddings"],
+            mergeable=True,
         )
     if name in ("lora", "dora", "qlora"):
         r = int(f["r"])
         dora = name == "dora" or bool(f.get("use_dora"))
         targets = match_targets(arch, f["target_modules"])
-        per_block = sum(r * (shapes[s][0] + shapes[s][1]) + (shapes[s][1] if dora else 0) for s in targets)
+        per_block = sum(
+            r * (shapes[s][0] + shapes[s][1]) + (shapes[s][1] if dora else 0) for s in targets
+        )
         # BERT's pooler is a linear layer outside the blocks that "all-linear" also targets.
-        pooler = r * 2 * d + (d if dora else 0) if arch.family == BERT and f["target_modules"] == "all-linear" else 0
+        pooler = (
+            r * 2 * d + (d if dora else 0)
+            if arch.family == BERT and f["target_modules"] == "all-linear"
+            else 0
+        )
         p = MethodPlan(
-            name, L * per_block + pooler + extra_head, dict.fromkeys(targets, r), dora=dora,
-            head_trainable=head_trainable, mergeable=True,
+            name,
+            L * per_block + pooler + extra_head,
+            dict.fromkeys(targets, r),
+            dora=dora,
+            head_trainable=head_trainable,
+            mergeable=True,
         )
         if name == "qlora":
             p.quantized = L * sum(shapes[s][0] * shapes[s][1] for s in targets)
@@ -174,13 +212,21 @@ def plan(arch: Architecture, config: Any) -> MethodPlan:
     if name == "adapter":
         m = f["bottleneck"] or d // (f["reduction_factor"] or 16)
         # After the attention output projection and the feed-forward output projection.
-        places = ["attention.output.dense", "output.dense"] if arch.family == BERT else [
-            "self_attn.o_proj", "mlp.down_proj"]
+        places = (
+            ["attention.output.dense", "output.dense"]
+            if arch.family == BERT
+            else ["self_attn.o_proj", "mlp.down_proj"]
+        )
         if f["placement"] == "pfeiffer":
             places = places[1:]
         n = L * len(places) * (2 * d * m + m + d)
         return MethodPlan(
-            name, n + extra_head, {}, adapters=places, bottleneck=m, head_trainable=head_trainable,
+            name,
+            n + extra_head,
+            {},
+            adapters=places,
+            bottleneck=m,
+            head_trainable=head_trainable,
             adapter_act_saves=2 if f["activation"] in ("gelu", "swish", "silu") else 1,
             inference_extra_params=n,
         )
@@ -191,14 +237,23 @@ def plan(arch: Architecture, config: Any) -> MethodPlan:
         n = p_tok * d + d * hid + hid + hid * width + width if hid else p_tok * width
         head = _default_head(arch, f)
         return MethodPlan(
-            name, n + (_head_params(arch) if head else 0), {}, kv_extra=p_tok, prefix_mlp_hidden=hid,
-            head_trainable=head, inference_extra_params=p_tok * width,
+            name,
+            n + (_head_params(arch) if head else 0),
+            {},
+            kv_extra=p_tok,
+            prefix_mlp_hidden=hid,
+            head_trainable=head,
+            inference_extra_params=p_tok * width,
         )
     # prompt
     p_tok = int(f["num_virtual_tokens"])
     head = _default_head(arch, f)
     return MethodPlan(
-        name, p_tok * d + (_head_params(arch) if head else 0), {}, seq_extra=p_tok, head_trainable=head,
+        name,
+        p_tok * d + (_head_params(arch) if head else 0),
+        {},
+        seq_extra=p_tok,
+        head_trainable=head,
         inference_extra_params=p_tok * d,
     )
 

@@ -118,28 +118,119 @@ class Architecture:
 
 
 def _llama(name, layers, hidden, inter, heads, kv, vocab, tied, source, **kw) -> Architecture:
-    return Architecture(name, LLAMA, layers, hidden, inter, heads, kv, vocab, tied, source=source, **kw)
+    return Architecture(
+        name, LLAMA, layers, hidden, inter, heads, kv, vocab, tied, source=source, **kw
+    )
 
 
 PRESETS: dict[str, Architecture] = {
     a.name: a
     for a in [
-        _llama("llama-7b", 32, 4096, 11008, 32, 32, 32000, False, "huggyllama/llama-7b config.json"),
-        _llama("llama-13b", 40, 5120, 13824, 40, 40, 32000, False, "huggyllama/llama-13b config.json"),
-        _llama("llama-33b", 60, 6656, 17920, 52, 52, 32000, False, "huggyllama/llama-30b config.json"),
-        _llama("llama-65b", 80, 8192, 22016, 64, 64, 32000, False, "huggyllama/llama-65b config.json"),
-        _llama("llama-2-7b", 32, 4096, 11008, 32, 32, 32000, False, "meta-llama/Llama-2-7b-hf config.json"),
-        _llama("llama-2-13b", 40, 5120, 13824, 40, 40, 32000, False, "meta-llama/Llama-2-13b-hf config.json"),
-        _llama("llama-2-70b", 80, 8192, 28672, 64, 8, 32000, False, "meta-llama/Llama-2-70b-hf config.json"),
-        _llama("llama-3-8b", 32, 4096, 14336, 32, 8, 128256, False, "meta-llama/Meta-Llama-3-8B config.json"),
-        _llama("mistral-7b", 32, 4096, 14336, 32, 8, 32000, False, "mistralai/Mistral-7B-v0.1 config.json"),
         _llama(
-            "qwen2.5-7b", 28, 3584, 18944, 28, 4, 152064, False, "Qwen/Qwen2.5-7B config.json", qkv_bias=True
+            "llama-7b", 32, 4096, 11008, 32, 32, 32000, False, "huggyllama/llama-7b config.json"
         ),
-        _llama("smollm2-135m", 30, 576, 1536, 9, 3, 49152, True, "HuggingFaceTB/SmolLM2-135M config.json"),
+        _llama(
+            "llama-13b", 40, 5120, 13824, 40, 40, 32000, False, "huggyllama/llama-13b config.json"
+        ),
+        _llama(
+            "llama-33b", 60, 6656, 17920, 52, 52, 32000, False, "huggyllama/llama-30b config.json"
+        ),
+        _llama(
+            "llama-65b", 80, 8192, 22016, 64, 64, 32000, False, "huggyllama/llama-65b config.json"
+        ),
+        _llama(
+            "llama-2-7b",
+            32,
+            4096,
+            11008,
+            32,
+            32,
+            32000,
+            False,
+            "meta-llama/Llama-2-7b-hf config.json",
+        ),
+        _llama(
+            "llama-2-13b",
+            40,
+            5120,
+            13824,
+            40,
+            40,
+            32000,
+            False,
+            "meta-llama/Llama-2-13b-hf config.json",
+        ),
+        _llama(
+            "llama-2-70b",
+            80,
+            8192,
+            28672,
+            64,
+            8,
+            32000,
+            False,
+            "meta-llama/Llama-2-70b-hf config.json",
+        ),
+        _llama(
+            "llama-3-8b",
+            32,
+            4096,
+            14336,
+            32,
+            8,
+            128256,
+            False,
+            "meta-llama/Meta-Llama-3-8B config.json",
+        ),
+        _llama(
+            "mistral-7b",
+            32,
+            4096,
+            14336,
+            32,
+            8,
+            32000,
+            False,
+            "mistralai/Mistral-7B-v0.1 config.json",
+        ),
+        _llama(
+            "qwen2.5-7b",
+            28,
+            3584,
+            18944,
+            28,
+            4,
+            152064,
+            False,
+            "Qwen/Qwen2.5-7B config.json",
+            qkv_bias=True,
+        ),
+        _llama(
+            "smollm2-135m",
+            30,
+            576,
+            1536,
+            9,
+            3,
+            49152,
+            True,
+            "HuggingFaceTB/SmolLM2-135M config.json",
+        ),
         Architecture(
-            "minilm-l6", BERT, 6, 384, 1536, 12, 12, 30522, False, max_positions=512, type_vocab=2,
-            num_labels=2, dropout=0.1, source="sentence-transformers/all-MiniLM-L6-v2 config.json",
+            "minilm-l6",
+            BERT,
+            6,
+            384,
+            1536,
+            12,
+            12,
+            30522,
+            False,
+            max_positions=512,
+            type_vocab=2,
+            num_labels=2,
+            dropout=0.1,
+            source="sentence-transformers/all-MiniLM-L6-v2 config.json",
         ),
     ]
 }
@@ -152,19 +243,37 @@ def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
         archs = cfg.get("architectures") or []
         classifier = any("SequenceClassification" in a for a in archs) or "num_labels" in cfg
         return Architecture(
-            name, BERT, cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
-            cfg["num_attention_heads"], cfg["num_attention_heads"], cfg["vocab_size"], False,
-            max_positions=cfg.get("max_position_embeddings", 512), type_vocab=cfg.get("type_vocab_size", 2),
+            name,
+            BERT,
+            cfg["num_hidden_layers"],
+            cfg["hidden_size"],
+            cfg["intermediate_size"],
+            cfg["num_attention_heads"],
+            cfg["num_attention_heads"],
+            cfg["vocab_size"],
+            False,
+            max_positions=cfg.get("max_position_embeddings", 512),
+            type_vocab=cfg.get("type_vocab_size", 2),
             num_labels=cfg.get("num_labels", 2) if classifier else 2,
-            dropout=max(cfg.get("hidden_dropout_prob", 0.1), cfg.get("attention_probs_dropout_prob", 0.1)),
+            dropout=max(
+                cfg.get("hidden_dropout_prob", 0.1), cfg.get("attention_probs_dropout_prob", 0.1)
+            ),
             source="config.json",
         )
     if mtype in _LLAMA_TYPES:
         heads = cfg["num_attention_heads"]
         return Architecture(
-            name, LLAMA, cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], heads,
-            cfg.get("num_key_value_heads") or heads, cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)),
-            head_dim=cfg.get("head_dim"), qkv_bias=bool(cfg.get("attention_bias", mtype == "qwen2")),
+            name,
+            LLAMA,
+            cfg["num_hidden_layers"],
+            cfg["hidden_size"],
+            cfg["intermediate_size"],
+            heads,
+            cfg.get("num_key_value_heads") or heads,
+            cfg["vocab_size"],
+            bool(cfg.get("tie_word_embeddings", False)),
+            head_dim=cfg.get("head_dim"),
+            qkv_bias=bool(cfg.get("attention_bias", mtype == "qwen2")),
             source="config.json",
         )
     raise ConfigError(
