@@ -362,6 +362,8 @@ def _resolve(config, overrides: list[str] | None, resume: bool) -> TrainConfig:
         config = config.to_dict()
     if isinstance(config, str | Path):
         path = Path(config)
+        if resume and not path.exists():
+            raise ConfigError(f"--resume {path}: no such run directory")
         if resume and path.is_dir():
             if not (path / "config.yaml").is_file():
                 raise ConfigError(

@@ -126,6 +126,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
     a, b = _losses(full), _losses(killed)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     diffs = [abs(a[s] - b[s]) for s in range(9, 13)]
+    print(
+        f"resume: steps 9-12 max |loss diff| {max(diffs):.3g}, bit-identical: {diffs == [0.0] * 4}"
+    )
     assert max(diffs) <= 1e-6, (a, b)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_from"] == "step-0000008" and summary["status"] == "completed"
@@ -168,27 +171,37 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
     assert summary["processes"] == 2
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-5, (a, b)
+    diff = max(abs(a[s] - b[s]) for s in a)
+    print(f"DDP 2x2 vs 1x4: max |loss diff| over {len(a)} steps {diff:.3g}")
+    assert diff <= 1e-5, (a, b)
 
 
-def test_cli_errors(tiny_dir, tmp_path):
+def test_cli_errors(tiny_dir, tmp_path, capsys):
+    """The CLI in-process (the subprocess path is exercised above): each bad input exits 2
+    with a message naming the key or file."""
+    from peftlab.cli import main
+
     cfg = _config(tmp_path, tiny_dir, max_steps=1, save_every=0, eval_size=0)
-    bad = _peftlab("train", str(cfg), "learning_rate=1", check=False)
-    assert (
-        bad.returncode == 2 and "unknown config key(s) ['learning_rate']; known keys:" in bad.stderr
-    )
-    bad = _peftlab("train", str(cfg), "method=lorra", check=False)
-    assert bad.returncode == 2 and "unknown method 'lorra'" in bad.stderr
-    bad = _peftlab(
-        "train", str(cfg), "data=missing.jsonl", f"output_dir={tmp_path / 'x'}", check=False
-    )
-    assert bad.returncode == 2 and "data file missing.jsonl does not exist" in bad.stderr
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(["train", str(cfg), *args])
+        return code, capsys.readouterr().err
+
+    code, err = run("learning_rate=1")
+    assert code == 2 and "unknown config key(s) ['learning_rate']; known keys:" in err
+    code, err = run("method=lorra")
+    assert code == 2 and "unknown method 'lorra'" in err
+    code, err = run("data=missing.jsonl", f"output_dir={tmp_path / 'x'}")
+    assert code == 2 and "data file missing.jsonl does not exist" in err
     out = tmp_path / "run"
-    _peftlab("train", str(cfg), f"output_dir={out}")
-    again = _peftlab("train", str(cfg), f"output_dir={out}", check=False)
-    assert again.returncode == 2 and f"output_dir {out} is not empty" in again.stderr
-    assert "overwrite=true" in again.stderr
-    _peftlab("train", str(cfg), f"output_dir={out}", "overwrite=true")
+    assert run(f"output_dir={out}")[0] == 0
+    code, err = run(f"output_dir={out}")
+    assert code == 2 and f"output_dir {out} is not empty" in err and "overwrite=true" in err
+    assert run(f"output_dir={out}", "overwrite=true")[0] == 0
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "no config.yaml there, so it holds no peftlab run" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -208,9 +221,9 @@ def test_smollm2_lora_learns_a_builtin_task(tmp_path):
         str(cfg),
         f"output_dir={out}",
         "data=builtin:max",
-        "data_size=400",
+        "data_size=200",
         "eval_size=24",
-        "max_steps=30",
+        "max_steps=16",
         "batch_size=8",
         "lr=2e-3",
         "warmup_steps=3",
@@ -223,7 +236,7 @@ def test_smollm2_lora_learns_a_builtin_task(tmp_path):
     )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     losses = _losses(out)
-    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (14, 15, 16)) / 3
     print(
         f"loss {first:.3f} -> {last:.3f}; exact match {summary['eval_before']} -> {summary['eval_after']}"
     )
