@@ -96,6 +96,7 @@ def plan(
     seed: int = 0,
     device: str | None = None,
     train_overrides: dict | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """The worker specs of a comparison, one per method and seed (see :func:`compare`)."""
     import torch
@@ -151,7 +152,7 @@ def plan(
                 # Full fine-tuning moves every weight, so it needs a far smaller step size.
                 "lr": lr_full if trains_base else lr,
                 "device": device,
-                "threads": None,
+                "threads": threads,
                 "inference": {
                     "new_tokens": budget.new_tokens,
                     "repeats": budget.repeats,
@@ -255,7 +256,7 @@ def compare(
         report: write ``report.md`` / ``report.html`` and print the summary table.
         echo: print progress lines.
         **settings: further :func:`plan` keywords (``batch_size``, ``max_length``, ``lr``,
-            ``lr_full``, ``method_args``, ``seed``, ``device``, ``train_overrides``).
+            ``lr_full``, ``method_args``, ``seed``, ``device``, ``train_overrides``, ``threads``).
     """
     specs = plan(methods, model, data, steps, seeds, out, quick, **settings)
     out = Path(out).resolve()
@@ -398,6 +399,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="training-config key for every run, e.g. --train data_size=2000 "
         "--train eval_data=dev.tsv --train text_column=sentence (repeatable)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (default: torch's choice; 1 is faster on an oversubscribed machine)",
+    )
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     p.add_argument(
         "--timeout",
@@ -424,5 +430,6 @@ def _cli(a: argparse.Namespace) -> int:
         lr_full=a.lr_full,
         method_args=_method_args(a.set),
         train_overrides=_train_overrides(a.train),
+        threads=a.threads,
     )
     return 0 if all(r["train_info"]["status"] == "ok" for r in res["results"]) else 1
