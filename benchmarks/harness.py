@@ -91,15 +91,22 @@ def drive(
     timeout: float = 900,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    budget_s: float | None = None,
 ) -> dict[str, list[dict]]:
     """Run every configuration ``repeats`` times, each in a fresh process, taking turns.
 
     Each repeat uses a new random order (seeded), so slow drift of the machine's load does
-    not favour whoever always runs first. Returns config → list of worker results.
+    not favour whoever always runs first. Past ``budget_s`` seconds no new repeat starts
+    (the medians then rest on fewer repeats; ``n`` says how many). Returns config → list
+    of worker results.
     """
     rng = random.Random(seed)
     results: dict[str, list[dict]] = {c: [] for c in configs}
+    start = time.perf_counter()
     for rep in range(repeats):
+        if budget_s is not None and rep and time.perf_counter() - start > budget_s:
+            log(f"time budget of {budget_s:.0f} s spent: stopping after {rep} repeats")
+            break
         order = list(configs)
         rng.shuffle(order)
         for config in order:

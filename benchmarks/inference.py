@@ -160,6 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="driver: also write all raw results and medians here")
+    p.add_argument("--budget-s", type=float, help="driver: start no new repeat after this long")
     return p.parse_args(argv)
 
 
@@ -184,7 +185,12 @@ def main(argv=None) -> int:
         flush=True,
     )
     raw = harness.drive(
-        "inference", configs, args.repeats, wargs, log=lambda s: print(s, flush=True)
+        "inference",
+        configs,
+        args.repeats,
+        wargs,
+        log=lambda s: print(s, flush=True),
+        budget_s=args.budget_s,
     )
     med = harness.medians(raw)
     rows = report(med)

@@ -113,7 +113,9 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     t0 = time.perf_counter()
     model = CONFIGS[args.config](args)
-    model.to(device).train()
+    if not getattr(model, "hf_device_map", None):  # a bitsandbytes model is placed already
+        model.to(device)
+    model.train()
     load_s = time.perf_counter() - t0
     ids = make_batch(args, model.config.vocab_size, device)
     floor = args.config == "floor"
@@ -251,6 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="driver: also write all raw results and medians here")
+    p.add_argument("--budget-s", type=float, help="driver: start no new repeat after this long")
     return p.parse_args(argv)
 
 
@@ -278,7 +281,12 @@ def main(argv=None) -> int:
         flush=True,
     )
     raw = harness.drive(
-        "train_step", configs, args.repeats, worker_args(args), log=lambda s: print(s, flush=True)
+        "train_step",
+        configs,
+        args.repeats,
+        worker_args(args),
+        log=lambda s: print(s, flush=True),
+        budget_s=args.budget_s,
     )
     med = harness.medians(raw)
     rows = report(med)
