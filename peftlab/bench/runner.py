@@ -239,6 +239,7 @@ def compare(
     timeout: float | None = None,
     report: bool = True,
     echo: bool = True,
+    report_only: bool = False,
     **settings,
 ) -> dict:
     """Compare PEFT methods on one model and dataset; returns ``{"results": [...], "out": dir}``.
@@ -255,6 +256,8 @@ def compare(
         timeout: seconds after which one run is stopped and recorded as failed.
         report: write ``report.md`` / ``report.html`` and print the summary table.
         echo: print progress lines.
+        report_only: run nothing; rewrite the report from the results already in ``out``
+            (a comparison still in progress, or one stopped part-way).
         **settings: further :func:`plan` keywords (``batch_size``, ``max_length``, ``lr``,
             ``lr_full``, ``method_args``, ``seed``, ``device``, ``train_overrides``, ``threads``).
     """
@@ -266,6 +269,12 @@ def compare(
     for i, spec in enumerate(specs, 1):
         path = Path(spec["result_path"])
         done = _load(path)
+        if report_only:
+            if done is not None:
+                results.append(done)
+            elif echo:
+                print(f"[{i}/{len(specs)}] {spec['name']}: not run yet, left out of the report")
+            continue
         if done is not None and (done["train_info"]["status"] == "ok" or not retry_failed):
             if echo:
                 print(
@@ -293,7 +302,11 @@ def compare(
                 f"[{i}/{len(specs)}] {spec['name']}: {what} ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    if report:
+    if report_only and not results:
+        raise ConfigError(
+            f"{out} holds no results of this comparison yet; run it without --report-only"
+        )
+    if report and results:
         from peftlab.bench.report import write_report
 
         paths = write_report(out, results, echo=echo)
@@ -404,6 +417,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="torch threads per run (default: torch's choice; 1 is faster on an oversubscribed machine)",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing; rewrite the report from the results already in --out",
+    )
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     p.add_argument(
         "--timeout",
@@ -431,5 +449,6 @@ def _cli(a: argparse.Namespace) -> int:
         method_args=_method_args(a.set),
         train_overrides=_train_overrides(a.train),
         threads=a.threads,
+        report_only=a.report_only,
     )
     return 0 if all(r["train_info"]["status"] == "ok" for r in res["results"]) else 1

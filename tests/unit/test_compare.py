@@ -307,5 +307,14 @@ def test_resume_skips_done_runs_and_refuses_other_settings(tmp_path, monkeypatch
     assert calls == ["lora", "dora"]  # nothing rerun; the failure stays recorded
     runner.compare(["lora", "dora"], retry_failed=True, **kw)
     assert calls == ["lora", "dora", "dora"]
+    (tmp_path / "dora.json").unlink()
+    res = runner.compare(["lora", "dora"], report_only=True, **{**kw, "report": True})
+    assert calls == ["lora", "dora", "dora"]  # report_only runs nothing
+    assert [r["run_info"]["method"] for r in res["results"]] == ["lora"]
+    assert "| lora |" in (tmp_path / "report.md").read_text()
+    (tmp_path / "lora.json").unlink()
+    with pytest.raises(ConfigError, match="no results"):
+        runner.compare(["lora", "dora"], report_only=True, **kw)
+    runner.compare(["lora"], **kw)
     with pytest.raises(ConfigError, match="different settings"):
         runner.compare(["lora"], steps=3, **kw)
