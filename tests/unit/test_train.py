@@ -204,9 +204,16 @@ def test_transformers_trainer_trains_a_peftlab_model(tmp_path):
     peftlab.save_adapter(model, tmp_path / "a")
 
 
-def test_bf16_autocast_on_cpu_and_fp16_refused(tiny_dir, tmp_path):
+def test_bf16_with_checkpointing_on_cpu_and_fp16_refused(tiny_dir, tmp_path):
     summary = train(
-        _cfg(tiny_dir, tmp_path / "bf16", mixed_precision="bf16", max_steps=2, eval_size=0)
+        _cfg(
+            tiny_dir,
+            tmp_path / "bf16",
+            mixed_precision="bf16",
+            max_steps=2,
+            eval_size=0,
+            gradient_checkpointing=True,
+        )
     )
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     with pytest.raises(ConfigError, match="fp16' needs a CUDA device"):
