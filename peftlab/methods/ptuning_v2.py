@@ -4,9 +4,9 @@
 
 The mechanism is Prefix-Tuning's (:mod:`peftlab.methods.prefix`, reused, not copied); what
 P-Tuning v2 changes is the recipe: the prompts are trained directly, without the
-reparameterization MLP (the paper finds it unhelpful or harmful on NLU tasks), and for
-classification the model's new head trains with them — ``modules_to_save`` defaults to the head
-of a ``*ForSequenceClassification`` model. This is the "deep" variant; the input-only soft
+reparameterization MLP (the paper finds its benefit depends on the task and data set, so it is
+an option, off by default), and for classification the model's new head trains with them —
+``modules_to_save`` defaults to the head of a ``*ForSequenceClassification`` model. This is the "deep" variant; the input-only soft
 prompt that is sometimes called P-Tuning v2 is :mod:`peftlab.methods.prompt`.
 """
 
