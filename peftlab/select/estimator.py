@@ -294,10 +294,11 @@ def estimate_memory(
         gradient_checkpointing: recompute activations in backward (QLoRA's own
             ``gradient_checkpointing`` field turns it on too).
         attention: "sdpa" (transformers' default) or "eager".
-        device: "cuda" or "cpu". Matters for 4-bit layers: bitsandbytes' CPU path dequantizes
-            each weight and calls ``F.linear``, so autograd keeps every dequantized weight
-            (in×out in the compute dtype) until backward; on CUDA its ``MatMul4Bit`` keeps only
-            the packed 4-bit weight.
+        device: "cuda" or "cpu". Matters for 4-bit layers: on the CPU, a layer whose input
+            width is not a multiple of the blocksize goes through peftlab's dequantize-and-
+            ``F.linear`` fallback, so autograd keeps its dequantized weight (in×out in the
+            compute dtype) until backward; bitsandbytes' ``MatMul4Bit`` keeps only the packed
+            4-bit weight.
 
     Raises:
         ConfigError: an unknown model, method, dtype, optimizer or attention, or a non-positive size.
@@ -344,8 +345,13 @@ def estimate_memory(
         )
         dequant = max(i * o for i, o, _ in shapes.values()) * compute
         if device == "cpu":
-            per_block = sum(shapes[s][0] * shapes[s][1] for s in p.targets)
-            qkv = sum(shapes[s][0] * shapes[s][1] for s in p.targets if s in QKV)
+            # peftlab's CPU fallback for widths bitsandbytes' kernel cannot block evenly
+            # (in_features % blocksize != 0) dequantizes and calls F.linear: autograd keeps the
+            # dequantized weight. bitsandbytes' own MatMul4Bit keeps only the packed weight.
+            bs = int(fields.get("blocksize", 64))
+            dense = [s for s in p.targets if shapes[s][0] % bs]
+            per_block = sum(shapes[s][0] * shapes[s][1] for s in dense)
+            qkv = sum(shapes[s][0] * shapes[s][1] for s in dense if s in QKV)
             # Block 0's q/k/v inputs need no gradient (nothing before them trains).
             acts += (per_block if ckpt else arch.layers * per_block - qkv) * compute
     largest = _largest_trainable(arch, p)
