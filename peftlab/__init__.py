@@ -29,6 +29,8 @@ from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
 from peftlab.methods.prompt import PromptTuningConfig
 from peftlab.methods.ptuning_v2 import PTuningV2Config
 from peftlab.methods.qlora import QLoRAConfig
+from peftlab.select.estimator import estimate_memory
+from peftlab.select.recommend import recommend
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,7 @@ __all__ = [
     "compare",
     "config_from_dict",
     "disable_adapters",
+    "estimate_memory",
     "fold_prefix",
     "load_adapter",
     "load_config",
@@ -59,6 +62,7 @@ __all__ = [
     "merge_and_unload",
     "methods",
     "read_adapter_config",
+    "recommend",
     "save_adapter",
     "set_adapter",
     "trainable_parameters",

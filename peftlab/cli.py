@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     ("peftlab.demo", "add_parser"),
     ("peftlab.bench.runner", "add_parser"),
     ("peftlab.train", "add_parser"),
+    ("peftlab.select.recommend", "add_parsers"),
 ]
 
 

@@ -1,0 +1,461 @@
+"""``peftlab recommend``: rank every method for a model, a memory budget and a task.
+
+For each method the recommender searches a small ladder of configurations (rank or size,
+targets, micro-batch with gradient accumulation, gradient checkpointing) for the best one
+whose *predicted* peak (:func:`peftlab.select.estimator.estimate_memory`) fits in
+``HEADROOM`` × the budget, then ranks the methods: those that fit first, then by a score
+
+    score = w_q · quality + (1 − w_q) · speed − (0.3 · inference overhead if latency-critical)
+
+with ``w_q`` = 0.85 / 0.65 / 0.45 for ``--quality highest / high / balanced``. Quality and
+speed are priors from the papers (``PRIORS``, sources in docs/estimator.md) unless
+``--results DIR`` points at a ``peftlab compare`` output, whose measured tokens/s, final eval
+metric and inference latency ratios replace them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from peftlab.core.config import ConfigError
+from peftlab.select.estimator import GB, OPTIMIZER_BYTES, estimate_memory
+from peftlab.select.methods import DEFAULTS, MERGEABLE
+from peftlab.select.presets import BERT, resolve_architecture
+
+TASKS = ("generation", "classification", "multi-task")
+QUALITY_WEIGHT = {"highest": 0.85, "high": 0.65, "balanced": 0.45}
+HEADROOM = 0.9
+"""Share of the budget a plan may use: the rest is for the CUDA context, allocator
+fragmentation and the framework's own buffers."""
+
+# quality per task (generation, classification, multi-task), relative training speed vs LoRA,
+# inference overhead (0 = none), and the overhead in words.
+PRIORS: dict[str, dict[str, Any]] = {
+    "full": {
+        "quality": (1.00, 1.00, 0.95),
+        "speed": 0.75,
+        "overhead": 0.0,
+        "inference": "none (a new full model)",
+    },
+    "lora": {
+        "quality": (0.95, 0.96, 0.95),
+        "speed": 1.00,
+        "overhead": 0.0,
+        "inference": "none once merged",
+    },
+    "dora": {
+        "quality": (0.97, 0.97, 0.96),
+        "speed": 0.68,
+        "overhead": 0.0,
+        "inference": "none once merged",
+    },
+    "qlora": {
+        "quality": (0.94, 0.95, 0.93),
+        "speed": 0.70,
+        "overhead": 0.0,
+        "inference": "none once merged into 16-bit weights",
+    },
+    "adapter": {
+        "quality": (0.90, 0.95, 0.95),
+        "speed": 1.05,
+        "overhead": 0.10,
+        "inference": "two small MLPs per block (not mergeable)",
+    },
+    "prefix": {
+        "quality": (0.80, 0.85, 0.82),
+        "speed": 1.10,
+        "overhead": 0.10,
+        "inference": "p extra key/value positions per layer",
+    },
+    "ptuning-v2": {
+        "quality": (0.80, 0.93, 0.85),
+        "speed": 1.10,
+        "overhead": 0.10,
+        "inference": "p extra key/value positions per layer",
+    },
+    "prompt": {
+        "quality": (0.65, 0.75, 0.70),
+        "speed": 1.10,
+        "overhead": 0.05,
+        "inference": "p extra input tokens",
+    },
+}
+
+
+@dataclasses.dataclass
+class Recommendation:
+    method: str
+    fits: bool
+    peak_memory_gb: float
+    reason: str
+    config: dict
+    quality: float
+    speed: float
+    inference_overhead: str
+    score: float
+    source: str
+    """"priors" or "measured" (from --results)."""
+    available: bool
+    breakdown_gb: dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _ladder(method: str, arch, quality: str) -> list[dict]:
+    """Method settings to try, best quality first."""
+    ranks = {"highest": [64, 32, 16, 8], "high": [16, 32, 8], "balanced": [8, 16, 4]}[quality]
+    qv = ["query", "value"] if arch.family == BERT else ["q_proj", "v_proj"]
+    if method in ("lora", "dora", "qlora"):
+        return [{"r": r, "target_modules": t} for t in ("all-linear", qv) for r in ranks]
+    if method == "adapter":
+        return [{"reduction_factor": f} for f in (16, 32, 64)]
+    if method in ("prefix", "ptuning-v2", "prompt"):
+        return [{"num_virtual_tokens": n} for n in (20, 10)]
+    return [{}]
+
+
+def _plan_method(method, arch, budget, seq, batch, dtype, optimizer, device, quality):
+    """The first ladder setting that fits: (config, estimate, micro-batch, checkpointing) or the
+    smallest plan tried (with fits False)."""
+    micro_batches = [b for b in (batch, 8, 4, 2, 1) if b <= batch]
+    smallest = None
+    for settings in _ladder(method, arch, quality):
+        for ckpt in (False, True):
+            for micro in dict.fromkeys(micro_batches):
+                cfg = {"method": method, **settings}
+                if method == "qlora":
+                    cfg["gradient_checkpointing"] = ckpt
+                    cfg["compute_dtype"] = "float32" if dtype in ("float32", "fp32") else "bfloat16"
+                est = estimate_memory(arch, cfg, micro, seq, dtype, optimizer, ckpt, "sdpa", device)
+                if smallest is None or est.peak < smallest[1].peak:
+                    smallest = (cfg, est, micro, ckpt)
+                if est.peak <= HEADROOM * budget:
+                    return cfg, est, micro, ckpt, True
+    return (*smallest, False)
+
+
+def _measured(results: str | Path | None) -> dict[str, dict]:
+    """Per method from a ``peftlab compare`` directory: ``tokens_per_s``, a quality value and an
+    inference latency ratio. Fields read (missing ones are skipped): ``run_info.method``,
+    ``train_info.tokens_per_s``, ``train_info.eval`` (first of eval_accuracy / eval_exact_match /
+    any accuracy-like key; else eval_loss, lower is better), ``train_info.inference.
+    merged_vs_base.prefill_latency_ratio`` (else ``unmerged_vs_base``)."""
+    if not results:
+        return {}
+    root = Path(results)
+    if not root.is_dir():
+        raise ConfigError(
+            f"--results {root} is not a directory; pass the output directory of `peftlab compare`"
+        )
+    found: dict[str, dict] = {}
+    for path in sorted(root.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        run, train = data.get("run_info") or {}, data.get("train_info") or {}
+        method = run.get("method")
+        if method not in PRIORS or train.get("status", "ok") != "ok":
+            continue
+        ev = train.get("eval") or {}
+        acc = next(
+            (
+                v
+                for k, v in ev.items()
+                if isinstance(v, int | float) and ("accuracy" in k or "exact_match" in k)
+            ),
+            None,
+        )
+        loss = ev.get("eval_loss")
+        inf = train.get("inference") or {}
+        ratio = (inf.get("merged_vs_base") or inf.get("unmerged_vs_base") or {}).get(
+            "prefill_latency_ratio"
+        )
+        found[method] = {
+            "tokens_per_s": train.get("tokens_per_s"),
+            "accuracy": acc,
+            "loss": loss,
+            "latency_ratio": ratio,
+        }
+    if not found:
+        raise ConfigError(
+            f"--results {root} holds no peftlab compare result (<method>.json with run_info/train_info)"
+        )
+    return found
+
+
+def recommend(
+    model: str,
+    memory_gb: float,
+    task: str = "generation",
+    latency_critical: bool = False,
+    quality: str = "high",
+    results: str | Path | None = None,
+    seq_len: int = 512,
+    batch_size: int = 16,
+    dtype: str = "bfloat16",
+    optimizer: str = "adamw",
+    device: str = "cuda",
+) -> list[Recommendation]:
+    """Every method ranked for ``model`` in ``memory_gb`` of memory, best first.
+
+    Args:
+        model: preset, bundled model name or local HF directory.
+        memory_gb: the memory of the device training runs on, in GB (10^9 bytes).
+        task: "generation", "classification" or "multi-task".
+        latency_critical: inference latency matters: methods that merge into the base win.
+        quality: "highest", "high" or "balanced" (trades quality against training speed).
+        results: a ``peftlab compare`` output directory; its measured speed/quality replace priors.
+        seq_len, batch_size: training sequence length and effective batch size.
+        dtype, optimizer, device: as :func:`estimate_memory`.
+
+    Raises:
+        ConfigError: an unknown model (lists the presets), task or quality, or a budget ≤ 0.
+    """
+    if not isinstance(memory_gb, int | float) or not math.isfinite(memory_gb) or memory_gb <= 0:
+        raise ConfigError(
+            f"memory_gb={memory_gb!r} is invalid: memory_gb must be a positive number of GB, e.g. 24."
+        )
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} is invalid: task must be one of {', '.join(TASKS)}.")
+    if quality not in QUALITY_WEIGHT:
+        raise ConfigError(
+            f"quality={quality!r} is invalid: quality must be one of {', '.join(QUALITY_WEIGHT)}."
+        )
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ConfigError(
+            f"optimizer={optimizer!r} is invalid: optimizer must be one of {', '.join(OPTIMIZER_BYTES)}."
+        )
+    arch = resolve_architecture(model)
+    budget = memory_gb * GB
+    measured = _measured(results)
+    from peftlab.core.registry import methods as registered
+
+    available = set(registered())
+    best_speed = max((m["tokens_per_s"] or 0) for m in measured.values()) if measured else 0
+    accs = [m["accuracy"] for m in measured.values() if m["accuracy"] is not None]
+    losses = [m["loss"] for m in measured.values() if m["loss"] is not None]
+    recs = []
+    w = QUALITY_WEIGHT[quality]
+    for method in DEFAULTS:
+        cfg, est, micro, ckpt, fits = _plan_method(
+            method, arch, budget, seq_len, batch_size, dtype, optimizer, device, quality
+        )
+        prior = PRIORS[method]
+        q = prior["quality"][TASKS.index(task)]
+        speed, overhead, source = prior["speed"], prior["overhead"], "priors"
+        m = measured.get(method)
+        if m:
+            source = "measured"
+            if m["tokens_per_s"] and best_speed:
+                speed = m["tokens_per_s"] / best_speed
+            if m["accuracy"] is not None and accs and max(accs) > 0:
+                q = m["accuracy"] / max(accs)
+            elif m["loss"] is not None and losses:
+                q = math.exp(min(losses) - m["loss"])
+            if m["latency_ratio"]:
+                overhead = max(0.0, m["latency_ratio"] - 1)
+        if ckpt:
+            speed *= 0.75  # one extra forward per step: ~4/3 of the compute
+        score = (
+            w * q + (1 - w) * min(speed, 1.5) / 1.5 - (0.3 * overhead if latency_critical else 0.0)
+        )
+        settings = {k: v for k, v in cfg.items() if k != "method"}
+        config = {
+            "method_args": settings,
+            "micro_batch_size": micro,
+            "grad_accum": max(1, math.ceil(batch_size / micro)),
+            "gradient_checkpointing": ckpt,
+            "seq_len": seq_len,
+            "dtype": est.dtype,
+            "optimizer": optimizer,
+        }
+        recs.append(
+            Recommendation(
+                method,
+                fits,
+                round(est.peak / GB, 2),
+                _reason(
+                    method,
+                    est,
+                    fits,
+                    budget,
+                    arch,
+                    settings,
+                    micro,
+                    ckpt,
+                    batch_size,
+                    prior,
+                    latency_critical,
+                ),
+                config,
+                round(q, 3),
+                round(speed, 3),
+                prior["inference"],
+                round(score, 4),
+                source,
+                method in available,
+                {k: v for k, v in est.to_dict()["gb"].items()},
+            )
+        )
+    recs.sort(key=lambda r: (not r.fits, not r.available, -r.score))
+    return recs
+
+
+def _reason(method, est, fits, budget, arch, settings, micro, ckpt, batch, prior, latency) -> str:
+    gb = budget / GB
+    if not fits:
+        if est.weights > HEADROOM * budget:
+            bits = "4-bit" if est.detail["quantized_params"] else est.dtype
+            return (
+                f"does not fit: the {bits} weights alone take {est.weights / GB:.1f} GB of "
+                f"{gb:g} GB ({arch.total_params() / 1e9:.1f}B parameters)"
+            )
+        parts = ", ".join(
+            f"{k} {v:.1f}"
+            for k, v in est.to_dict()["gb"].items()
+            if k not in ("peak", "inference") and v
+        )
+        return (
+            f"does not fit: {est.peak / GB:.1f} GB at batch 1 with checkpointing "
+            f"({parts} GB) > {HEADROOM:.0%} of {gb:g} GB"
+        )
+    knobs = ", ".join(
+        f"{k}={v}"
+        for k, v in settings.items()
+        if k not in ("compute_dtype", "gradient_checkpointing")
+    )
+    plan = f"{knobs + ', ' if knobs else ''}batch {micro}×{max(1, math.ceil(batch / micro))}{', checkpointing' if ckpt else ''}"
+    tail = (
+        "merges into the base: no inference overhead"
+        if MERGEABLE.get(method)
+        else f"inference: {prior['inference']}"
+    )
+    if latency and not MERGEABLE.get(method):
+        tail = f"latency-critical, but {prior['inference']}"
+    return f"fits at {est.peak / GB:.1f} of {gb:g} GB ({plan}); {tail}"
+
+
+def format_table(recs: list[Recommendation]) -> str:
+    lines = [
+        f"{'#':>2} {'method':<11}{'fits':<5}{'peak GB':>8} {'quality':>8} {'speed':>6}  reason"
+    ]
+    for i, r in enumerate(recs, 1):
+        flag = "yes" if r.fits else "no"
+        note = "" if r.available else " [not installed]"
+        lines.append(
+            f"{i:>2} {r.method:<11}{flag:<5}{r.peak_memory_gb:>8.1f} {r.quality:>8.2f} {r.speed:>6.2f}  {r.reason}{note}"
+        )
+    best = recs[0]
+    lines.append("")
+    lines.append(
+        f"recommended: {best.method} — {json.dumps(best.config)}"
+        if best.fits
+        else "no method fits this budget; see the reasons above"
+    )
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    recs = recommend(
+        args.model,
+        args.memory_gb,
+        args.task,
+        args.latency_critical,
+        args.quality,
+        args.results,
+        args.seq_len,
+        args.batch_size,
+        args.dtype,
+        args.optimizer,
+        args.device,
+    )
+    if args.json:
+        print(json.dumps({"recommendations": [r.to_dict() for r in recs]}, indent=2))
+    else:
+        print(format_table(recs))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "recommend",
+        help="rank every method for a model, a memory budget and a task (predicted memory)",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset (e.g. llama-2-13b), bundled name or local HF directory",
+    )
+    p.add_argument("--memory-gb", type=float, required=True, help="device memory in GB")
+    p.add_argument("--task", default="generation", help=f"one of {', '.join(TASKS)}")
+    p.add_argument(
+        "--latency-critical", action="store_true", help="prefer methods with no inference overhead"
+    )
+    p.add_argument("--quality", default="high", help="highest | high | balanced")
+    p.add_argument(
+        "--results",
+        help="a peftlab compare output directory: measured speed/quality replace priors",
+    )
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="effective batch size (micro-batch × grad accum)"
+    )
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--optimizer", default="adamw", help=", ".join(OPTIMIZER_BYTES))
+    p.add_argument("--device", default="cuda", help="cuda | cpu")
+    p.add_argument("--json", action="store_true", help='print {"recommendations": [...]}')
+    p.set_defaults(func=_run)
+
+
+def add_estimate_parser(subparsers) -> None:
+    """``peftlab estimate``: the memory breakdown of one configuration."""
+    p = subparsers.add_parser(
+        "estimate", help="predict the training/inference memory of one configuration"
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--method",
+        default="lora",
+        help='method name or JSON config, e.g. \'{"method":"lora","r":16}\'',
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--attention", default="sdpa")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", action="store_true")
+
+    def run(a):
+        method = json.loads(a.method) if a.method.strip().startswith("{") else a.method
+        est = estimate_memory(
+            a.model,
+            method,
+            a.batch_size,
+            a.seq_len,
+            a.dtype,
+            a.optimizer,
+            a.gradient_checkpointing,
+            a.attention,
+            a.device,
+        )
+        print(json.dumps(est.to_dict(), indent=2) if a.json else est.table())
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def add_parsers(subparsers) -> None:
+    add_parser(subparsers)
+    add_estimate_parser(subparsers)
