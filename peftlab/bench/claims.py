@@ -22,7 +22,8 @@ trainable parameters, memory (显存占用), inference overhead (推理开销) a
   medium otherwise.
 
 A claim *held* when the measured level equals the stated one; otherwise it is "better than
-claimed" or "worse than claimed" (lower memory/overhead, higher stability count as better).
+claimed" or "worse than claimed" (lower memory/overhead, higher stability count as better), or
+for trainable parameters "above/below the range".
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def check_claims(summary: dict[str, dict]) -> list[dict]:
             more = s["trainable_params"] - ok[exceeds]["trainable_params"]
             held = held and more > 0
             extra = f"; {more:+,} vs {exceeds}"
-        result = "held" if held else "better than claimed" if pct < lo else "worse than claimed"
+        # More or fewer trainable parameters is neither better nor worse in itself.
+        result = "held" if held else "below the range" if pct < lo else "above the range"
         row(
             doc_name,
             method,
