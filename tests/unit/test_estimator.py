@@ -1,0 +1,209 @@
+"""Memory estimator: closed forms against peftlab.apply, saved tensors against autograd, peak
+against the allocator (tiny models), presets against published parameter counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.core.config import ConfigError
+from peftlab.core.registry import get_method
+from peftlab.select.estimator import estimate_memory
+from peftlab.select.methods import DEFAULTS, nf4_bits, plan
+from peftlab.select.presets import PRESETS, from_model, resolve_architecture
+from tests.conftest import tiny_bert, tiny_llama
+
+ARGS = {
+    "full": {},
+    "lora": {"r": 4},
+    "dora": {"r": 4},
+    "qlora": {"r": 4},
+    "adapter": {"bottleneck": 8},
+    "prefix": {"num_virtual_tokens": 5, "reparam_hidden": 16},
+    "ptuning-v2": {"num_virtual_tokens": 5},
+    "prompt": {"num_virtual_tokens": 5},
+}
+METHODS = list(DEFAULTS)
+
+
+def _config(method):
+    if method not in peftlab.methods():
+        pytest.skip(f"method {method!r} is not registered in this install")
+    return peftlab.config_from_dict({"method": method, **ARGS[method]})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_mirror_the_method_config(method):
+    cfg = _config(method)
+    fields = get_method(method).config_cls().to_dict()
+    assert {k: fields[k] for k in DEFAULTS[method]} == DEFAULTS[method]
+    assert cfg.method == method
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_closed_form_matches_apply(method, arch):
+    cfg = _config(method)
+    model = (tiny_llama if arch == "llama" else tiny_bert)()
+    predicted = plan(from_model(model), cfg).trainable
+    peftlab.apply(model, cfg)
+    assert predicted == peftlab.trainable_parameters(model)[0]
+
+
+def _saved_bytes(model, ids, labels):
+    """Bytes autograd keeps for backward (parameters excluded) + the logits the output keeps."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=labels)
+    logits = out.logits.untyped_storage()
+    extra = logits.nbytes() if out.logits.dim() == 3 and logits.data_ptr() not in seen else 0
+    return sum(seen.values()) + extra
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_activations_match_autograd(method, arch, attention):
+    cfg = _config(method)
+    model = (tiny_llama if arch == "llama" else tiny_bert)()
+    model.config._attn_implementation = attention
+    est = estimate_memory(
+        from_model(model), cfg, 3, 16, "float32", attention=attention, device="cpu"
+    )
+    peftlab.apply(model, cfg)
+    model.train()
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids if arch == "llama" else torch.tensor([0, 1, 1])
+    measured = _saved_bytes(model, ids, labels)
+    assert est.detail["saved_activations"] == pytest.approx(measured, rel=0.05)
+
+
+def _allocator_peak(model, opt, ids):
+    """Peak live tensor bytes of one training step, from the profiler's allocation events,
+    plus what was live before it (weights, optimizer states)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the optimizer creates its states in the first step
+    before = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
+    before += sum(
+        p.numel() * p.element_size() for p in model.parameters() if not p.is_floating_point()
+    )
+    before += sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return before + peak
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "qlora"])
+def test_peak_within_15_percent_of_allocator_peak(method):
+    """The issue's 15% on a tiny Llama: predicted peak vs the allocator's measured peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = _config(method)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    est = estimate_memory(from_model(model), cfg, 4, 32, "float32", device="cpu")
+    peftlab.apply(model, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 512, (4, 32))
+    measured = _allocator_peak(model, opt, ids)
+    assert abs(est.peak / measured - 1) < 0.15, (est.peak, measured)
+
+
+@pytest.mark.parametrize(
+    "name,billions",
+    [
+        ("llama-2-7b", 6.738),
+        ("llama-2-13b", 13.016),
+        ("llama-2-70b", 68.977),
+        ("llama-3-8b", 8.030),
+        ("mistral-7b", 7.242),
+        ("qwen2.5-7b", 7.616),
+        ("smollm2-135m", 0.1345),
+        ("minilm-l6", 0.0227),
+    ],
+)
+def test_presets_give_published_parameter_counts(name, billions):
+    assert PRESETS[name].total_params() / 1e9 == pytest.approx(billions, rel=0.005)
+
+
+def test_smollm2_preset_matches_the_bundled_config():
+    from peftlab.models import SMOLLM2, cache_dir
+
+    path = cache_dir() / "models" / SMOLLM2
+    if not (path / "config.json").exists():
+        pytest.skip("SmolLM2 is not cached on this machine")
+    from peftlab.select.presets import from_hf_config
+
+    real = from_hf_config(json.loads((path / "config.json").read_text()))
+    assert real.total_params() == PRESETS["smollm2-135m"].total_params()
+
+
+def test_nf4_bits_and_13b_weights():
+    assert nf4_bits(64, True) == pytest.approx(4.127, abs=1e-3)
+    assert nf4_bits(64, False) == 4.5
+    lora = estimate_memory("llama-2-13b", "lora", 1, 512, "bfloat16")
+    assert lora.weights / 1e9 == pytest.approx(26.0, abs=0.2)
+    q = estimate_memory("llama-2-13b", "qlora", 1, 512, "bfloat16")
+    assert q.weights < 0.35 * lora.weights
+
+
+def test_checkpointing_cuts_activations_and_parts_add_up():
+    a = estimate_memory("llama-2-7b", "lora", 4, 1024)
+    b = estimate_memory("llama-2-7b", "lora", 4, 1024, gradient_checkpointing=True)
+    assert b.detail["saved_activations"] < 0.2 * a.detail["saved_activations"]
+    parts = a.weights + a.gradients + a.optimizer_states + a.activations + a.workspace
+    assert a.peak == parts
+    full = estimate_memory("llama-2-7b", "full", 1, 512, optimizer="adamw")
+    assert full.optimizer_states == pytest.approx(8 * full.trainable_params)
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ConfigError, match="Known presets: .*llama-2-13b"):
+        resolve_architecture("llama-9-99b")
+    with pytest.raises(ConfigError, match="optimizer"):
+        estimate_memory("smollm2-135m", "lora", optimizer="adam9")
+    with pytest.raises(ConfigError, match="dtype"):
+        estimate_memory("smollm2-135m", "lora", dtype="int3")
+    with pytest.raises(ConfigError, match="batch_size"):
+        estimate_memory("smollm2-135m", "lora", batch_size=0)
+    with pytest.raises(ConfigError, match="no model of method"):
+        estimate_memory("smollm2-135m", "ia3")
