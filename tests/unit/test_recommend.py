@@ -1,0 +1,149 @@
+"""``peftlab recommend``: the document's own example, bad input, JSON output, measured results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import peftlab
+from peftlab.cli import main
+from peftlab.core.config import ConfigError
+
+
+def test_documents_example_13b_on_24gb_recommends_a_method_that_fits():
+    """The user's document answers LoRA for 13B on 24 GB; 16-bit weights alone are ~26 GB."""
+    recs = peftlab.recommend(
+        "llama-2-13b", 24, task="generation", latency_critical=True, quality="high"
+    )
+    best = recs[0]
+    assert best.method == "qlora" and best.fits and best.peak_memory_gb <= 24
+    assert best.config["method_args"]["r"] > 0
+    lora = next(r for r in recs if r.method == "lora")
+    assert not lora.fits
+    assert "26.0 GB" in lora.reason and "weights alone" in lora.reason
+    assert {r.method for r in recs} == set(peftlab.select.methods.DEFAULTS)
+
+
+def test_more_memory_lets_16_bit_lora_fit_and_latency_prefers_mergeable():
+    recs = peftlab.recommend(
+        "llama-2-7b", 80, task="generation", latency_critical=True, quality="high"
+    )
+    fitting = [r.method for r in recs if r.fits]
+    assert "lora" in fitting and "full" not in fitting  # 7B full fine-tuning needs > 100 GB
+    assert recs[0].method in ("lora", "dora", "qlora")
+
+
+def test_small_model_on_cpu_budget():
+    recs = peftlab.recommend(
+        "smollm2-135m", 8, task="classification", dtype="float32", device="cpu", seq_len=128
+    )
+    assert all(r.fits for r in recs)
+    for r in recs:
+        assert r.peak_memory_gb <= 8 * 0.9
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"memory_gb": -4}, "memory_gb"),
+        ({"memory_gb": 0}, "memory_gb"),
+        ({"task": "translation"}, "task"),
+        ({"quality": "best"}, "quality"),
+        ({"model": "llama-9-99b"}, "Known presets: .*llama-2-13b"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = {"model": "llama-2-7b", "memory_gb": 24, **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        peftlab.recommend(**args)
+
+
+def test_cli_json(capsys):
+    rc = main(
+        [
+            "recommend",
+            "--model",
+            "llama-2-13b",
+            "--memory-gb",
+            "24",
+            "--quality",
+            "high",
+            "--latency-critical",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    recs = json.loads(capsys.readouterr().out)["recommendations"]
+    assert recs[0]["method"] == "qlora" and recs[0]["fits"] is True
+    for r in recs:
+        assert {"method", "fits", "peak_memory_gb", "reason", "config"} <= set(r)
+
+
+def test_cli_errors_are_clear(capsys):
+    assert main(["recommend", "--model", "nope-1b", "--memory-gb", "24"]) == 2
+    assert "Known presets" in capsys.readouterr().err
+    assert main(["recommend", "--model", "llama-2-7b", "--memory-gb", "-1"]) == 2
+    assert "memory_gb" in capsys.readouterr().err
+    assert main(["recommend", "--model", "llama-2-7b", "--memory-gb", "24", "--task", "chat"]) == 2
+    assert "task" in capsys.readouterr().err
+
+
+def test_cli_estimate(capsys):
+    assert (
+        main(
+            [
+                "estimate",
+                "--model",
+                "llama-2-7b",
+                "--method",
+                '{"method": "lora", "r": 16}',
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "lora" and out["peak"] > out["weights"] > 13e9
+
+
+def _result(tmp_path, method, tokens_per_s, acc, ratio):
+    (tmp_path / f"{method}.json").write_text(
+        json.dumps(
+            {
+                "run_info": {"method": method},
+                "train_info": {
+                    "status": "ok",
+                    "tokens_per_s": tokens_per_s,
+                    "eval": {"eval_accuracy": acc},
+                    "inference": {"unmerged_vs_base": {"prefill_latency_ratio": ratio}},
+                },
+                "meta_info": {},
+            }
+        )
+    )
+
+
+def test_measured_results_replace_priors(tmp_path):
+    _result(tmp_path, "lora", 100.0, 0.80, 1.2)
+    _result(tmp_path, "prompt", 200.0, 0.90, 1.0)
+    recs = {
+        r.method: r
+        for r in peftlab.recommend(
+            "smollm2-135m",
+            8,
+            task="classification",
+            results=tmp_path,
+            dtype="float32",
+            device="cpu",
+            seq_len=128,
+        )
+    }
+    assert recs["prompt"].source == "measured" and recs["prompt"].speed == 1.0
+    assert recs["lora"].speed == 0.5 and recs["lora"].quality == pytest.approx(0.8 / 0.9, rel=1e-3)
+    assert recs["dora"].source == "priors"
+    with pytest.raises(ConfigError, match="is not a directory"):
+        peftlab.recommend("smollm2-135m", 8, results=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no peftlab compare result"):
+        peftlab.recommend("smollm2-135m", 8, results=tmp_path / "empty")
