@@ -41,6 +41,7 @@ class DoRALinear(LoRALinear):
         self.detach_norm: dict[str, bool] = {}
         self._w0_cache: tuple[tuple, torch.Tensor] | None = None
         self._merged_norms: dict[str, torch.Tensor] = {}
+        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def add_adapter(self, name: str, config: DoRAConfig) -> None:
         super().add_adapter(name, config)
@@ -71,6 +72,33 @@ class DoRALinear(LoRALinear):
         ba_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
         return (w0_sq + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
 
+    def _norm(self, name: str) -> torch.Tensor:
+        """The row norm for the forward pass; a constant (cached) unless it needs a gradient.
+
+        The cache is keyed on the versions of A, B and W0, which every in-place update
+        (an optimizer step, a merge) bumps: training recomputes it once per step, while
+        generation — where the ``[out, in]·[in, r]`` product would cost r times the layer's
+        own matmul for each decoded token — computes it once.
+        """
+        if not self.detach_norm[name] and torch.is_grad_enabled():
+            return self.weight_norm(name)
+        A, B, w = self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer.weight
+        key = (
+            A.data_ptr(),
+            A._version,
+            B.data_ptr(),
+            B._version,
+            w.data_ptr(),
+            w._version,
+            self.scaling[name],
+        )
+        hit = self._norm_cache.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, self.weight_norm(name))
+            self._norm_cache[name] = hit
+        return hit[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in)`` → ``(..., out)``.
 
@@ -92,11 +120,7 @@ class DoRALinear(LoRALinear):
                 base = nn.functional.linear(xa.to(result.dtype), dense_weight(self.base_layer))
                 rest = result - base  # W0·(x - dropout(x)) + b stays outside the scale
             m = self.lora_magnitude_vector[name]
-            if self.detach_norm[name]:
-                with torch.no_grad():
-                    norm = self.weight_norm(name)
-            else:
-                norm = self.weight_norm(name)
+            norm = self._norm(name)
             scale = (m / norm.to(m.dtype)).to(result.dtype)  # (out,)
             z = self.add_update(base, xa, name, dropout=False)  # (..., out)
             result = z * scale if rest is None else torch.addcmul(rest, z, scale)

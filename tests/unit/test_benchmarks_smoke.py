@@ -114,3 +114,24 @@ def test_dora_saves_less_for_backward_than_peft():
     }
     assert saved["peftlab-lora-all"] <= saved["peft-lora-all"]
     assert saved["peftlab-dora-all"] < saved["peft-dora-all"]
+
+
+def test_dora_norm_cache_follows_training_updates():
+    """The cached DoRA norm (what makes unmerged decoding cheap) is recomputed after a step."""
+    import torch
+    from torch import nn
+
+    from peftlab.methods.dora import DoRAConfig, DoRALinear
+
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(8, 6))
+    layer.add_adapter("default", DoRAConfig(r=2, alpha=4))
+    layer.set_adapter(["default"])
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    layer(x).pow(2).sum().backward()
+    opt.step()  # B moves off zero: the norm must change
+    w = layer.base_layer.weight + layer.scaling["default"] * (
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    )
+    torch.testing.assert_close(layer._norm("default"), w.norm(dim=1).detach())
