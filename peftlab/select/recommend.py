@@ -263,7 +263,7 @@ def recommend(
                 q = math.exp(min(losses) - m["loss"])
             if m["latency_ratio"]:
                 overhead = max(0.0, m["latency_ratio"] - 1)
-        if ckpt:
+        if ckpt and fits:
             speed *= 0.75  # one extra forward per step: ~4/3 of the compute
         score = (
             w * q + (1 - w) * min(speed, 1.5) / 1.5 - (0.3 * overhead if latency_critical else 0.0)
