@@ -80,10 +80,17 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
         )
     if not adapter_name.isidentifier():
         raise ConfigError(f"adapter_name={adapter_name!r} must be a Python identifier")
+    grad_state = {p: p.requires_grad for p in model.parameters()}
     if spec.param_prefix:
         for p in model.parameters():
             p.requires_grad_(False)
-    spec.apply(model, config, adapter_name)
+    try:
+        spec.apply(model, config, adapter_name)
+    except BaseException:
+        # A method that refuses the model (or a target that matches nothing) leaves it as it was.
+        for p, flag in grad_state.items():
+            p.requires_grad_(flag)
+        raise
     setattr(model, CONFIG_ATTR, {**existing, adapter_name: config})
     set_adapter(model, adapter_name)
     return model

@@ -189,3 +189,11 @@ def test_modules_to_save_trains_and_saves_the_head(tmp_path, batch):
     torch.testing.assert_close(loaded.classifier.weight, m.classifier.weight)
     with pytest.raises(ConfigError, match="'head' matches no module"):
         peftlab.apply(TINY["bert"](), peftlab.LoRAConfig(modules_to_save=["head"]))
+
+
+def test_refused_apply_leaves_the_model_trainable_as_before():
+    m = tiny_llama()
+    with pytest.raises(ConfigError):
+        peftlab.apply(m, peftlab.LoRAConfig(target_modules=["nope"]))
+    assert all(p.requires_grad for p in m.parameters())
+    assert not hasattr(m, "peftlab_config")
