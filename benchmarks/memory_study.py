@@ -203,6 +203,11 @@ def main() -> int:
                     f"measured {row['measured_bytes'] / 1e6:7.0f} MB ({err:+.1%})",
                     flush=True,
                 )
+                write(args, rows)  # after every run: a study stopped early keeps its rows
+    return 0
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
     info = {
         "machine": machine(),
         "command": "python " + " ".join(sys.argv),
@@ -212,7 +217,6 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     Path(args.out + ".md").write_text(render(rows, info))
-    return 0
 
 
 if __name__ == "__main__":
