@@ -44,7 +44,7 @@ METHODS = {
 ALLOCATORS = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
 
 
-def worker(method: str, batch: int, seq: int, steps: int) -> dict:
+def worker(method: str, batch: int, seq: int, steps: int, attention: str = "sdpa") -> dict:
     import threading
 
     import psutil
@@ -56,7 +56,7 @@ def worker(method: str, batch: int, seq: int, steps: int) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     proc = psutil.Process()
-    model = load_model("smollm2-135m")
+    model = load_model("smollm2-135m", attn_implementation=attention)
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()  # out of the file mapping, into anonymous memory
@@ -90,6 +90,7 @@ def worker(method: str, batch: int, seq: int, steps: int) -> dict:
     thread.join()
     return {
         "method": method,
+        "attention": attention,
         "batch": batch,
         "seq": seq,
         "steps": steps,
@@ -102,7 +103,7 @@ def worker(method: str, batch: int, seq: int, steps: int) -> dict:
     }
 
 
-def predict(method: str, batch: int, seq: int) -> dict:
+def predict(method: str, batch: int, seq: int, attention: str = "sdpa") -> dict:
     import peftlab
     from peftlab.select.estimator import estimate_memory
 
@@ -114,7 +115,7 @@ def predict(method: str, batch: int, seq: int) -> dict:
         seq_len=seq,
         dtype="float32",
         optimizer="adamw",
-        attention="sdpa",
+        attention=attention,
         device="cpu",
     )
     return {"predicted_bytes": est.beyond_load, "estimate": est.to_dict()}
@@ -145,13 +146,13 @@ def render(rows: list[dict], info: dict) -> str:
         "`estimate_memory(..., dtype='float32', device='cpu').beyond_load`. AdamW, "
         f"{info['steps']} steps, sequence {info['seq']}, random tokens.",
         "",
-        "| method | batch | allocator | trainable | predicted MB | measured MB | error |",
-        "|---|---|---|---|---|---|---|",
+        "| method | batch | attention | allocator | trainable | predicted MB | measured MB | error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         err = (r["predicted_bytes"] - r["measured_bytes"]) / r["measured_bytes"]
         lines.append(
-            f"| {r['method']} | {r['batch']} | {r['allocator']} | {r['trainable_params']:,} | "
+            f"| {r['method']} | {r['batch']} | {r.get('attention', 'sdpa')} | {r['allocator']} | {r['trainable_params']:,} | "
             f"{r['predicted_bytes'] / 1e6:,.0f} | {r['measured_bytes'] / 1e6:,.0f} | {err:+.1%} |"
         )
     mm = [r for r in rows if r["allocator"] == "mmap"]
@@ -167,12 +168,17 @@ def main() -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[2, 8])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "estimator_study"))
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.seq, args.steps)))
+        print(
+            json.dumps(
+                worker(args.worker[0], int(args.worker[1]), args.seq, args.steps, args.attention)
+            )
+        )
         return 0
     rows = []
     for alloc in args.allocators:
@@ -189,13 +195,15 @@ def main() -> int:
                     str(args.seq),
                     "--steps",
                     str(args.steps),
+                    "--attention",
+                    args.attention,
                 ]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
                 if out.returncode:
                     print(out.stderr[-2000:], file=sys.stderr)
                     return 1
                 row = {**json.loads(out.stdout.strip().splitlines()[-1]), "allocator": alloc}
-                row.update(predict(method, batch, args.seq))
+                row.update(predict(method, batch, args.seq, args.attention))
                 rows.append(row)
                 err = row["predicted_bytes"] / row["measured_bytes"] - 1
                 print(
