@@ -7,8 +7,8 @@ trainable parameters, memory (显存占用), inference overhead (推理开销) a
 
 - **Trainable parameters**: the stated % range, inclusive (DoRA's "+ weight dimension" also
   requires DoRA to train more parameters than LoRA with the same rank and targets).
-- **Memory** — ``train_info.peak_memory.total_bytes`` (weights as held after ``apply`` plus
-  everything training adds) as a ratio ``q`` to full fine-tuning's: high ``q ≥ 0.9``;
+- **Memory** — ``train_info.peak_memory.total_bytes`` (peak process memory during training
+  minus the process's memory before the model loaded) as a ratio ``q`` to full fine-tuning's: high ``q ≥ 0.9``;
   medium ``0.5 ≤ q < 0.9``; low ``q < 0.5``; very low: low *and* within 5% of the smallest
   of all methods measured. Needs ``full`` in the comparison.
 - **Inference overhead** of the form one would deploy (merged where the method merges,

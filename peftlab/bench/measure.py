@@ -8,8 +8,9 @@ Definitions (the report quotes them):
 - **Peak memory** — GPU: ``torch.cuda.max_memory_allocated`` over training. CPU: the process's
   peak resident set size during training (Linux ``VmHWM``, reset right before training through
   ``/proc/self/clear_refs``; elsewhere a 10 ms psutil sampler) minus the RSS right after the
-  model loaded. ``total`` adds back the model's own weights as they sit after ``apply`` (so a
-  4-bit base counts 4-bit), which is what "memory to train this method" means.
+  model loaded. ``total`` is the peak minus the RSS before the model loaded: the model and
+  everything training needs (a 4-bit base counts as what it really occupies, including any
+  transient copy made while quantizing).
 - **Loss spike** — a logged training loss more than :data:`SPIKE_RATIO` × the median of the
   :data:`SPIKE_WINDOW` losses logged before it (only counted once that many exist).
 - **Loss variability** — the standard deviation of step-to-step changes of log-loss,

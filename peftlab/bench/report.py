@@ -304,10 +304,10 @@ def _settings(results: list[dict]) -> list[str]:
 
 
 DEFINITIONS = [
-    "**memory**: total = peak process memory during training minus the runtime's own footprint "
-    "(weights counted as held after `apply`, so a 4-bit base counts 4-bit); in brackets, the peak "
-    "above the RSS right after the model loaded (CPU: Linux VmHWM peak RSS; GPU: "
-    "`torch.cuda.max_memory_allocated`).",
+    "**memory**: total = peak process memory during training (which includes `apply` and the "
+    "trainer's data loading, the same for every method) minus the process's memory before the "
+    "model loaded; in brackets, the peak above the RSS right after the model loaded (CPU: Linux "
+    "VmHWM peak RSS; GPU: `torch.cuda.max_memory_allocated`).",
     f"**train speed**: medians over the steps after the first {measure.WARMUP_STEPS}.",
     "**inference overhead**: slowdown against the base model timed in the same process on the same "
     "prompts: max(prefill latency ratio, 1 / decode tokens/s ratio) − 1.",

@@ -241,10 +241,10 @@ def run(spec: dict) -> dict:
         "adapter_bytes": measure.dir_bytes(adapter_dir),
         "peak_memory": {
             "bytes": peak_above_load,
-            # The runtime's own footprint (RSS after load minus the weights it then held) taken
-            # off the peak: what training this method needs, with a 4-bit base counted 4-bit.
-            "total_bytes": peak.peak_bytes
-            - (rss_loaded - loaded_weights if device.type == "cpu" else 0),
+            # Peak minus the process's RSS before the model loaded (torch and transformers
+            # imported): the model and everything training it needs. Not "RSS after load minus
+            # weights": safetensors pages the weights in lazily, so RSS after load undercounts them.
+            "total_bytes": peak.peak_bytes - (rss_start if device.type == "cpu" else 0),
             "loaded_weights_bytes": loaded_weights,
             "how": peak.method + ("" if device.type == "cuda" else " minus RSS after model load"),
             "peak_process_bytes": peak.peak_bytes,
