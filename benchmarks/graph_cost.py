@@ -66,6 +66,26 @@ def measure(args, config: str) -> dict:
     return {"saved_gb": saved / 1e9, "gflop": counter.get_total_flops() / 1e9}
 
 
+def decode_flops(args, config: str, tokens: int = 4) -> float:
+    """FLOPs per greedily decoded token (KV cache, after a 16-token prompt) for an
+    :mod:`benchmarks.inference` configuration."""
+    from benchmarks import inference
+
+    args.config = config
+    model = inference.build(args)
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            for _ in range(tokens):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    return counter.get_total_flops() / tokens
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=DEFAULT)
@@ -73,9 +93,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode", help="instead: FLOPs per decoded token of these inference configs")
     args = p.parse_args(argv)
     args.device, args.dtype = "cpu", "fp32"
     torch.set_num_threads(args.threads)
+    if args.decode:
+        base = None
+        for c in args.decode.split(","):
+            f = decode_flops(args, c)
+            base = f if base is None else base
+            print(f"{c:<24} {f / 1e6:9.1f} MFLOP/token  {f / base:6.3f}× first", flush=True)
+        return 0
     print(f"{'config':<20} {'saved GB':>9} {'GFLOP':>8} {'FLOP ×floor':>12}", flush=True)
     floor = None
     for c in args.configs.split(","):
