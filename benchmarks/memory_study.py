@@ -51,7 +51,11 @@ def worker(method: str, batch: int, seq: int, steps: int, attention: str = "sdpa
     import torch
 
     import peftlab
+    import peftlab.quant  # noqa: F401  (bitsandbytes: see below)
     from peftlab.models import load_model
+
+    # peftlab.quant imports bitsandbytes now: its ~45 MB of library memory would otherwise land
+    # in QLoRA's "training" peak, since apply imports it lazily.
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -171,6 +175,9 @@ def main() -> int:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "estimator_study"))
+    ap.add_argument(
+        "--append", action="store_true", help="keep the other rows of an existing OUT.json"
+    )
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -181,6 +188,19 @@ def main() -> int:
         )
         return 0
     rows = []
+    done = Path(args.out + ".json")
+    if args.append and done.exists():
+        keys = {
+            (m, b, a, args.attention)
+            for m in args.methods
+            for b in args.batches
+            for a in args.allocators
+        }
+        rows = [
+            r
+            for r in json.loads(done.read_text())["rows"]
+            if (r["method"], r["batch"], r["allocator"], r.get("attention", "sdpa")) not in keys
+        ]
     for alloc in args.allocators:
         for method in args.methods:
             for batch in args.batches:
