@@ -189,6 +189,13 @@ def main() -> int:
         return 0
     rows = []
     done = Path(args.out + ".json")
+    if args.repredict:  # the estimator changed: new predictions for the measured rows
+        old = json.loads(done.read_text())
+        rows = old["rows"]
+        for r in rows:
+            r.update(predict(r["method"], r["batch"], r["seq"], r.get("attention", "sdpa")))
+        write(args, rows, {**old["info"], "predictions_by": "python " + " ".join(sys.argv)})
+        return 0
     if args.append and done.exists():
         keys = {
             (m, b, a, args.attention)
@@ -235,8 +242,8 @@ def main() -> int:
     return 0
 
 
-def write(args: argparse.Namespace, rows: list[dict]) -> None:
-    info = {
+def write(args: argparse.Namespace, rows: list[dict], info: dict | None = None) -> None:
+    info = info or {
         "machine": machine(),
         "command": "python " + " ".join(sys.argv),
         "seq": args.seq,

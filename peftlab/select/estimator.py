@@ -14,8 +14,8 @@ docs/estimator.md for the CPU measurement conditions). Two moments compete for t
 - **optimizer states**: AdamW 8 bytes per trainable parameter (two float32 moments), 8-bit AdamW
   2 bytes + one float32 absmax per 256 per moment, plain SGD none.
 - **activations**: the tensors autograd saves for backward, listed per block from the block's
-  operations (:func:`block_saved_elements`), plus the logits (kept by the model output) and the
-  log-softmax the cross-entropy saves. With gradient checkpointing: each block's input plus one
+  operations (:func:`block_saved_elements`), plus the float32 log-softmax the cross-entropy
+  saves (training loops keep only the loss, so the logits are freed before backward). With gradient checkpointing: each block's input plus one
   block recomputed at a time.
 - **workspace**: the loss backward's two vocabulary-sized buffers (``∂loss/∂log-softmax`` and
   ``∂loss/∂logits``), the dequantized copy of the largest 4-bit weight, and in the optimizer
@@ -264,10 +264,12 @@ def _activation_bytes(arch, p, batch, seq, attention, act_bytes, checkpointing, 
     saved = (per_token + final) * tokens * act_bytes
     if p.prefix_mlp_hidden:  # the reparameterization MLP, run once per block
         saved += arch.layers * p.kv_extra * 2 * p.prefix_mlp_hidden * act_bytes
-    logits = batch * seq * arch.vocab * act_bytes  # the prompt's positions are cut before the head
-    # The output keeps the logits; cross-entropy saves its log-softmax; its backward makes two
-    # more vocabulary-sized tensors (∂/∂log-softmax, ∂/∂logits).
-    return saved + 2 * logits, 2 * logits
+    # The loss runs in float32 (transformers' loss and peftlab.train upcast the logits).
+    # Training loops keep only the loss, so by backward the logits are gone; cross-entropy saved
+    # its log-softmax, and its backward makes two more vocabulary-sized tensors
+    # (∂/∂log-softmax, ∂/∂logits). The prompt's positions are cut before the head.
+    logits = batch * seq * arch.vocab * 4
+    return saved + logits, 2 * logits
 
 
 def estimate_memory(
