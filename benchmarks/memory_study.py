@@ -41,6 +41,8 @@ METHODS = {
     "ptuning-v2": {"num_virtual_tokens": 20},
     "prompt": {"num_virtual_tokens": 20},
 }
+RUNTIME = "runtime"
+"""Worker name of the runtime measurement (tiny model, same harness and allocator)."""
 ALLOCATORS = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
 
 
@@ -60,7 +62,22 @@ def worker(method: str, batch: int, seq: int, steps: int, attention: str = "sdpa
     torch.set_num_threads(2)
     torch.manual_seed(0)
     proc = psutil.Process()
-    model = load_model("smollm2-135m", attn_implementation=attention)
+    if method == RUNTIME:  # a tiny Llama: its tensors are < 1 MB, so the growth is the runtime's
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=256,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                attn_implementation=attention,
+            )
+        )
+    else:
+        model = load_model("smollm2-135m", attn_implementation=attention)
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()  # out of the file mapping, into anonymous memory
@@ -68,7 +85,9 @@ def worker(method: str, batch: int, seq: int, steps: int, attention: str = "sdpa
 
     gc.collect()
     rss_load = proc.memory_info().rss
-    config = peftlab.config_from_dict({"method": method, **METHODS[method]})
+    config = peftlab.config_from_dict(
+        {"method": "lora" if method == RUNTIME else method, **METHODS.get(method, {})}
+    )
     peftlab.apply(model, config)
     model.train()
     trainable, total = peftlab.trainable_parameters(model)
@@ -107,7 +126,9 @@ def worker(method: str, batch: int, seq: int, steps: int, attention: str = "sdpa
     }
 
 
-def predict(method: str, batch: int, seq: int, attention: str = "sdpa") -> dict:
+def predict(
+    method: str, batch: int, seq: int, attention: str = "sdpa", runtime: float = 0.0
+) -> dict:
     import peftlab
     from peftlab.select.estimator import estimate_memory
 
@@ -121,6 +142,7 @@ def predict(method: str, batch: int, seq: int, attention: str = "sdpa") -> dict:
         optimizer="adamw",
         attention=attention,
         device="cpu",
+        runtime_bytes=runtime,
     )
     return {"predicted_bytes": est.beyond_load, "estimate": est.to_dict()}
 
@@ -150,13 +172,16 @@ def render(rows: list[dict], info: dict) -> str:
         "`estimate_memory(..., dtype='float32', device='cpu').beyond_load`. AdamW, "
         f"{info['steps']} steps, sequence {info['seq']}, random tokens.",
         "",
-        "| method | batch | attention | allocator | trainable | predicted MB | measured MB | error |",
-        "|---|---|---|---|---|---|---|---|",
+        "Predicted includes the runtime's own growth, measured on a tiny model in the same harness",
+        "(`runtime MB`).",
+        "",
+        "| method | batch | attention | allocator | trainable | runtime MB | predicted MB | measured MB | error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         err = (r["predicted_bytes"] - r["measured_bytes"]) / r["measured_bytes"]
         lines.append(
-            f"| {r['method']} | {r['batch']} | {r.get('attention', 'sdpa')} | {r['allocator']} | {r['trainable_params']:,} | "
+            f"| {r['method']} | {r['batch']} | {r.get('attention', 'sdpa')} | {r['allocator']} | {r['trainable_params']:,} | {r.get('runtime_bytes', 0) / 1e6:,.0f} | "
             f"{r['predicted_bytes'] / 1e6:,.0f} | {r['measured_bytes'] / 1e6:,.0f} | {err:+.1%} |"
         )
     mm = [r for r in rows if r["allocator"] == "mmap"]
@@ -176,6 +201,9 @@ def main() -> int:
     ap.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "estimator_study"))
     ap.add_argument(
+        "--repredict", action="store_true", help="recompute OUT.json's predictions only"
+    )
+    ap.add_argument(
         "--append", action="store_true", help="keep the other rows of an existing OUT.json"
     )
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "BATCH"), help=argparse.SUPPRESS)
@@ -192,8 +220,21 @@ def main() -> int:
     if args.repredict:  # the estimator changed: new predictions for the measured rows
         old = json.loads(done.read_text())
         rows = old["rows"]
+        runtime = {
+            a: run_worker(RUNTIME, 2, a, args)["measured_bytes"]
+            for a in {r["allocator"] for r in rows}
+        }
         for r in rows:
-            r.update(predict(r["method"], r["batch"], r["seq"], r.get("attention", "sdpa")))
+            r["runtime_bytes"] = runtime[r["allocator"]]
+            r.update(
+                predict(
+                    r["method"],
+                    r["batch"],
+                    r["seq"],
+                    r.get("attention", "sdpa"),
+                    r["runtime_bytes"],
+                )
+            )
         write(args, rows, {**old["info"], "predictions_by": "python " + " ".join(sys.argv)})
         return 0
     if args.append and done.exists():
@@ -209,28 +250,17 @@ def main() -> int:
             if (r["method"], r["batch"], r["allocator"], r.get("attention", "sdpa")) not in keys
         ]
     for alloc in args.allocators:
+        # The framework's own growth on a first training step (thread pools, kernel caches),
+        # measured on a tiny model in the same harness; the estimator adds it as workspace.
+        runtime = run_worker(RUNTIME, 2, alloc, args)["measured_bytes"]
         for method in args.methods:
             for batch in args.batches:
-                env = {**os.environ, **ALLOCATORS[alloc], "TOKENIZERS_PARALLELISM": "false"}
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    method,
-                    str(batch),
-                    "--seq",
-                    str(args.seq),
-                    "--steps",
-                    str(args.steps),
-                    "--attention",
-                    args.attention,
-                ]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-                if out.returncode:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    return 1
-                row = {**json.loads(out.stdout.strip().splitlines()[-1]), "allocator": alloc}
-                row.update(predict(method, batch, args.seq, args.attention))
+                row = {
+                    **run_worker(method, batch, alloc, args),
+                    "allocator": alloc,
+                    "runtime_bytes": runtime,
+                }
+                row.update(predict(method, batch, args.seq, args.attention, runtime))
                 rows.append(row)
                 err = row["predicted_bytes"] / row["measured_bytes"] - 1
                 print(
@@ -240,6 +270,28 @@ def main() -> int:
                 )
                 write(args, rows)  # after every run: a study stopped early keeps its rows
     return 0
+
+
+def run_worker(method: str, batch: int, alloc: str, args: argparse.Namespace) -> dict:
+    """One measurement in a fresh subprocess under allocator setting ``alloc``."""
+    env = {**os.environ, **ALLOCATORS[alloc], "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        str(batch),
+        "--seq",
+        str(args.seq),
+        "--steps",
+        str(args.steps),
+        "--attention",
+        args.attention,
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"{method} batch {batch} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def write(args: argparse.Namespace, rows: list[dict], info: dict | None = None) -> None:

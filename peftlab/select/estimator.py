@@ -282,6 +282,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     attention: str = "sdpa",
     device: str = "cuda",
+    runtime_bytes: float = 0.0,
 ) -> MemoryEstimate:
     """Predict training and inference memory of ``method`` on ``model``.
 
@@ -301,6 +302,10 @@ def estimate_memory(
             ``F.linear`` fallback, so autograd keeps its dequantized weight (in×out in the
             compute dtype) until backward; bitsandbytes' ``MatMul4Bit`` keeps only the packed
             4-bit weight.
+
+        runtime_bytes: memory the framework itself takes on the first training step (thread
+            pools, kernel caches; on a GPU the CUDA context), measured once per machine — e.g.
+            by ``benchmarks/memory_study.py`` on a tiny model; added to the workspace.
 
     Raises:
         ConfigError: an unknown model, method, dtype, optimizer or attention, or a non-positive size.
@@ -358,12 +363,22 @@ def estimate_memory(
             acts += (per_block if ckpt else arch.layers * per_block - qkv) * compute
     largest = _largest_trainable(arch, p)
     step_ws = largest * train_bytes if optimizer != "sgd" else 0.0
-    bwd = acts + loss_ws + dequant
-    step = grads + step_ws
+    bwd = acts + loss_ws + dequant + runtime_bytes
+    step = grads + step_ws + runtime_bytes
     if bwd >= step:
-        gradients, activations, workspace, phase = 0.0, acts, loss_ws + dequant, "backward start"
+        gradients, activations, workspace, phase = (
+            0.0,
+            acts,
+            loss_ws + dequant + runtime_bytes,
+            "backward start",
+        )
     else:
-        gradients, activations, workspace, phase = grads, 0.0, step_ws, "optimizer step"
+        gradients, activations, workspace, phase = (
+            grads,
+            0.0,
+            step_ws + runtime_bytes,
+            "optimizer step",
+        )
     inference = _inference_bytes(arch, p, batch_size, seq_len, b, weights, method_params)
     return MemoryEstimate(
         model=arch.name,
@@ -390,6 +405,7 @@ def estimate_memory(
             "loss_workspace": loss_ws,
             "dequant_workspace": dequant,
             "all_gradients": grads,
+            "runtime_bytes": runtime_bytes,
             "step_workspace": step_ws,
             "quantized_params": p.quantized,
             "quant_bits": p.quant_bits,
