@@ -34,6 +34,12 @@ CLASSIFICATION_PROMPTS = [
     "i would not recommend it to anyone",
 ]
 
+# The spec fields every result JSON repeats in its run_info, succeeded or failed.
+RUN_INFO_KEYS = (
+    "method", "method_args", "model", "kind", "data", "seed", "steps", "batch_size",
+    "max_length", "lr", "fingerprint",
+)
+
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -151,22 +157,7 @@ def run(spec: dict) -> dict:
     from peftlab.models import load_model, load_tokenizer
     from peftlab.train import train
 
-    run_info = {
-        k: spec[k]
-        for k in (
-            "method",
-            "method_args",
-            "model",
-            "kind",
-            "data",
-            "seed",
-            "steps",
-            "batch_size",
-            "max_length",
-            "lr",
-            "fingerprint",
-        )
-    }
+    run_info = {k: spec[k] for k in RUN_INFO_KEYS}
     run_info.update(start=now(), device=spec.get("device", "cpu"), argv=sys.argv)
     torch.manual_seed(spec["seed"])
     device = torch.device(spec.get("device", "cpu"))
@@ -299,22 +290,7 @@ def run(spec: dict) -> dict:
 
 def failure(spec: dict, error: str, tb: str, start: str | None = None) -> dict:
     """The result JSON of a run that failed: its spec, the error, and the traceback's tail."""
-    run_info = {
-        k: spec.get(k)
-        for k in (
-            "method",
-            "method_args",
-            "model",
-            "kind",
-            "data",
-            "seed",
-            "steps",
-            "batch_size",
-            "max_length",
-            "lr",
-            "fingerprint",
-        )
-    }
+    run_info = {k: spec.get(k) for k in RUN_INFO_KEYS}
     run_info.update(start=start, end=now())
     try:
         meta = meta_info()
