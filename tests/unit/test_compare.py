@@ -56,13 +56,27 @@ def test_spread_needs_two_values():
     assert s["std"] == pytest.approx(math.sqrt(2))
 
 
+_PEAK_PROBE = """
+import torch
+from peftlab.bench import measure
+with measure.PeakMemory("cpu") as pm:
+    start = measure.rss_bytes()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    x += 1
+    del x
+print(pm.peak_bytes - start, pm.method)
+"""
+
+
 def test_peak_memory_sees_an_allocation():
-    with measure.PeakMemory("cpu") as pm:
-        start = measure.rss_bytes()
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        x += 1
-        del x
-    assert pm.peak_bytes - start > 60 * 2**20, pm.method
+    # In a fresh process: inside the test session, memory freed by earlier tests stays
+    # resident in the heap and an allocation can reuse it without raising RSS.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True)
+    grown, method = out.stdout.split(maxsplit=1)
+    assert int(grown) > 60 * 2**20, method
 
 
 def test_time_inference_on_tiny_models():
