@@ -159,3 +159,40 @@ def ratio(a: dict, b: dict, key: str) -> float | None:
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
+
+
+def run_driver(
+    name: str,
+    args,
+    known: Sequence[str],
+    worker_args: Sequence[str],
+    report: Callable[[dict], list],
+) -> int:
+    """Driver mode of a benchmark script: check ``--configs``, run every configuration in its
+    own worker process (``args.repeats`` turns), print ``report(medians)``, dump JSON."""
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in known]
+    if unknown:
+        print(f"unknown configs {unknown}; choose from {', '.join(known)}")
+        return 2
+    print(
+        f"{name}: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
+        f"{args.repeats} repeats, each in its own process",
+        flush=True,
+    )
+    raw = drive(
+        name,
+        configs,
+        args.repeats,
+        worker_args,
+        log=lambda s: print(s, flush=True),
+        budget_s=args.budget_s,
+    )
+    med = medians(raw)
+    rows = report(med)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1
+            )
+    return 0

@@ -172,34 +172,9 @@ def main(argv=None) -> int:
             return 2
         print(harness.RESULT_TAG + json.dumps(worker(args)), flush=True)
         return 0
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        print(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
-        return 2
     keys = ("model", "device", "dtype", "batch", "seq", "new_tokens", "reps", "threads")
     wargs = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    print(
-        f"inference: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
-        f"{args.repeats} repeats, each in its own process",
-        flush=True,
-    )
-    raw = harness.drive(
-        "inference",
-        configs,
-        args.repeats,
-        wargs,
-        log=lambda s: print(s, flush=True),
-        budget_s=args.budget_s,
-    )
-    med = harness.medians(raw)
-    rows = report(med)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1
-            )
-    return 0
+    return harness.run_driver("inference", args, list(CONFIGS), wargs, report)
 
 
 if __name__ == "__main__":

@@ -270,32 +270,7 @@ def main(argv=None) -> int:
             return 2
         print(harness.RESULT_TAG + json.dumps(worker(args)), flush=True)
         return 0
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        print(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
-        return 2
-    print(
-        f"train_step: {' '.join(sys.argv[1:]) or '(defaults)'}; {len(configs)} configs × "
-        f"{args.repeats} repeats, each in its own process",
-        flush=True,
-    )
-    raw = harness.drive(
-        "train_step",
-        configs,
-        args.repeats,
-        worker_args(args),
-        log=lambda s: print(s, flush=True),
-        budget_s=args.budget_s,
-    )
-    med = harness.medians(raw)
-    rows = report(med)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1
-            )
-    return 0
+    return harness.run_driver("train_step", args, list(CONFIGS), worker_args(args), report)
 
 
 if __name__ == "__main__":
