@@ -10,6 +10,7 @@ A worker prints its result as one JSON line prefixed with ``RESULT`` on stdout.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -196,3 +197,22 @@ def run_driver(
                 {"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1
             )
     return 0
+
+
+def arg_parser(
+    doc: str, configs: Sequence[str], batch: int, dtypes: Sequence[str]
+) -> argparse.ArgumentParser:
+    """The options every benchmark script shares; each script adds its own on top."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--config", help="run one configuration in this process (worker mode)")
+    p.add_argument("--configs", default=",".join(configs), help="comma-separated, driver mode")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="smollm2-135m", help='"smollm2-135m" or "tiny" (tests)')
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(dtypes))
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="driver: also write all raw results and medians here")
+    p.add_argument("--budget-s", type=float, help="driver: start no new repeat after this long")
+    return p

@@ -240,20 +240,9 @@ def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, flo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="run one configuration in this process (worker mode)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, driver mode")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default="smollm2-135m", help='"smollm2-135m" or "tiny" (tests)')
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
+    p = harness.arg_parser(__doc__, CONFIGS, batch=4, dtypes=sorted(DTYPES))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="driver: also write all raw results and medians here")
-    p.add_argument("--budget-s", type=float, help="driver: start no new repeat after this long")
     return p.parse_args(argv)
 
 
