@@ -53,6 +53,9 @@ O_PROJ = {"self_attn.o_proj", "attention.output.dense"}
 UP = {"mlp.gate_proj", "mlp.up_proj", "intermediate.dense"}
 DOWN = {"mlp.down_proj", "output.dense"}
 
+# The parts of an estimate, in the order reports list them.
+PARTS = ("weights", "gradients", "optimizer_states", "activations", "workspace", "peak", "inference")
+
 
 @dataclasses.dataclass
 class MemoryEstimate:
@@ -103,30 +106,11 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(peak=self.peak, beyond_load=self.beyond_load)
-        d["gb"] = {
-            k: round(d[k] / GB, 3)
-            for k in (
-                "weights",
-                "gradients",
-                "optimizer_states",
-                "activations",
-                "workspace",
-                "peak",
-                "inference",
-            )
-        }
+        d["gb"] = {k: round(d[k] / GB, 3) for k in PARTS}
         return d
 
     def table(self) -> str:
-        rows = [
-            "weights",
-            "gradients",
-            "optimizer_states",
-            "activations",
-            "workspace",
-            "peak",
-            "inference",
-        ]
+        rows = list(PARTS)
         head = (
             f"{self.model} · {self.method} · batch {self.batch_size} × {self.seq_len} · {self.dtype} · "
             f"{self.optimizer}{' · checkpointing' if self.gradient_checkpointing else ''} "
