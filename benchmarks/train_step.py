@@ -5,7 +5,8 @@
     python -m benchmarks.train_step --config peftlab-dora-all   # one worker, prints RESULT json
 
 Every configuration runs the same model (SmolLM2-135M by default) on the same batch
-(random token ids, batch 4 × 128, labels = inputs), AdamW over its trainable parameters,
+(random token ids, batch 4 × 128, labels = inputs), AdamW over its trainable parameters
+(peftlab's trainer optimizer, fused torch AdamW, for peftlab and peft configs alike),
 ``--warmup`` untimed steps then ``--steps`` timed ones; the worker reports the median step.
 The "floor" is the frozen base model's forward plus the backward to its input embeddings
 (no parameter gradients, no optimizer): the least any adapter method can cost.
@@ -29,6 +30,7 @@ from torch import nn
 
 from benchmarks import harness, loading
 from benchmarks.harness import fmt, ratio, verdict
+from peftlab.optim import make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,7 +126,7 @@ def worker(args) -> dict:
         for p in model.parameters():
             p.requires_grad_(False)
         params = []
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    opt = make_optimizer(params, "adamw", lr=1e-4) if params else None  # same for every config
     embed = model.get_input_embeddings()
 
     def step() -> float:

@@ -107,10 +107,14 @@ class DoRALinear(LoRALinear):
         bias. Autograd then keeps one ``(..., out)`` tensor (z, for the gradient of m) per
         layer instead of both W0·x and B·A·x.
         """
+        bias = getattr(self.base_layer, "bias", None)
+        if not (self.disabled or self.merged) and len(self.active) == 1:
+            z = self.fused_forward(x, self.active[0], bias=False)  # W0·x + s·B·A·x, one node
+            if z is not None:
+                return self._rescale(z, self.active[0], bias)
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
-        bias = getattr(self.base_layer, "bias", None)
         for name in self.active:
             dropout = self.lora_dropout[name]
             if isinstance(dropout, nn.Identity) or not self.training:
@@ -119,12 +123,15 @@ class DoRALinear(LoRALinear):
                 xa = dropout(x.to(self.lora_A[name].weight.dtype))
                 base = nn.functional.linear(xa.to(result.dtype), dense_weight(self.base_layer))
                 rest = result - base  # W0·(x - dropout(x)) + b stays outside the scale
-            m = self.lora_magnitude_vector[name]
-            norm = self._norm(name)
-            scale = (m / norm.to(m.dtype)).to(result.dtype)  # (out,)
             z = self.add_update(base, xa, name, dropout=False)  # (..., out)
-            result = z * scale if rest is None else torch.addcmul(rest, z, scale)
+            result = self._rescale(z, name, rest)
         return result
+
+    def _rescale(self, z: torch.Tensor, name: str, rest: torch.Tensor | None) -> torch.Tensor:
+        """``(m / ‖W0 + sBA‖) ⊙ z + rest``; ``z``: ``(..., out)``, ``rest``: the bias or None."""
+        m = self.lora_magnitude_vector[name]
+        scale = (m / self._norm(name).to(m.dtype)).to(z.dtype)  # (out,)
+        return z * scale if rest is None else torch.addcmul(rest, z, scale)
 
     def _merged_weight(self, name: str, w0: torch.Tensor) -> torch.Tensor:
         w = w0.float() + self.delta_weight(name).float()

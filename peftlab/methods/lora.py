@@ -60,6 +60,43 @@ class LoRAConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+class _LoRAMatmul(torch.autograd.Function):
+    """``x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ`` for a frozen dense ``W0`` (``[out, in]``), as one autograd node.
+
+    Autograd's own graph for the same sum has six nodes per layer, adds the two input
+    gradients (W0's and A's paths) in a separate pass and leaves B's gradient transposed.
+    Here the forward is one ``addmm`` into the base output, and the backward is four matmuls
+    and one in-place ``addmm_``: ∂x = g·W0 + (s·g·B)·A, ∂A = (s·g·B)ᵀ·x, ∂B = s·gᵀ·(x·Aᵀ).
+    Saved for backward: x (which A's gradient needs anyway) and x·Aᵀ (``(N, r)``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, A, B, s):
+        x2 = x.reshape(-1, x.shape[-1])
+        ax = x2 @ A.t()  # (N, r)
+        y = x2 @ w0.t() if bias is None else torch.addmm(bias, x2, w0.t())
+        y.addmm_(ax, B.t(), alpha=s)
+        ctx.save_for_backward(x, w0, A, B, ax)
+        ctx.s = s
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w0, A, B, ax = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, _ = ctx.needs_input_grad
+        g = gy.reshape(-1, gy.shape[-1])
+        gx = gA = gB = None
+        if need_B:
+            gB = (g.t() @ ax).mul_(ctx.s)  # (out, r)
+        if need_x or need_A:
+            gax = (g @ B).mul_(ctx.s)  # (N, r)
+            if need_A:
+                gA = gax.t() @ x.reshape(-1, x.shape[-1])  # (r, in)
+            if need_x:
+                gx = (g @ w0).addmm_(gax, A).view(x.shape)
+        return gx, None, None, gA, gB, None
+
+
 class LoRALinear(nn.Module):
     """A linear layer (``nn.Linear``, ``Conv1D`` or a 4-bit ``Linear4bit``) plus LoRA adapters.
 
@@ -103,12 +140,34 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in)`` → ``(..., out)``."""
+        if not (self.disabled or self.merged) and len(self.active) == 1:
+            fused = self.fused_forward(x, self.active[0])
+            if fused is not None:
+                return fused
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
         for name in self.active:
             result = self.add_update(result, x, name)
         return result
+
+    def fused_forward(self, x: torch.Tensor, name: str, bias: bool = True) -> torch.Tensor | None:
+        """``W0·x (+ b) + s·B·A·x`` through :class:`_LoRAMatmul`, or ``None`` where it does not
+        apply: a 4-bit base, a trainable base weight or bias, dropout in training, dtypes
+        that differ, or autocast (which would recast the matmuls inside)."""
+        base = self.base_layer
+        w0, b = base.weight, getattr(base, "bias", None)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if (
+            type(base) is not nn.Linear
+            or w0.requires_grad
+            or (b is not None and b.requires_grad)
+            or not (x.dtype == w0.dtype == A.dtype == B.dtype)
+            or (self.training and not isinstance(self.lora_dropout[name], nn.Identity))
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        return _LoRAMatmul.apply(x, w0, b if bias else None, A, B, self.scaling[name])
 
     def add_update(
         self, result: torch.Tensor, x: torch.Tensor, name: str, dropout: bool = True

@@ -1,0 +1,69 @@
+"""The fused LoRA/DoRA autograd node equals autograd's own graph of the same formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftlab.methods.dora import DoRAConfig, DoRALinear
+from peftlab.methods.lora import LoRAConfig, LoRALinear
+
+
+def _layer(cls, config, bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    base = nn.Linear(12, 7, bias=bias).requires_grad_(False)
+    layer = cls(base)
+    layer.add_adapter("default", config)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # B = 0 at init would hide A's gradient
+    layer.set_adapter(["default"])
+    return layer
+
+
+def _run(layer, x, fused: bool, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(type(layer), "fused_forward", lambda *a, **k: None)
+    y = layer(x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    inputs = ([x] if x.requires_grad else []) + params
+    grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1])).sum(), inputs)
+    monkeypatch.undo()
+    return y, grads
+
+
+@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_fused_matches_autograd(cls, config, bias, x_grad, monkeypatch):
+    layer = _layer(cls, config, bias)
+    x = torch.randn(2, 5, 12, requires_grad=x_grad)
+    called = []
+    orig = cls.fused_forward
+    monkeypatch.setattr(cls, "fused_forward", lambda *a, **k: called.append(1) or orig(*a, **k))
+    y_fused, g_fused = _run(layer, x, True, monkeypatch)
+    assert called, "the fused path did not run"
+    y_ref, g_ref = _run(layer, x, False, monkeypatch)
+    torch.testing.assert_close(y_fused, y_ref, atol=1e-6, rtol=1e-5)
+    assert len(g_fused) == len(g_ref)
+    for a, b in zip(g_fused, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_with_a_frozen_skips_its_gradient():
+    layer = _layer(LoRALinear, LoRAConfig(r=3), bias=True)
+    layer.lora_A["default"].weight.requires_grad_(False)
+    x = torch.randn(4, 12)
+    layer(x).sum().backward()
+    assert layer.lora_A["default"].weight.grad is None
+    assert layer.lora_B["default"].weight.grad is not None
+
+
+def test_fallbacks_dropout_and_dtype():
+    layer = _layer(LoRALinear, LoRAConfig(r=3, dropout=0.5), bias=False)
+    layer.train()
+    x = torch.randn(4, 12)
+    assert layer.fused_forward(x, "default") is None  # dropout in training: autograd's graph
+    layer.eval()
+    assert layer.fused_forward(x, "default") is not None
+    assert layer.fused_forward(x.double(), "default") is None  # dtypes differ
