@@ -108,8 +108,8 @@ class DoRALinear(LoRALinear):
         layer instead of both W0·x and B·A·x.
         """
         bias = getattr(self.base_layer, "bias", None)
-        if not (self.disabled or self.merged) and len(self.active) == 1:
-            z = self.fused_forward(x, self.active[0], bias=False)  # W0·x + s·B·A·x, one node
+        if not self.disabled:
+            z = self.fused_forward(x, bias=False)  # W0·x + s·B·A·x, one node
             if z is not None:
                 return self._rescale(z, self.active[0], bias)
         result = self.base_layer(x)

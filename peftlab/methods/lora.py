@@ -60,6 +60,15 @@ class LoRAConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+def _lora_matmul(x, w0, bias, A, B, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ, x·Aᵀ)`` with ``x`` flattened to ``(N, in)``: three BLAS
+    calls, the update added in place into the base output."""
+    x2 = x.reshape(-1, x.shape[-1])
+    ax = x2 @ A.t()  # (N, r)
+    y = x2 @ w0.t() if bias is None else torch.addmm(bias, x2, w0.t())
+    return y.addmm_(ax, B.t(), alpha=s), ax
+
+
 class _LoRAMatmul(torch.autograd.Function):
     """``x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ`` for a frozen dense ``W0`` (``[out, in]``), as one autograd node.
 
@@ -72,10 +81,7 @@ class _LoRAMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w0, bias, A, B, s):
-        x2 = x.reshape(-1, x.shape[-1])
-        ax = x2 @ A.t()  # (N, r)
-        y = x2 @ w0.t() if bias is None else torch.addmm(bias, x2, w0.t())
-        y.addmm_(ax, B.t(), alpha=s)
+        y, ax = _lora_matmul(x, w0, bias, A, B, s)
         ctx.save_for_backward(x, w0, A, B, ax)
         ctx.s = s
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -97,6 +103,19 @@ class _LoRAMatmul(torch.autograd.Function):
         return gx, None, None, gA, gB, None
 
 
+def plain_linear(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight may be read directly instead of calling the module: no
+    hooks and no replaced ``forward`` (accelerate's offloading hooks swap the weight in there)."""
+    return (
+        type(layer) is nn.Linear
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+        and "forward" not in layer.__dict__
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
 class LoRALinear(nn.Module):
     """A linear layer (``nn.Linear``, ``Conv1D`` or a 4-bit ``Linear4bit``) plus LoRA adapters.
 
@@ -115,6 +134,10 @@ class LoRALinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self._plan: tuple | None = None
+        """Cached for the hot path: (base, A module, B module, scaling, device type) of the one
+        active adapter when the fused path may apply, else ``()``; rebuilt (``None``) whenever
+        adapters, merging, train/eval mode or device/dtype change."""
 
     def add_adapter(self, name: str, config: LoRAConfig) -> None:
         w = self.base_layer.weight
@@ -128,11 +151,21 @@ class LoRALinear(nn.Module):
         else:
             nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
         nn.init.zeros_(self.lora_B[name].weight)
+        self._plan = None
+
+    def train(self, mode: bool = True):
+        self._plan = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plan = None
+        return super()._apply(fn, *args, **kwargs)
 
     def set_adapter(self, names: list[str]) -> None:
         if self.merged:
             self.unmerge()
         self.active = [n for n in names if n in self.lora_A]
+        self._plan = None
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s·B·A as ``[out, in]``."""
@@ -140,10 +173,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in)`` → ``(..., out)``."""
-        if not (self.disabled or self.merged) and len(self.active) == 1:
-            fused = self.fused_forward(x, self.active[0])
+        if not self.disabled:
+            fused = self.fused_forward(x)
             if fused is not None:
                 return fused
+        if (self.disabled or self.merged or not self.active) and plain_linear(self.base_layer):
+            # the base layer alone, without a second module call
+            return nn.functional.linear(x, self.base_layer.weight, self.base_layer.bias)
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
@@ -151,23 +187,43 @@ class LoRALinear(nn.Module):
             result = self.add_update(result, x, name)
         return result
 
-    def fused_forward(self, x: torch.Tensor, name: str, bias: bool = True) -> torch.Tensor | None:
-        """``W0·x (+ b) + s·B·A·x`` through :class:`_LoRAMatmul`, or ``None`` where it does not
-        apply: a 4-bit base, a trainable base weight or bias, dropout in training, dtypes
-        that differ, or autocast (which would recast the matmuls inside)."""
+    def _make_plan(self) -> tuple:
+        if len(self.active) != 1 or self.merged or type(self.base_layer) is not nn.Linear:
+            return ()
+        name = self.active[0]
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            return ()  # dropout(x) feeds the update only: autograd's graph
         base = self.base_layer
-        w0, b = base.weight, getattr(base, "bias", None)
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return base, self.lora_A[name], self.lora_B[name], self.scaling[name], base.weight.device.type
+
+    def fused_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor | None:
+        """``W0·x (+ b) + s·B·A·x`` for the one active adapter through :class:`_LoRAMatmul`
+        (or, without autograd, the same three matmuls), or ``None`` where that does not
+        apply: several or no active adapters, merged, a 4-bit or hooked base, a trainable
+        base weight or bias, dropout in training, dtypes that differ, or autocast (which
+        would recast the matmuls inside). The static part of that test is cached."""
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = self._make_plan()
+        if not plan:
+            return None
+        base, a_mod, b_mod, s, device_type = plan
+        w0 = base._parameters["weight"]
+        b = base._parameters["bias"] if bias else None
+        A, B = a_mod._parameters["weight"], b_mod._parameters["weight"]
         if (
-            type(base) is not nn.Linear
+            base is not self._modules["base_layer"]  # swapped (QLoRA's merge does)
+            or not plain_linear(base)
             or w0.requires_grad
             or (b is not None and b.requires_grad)
             or not (x.dtype == w0.dtype == A.dtype == B.dtype)
-            or (self.training and not isinstance(self.lora_dropout[name], nn.Identity))
-            or torch.is_autocast_enabled(x.device.type)
+            or torch.is_autocast_enabled(device_type)
         ):
             return None
-        return _LoRAMatmul.apply(x, w0, b if bias else None, A, B, self.scaling[name])
+        if not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
+            y = _lora_matmul(x, w0, b, A, B, s)[0]  # inference: no graph node
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return _LoRAMatmul.apply(x, w0, b, A, B, s)
 
     def add_update(
         self, result: torch.Tensor, x: torch.Tensor, name: str, dropout: bool = True
@@ -202,6 +258,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        self._plan = None
         if self.disabled:
             return
         for name in self.active:
@@ -211,6 +268,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._plan = None
         while self.merged:
             name = self.merged.pop()
             write_dense_weight(self.base_layer, self._unmerged_weight(name, dense_weight(self.base_layer)))

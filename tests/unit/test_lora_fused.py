@@ -63,7 +63,36 @@ def test_fallbacks_dropout_and_dtype():
     layer = _layer(LoRALinear, LoRAConfig(r=3, dropout=0.5), bias=False)
     layer.train()
     x = torch.randn(4, 12)
-    assert layer.fused_forward(x, "default") is None  # dropout in training: autograd's graph
+    assert layer.fused_forward(x) is None  # dropout in training: autograd's graph
     layer.eval()
-    assert layer.fused_forward(x, "default") is not None
-    assert layer.fused_forward(x.double(), "default") is None  # dtypes differ
+    assert layer.fused_forward(x) is not None
+    assert layer.fused_forward(x.double()) is None  # dtypes differ
+
+
+def test_two_active_adapters_and_merged_state():
+    layer = _layer(LoRALinear, LoRAConfig(r=3), bias=True)
+    layer.add_adapter("second", LoRAConfig(r=2))
+    with torch.no_grad():
+        layer.lora_B["second"].weight.normal_()
+    layer.set_adapter(["default", "second"])
+    x = torch.randn(4, 12)
+    expected = layer.base_layer(x) + sum(
+        nn.functional.linear(x, layer.delta_weight(n)) for n in ("default", "second")
+    )
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hooked_base_layer_is_called_as_a_module():
+    """accelerate's offloading puts weights in place from a hook: the fused path must not
+    read the weight behind the module's back."""
+    layer = _layer(LoRALinear, LoRAConfig(r=3), bias=False)
+    calls = []
+    layer.base_layer.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    x = torch.randn(4, 12)
+    assert layer.fused_forward(x) is None
+    layer(x)
+    layer.merge()
+    layer(x)
+    assert len(calls) == 2
