@@ -243,80 +243,98 @@ def train(
     session_start = time.perf_counter()
     wall_before = state["wall_time"]
     model.train()
-    while state["step"] < total_steps:
-        t0 = time.perf_counter()
-        step = state["step"] + 1
-        batches = [micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
-        # Normalize by the response tokens of the whole step, over every micro-batch and every
-        # process, so grad_accum and DDP give the gradient of one big batch.
-        local = [
-            sum(_loss_count(b) for b in batches),
-            sum(int(b["attention_mask"].sum()) for b in batches),
-        ]
-        loss_tokens, tokens = (int(x) for x in _reduce_sum(accelerator, local))
-        scale = world / max(loss_tokens, 1)  # DDP averages gradients over processes
-        loss_total = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                s, _ = loss_sum(model, batch)
-                accelerator.backward(s * scale)
-            loss_total += s.detach().float()
-        loss = _reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        bad_norm = (
-            grad_norm is not None and not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16"
-        )
-        if not math.isfinite(loss) or bad_norm:
-            # fp16's loss scaler skips steps with inf gradients itself; anything else is fatal.
-            _diverged(accelerator, out, cfg, step, loss, grad_norm, state)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        step_time = time.perf_counter() - t0
+    from peftlab.bench.measure import PeakMemory
 
-        state.update(
-            step=step,
-            micro_batch=state["micro_batch"] + cfg.grad_accum,
-            last_loss=loss,
-            tokens=state["tokens"] + tokens,
-            loss_tokens=state["loss_tokens"] + loss_tokens,
-            wall_time=wall_before + time.perf_counter() - session_start,
-        )
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / step_time:.0f}")
-        if step % cfg.log_every == 0 or step == total_steps:
-            line = {
-                "step": step,
-                "epoch": round(state["micro_batch"] / micro_per_epoch, 4),
-                "loss": loss,
-                "lr": lr,
-                "tokens": tokens,
-                "loss_tokens": loss_tokens,
-                "step_time": step_time,
-                "tokens_per_s": tokens / step_time,
-            }
-            if grad_norm is not None:
-                line["grad_norm"] = grad_norm
-            rundir.log(accelerator, out, line, cfg.tensorboard)
-        if cfg.eval_size and (
-            step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-        ):
-            metrics = run_eval(step)
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            if step == total_steps:
-                eval_after = metrics
-            model.train()
-        if cfg.save_every and step % cfg.save_every == 0:
-            checkpoint.save(
-                accelerator, out, step, unwrapped, optimizer, scheduler, state, cfg.keep_checkpoints
+    longest = 0  # the longest padded micro-batch: it sets the activation memory peak
+    with PeakMemory(accelerator.device) as peak_memory:  # the loop's own peak, not setup's
+        while state["step"] < total_steps:
+            t0 = time.perf_counter()
+            step = state["step"] + 1
+            batches = [micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
+            longest = max(longest, *(b["input_ids"].shape[1] for b in batches))
+            # Normalize by the response tokens of the whole step, over every micro-batch and every
+            # process, so grad_accum and DDP give the gradient of one big batch.
+            local = [
+                sum(_loss_count(b) for b in batches),
+                sum(int(b["attention_mask"].sum()) for b in batches),
+            ]
+            loss_tokens, tokens = (int(x) for x in _reduce_sum(accelerator, local))
+            scale = world / max(loss_tokens, 1)  # DDP averages gradients over processes
+            loss_total = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                sync = (
+                    i == len(batches) - 1
+                )  # all-reduce gradients once, after the last micro-batch
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    s, _ = loss_sum(model, batch)
+                    accelerator.backward(s * scale)
+                loss_total += s.detach().float()
+            loss = _reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                )
+            bad_norm = (
+                grad_norm is not None
+                and not math.isfinite(grad_norm)
+                and cfg.mixed_precision != "fp16"
             )
-    bar.close()
+            if not math.isfinite(loss) or bad_norm:
+                # fp16's loss scaler skips steps with inf gradients itself; anything else is fatal.
+                _diverged(accelerator, out, cfg, step, loss, grad_norm, state)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_time = time.perf_counter() - t0
+
+            state.update(
+                step=step,
+                micro_batch=state["micro_batch"] + cfg.grad_accum,
+                last_loss=loss,
+                tokens=state["tokens"] + tokens,
+                loss_tokens=state["loss_tokens"] + loss_tokens,
+                wall_time=wall_before + time.perf_counter() - session_start,
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / step_time:.0f}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                line = {
+                    "step": step,
+                    "epoch": round(state["micro_batch"] / micro_per_epoch, 4),
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens": tokens,
+                    "loss_tokens": loss_tokens,
+                    "step_time": step_time,
+                    "tokens_per_s": tokens / step_time,
+                }
+                if grad_norm is not None:
+                    line["grad_norm"] = grad_norm
+                rundir.log(accelerator, out, line, cfg.tensorboard)
+            if cfg.eval_size and (
+                step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+            ):
+                metrics = run_eval(step)
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                if step == total_steps:
+                    eval_after = metrics
+                model.train()
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint.save(
+                    accelerator,
+                    out,
+                    step,
+                    unwrapped,
+                    optimizer,
+                    scheduler,
+                    state,
+                    cfg.keep_checkpoints,
+                )
+        bar.close()
 
     # ---- save -----------------------------------------------------------------------------
     if main:
@@ -344,6 +362,11 @@ def train(
         "device": str(accelerator.device),
         "wall_time": state["wall_time"],
         "resumed_from": ckpt.name if ckpt else None,
+        # Peak over this session's training loop (evaluation and checkpointing included, setup
+        # not): "bytes" is CUDA-allocated bytes or process RSS, "live_bytes" the CPU heap's
+        # live bytes (peftlab.bench.measure.live_heap_bytes); see "how".
+        "peak_memory": peak_memory.to_dict(),
+        "longest_batch": longest,
     }
     if main:
         rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))

@@ -113,19 +113,71 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+_MALLINFO2 = None
+
+
+def live_heap_bytes() -> int | None:
+    """Bytes the C heap has handed out and not yet taken back (glibc ``mallinfo2``: in-use
+    arena bytes + mmapped chunks), or None without glibc ≥ 2.33.
+
+    On the CPU every tensor's storage comes from ``malloc``, so this is the CPU counterpart
+    of ``torch.cuda.memory_allocated``: live tensors (plus small C++ objects), without the
+    freed memory glibc keeps in its arenas, which RSS still counts — at batch 8 that
+    retention made RSS 13–33% larger than the live bytes. One call takes ~0.5 µs.
+    """
+    global _MALLINFO2
+    if _MALLINFO2 is None:
+        import ctypes
+        import ctypes.util
+
+        class _Info(ctypes.Structure):
+            _fields_ = [
+                (name, ctypes.c_size_t)
+                for name in [
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                ]
+            ]
+
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+            fn.restype = _Info
+            fn()
+        except (OSError, AttributeError):
+            _MALLINFO2 = False
+        else:
+            _MALLINFO2 = fn
+    if not _MALLINFO2:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or CPU peak RSS.
+    """Peak memory of a block: CUDA allocator peak, or CPU peak RSS and peak live heap bytes.
 
     Use as ``with PeakMemory(device) as pm: ...`` then read ``pm.peak_bytes`` (the absolute
-    peak during the block) and ``pm.method`` (how it was measured).
+    peak during the block: CUDA allocated bytes, or RSS), ``pm.peak_live_bytes`` (CPU with
+    glibc: the peak of :func:`live_heap_bytes`, sampled every millisecond; else None) and
+    ``pm.method`` (how ``peak_bytes`` was measured).
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.peak_bytes = 0
+        self.peak_live_bytes: int | None = None
         self.method = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sample_rss = False
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -135,27 +187,52 @@ class PeakMemory:
             return self
         if _reset_hwm():
             self.method = "VmHWM (peak RSS, reset via /proc/self/clear_refs)"
-            return self
-        self.method = "psutil RSS sampled every 10 ms"
-        self.peak_bytes = rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        else:
+            self.method = "psutil RSS sampled every 10 ms"
+            self.peak_bytes = rss_bytes()
+            self._sample_rss = True
+        self.peak_live_bytes = live_heap_bytes()
+        if self._sample_rss or self.peak_live_bytes is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+        live = self.peak_live_bytes is not None
+        tick = 0
+        while not self._stop.wait(0.001):
+            tick += 1
+            if live:
+                self.peak_live_bytes = max(self.peak_live_bytes, live_heap_bytes())
+            if self._sample_rss and tick % 10 == 0:
+                self.peak_bytes = max(self.peak_bytes, rss_bytes())
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        elif self._thread is None:
-            self.peak_bytes = _status_kb("VmHWM") or rss_bytes()
-        else:
+            return
+        if self._thread is not None:
             self._stop.set()
             self._thread.join()
+        if self.peak_live_bytes is not None:
+            self.peak_live_bytes = max(self.peak_live_bytes, live_heap_bytes())
+        if self._sample_rss:
             self.peak_bytes = max(self.peak_bytes, rss_bytes())
+        else:
+            self.peak_bytes = _status_kb("VmHWM") or rss_bytes()
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.peak_bytes, "live_bytes": self.peak_live_bytes, "how": self.method}
+
+
+def own_weights(model: nn.Module) -> None:
+    """Copy every parameter and buffer out of the safetensors file mapping into ordinary
+    (heap) memory, so that the weights count in RSS and in :func:`live_heap_bytes` from the
+    start, and a method that replaces them (QLoRA) really gives the float copy back."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
 
 
 def _reset_hwm() -> bool:

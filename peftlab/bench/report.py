@@ -74,6 +74,12 @@ def summarize(results: list[dict]) -> dict[str, dict]:
             "adapter_bytes": first["adapter_bytes"],
             "memory_bytes": _median(t["peak_memory"]["bytes"] for t in ok),
             "memory_total_bytes": _median(t["peak_memory"]["total_bytes"] for t in ok),
+            "memory_predicted_bytes": _median(
+                t["peak_memory"].get("prediction", {}).get("predicted_bytes") for t in ok
+            ),
+            "memory_loop_bytes": _median(
+                t["peak_memory"].get("prediction", {}).get("measured_bytes") for t in ok
+            ),
             "step_time_s": _median(t["step_time_median_s"] for t in ok),
             "tokens_per_s": _median(t["tokens_per_s"] for t in ok),
             "unmerged_overhead": _median(claims_mod.overhead_fraction(u) for u in unmerged),
@@ -317,6 +323,27 @@ DEFINITIONS = [
 ]
 
 
+PREDICTION_HEADER = ["method", "predicted peak", "measured peak", "error"]
+PREDICTION_NOTE = (
+    "Predicted: `peftlab.estimate_memory` for each run's model, method config, batch size, "
+    "longest padded batch, dtype and optimizer. Measured: the training loop's peak of live "
+    "tensor memory (CUDA allocated bytes; on the CPU the C heap's live bytes, glibc "
+    "mallinfo2), less what was live after loading that is not the model's tensors. Error = "
+    "predicted / measured − 1."
+)
+
+
+def prediction_rows(summary: dict[str, dict]) -> list[list[str]]:
+    """One row per method: the estimator's predicted training peak against the measured one."""
+    rows = []
+    for method, s in summary.items():
+        pred, meas = s.get("memory_predicted_bytes"), s.get("memory_loop_bytes")
+        if pred is None or not meas:
+            continue
+        rows.append([method, _bytes(pred), _bytes(meas), f"{pred / meas - 1:+.1%}"])
+    return rows
+
+
 def write_report(out: str | Path, results: list[dict], echo: bool = True) -> dict:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out``; returns their paths."""
     out = Path(out)
@@ -354,6 +381,10 @@ def write_report(out: str | Path, results: list[dict], echo: bool = True) -> dic
         "",
     ]
     md += [f"- {line.strip()}" for line in claims_mod.__doc__.split("\n- ")[1:]] + [""]
+    predicted = prediction_rows(summary)
+    if predicted:
+        md += ["## Memory: predicted before the run vs measured", ""]
+        md += [_md_table(PREDICTION_HEADER, predicted), "", PREDICTION_NOTE, ""]
     md += ["## Definitions", ""] + [f"- {d}" for d in DEFINITIONS] + [""]
     if failures:
         md += ["## Failed runs", ""] + [f"- `{m}`: {e}" for m, e in failures] + [""]
@@ -381,6 +412,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:90%}}th{{background:#eee}
 <h2>Measured</h2>{h_table(COLUMNS, rows)}
 <h2>The document's table, checked</h2>{h_table(["document row", "column", "claimed", "measured", "verdict"], claim_table)}
 <pre>{html.escape(claims_mod.__doc__)}</pre>
+{f"<h2>Memory: predicted before the run vs measured</h2>{h_table(PREDICTION_HEADER, predicted)}<p>{html.escape(PREDICTION_NOTE)}</p>" if predicted else ""}
 <h2>Definitions</h2><ul>{"".join(f"<li>{html.escape(d)}</li>" for d in DEFINITIONS)}</ul>
 {"<h2>Failed runs</h2><ul>" + "".join(f"<li>{html.escape(m)}: {html.escape(str(e))}</li>" for m, e in failures) + "</ul>" if failures else ""}
 <h2>Figures</h2>{imgs}

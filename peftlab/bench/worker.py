@@ -36,8 +36,17 @@ CLASSIFICATION_PROMPTS = [
 
 # The spec fields every result JSON repeats in its run_info, succeeded or failed.
 RUN_INFO_KEYS = (
-    "method", "method_args", "model", "kind", "data", "seed", "steps", "batch_size",
-    "max_length", "lr", "fingerprint",
+    "method",
+    "method_args",
+    "model",
+    "kind",
+    "data",
+    "seed",
+    "steps",
+    "batch_size",
+    "max_length",
+    "lr",
+    "fingerprint",
 )
 
 
@@ -164,10 +173,14 @@ def run(spec: dict) -> dict:
     rss_start = measure.rss_bytes()
     t0 = time.perf_counter()
     model = load_model(spec["model"], kind=spec["kind"]).to(device)
+    measure.own_weights(model)  # resident and counted from the start (see own_weights)
     tokenizer = load_tokenizer(spec["model"])
     load_s = time.perf_counter() - t0
-    rss_loaded = measure.rss_bytes()
+    rss_loaded, live_loaded = measure.rss_bytes(), measure.live_heap_bytes()
     loaded_weights = measure.tensor_bytes(model)["weights_bytes"]
+    # What was live before training that is not the model's tensors: the runtime, the loader's
+    # leftovers and the tokenizer (tens of MB, which no estimate of training memory counts).
+    live_other = live_loaded - loaded_weights if live_loaded is not None else None
 
     inf = spec["inference"]
     prompts = {
@@ -207,6 +220,7 @@ def run(spec: dict) -> dict:
     # A fresh copy of the base model, timed in the same rounds as the adapted one (see
     # measure.time_inference): the ratios compare like with like on a machine whose load drifts.
     base = load_model(spec["model"], kind=spec["kind"], num_labels=_num_labels(model)).to(device)
+    measure.own_weights(base)  # like the adapted model's weights: same kind of memory
     timed = measure.time_inference(
         {"base": base, "unmerged": model}, prompts, new_tokens, inf["repeats"]
     )
@@ -239,6 +253,7 @@ def run(spec: dict) -> dict:
             "loaded_weights_bytes": loaded_weights,
             "how": peak.method + ("" if device.type == "cuda" else " minus RSS after model load"),
             "peak_process_bytes": peak.peak_bytes,
+            "prediction": memory_prediction(spec, config, model, summary, live_other, device),
             "rss_before_load_bytes": rss_start if device.type == "cpu" else None,
             "rss_after_load_bytes": rss_loaded if device.type == "cpu" else None,
             **weights,
@@ -286,6 +301,51 @@ def run(spec: dict) -> dict:
         getattr(model.config, "num_labels", None) if spec["kind"] == "classification" else None
     )
     return {"run_info": run_info, "train_info": train_info, "meta_info": meta_info()}
+
+
+def memory_prediction(spec, config, model, summary, live_other, device) -> dict:
+    """The estimator's predicted training peak for this very run, next to the measured one.
+
+    Measured: the training loop's peak (``summary["peak_memory"]``: CUDA allocated bytes, or
+    on the CPU the heap's live bytes) minus ``live_other``, the live bytes after loading that
+    are not the model's tensors — so the weights, gradients, optimizer state, activations,
+    workspace and whatever else the training run itself holds (its tokenized data included).
+    Predicted: :func:`peftlab.estimate_memory` for the run's model, method config, batch size,
+    longest padded batch, dtype, optimizer and checkpointing.
+    """
+    from peftlab.select.estimator import estimate_memory
+
+    loop = (summary or {}).get("peak_memory") or {}
+    if device.type == "cuda":
+        measured = loop.get("bytes")
+    else:
+        live = loop.get("live_bytes")
+        measured = live - live_other if live is not None and live_other is not None else None
+    out = {
+        "measured_bytes": measured,
+        "how": "training-loop peak of "
+        + ("CUDA allocated bytes" if device.type == "cuda" else "live heap bytes (mallinfo2)")
+        + ", less what was live after loading that is not model tensors",
+    }
+    try:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        est = estimate_memory(
+            spec["model"],
+            {"method": spec["method"], **spec["method_args"]},
+            batch_size=spec["batch_size"],
+            seq_len=int((summary or {}).get("longest_batch") or spec["max_length"]),
+            dtype="float32" if dtype not in ("bfloat16", "float16") else dtype,
+            optimizer=config.get("optimizer", "adamw"),
+            gradient_checkpointing=bool(config.get("gradient_checkpointing", False)),
+            device=device.type,
+        )
+    except Exception as e:  # noqa: BLE001 — a model the estimator cannot read: say so, go on
+        out["error"] = f"{type(e).__name__}: {e}"
+        return out
+    out.update(predicted_bytes=est.peak, seq_len=est.seq_len, parts=est.to_dict())
+    if measured:
+        out["error_ratio"] = est.peak / measured - 1
+    return out
 
 
 def failure(spec: dict, error: str, tb: str, start: str | None = None) -> dict:

@@ -19,8 +19,8 @@ docs/estimator.md for the CPU measurement conditions). Two moments compete for t
   block recomputed at a time.
 - **workspace**: the loss backward's two vocabulary-sized buffers (``∂loss/∂log-softmax`` and
   ``∂loss/∂logits``), the dequantized copy of the largest 4-bit weight, and in the optimizer
-  step one temporary the size of the largest trainable tensor (single-tensor AdamW's
-  denominator).
+  step of 8-bit AdamW one temporary the size of the largest trainable tensor. peftlab's
+  AdamW is torch's fused one (``peftlab.optim``), which updates in place: no temporary.
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def estimate_memory(
             # Block 0's q/k/v inputs need no gradient (nothing before them trains).
             acts += (per_block if ckpt else arch.layers * per_block - qkv) * compute
     largest = _largest_trainable(arch, p)
-    step_ws = largest * train_bytes if optimizer != "sgd" else 0.0
+    step_ws = largest * train_bytes if optimizer == "adamw_8bit" else 0.0  # fused AdamW: none
     bwd = acts + loss_ws + dequant + runtime_bytes
     step = grads + step_ws + runtime_bytes
     if bwd >= step:
