@@ -7,6 +7,7 @@ import base64
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -77,6 +78,25 @@ def test_peak_memory_sees_an_allocation():
     out = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True)
     grown, method = out.stdout.split(maxsplit=1)
     assert int(grown) > 60 * 2**20, method
+
+
+def test_live_heap_bytes_track_a_tensor_and_its_release():
+    import gc
+
+    if measure.live_heap_bytes() is None:
+        pytest.skip("no glibc mallinfo2 here")
+    gc.collect()
+    before = measure.live_heap_bytes()
+    with measure.PeakMemory("cpu") as pm:
+        x = torch.ones(32 * 2**20 // 4)  # 32 MiB
+        held = measure.live_heap_bytes()
+        time.sleep(0.01)  # the sampler ticks every millisecond
+        del x
+    after = measure.live_heap_bytes()
+    assert held - before == pytest.approx(32 * 2**20, rel=0.05)
+    assert after - before < 2**20  # freed memory is not live, whatever RSS says
+    assert pm.peak_live_bytes - before >= 32 * 2**20
+    assert pm.to_dict()["live_bytes"] == pm.peak_live_bytes
 
 
 def test_time_inference_on_tiny_models():

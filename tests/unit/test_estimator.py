@@ -11,6 +11,7 @@ import torch
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.core.registry import get_method
+from peftlab.optim import make_optimizer
 from peftlab.select.estimator import estimate_memory
 from peftlab.select.methods import DEFAULTS, nf4_bits, plan
 from peftlab.select.presets import PRESETS, from_model, resolve_architecture
@@ -140,7 +141,7 @@ def test_peak_within_15_percent_of_allocator_peak(method):
     est = estimate_memory(from_model(model), cfg, 4, 32, "float32", device="cpu")
     peftlab.apply(model, cfg)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-3)  # fused
     ids = torch.randint(0, 512, (4, 32))
     measured = _allocator_peak(model, opt, ids)
     assert abs(est.peak / measured - 1) < 0.15, (est.peak, measured)
