@@ -154,4 +154,28 @@ def _apply(model: nn.Module, config: DoRAConfig, adapter_name: str) -> None:
     add_low_rank_adapters(model, config, adapter_name, DoRALinear)
 
 
-register_method(MethodSpec("dora", DoRAConfig, _apply, "lora_", peft_export=_peft_fields))
+from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
+from peftlab.methods.lora import (  # noqa: E402
+    LOWRANK_FIELDS,
+    lowrank_ladder,
+    lowrank_memory_plan,
+)
+
+register_method(
+    MethodSpec(
+        "dora",
+        DoRAConfig,
+        _apply,
+        "lora_",
+        peft_export=_peft_fields,
+        memory_plan=lambda arch, f: lowrank_memory_plan("dora", arch, f, dora=True),
+        memory_fields=LOWRANK_FIELDS,
+        profile=MethodProfile(
+            quality={"generation": 0.97, "classification": 0.97, "multi-task": 0.96},
+            speed=0.68,
+            overhead=0.0,
+            inference="none once merged",
+            ladder=lowrank_ladder,
+        ),
+    )
+)

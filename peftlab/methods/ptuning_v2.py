@@ -28,4 +28,19 @@ class PTuningV2Config(PrefixTuningConfig):
     off by default, as the paper recommends for most NLU tasks)."""
 
 
-register_prefix_method("ptuning-v2", PTuningV2Config, "peftlab_ptuning", "ptuning_")
+from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
+from peftlab.methods.prefix import virtual_token_ladder  # noqa: E402
+
+register_prefix_method(
+    "ptuning-v2",
+    PTuningV2Config,
+    "peftlab_ptuning",
+    "ptuning_",
+    profile=MethodProfile(
+        quality={"generation": 0.80, "classification": 0.93, "multi-task": 0.85},
+        speed=1.10,
+        overhead=0.10,
+        inference="p extra key/value positions per layer",
+        ladder=virtual_token_ladder,
+    ),
+)

@@ -217,8 +217,51 @@ def _peft_fields(config: QLoRAConfig) -> dict:
     return {**peft_lora_fields(config), "use_dora": config.use_dora}
 
 
+from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
+from peftlab.methods.lora import (  # noqa: E402
+    LOWRANK_FIELDS,
+    lowrank_ladder,
+    lowrank_memory_plan,
+)
+
+
+def _memory_plan(arch, f: dict):
+    """LoRA's (or with ``use_dora`` DoRA's) closed form, with the targeted base weights stored
+    in 4 bits, every other parameter upcast to float32 (as :func:`_apply` does)."""
+    from peftlab.select.methods import nf4_bits
+
+    p = lowrank_memory_plan("qlora", arch, f, dora=bool(f["use_dora"]))
+    shapes = arch.linear_shapes()
+    p.quantized = arch.layers * sum(shapes[s][0] * shapes[s][1] for s in p.targets)
+    p.quant_bits = nf4_bits(int(f["blocksize"]), bool(f["double_quant"]))
+    p.upcast_non_quantized = True
+    p.checkpointing = bool(f["gradient_checkpointing"])
+    return p
+
+
 register_method(
     MethodSpec(
-        "qlora", QLoRAConfig, _apply, "lora_", peft_export=_peft_fields, unload=_unload_model
+        "qlora",
+        QLoRAConfig,
+        _apply,
+        "lora_",
+        peft_export=_peft_fields,
+        unload=_unload_model,
+        memory_plan=_memory_plan,
+        memory_fields=(
+            *LOWRANK_FIELDS,
+            "use_dora",
+            "double_quant",
+            "blocksize",
+            "quant_type",
+            "gradient_checkpointing",
+        ),
+        profile=MethodProfile(
+            quality={"generation": 0.94, "classification": 0.95, "multi-task": 0.93},
+            speed=0.70,
+            overhead=0.0,
+            inference="none once merged into 16-bit weights",
+            ladder=lowrank_ladder,
+        ),
     )
 )

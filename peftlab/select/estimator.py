@@ -319,7 +319,8 @@ def estimate_memory(
     total = arch.total_params()
     fp = 4 if (p.upcast_non_quantized and b < 4) else b
     act_bytes = fp
-    method_params = 0 if name == "full" else p.trainable - (_head(arch) if p.head_trainable else 0)
+    # Parameters the method adds (a trained classification head is the base model's own).
+    method_params = 0 if p.trains_base else p.trainable - (_head(arch) if p.head_trainable else 0)
     weights = (total - p.quantized) * fp + p.quantized * p.quant_bits / 8
     weights += method_params * (4 if p.upcast_non_quantized else b)
     train_bytes = 4 if p.upcast_non_quantized else b
@@ -408,7 +409,7 @@ def _head(arch: Architecture) -> int:
 
 
 def _largest_trainable(arch: Architecture, p: MethodPlan) -> int:
-    if p.method == "full":
+    if p.trains_base:
         return max(
             arch.vocab * arch.hidden, max(i * o for i, o, _ in arch.linear_shapes().values())
         )

@@ -1,11 +1,14 @@
-"""Closed forms for what each method adds to a model: trainable parameters, which base weights
-it stores in 4 bits, and what extra tensors its forward pass saves for backward.
+"""What a method adds to a model, in the terms the memory estimator needs: trainable
+parameters, which base weights it stores in 4 bits, and what extra tensors its forward pass
+saves for backward.
 
-The estimator needs per-method knowledge that the method files do not expose (they build
-modules; they do not predict them), so this file mirrors each method's structure as a
-:class:`MethodPlan`. Unit tests check every closed form against
-``peftlab.trainable_parameters`` after ``peftlab.apply`` on tiny models, and every default here
-against the method's config class.
+The method files build modules; they do not predict them. So each method registers a closed
+form of its own structure as ``MethodSpec.memory_plan`` (beside its ``register_method`` line),
+returning a :class:`MethodPlan`, and names the config fields it reads in
+``MethodSpec.memory_fields`` (their defaults come from the method's config class). This module
+holds what those closed forms share: :class:`MethodPlan`, target matching, the classification
+head, NF4 storage. Unit tests check every closed form against ``peftlab.trainable_parameters``
+after ``peftlab.apply`` on tiny models.
 
 Counts (per block, ``d`` = hidden, ``L`` = layers; "linears" = targeted linear layers):
 
@@ -29,35 +32,9 @@ import re
 from typing import Any
 
 from peftlab.core.config import ConfigError
+from peftlab.core.registry import MethodSpec, get_method
+from peftlab.core.registry import methods as registered_methods
 from peftlab.select.presets import BERT, Architecture
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {"freeze_embeddings": False},
-    "lora": {"r": 8, "target_modules": "all-linear"},
-    "dora": {"r": 8, "target_modules": "all-linear"},
-    "qlora": {
-        "r": 8,
-        "target_modules": "all-linear",
-        "use_dora": False,
-        "double_quant": True,
-        "blocksize": 64,
-        "quant_type": "nf4",
-        "gradient_checkpointing": False,
-    },
-    "adapter": {
-        "bottleneck": None,
-        "reduction_factor": None,
-        "placement": "houlsby",
-        "activation": "relu",
-    },
-    "prefix": {"num_virtual_tokens": 20, "reparam": True, "reparam_hidden": 512},
-    "ptuning-v2": {"num_virtual_tokens": 20, "reparam": False, "reparam_hidden": 512},
-    "prompt": {"num_virtual_tokens": 20},
-}
-"""Fields the estimator reads, with each method config's defaults (checked by a test)."""
-
-MERGEABLE = {"full": True, "lora": True, "dora": True, "qlora": True}
-"""Methods whose update folds into the base weights (no inference overhead once merged)."""
 
 
 @dataclasses.dataclass
@@ -94,12 +71,35 @@ class MethodPlan:
     hidden states run in float32)."""
     checkpointing: bool = False
     mergeable: bool = False
+    """The update folds into the base weights (no inference overhead once merged); :func:`plan`
+    sets it from the config class's ``mergeable``."""
+    trains_base: bool = False
+    """The base weights themselves train (``full``): the method adds no parameters, and its
+    largest trainable tensor is the largest base weight."""
     inference_extra_params: int = 0
     """Parameters still present at inference (adapters; folded prefix table; soft prompt)."""
 
 
+def modelled_methods() -> list[str]:
+    """Registered methods the memory estimator has a closed form for, in registration order."""
+    return [m for m in registered_methods() if get_method(m).memory_plan is not None]
+
+
+def memory_spec(name: str) -> MethodSpec:
+    """The registered spec of method ``name``, which must have a ``memory_plan``."""
+    if name in registered_methods() and get_method(name).memory_plan is not None:
+        return get_method(name)
+    raise ConfigError(
+        f"the memory estimator has no model of method {name!r}; known: "
+        f"{', '.join(modelled_methods())}"
+    )
+
+
 def method_fields(config: Any) -> tuple[str, dict[str, Any]]:
-    """``(method name, fields)`` from a ``MethodConfig``, a dict with ``method``, or a name."""
+    """``(method name, fields)`` from a ``MethodConfig``, a dict with ``method``, or a name.
+
+    ``fields``: the method's ``memory_fields`` (given values over the config class's defaults),
+    then ``modules_to_save`` when given."""
     if isinstance(config, str):
         name, given = config, {}
     elif isinstance(config, dict):
@@ -111,13 +111,18 @@ def method_fields(config: Any) -> tuple[str, dict[str, Any]]:
     else:
         name, given = config.method, config.to_dict()
         given.pop("method", None)
-    if name not in DEFAULTS:
-        raise ConfigError(
-            f"the memory estimator has no model of method {name!r}; known: {', '.join(DEFAULTS)}"
+    spec = memory_spec(name)
+    defaults = spec.config_cls().to_dict()
+    unknown = [k for k in spec.memory_fields if k not in defaults]
+    if unknown:
+        raise ValueError(
+            f"method {name!r}: memory_fields {unknown} are not fields of "
+            f"{spec.config_cls.__name__}; name fields of the config class"
         )
+    read = {k: defaults[k] for k in spec.memory_fields}
     return name, {
-        **DEFAULTS[name],
-        **{k: v for k, v in given.items() if k in DEFAULTS[name] or k == "modules_to_save"},
+        **read,
+        **{k: v for k, v in given.items() if k in read or k == "modules_to_save"},
     }
 
 
@@ -151,111 +156,33 @@ def match_targets(arch: Architecture, target_modules: Any) -> list[str]:
     return hits
 
 
-def _head_params(arch: Architecture) -> int:
+def head_params(arch: Architecture) -> int:
+    """Parameters of the output head: a classification model's classifier (none without
+    labels), a language model's untied LM head (0 when tied to the input embedding)."""
     if arch.family == BERT:
         return arch.hidden * arch.num_labels + arch.num_labels if arch.num_labels else 0
     return 0 if arch.tied_embeddings else arch.vocab * arch.hidden
 
 
-def _default_head(arch: Architecture, f: dict) -> bool:
+def saved_head(arch: Architecture, f: dict) -> bool:
+    """``modules_to_save`` trains a classification model's head."""
+    return bool(f.get("modules_to_save")) and arch.family == BERT
+
+
+def default_head(arch: Architecture, f: dict) -> bool:
     """Virtual-token methods train a classification model's new head unless told otherwise."""
     mts = f.get("modules_to_save")
     return bool(mts) or (mts is None and arch.family == BERT and arch.num_labels > 0)
 
 
 def plan(arch: Architecture, config: Any) -> MethodPlan:
-    """The :class:`MethodPlan` of ``config`` (a config, dict or method name) on ``arch``."""
+    """The :class:`MethodPlan` of ``config`` (a config, dict or method name) on ``arch``: the
+    method's registered ``memory_plan``, with ``mergeable`` from its config class."""
     name, f = method_fields(config)
-    shapes = arch.linear_shapes()
-    L, d = arch.layers, arch.hidden
-    head_trainable = bool(f.get("modules_to_save")) and arch.family == BERT
-    extra_head = _head_params(arch) if head_trainable else 0
-    if name == "full":
-        total = arch.total_params()
-        frozen = arch.vocab * d if f["freeze_embeddings"] else 0
-        return MethodPlan(
-            name,
-            total - frozen,
-            {s: 0 for s in shapes},
-            head_trainable=True,
-            norms_trainable=True,
-            embeddings_trainable=not f["freeze_embeddings"],
-            mergeable=True,
-        )
-    if name in ("lora", "dora", "qlora"):
-        r = int(f["r"])
-        dora = name == "dora" or bool(f.get("use_dora"))
-        targets = match_targets(arch, f["target_modules"])
-        per_block = sum(
-            r * (shapes[s][0] + shapes[s][1]) + (shapes[s][1] if dora else 0) for s in targets
-        )
-        # BERT's pooler is a linear layer outside the blocks that "all-linear" also targets.
-        pooler = (
-            r * 2 * d + (d if dora else 0)
-            if arch.family == BERT and f["target_modules"] == "all-linear"
-            else 0
-        )
-        p = MethodPlan(
-            name,
-            L * per_block + pooler + extra_head,
-            dict.fromkeys(targets, r),
-            dora=dora,
-            head_trainable=head_trainable,
-            mergeable=True,
-        )
-        if name == "qlora":
-            p.quantized = L * sum(shapes[s][0] * shapes[s][1] for s in targets)
-            p.quant_bits = nf4_bits(int(f["blocksize"]), bool(f["double_quant"]))
-            p.upcast_non_quantized = True
-            p.checkpointing = bool(f["gradient_checkpointing"])
-        return p
-    if name == "adapter":
-        m = f["bottleneck"] or d // (f["reduction_factor"] or 16)
-        # After the attention output projection and the feed-forward output projection.
-        places = (
-            ["attention.output.dense", "output.dense"]
-            if arch.family == BERT
-            else ["self_attn.o_proj", "mlp.down_proj"]
-        )
-        if f["placement"] == "pfeiffer":
-            places = places[1:]
-        n = L * len(places) * (2 * d * m + m + d)
-        return MethodPlan(
-            name,
-            n + extra_head,
-            {},
-            adapters=places,
-            bottleneck=m,
-            head_trainable=head_trainable,
-            adapter_act_saves=2 if f["activation"] in ("gelu", "swish", "silu") else 1,
-            inference_extra_params=n,
-        )
-    if name in ("prefix", "ptuning-v2"):
-        p_tok = int(f["num_virtual_tokens"])
-        width = L * 2 * arch.kv_dim
-        hid = int(f["reparam_hidden"]) if f["reparam"] else 0
-        n = p_tok * d + d * hid + hid + hid * width + width if hid else p_tok * width
-        head = _default_head(arch, f)
-        return MethodPlan(
-            name,
-            n + (_head_params(arch) if head else 0),
-            {},
-            kv_extra=p_tok,
-            prefix_mlp_hidden=hid,
-            head_trainable=head,
-            inference_extra_params=p_tok * width,
-        )
-    # prompt
-    p_tok = int(f["num_virtual_tokens"])
-    head = _default_head(arch, f)
-    return MethodPlan(
-        name,
-        p_tok * d + (_head_params(arch) if head else 0),
-        {},
-        seq_extra=p_tok,
-        head_trainable=head,
-        inference_extra_params=p_tok * d,
-    )
+    spec = memory_spec(name)
+    p = spec.memory_plan(arch, f)
+    p.mergeable = spec.config_cls.mergeable
+    return p
 
 
 def nf4_bits(blocksize: int = 64, double_quant: bool = True) -> float:

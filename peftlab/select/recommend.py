@@ -8,7 +8,8 @@ whose *predicted* peak (:func:`peftlab.select.estimator.estimate_memory`) fits i
     score = w_q · quality + (1 − w_q) · speed − (0.3 · inference overhead if latency-critical)
 
 with ``w_q`` = 0.85 / 0.65 / 0.45 for ``--quality highest / high / balanced``. Quality and
-speed are priors from the papers (``PRIORS``, sources in docs/estimator.md) unless
+speed are priors from the papers (each method's ``MethodSpec.profile``, registered in its
+file; sources in docs/estimator.md) unless
 ``--results DIR`` points at a ``peftlab compare`` output, whose measured tokens/s, final eval
 metric and inference latency ratios replace them.
 """
@@ -23,68 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.core.config import ConfigError
+from peftlab.core.registry import MethodSpec, get_method
 from peftlab.select.estimator import GB, OPTIMIZER_BYTES, estimate_memory
-from peftlab.select.methods import DEFAULTS, MERGEABLE
-from peftlab.select.presets import BERT, resolve_architecture
+from peftlab.select.methods import modelled_methods
+from peftlab.select.presets import resolve_architecture
 
 TASKS = ("generation", "classification", "multi-task")
 QUALITY_WEIGHT = {"highest": 0.85, "high": 0.65, "balanced": 0.45}
 HEADROOM = 0.9
 """Share of the budget a plan may use: the rest is for the CUDA context, allocator
 fragmentation and the framework's own buffers."""
-
-# quality per task (generation, classification, multi-task), relative training speed vs LoRA,
-# inference overhead (0 = none), and the overhead in words.
-PRIORS: dict[str, dict[str, Any]] = {
-    "full": {
-        "quality": (1.00, 1.00, 0.95),
-        "speed": 0.75,
-        "overhead": 0.0,
-        "inference": "none (a new full model)",
-    },
-    "lora": {
-        "quality": (0.95, 0.96, 0.95),
-        "speed": 1.00,
-        "overhead": 0.0,
-        "inference": "none once merged",
-    },
-    "dora": {
-        "quality": (0.97, 0.97, 0.96),
-        "speed": 0.68,
-        "overhead": 0.0,
-        "inference": "none once merged",
-    },
-    "qlora": {
-        "quality": (0.94, 0.95, 0.93),
-        "speed": 0.70,
-        "overhead": 0.0,
-        "inference": "none once merged into 16-bit weights",
-    },
-    "adapter": {
-        "quality": (0.90, 0.95, 0.95),
-        "speed": 1.05,
-        "overhead": 0.10,
-        "inference": "two small MLPs per block (not mergeable)",
-    },
-    "prefix": {
-        "quality": (0.80, 0.85, 0.82),
-        "speed": 1.10,
-        "overhead": 0.10,
-        "inference": "p extra key/value positions per layer",
-    },
-    "ptuning-v2": {
-        "quality": (0.80, 0.93, 0.85),
-        "speed": 1.10,
-        "overhead": 0.10,
-        "inference": "p extra key/value positions per layer",
-    },
-    "prompt": {
-        "quality": (0.65, 0.75, 0.70),
-        "speed": 1.10,
-        "overhead": 0.05,
-        "inference": "p extra input tokens",
-    },
-}
 
 
 @dataclasses.dataclass
@@ -107,30 +56,26 @@ class Recommendation:
         return dataclasses.asdict(self)
 
 
-def _ladder(method: str, arch, quality: str) -> list[dict]:
-    """Method settings to try, best quality first."""
-    ranks = {"highest": [64, 32, 16, 8], "high": [16, 32, 8], "balanced": [8, 16, 4]}[quality]
-    qv = ["query", "value"] if arch.family == BERT else ["q_proj", "v_proj"]
-    if method in ("lora", "dora", "qlora"):
-        return [{"r": r, "target_modules": t} for t in ("all-linear", qv) for r in ranks]
-    if method == "adapter":
-        return [{"reduction_factor": f} for f in (16, 32, 64)]
-    if method in ("prefix", "ptuning-v2", "prompt"):
-        return [{"num_virtual_tokens": n} for n in (20, 10)]
-    return [{}]
+def ranked_methods() -> list[MethodSpec]:
+    """Registered methods the recommender ranks: those with a memory plan and a profile."""
+    return [s for s in map(get_method, modelled_methods()) if s.profile is not None]
 
 
-def _plan_method(method, arch, budget, seq, batch, dtype, optimizer, device, quality):
+def _plan_method(spec, arch, budget, seq, batch, dtype, optimizer, device, quality):
     """The first ladder setting that fits: (config, estimate, micro-batch, checkpointing) or the
     smallest plan tried (with fits False)."""
     micro_batches = [b for b in (batch, 8, 4, 2, 1) if b <= batch]
+    ladder = spec.profile.ladder(arch, quality) if spec.profile.ladder else [{}]
+    # A method with its own switches (QLoRA) gets the run's checkpointing and compute dtype.
+    own = {f.name for f in dataclasses.fields(spec.config_cls)}
     smallest = None
-    for settings in _ladder(method, arch, quality):
+    for settings in ladder:
         for ckpt in (False, True):
             for micro in dict.fromkeys(micro_batches):
-                cfg = {"method": method, **settings}
-                if method == "qlora":
+                cfg = {"method": spec.name, **settings}
+                if "gradient_checkpointing" in own:
                     cfg["gradient_checkpointing"] = ckpt
+                if "compute_dtype" in own:
                     cfg["compute_dtype"] = "float32" if dtype in ("float32", "fp32") else "bfloat16"
                 est = estimate_memory(arch, cfg, micro, seq, dtype, optimizer, ckpt, "sdpa", device)
                 if smallest is None or est.peak < smallest[1].peak:
@@ -140,12 +85,13 @@ def _plan_method(method, arch, budget, seq, batch, dtype, optimizer, device, qua
     return (*smallest, False)
 
 
-def _measured(results: str | Path | None) -> dict[str, dict]:
+def _measured(results: str | Path | None, known: set[str]) -> dict[str, dict]:
     """Per method from a ``peftlab compare`` directory: ``tokens_per_s``, a quality value and an
     inference latency ratio. Fields read (missing ones are skipped): ``run_info.method``,
     ``train_info.tokens_per_s``, ``train_info.eval`` (first of eval_accuracy / eval_exact_match /
     any accuracy-like key; else eval_loss, lower is better), ``train_info.inference.
-    merged_vs_base.prefill_latency_ratio`` (else ``unmerged_vs_base``)."""
+    merged_vs_base.prefill_latency_ratio`` (else ``unmerged_vs_base``). Methods not in ``known``
+    are skipped."""
     if not results:
         return {}
     root = Path(results)
@@ -163,7 +109,7 @@ def _measured(results: str | Path | None) -> dict[str, dict]:
             continue
         run, train = data.get("run_info") or {}, data.get("train_info") or {}
         method = run.get("method")
-        if method not in PRIORS or train.get("status", "ok") != "ok":
+        if method not in known or train.get("status", "ok") != "ok":
             continue
         ev = train.get("eval") or {}
         acc = next(
@@ -236,22 +182,21 @@ def recommend(
         )
     arch = resolve_architecture(model)
     budget = memory_gb * GB
-    measured = _measured(results)
-    from peftlab.core.registry import methods as registered
-
-    available = set(registered())
+    specs = ranked_methods()
+    measured = _measured(results, {s.name for s in specs})
     best_speed = max((m["tokens_per_s"] or 0) for m in measured.values()) if measured else 0
     accs = [m["accuracy"] for m in measured.values() if m["accuracy"] is not None]
     losses = [m["loss"] for m in measured.values() if m["loss"] is not None]
     recs = []
+    overheads: dict[str, float] = {}
     w = QUALITY_WEIGHT[quality]
-    for method in DEFAULTS:
+    for spec in specs:
+        method, prior = spec.name, spec.profile
         cfg, est, micro, ckpt, fits = _plan_method(
-            method, arch, budget, seq_len, batch_size, dtype, optimizer, device, quality
+            spec, arch, budget, seq_len, batch_size, dtype, optimizer, device, quality
         )
-        prior = PRIORS[method]
-        q = prior["quality"][TASKS.index(task)]
-        speed, overhead, source = prior["speed"], prior["overhead"], "priors"
+        q = prior.quality[task]
+        speed, overhead, source = prior.speed, prior.overhead, "priors"
         m = measured.get(method)
         if m:
             source = "measured"
@@ -278,6 +223,7 @@ def recommend(
             "dtype": est.dtype,
             "optimizer": optimizer,
         }
+        overheads[method] = overhead
         recs.append(
             Recommendation(
                 method,
@@ -299,14 +245,16 @@ def recommend(
                 config,
                 round(q, 3),
                 round(speed, 3),
-                prior["inference"],
+                prior.inference,
                 round(score, 4),
                 source,
-                method in available,
+                True,
                 {k: v for k, v in est.to_dict()["gb"].items()},
             )
         )
-    recs.sort(key=lambda r: (not r.fits, not r.available, -r.score))
+    # Equal scores (e.g. prefix and P-Tuning v2 on generation): less inference overhead first,
+    # then by name, so the order does not depend on the order methods were registered in.
+    recs.sort(key=lambda r: (not r.fits, not r.available, -r.score, overheads[r.method], r.method))
     return recs
 
 
@@ -334,13 +282,14 @@ def _reason(method, est, fits, budget, arch, settings, micro, ckpt, batch, prior
         if k not in ("compute_dtype", "gradient_checkpointing")
     )
     plan = f"{knobs + ', ' if knobs else ''}batch {micro}×{max(1, math.ceil(batch / micro))}{', checkpointing' if ckpt else ''}"
+    mergeable = get_method(method).config_cls.mergeable
     tail = (
         "merges into the base: no inference overhead"
-        if MERGEABLE.get(method)
-        else f"inference: {prior['inference']}"
+        if mergeable
+        else f"inference: {prior.inference}"
     )
-    if latency and not MERGEABLE.get(method):
-        tail = f"latency-critical, but {prior['inference']}"
+    if latency and not mergeable:
+        tail = f"latency-critical, but {prior.inference}"
     return f"fits at {est.peak / GB:.1f} of {gb:g} GB ({plan}); {tail}"
 
 

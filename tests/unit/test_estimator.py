@@ -13,7 +13,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.registry import get_method
 from peftlab.optim import make_optimizer
 from peftlab.select.estimator import estimate_memory
-from peftlab.select.methods import DEFAULTS, nf4_bits, plan
+from peftlab.select.methods import method_fields, modelled_methods, nf4_bits, plan
 from peftlab.select.presets import PRESETS, from_model, resolve_architecture
 from tests.conftest import tiny_bert, tiny_llama
 
@@ -27,21 +27,46 @@ ARGS = {
     "ptuning-v2": {"num_virtual_tokens": 5},
     "prompt": {"num_virtual_tokens": 5},
 }
-METHODS = list(DEFAULTS)
+METHODS = modelled_methods()
 
 
 def _config(method):
     if method not in peftlab.methods():
         pytest.skip(f"method {method!r} is not registered in this install")
-    return peftlab.config_from_dict({"method": method, **ARGS[method]})
+    return peftlab.config_from_dict({"method": method, **ARGS.get(method, {})})
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_defaults_mirror_the_method_config(method):
+    """The estimator reads fields the config class has, with that class's defaults."""
     cfg = _config(method)
-    fields = get_method(method).config_cls().to_dict()
-    assert {k: fields[k] for k in DEFAULTS[method]} == DEFAULTS[method]
+    spec = get_method(method)
+    fields = spec.config_cls().to_dict()
+    assert spec.memory_fields and set(spec.memory_fields) <= set(fields)
+    assert method_fields(method) == (method, {k: fields[k] for k in spec.memory_fields})
+    given = {
+        k: v for k, v in cfg.to_dict().items() if k in spec.memory_fields or k == "modules_to_save"
+    }
+    assert method_fields(cfg)[1] == {**method_fields(method)[1], **given}
     assert cfg.method == method
+
+
+def test_every_builtin_method_has_a_memory_model():
+    assert set(METHODS) == set(peftlab.methods())
+    assert all(get_method(m).profile is not None for m in METHODS)
+
+
+def test_a_method_without_memory_plan_is_a_clear_error(monkeypatch):
+    import dataclasses
+
+    from peftlab.core import registry
+
+    spec = get_method("prompt")
+    monkeypatch.setitem(registry._REGISTRY, "prompt", dataclasses.replace(spec, memory_plan=None))
+    with pytest.raises(ConfigError, match="no model of method 'prompt'; known: .*lora"):
+        estimate_memory("smollm2-135m", "prompt")
+    assert "prompt" not in modelled_methods()
+    assert "prompt" not in {r.method for r in peftlab.recommend("smollm2-135m", 4)}
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])

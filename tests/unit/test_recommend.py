@@ -22,7 +22,7 @@ def test_documents_example_13b_on_24gb_recommends_a_method_that_fits():
     lora = next(r for r in recs if r.method == "lora")
     assert not lora.fits
     assert "26.0 GB" in lora.reason and "weights alone" in lora.reason
-    assert {r.method for r in recs} == set(peftlab.select.methods.DEFAULTS)
+    assert {r.method for r in recs} == set(peftlab.methods())
 
 
 def test_more_memory_lets_16_bit_lora_fit_and_latency_prefers_mergeable():
