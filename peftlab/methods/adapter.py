@@ -40,7 +40,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.matching import find_targets, is_linear, named_modules, set_submodule
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 from peftlab.core.weights import features
 
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -364,7 +364,6 @@ def _memory_plan(arch, f: dict):
     )
 
 
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
 
 register_method(
     MethodSpec(

@@ -19,9 +19,17 @@ import dataclasses
 import torch
 from torch import nn
 
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 from peftlab.core.weights import dense_weight
-from peftlab.methods.lora import LoRAConfig, LoRALinear, add_low_rank_adapters, peft_lora_fields
+from peftlab.methods.lora import (
+    LOWRANK_FIELDS,
+    LoRAConfig,
+    LoRALinear,
+    add_low_rank_adapters,
+    lowrank_ladder,
+    lowrank_memory_plan,
+    peft_lora_fields,
+)
 
 
 @dataclasses.dataclass
@@ -153,13 +161,6 @@ def _peft_fields(config: DoRAConfig) -> dict:
 def _apply(model: nn.Module, config: DoRAConfig, adapter_name: str) -> None:
     add_low_rank_adapters(model, config, adapter_name, DoRALinear)
 
-
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
-from peftlab.methods.lora import (  # noqa: E402
-    LOWRANK_FIELDS,
-    lowrank_ladder,
-    lowrank_memory_plan,
-)
 
 register_method(
     MethodSpec(

@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from peftlab.core.config import MethodConfig
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 
 
 @dataclasses.dataclass
@@ -45,7 +45,6 @@ def _memory_plan(arch, f: dict):
     )
 
 
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
 
 register_method(
     MethodSpec(

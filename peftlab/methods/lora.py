@@ -17,7 +17,7 @@ from torch import nn
 
 from peftlab.core.config import MethodConfig, check
 from peftlab.core.matching import find_targets, set_submodule
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 from peftlab.core.weights import dense_weight, features, write_dense_weight
 
 
@@ -365,7 +365,6 @@ def lowrank_ladder(arch, quality: str) -> list[dict]:
 
 LOWRANK_FIELDS = ("r", "target_modules")
 
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
 
 register_method(
     MethodSpec(

@@ -38,7 +38,7 @@ from transformers.cache_utils import DynamicLayer
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.model import CONFIG_ATTR, active_adapter, adapter_configs
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -395,7 +395,6 @@ def register_prefix_method(
     )
 
 
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
 
 register_prefix_method(
     "prefix",

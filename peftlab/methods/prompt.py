@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -187,7 +187,6 @@ def _memory_plan(arch, f: dict):
     )
 
 
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
 
 register_method(
     MethodSpec(

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from peftlab.methods.prefix import PrefixTuningConfig, register_prefix_method
+from peftlab.core.registry import MethodProfile
+from peftlab.methods.prefix import PrefixTuningConfig, register_prefix_method, virtual_token_ladder
 
 
 @dataclasses.dataclass
@@ -27,9 +28,6 @@ class PTuningV2Config(PrefixTuningConfig):
     """Produce the prompts with an MLP while training (the paper's optional "reparameterization";
     off by default, as the paper recommends for most NLU tasks)."""
 
-
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
-from peftlab.methods.prefix import virtual_token_ladder  # noqa: E402
 
 register_prefix_method(
     "ptuning-v2",

@@ -25,10 +25,18 @@ from torch import nn
 from peftlab.core.config import ConfigError, check
 from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.model import adapter_configs
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 from peftlab.core.weights import is_quantized
 from peftlab.methods.dora import DoRAConfig, DoRALinear
-from peftlab.methods.lora import LoRAConfig, LoRALinear, add_low_rank_adapters, peft_lora_fields
+from peftlab.methods.lora import (
+    LOWRANK_FIELDS,
+    LoRAConfig,
+    LoRALinear,
+    add_low_rank_adapters,
+    lowrank_ladder,
+    lowrank_memory_plan,
+    peft_lora_fields,
+)
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -215,14 +223,6 @@ def _unload_model(model: nn.Module) -> None:
 
 def _peft_fields(config: QLoRAConfig) -> dict:
     return {**peft_lora_fields(config), "use_dora": config.use_dora}
-
-
-from peftlab.core.registry import MethodProfile  # noqa: E402  (kept beside the registration)
-from peftlab.methods.lora import (  # noqa: E402
-    LOWRANK_FIELDS,
-    lowrank_ladder,
-    lowrank_memory_plan,
-)
 
 
 def _memory_plan(arch, f: dict):
