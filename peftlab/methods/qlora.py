@@ -254,6 +254,7 @@ register_method(
             "double_quant",
             "blocksize",
             "quant_type",
+            "compute_dtype",
             "gradient_checkpointing",
         ),
         profile=MethodProfile(
