@@ -243,9 +243,10 @@ def train(
     session_start = time.perf_counter()
     wall_before = state["wall_time"]
     model.train()
-    from peftlab.bench.measure import PeakMemory
+    from peftlab.bench.measure import PeakMemory, tensor_bytes
 
     longest = 0  # the longest padded micro-batch: it sets the activation memory peak
+    model_bytes_at_start = tensor_bytes(unwrapped)["weights_bytes"]
     with PeakMemory(accelerator.device) as peak_memory:  # the loop's own peak, not setup's
         while state["step"] < total_steps:
             t0 = time.perf_counter()
@@ -365,7 +366,11 @@ def train(
         # Peak over this session's training loop (evaluation and checkpointing included, setup
         # not): "bytes" is CUDA-allocated bytes or process RSS, "live_bytes" the CPU heap's
         # live bytes (peftlab.bench.measure.live_heap_bytes); see "how".
-        "peak_memory": peak_memory.to_dict(),
+        "peak_memory": {
+            **peak_memory.to_dict(),
+            # the model's own tensors (4-bit constants included) when the loop started
+            "model_tensor_bytes": model_bytes_at_start,
+        },
         "longest_batch": longest,
     }
     if main:

@@ -174,6 +174,8 @@ class PeakMemory:
         self.device = torch.device(device)
         self.peak_bytes = 0
         self.peak_live_bytes: int | None = None
+        self.start_live_bytes: int | None = None
+        """Live heap bytes on entering the block (CPU with glibc), else None."""
         self.method = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -191,7 +193,7 @@ class PeakMemory:
             self.method = "psutil RSS sampled every 10 ms"
             self.peak_bytes = rss_bytes()
             self._sample_rss = True
-        self.peak_live_bytes = live_heap_bytes()
+        self.peak_live_bytes = self.start_live_bytes = live_heap_bytes()
         if self._sample_rss or self.peak_live_bytes is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -223,7 +225,12 @@ class PeakMemory:
             self.peak_bytes = _status_kb("VmHWM") or rss_bytes()
 
     def to_dict(self) -> dict:
-        return {"bytes": self.peak_bytes, "live_bytes": self.peak_live_bytes, "how": self.method}
+        return {
+            "bytes": self.peak_bytes,
+            "live_bytes": self.peak_live_bytes,
+            "live_bytes_at_start": self.start_live_bytes,
+            "how": self.method,
+        }
 
 
 def own_weights(model: nn.Module) -> None:

@@ -328,7 +328,8 @@ PREDICTION_NOTE = (
     "Predicted: `peftlab.estimate_memory` for each run's model, method config, batch size, "
     "longest padded batch, dtype and optimizer. Measured: the training loop's peak of live "
     "tensor memory (CUDA allocated bytes; on the CPU the C heap's live bytes, glibc "
-    "mallinfo2), less what was live after loading that is not the model's tensors. Error = "
+    "mallinfo2), less what was live when the loop started that is not the model's tensors "
+    "(runtime, tokenizer, tokenized data). Error = "
     "predicted / measured − 1."
 )
 

@@ -307,9 +307,11 @@ def memory_prediction(spec, config, model, summary, live_other, device) -> dict:
     """The estimator's predicted training peak for this very run, next to the measured one.
 
     Measured: the training loop's peak (``summary["peak_memory"]``: CUDA allocated bytes, or
-    on the CPU the heap's live bytes) minus ``live_other``, the live bytes after loading that
-    are not the model's tensors — so the weights, gradients, optimizer state, activations,
-    workspace and whatever else the training run itself holds (its tokenized data included).
+    on the CPU the heap's live bytes) minus what was live when the loop started that is not
+    the model's tensors (the runtime, loader leftovers, tokenizer and tokenized data: tens of
+    MB, reported as ``other_live_bytes``) — so the weights, gradients, optimizer state,
+    activations and workspace, which is what the estimator predicts. ``live_other`` (the
+    same after loading, before the trainer) is the fallback for a summary without it.
     Predicted: :func:`peftlab.estimate_memory` for the run's model, method config, batch size,
     longest padded batch, dtype, optimizer and checkpointing.
     """
@@ -319,13 +321,16 @@ def memory_prediction(spec, config, model, summary, live_other, device) -> dict:
     if device.type == "cuda":
         measured = loop.get("bytes")
     else:
-        live = loop.get("live_bytes")
+        live, start = loop.get("live_bytes"), loop.get("live_bytes_at_start")
+        if start is not None and loop.get("model_tensor_bytes") is not None:
+            live_other = start - loop["model_tensor_bytes"]
         measured = live - live_other if live is not None and live_other is not None else None
     out = {
         "measured_bytes": measured,
+        "other_live_bytes": live_other,
         "how": "training-loop peak of "
         + ("CUDA allocated bytes" if device.type == "cuda" else "live heap bytes (mallinfo2)")
-        + ", less what was live after loading that is not model tensors",
+        + ", less what was live at the loop's start that is not model tensors",
     }
     try:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -4,9 +4,10 @@ The prediction counts live tensor bytes, the quantity ``torch.cuda.max_memory_al
 reports and the one a CPU process's RSS tracks when freed tensors go back to the OS (see
 docs/estimator.md for the CPU measurement conditions). Two moments compete for the peak:
 
-    backward start  = weights + optimizer states + activations + loss workspace
-    optimizer step  = weights + optimizer states + gradients + step workspace
-    peak            = max of the two (the estimate reports the parts of the larger one)
+    backward start      = weights + optimizer states + activations + loss workspace
+    gradients complete  = weights + optimizer states + gradients + workspace (the end of
+                          backward and the optimizer step)
+    peak                = max of the two (the estimate reports the parts of the larger one)
 
 - **weights**: every base parameter in ``dtype`` (4-bit ones at ``nf4_bits`` bits, QLoRA's
   other parameters upcast to float32 as peftlab's QLoRA does), plus the method's parameters.
@@ -15,12 +16,13 @@ docs/estimator.md for the CPU measurement conditions). Two moments compete for t
   2 bytes + one float32 absmax per 256 per moment, plain SGD none.
 - **activations**: the tensors autograd saves for backward, listed per block from the block's
   operations (:func:`block_saved_elements`), plus the float32 log-softmax the cross-entropy
-  saves (training loops keep only the loss, so the logits are freed before backward). With gradient checkpointing: each block's input plus one
-  block recomputed at a time.
+  saves (training loops keep only the loss, so the logits are freed before backward). With
+  gradient checkpointing: each block's input plus one block recomputed at a time.
 - **workspace**: the loss backward's two vocabulary-sized buffers (``∂loss/∂log-softmax`` and
-  ``∂loss/∂logits``), the dequantized copy of the largest 4-bit weight, and in the optimizer
-  step of 8-bit AdamW one temporary the size of the largest trainable tensor. peftlab's
-  AdamW is torch's fused one (``peftlab.optim``), which updates in place: no temporary.
+  ``∂loss/∂logits``), the dequantized copy of the largest 4-bit weight; at the end of backward
+  two embedding-sized gradient transients when a tied embedding trains (full fine-tuning);
+  in the optimizer step of 8-bit AdamW one temporary the size of the largest trainable tensor
+  (peftlab's AdamW is torch's fused one, ``peftlab.optim``, which updates in place).
 """
 
 from __future__ import annotations
@@ -348,6 +350,11 @@ def estimate_memory(
             acts += (per_block if ckpt else arch.layers * per_block - qkv) * compute
     largest = _largest_trainable(arch, p)
     step_ws = largest * train_bytes if optimizer == "adamw_8bit" else 0.0  # fused AdamW: none
+    if p.embeddings_trainable and arch.tied_embeddings:
+        # A tied input/output embedding gets two gradients in one backward (the LM head's,
+        # then the embedding's dense one), summed into a third: two embedding-sized
+        # transients on top of every other gradient at the end of backward.
+        step_ws += 2 * arch.vocab * arch.hidden * train_bytes
     bwd = acts + loss_ws + dequant + runtime_bytes
     step = grads + step_ws + runtime_bytes
     if bwd >= step:
@@ -362,7 +369,7 @@ def estimate_memory(
             grads,
             0.0,
             step_ws + runtime_bytes,
-            "optimizer step",
+            "gradients complete",
         )
     inference = _inference_bytes(arch, p, batch_size, seq_len, b, weights, method_params)
     return MemoryEstimate(
