@@ -198,6 +198,44 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
+class _Snapshot:
+    """The adapters already on a model, so that a refused :func:`load_adapter` can put the
+    model back exactly as it was — without the new adapter, with every earlier one (weights,
+    active adapter, trainable flags, merged state) intact."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from peftlab.core.model import adapter_layers
+
+        self.configs = dict(adapter_configs(model))
+        self.active = active_adapter(model)
+        self.merged = any(getattr(layer, "merged", None) for _, layer in adapter_layers(model))
+        self.grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        prefixes = {get_method(c.method).param_prefix for c in self.configs.values()} - {""}
+        self.tensors = {
+            n: t.detach().clone()
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if any(p in n for p in prefixes)
+        }
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        from peftlab.core.model import merge, set_adapter, unload
+
+        unload(model)
+        for name, config in self.configs.items():
+            apply(model, config, name)
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            if n in self.tensors:
+                t.copy_(self.tensors[n])
+        if self.active is not None:
+            set_adapter(model, self.active)
+        for n, p in model.named_parameters():
+            if n in self.grad:
+                p.requires_grad_(self.grad[n])
+        if self.merged:
+            merge(model)
+
+
 def load_adapter(
     model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True
 ) -> nn.Module:
@@ -211,6 +249,7 @@ def load_adapter(
     config = read_adapter_config(path)
     tensors = _read_weights(path)
     spec = get_method(config.method)
+    undo = _Snapshot(model)
     apply(model, config, adapter_name)
     expected: dict[str, torch.Tensor] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -235,9 +274,7 @@ def load_adapter(
     if shapes:
         problems.append(f"shape mismatches {shapes[:4]}{' …' if len(shapes) > 4 else ''}")
     if problems:
-        from peftlab.core.model import unload
-
-        unload(model)
+        undo.restore(model)
         raise AdapterFileError(
             f"adapter {path} does not fit this model: {'; '.join(problems)}. Load it on the base "
             f"model it was trained from (config {config.method}, {config.to_dict()})"

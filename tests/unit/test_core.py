@@ -134,6 +134,38 @@ def test_adapter_with_wrong_shapes_names_them(tmp_path):
     assert not hasattr(other, "peftlab_config")  # a failed load leaves the model as it was
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_refused_load_keeps_the_adapters_already_there(tmp_path, merged):
+    """A second adapter whose file does not fit must not cost the user the first one."""
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(tmp_path / "good")
+    tensors = load_file(path / "adapter_model.safetensors")
+    del tensors[sorted(tensors)[0]]
+    save_file(tensors, path / "adapter_model.safetensors")  # now missing a key
+
+    torch.manual_seed(0)
+    m = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # "trained": the adapter changes the output
+    batch = torch.randint(0, 128, (2, 6))
+    ref = m(input_ids=batch).logits.detach()
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    if merged:
+        peftlab.merge(m)
+    with pytest.raises(AdapterFileError, match="missing keys"):
+        peftlab.load_adapter(m, path, adapter_name="second")
+    assert list(peftlab.core.model.adapter_configs(m)) == ["default"]
+    assert not any(".second." in n for n, _ in m.named_parameters())
+    torch.testing.assert_close(m(input_ids=batch).logits.detach(), ref, atol=1e-5, rtol=0)
+    if merged:
+        peftlab.unmerge(m)
+        torch.testing.assert_close(m(input_ids=batch).logits.detach(), ref, atol=1e-5, rtol=0)
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+
+
 def test_adapter_with_missing_keys_names_them(tmp_path):
     from safetensors.torch import load_file, save_file
 
