@@ -19,7 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, config_from_dict
-from peftlab.core.model import active_adapter, adapter_configs, apply, saved_module_names
+from peftlab.core.model import (
+    ORIGINALS_ATTR,
+    active_adapter,
+    adapter_configs,
+    apply,
+    saved_module_names,
+)
 from peftlab.core.registry import get_method
 
 CONFIG_NAME = "adapter_config.json"
@@ -216,6 +222,12 @@ class _Snapshot:
             for n, t in [*model.named_parameters(), *model.named_buffers()]
             if any(p in n for p in prefixes)
         }
+        self.saved = {  # modules_to_save, trained in place
+            name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()}
+            for config in self.configs.values()
+            for name in saved_module_names(model, config)
+        }
+        self.originals = model.__dict__.get(ORIGINALS_ATTR)
 
     @torch.no_grad()
     def restore(self, model: nn.Module) -> None:
@@ -227,6 +239,10 @@ class _Snapshot:
         for n, t in [*model.named_parameters(), *model.named_buffers()]:
             if n in self.tensors:
                 t.copy_(self.tensors[n])
+        for name, sd in self.saved.items():
+            model.get_submodule(name).load_state_dict(sd)
+        if self.originals is not None:
+            model.__dict__[ORIGINALS_ATTR] = self.originals
         if self.active is not None:
             set_adapter(model, self.active)
         for n, p in model.named_parameters():

@@ -21,6 +21,8 @@ from peftlab.core.registry import get_method, spec_for_config
 
 CONFIG_ATTR = "peftlab_config"
 ACTIVE_ATTR = "peftlab_active"
+ORIGINALS_ATTR = "peftlab_saved_originals"
+"""Module name → the state dict a ``modules_to_save`` module had before training, for unload()."""
 
 
 @runtime_checkable
@@ -92,6 +94,11 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
             p.requires_grad_(flag)
         raise
     setattr(model, CONFIG_ATTR, {**existing, adapter_name: config})
+    originals = model.__dict__.setdefault(ORIGINALS_ATTR, {})
+    for name in saved_module_names(model, config):
+        if name not in originals:  # trained in place: keep the base's copy for unload()
+            sd = model.get_submodule(name).state_dict()
+            originals[name] = {k: v.detach().clone() for k, v in sd.items()}
     set_adapter(model, adapter_name)
     return model
 
@@ -206,6 +213,11 @@ def unload(model: nn.Module) -> nn.Module:
 def _unload(model: nn.Module, merge: bool, **kwargs) -> nn.Module:
     for name, layer in list(adapter_layers(model)):
         set_submodule(model, name, layer.unload(merge=merge, **kwargs))
+    originals = model.__dict__.pop(ORIGINALS_ATTR, {})
+    if not merge:  # modules_to_save trained in place go back to the base's weights
+        with torch.no_grad():
+            for name, sd in originals.items():
+                model.get_submodule(name).load_state_dict(sd)
     for config in adapter_configs(model).values():
         spec = get_method(config.method)
         if spec.unload is not None:

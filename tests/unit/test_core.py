@@ -10,7 +10,7 @@ import torch
 
 import peftlab
 from peftlab import AdapterFileError, ConfigError
-from tests.conftest import TINY, tiny_gpt2, tiny_llama
+from tests.conftest import TINY, tiny_bert, tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -164,6 +164,23 @@ def test_refused_load_keeps_the_adapters_already_there(tmp_path, merged):
         peftlab.unmerge(m)
         torch.testing.assert_close(m(input_ids=batch).logits.detach(), ref, atol=1e-5, rtol=0)
     assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+
+
+def test_unload_restores_modules_to_save_and_merge_keeps_them():
+    torch.manual_seed(0)
+    cfg = peftlab.LoRAConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    for merge in (False, True):
+        m = tiny_bert()
+        before = {k: v.clone() for k, v in m.classifier.state_dict().items()}
+        peftlab.apply(m, cfg)
+        assert all(p.requires_grad for p in m.classifier.parameters())
+        with torch.no_grad():
+            m.classifier.weight.add_(1.0)  # "trained" in place
+        trained = m.classifier.weight.clone()
+        m = peftlab.merge_and_unload(m) if merge else peftlab.unload(m)
+        expected = trained if merge else before["weight"]
+        torch.testing.assert_close(m.classifier.weight.detach(), expected)
+        assert not hasattr(m, "peftlab_saved_originals")
 
 
 def test_adapter_with_missing_keys_names_them(tmp_path):
