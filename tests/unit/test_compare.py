@@ -7,7 +7,6 @@ import base64
 import json
 import math
 import re
-import time
 
 import pytest
 import torch
@@ -80,23 +79,36 @@ def test_peak_memory_sees_an_allocation():
     assert int(grown) > 60 * 2**20, method
 
 
+_LIVE_PROBE = """
+import gc, json, time
+import torch
+from peftlab.bench import measure
+gc.collect()
+before = measure.live_heap_bytes()
+with measure.PeakMemory("cpu") as pm:
+    x = torch.ones(32 * 2**20 // 4)  # 32 MiB
+    held = measure.live_heap_bytes()
+    time.sleep(0.01)  # the sampler ticks every millisecond
+    del x
+after = measure.live_heap_bytes()
+print(json.dumps([before, held, after, pm.peak_live_bytes, pm.to_dict()["live_bytes"]]))
+"""
+
+
 def test_live_heap_bytes_track_a_tensor_and_its_release():
-    import gc
+    # In a fresh process, so no other test's threads allocate meanwhile.
+    import json
+    import subprocess
+    import sys
 
     if measure.live_heap_bytes() is None:
         pytest.skip("no glibc mallinfo2 here")
-    gc.collect()
-    before = measure.live_heap_bytes()
-    with measure.PeakMemory("cpu") as pm:
-        x = torch.ones(32 * 2**20 // 4)  # 32 MiB
-        held = measure.live_heap_bytes()
-        time.sleep(0.01)  # the sampler ticks every millisecond
-        del x
-    after = measure.live_heap_bytes()
+    out = subprocess.run([sys.executable, "-c", _LIVE_PROBE], capture_output=True, text=True, check=True)
+    before, held, after, peak, reported = json.loads(out.stdout.strip().splitlines()[-1])
     assert held - before == pytest.approx(32 * 2**20, rel=0.05)
     assert after - before < 2**20  # freed memory is not live, whatever RSS says
-    assert pm.peak_live_bytes - before >= 32 * 2**20
-    assert pm.to_dict()["live_bytes"] == pm.peak_live_bytes
+    assert peak - before >= 32 * 2**20
+    assert reported == peak
 
 
 def test_time_inference_on_tiny_models():
