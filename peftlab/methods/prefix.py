@@ -184,11 +184,29 @@ class PrefixEncoder(VirtualTokenModule):
         # reproduces the unfolded outputs bit for bit.
         return torch.cat([self.layer_rows(name, i) for i in range(self.num_layers)], dim=1)
 
+    def _inference_table(self, name: str) -> torch.Tensor | None:
+        """Without autograd, the reparameterized table computed once and reused until a
+        parameter changes (keyed on their versions), so generating with an unfolded prefix
+        costs what a folded one does; None for a plain table or when gradients flow."""
+        if torch.is_grad_enabled() or name in self.part("table"):
+            return None
+        params = [*self.part("mlp")[name].parameters(), self.part("embedding")[name]]
+        key = tuple((t.data_ptr(), t._version) for t in params)
+        cache = self.__dict__.setdefault("_table_cache", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, self.table(name))
+        return cache[name][1]
+
     def layer_prefixes(self, name: str, batch: int, dtype: torch.dtype) -> list[tuple]:
         """Per layer ``(keys, values)``, each ``[batch, n_kv, p, d_head]``."""
         out = []
+        table = self._inference_table(name)
+        width = 2 * self.num_kv_heads * self.head_dim
         for i in range(self.num_layers):
-            rows = self.layer_rows(name, i)
+            if table is not None:
+                rows = table[:, i * width : (i + 1) * width]
+            else:
+                rows = self.layer_rows(name, i)
             if self.training and self.configs[name].dropout:
                 rows = nn.functional.dropout(rows, self.configs[name].dropout)
             kv = rows.to(dtype).view(rows.shape[0], 2, self.num_kv_heads, self.head_dim)

@@ -290,8 +290,9 @@ def estimate_memory(
             4-bit weight.
 
         runtime_bytes: memory the framework itself takes on the first training step (thread
-            pools, kernel caches; on a GPU the CUDA context), measured once per machine — e.g.
-            by ``benchmarks/memory_study.py`` on a tiny model; added to the workspace.
+            pools, kernel caches; on a GPU the CUDA context), measured once per machine
+            (the "other MB" column of ``benchmarks/estimator_compare.py`` bounds it from
+            above: it also holds the tokenizer and data); added to the workspace.
 
     Raises:
         ConfigError: an unknown model, method, dtype, optimizer or attention, or a non-positive size.

@@ -238,3 +238,25 @@ def test_misuse_of_masks_and_caches_is_explained(batch):
     out = model(input_ids=batch, use_cache=True)  # gradients on: a read-only prefix cache
     with pytest.raises(ConfigError, match="holds only the prefix"):
         model(input_ids=batch[:, :1], cache=out.cache)
+
+
+def test_inference_reuses_the_reparameterized_table_until_it_changes(batch):
+    torch.manual_seed(0)
+    model = peftlab.apply(tiny_llama(), peftlab.PrefixTuningConfig(num_virtual_tokens=3))
+    model.eval()
+    with torch.enable_grad():
+        ref = model(input_ids=batch).logits.detach()
+    with torch.no_grad():
+        first = model(input_ids=batch).logits
+        encoder = next(m for m in model.modules() if hasattr(m, "_inference_table"))
+        assert encoder.__dict__["_table_cache"], "no table was cached"
+        torch.testing.assert_close(first, ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(input_ids=batch).logits, ref, atol=1e-6, rtol=0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # an optimizer step: the cache must not be reused
+        changed = model(input_ids=batch).logits
+    with torch.enable_grad():
+        ref2 = model(input_ids=batch).logits.detach()
+    torch.testing.assert_close(changed, ref2, atol=1e-6, rtol=0)
+    assert not torch.allclose(changed, ref)
