@@ -125,6 +125,12 @@ def check_ok_result(r: dict, method: str, tiny: str) -> None:
         and pm["how"]
     )
     assert pm["weights_bytes"] == pm["trainable_bytes"] + pm["frozen_bytes"] + pm["buffer_bytes"]
+    pred = pm["prediction"]  # the estimator beside the measurement, for the run's own settings
+    assert pred["predicted_bytes"] > pm["weights_bytes"] and pred["seq_len"] > 0, pred
+    if pred["measured_bytes"] is not None:  # glibc: live heap bytes were sampled
+        assert pred["measured_bytes"] > 0 and "error_ratio" in pred
+        loop = ti["train_summary"]["peak_memory"]
+        assert loop["live_bytes"] >= loop["live_bytes_at_start"] > 0
     assert ti["step_time_median_s"] > 0 and ti["tokens_per_s"] > 0 and ti["train_seconds"] > 0
     assert [s for s, _ in ti["loss_curve"]] == [1, 2, 3] and ti["final_loss"] == ti["loss_curve"][
         -1
