@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from peftlab.bench.worker import RUN_INFO_KEYS
 from peftlab.core.config import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -61,17 +62,9 @@ def run_name(method: str, seed: int, seeds: list[int]) -> str:
 
 def fingerprint(spec: dict) -> str:
     """Hash of everything that decides a run's numbers (not paths), to refuse mixing settings."""
+    # The run_info fields (the hash itself aside) and what else sets the numbers.
     keys = (
-        "method",
-        "method_args",
-        "model",
-        "kind",
-        "data",
-        "seed",
-        "steps",
-        "batch_size",
-        "max_length",
-        "lr",
+        *(k for k in RUN_INFO_KEYS if k != "fingerprint"),
         "inference",
         "train_overrides",
         "device",

@@ -36,18 +36,9 @@ CLASSIFICATION_PROMPTS = [
 
 # The spec fields every result JSON repeats in its run_info, succeeded or failed.
 RUN_INFO_KEYS = (
-    "method",
-    "method_args",
-    "model",
-    "kind",
-    "data",
-    "seed",
-    "steps",
-    "batch_size",
-    "max_length",
-    "lr",
-    "fingerprint",
-)
+    "method", "method_args", "model", "kind", "data", "seed", "steps", "batch_size",
+    "max_length", "lr", "fingerprint",
+)  # fmt: skip
 
 
 def now() -> str:
