@@ -158,6 +158,23 @@ def ratio(a: dict, b: dict, key: str) -> float | None:
     return x / y
 
 
+def paired_ratio(raw: dict[str, list[dict]] | None, a: str, b: str, key: str) -> float | None:
+    """Median over repeats of ``a[key] / b[key]`` taken within the same repeat.
+
+    Configurations of one repeat run minutes apart at most, so a slow phase of the machine
+    hits both sides of each pair; the ratio of two medians can pair a fast ``a`` with a slow
+    ``b``. None without raw results or without a repeat where both succeeded.
+    """
+    if not raw or a not in raw or b not in raw:
+        return None
+    pairs = [
+        x[key] / y[key]
+        for x, y in zip(raw[a], raw[b])
+        if isinstance(x.get(key), int | float) and isinstance(y.get(key), int | float) and y[key]
+    ]
+    return statistics.median(pairs) if pairs else None
+
+
 def fmt(x: float | None, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
 
@@ -190,7 +207,7 @@ def run_driver(
         budget_s=args.budget_s,
     )
     med = medians(raw)
-    rows = report(med)
+    rows = report(med, raw=raw)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

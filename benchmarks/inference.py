@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks import harness, loading
-from benchmarks.harness import fmt, ratio, verdict
+from benchmarks.harness import fmt, paired_ratio, ratio, verdict
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 # config name → (library, method, mode); mode ∈ {"base", "unmerged", "merged", "unloaded"}
@@ -116,7 +116,11 @@ def worker(args) -> dict:
     }
 
 
-def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, float, str]]:
+def report(
+    med: dict[str, dict], out=print, raw: dict[str, list[dict]] | None = None
+) -> list[tuple[str, float | None, float, str]]:
+    """Print the table and the targets (verdict on the ratio of medians; ``paired``: the median
+    of same-repeat ratios, with ``raw``); returns (target, value, limit, verdict) rows."""
     base = med.get("base", {})
     out(
         f"\n{'config':<24} {'n':>2} {'prefill s':>10} {'×base':>6} {'decode s/tok':>13} {'×base':>6}"
@@ -130,7 +134,7 @@ def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, flo
             f"{m['decode_s_per_token']:>13.5f} {fmt(ratio(m, base, 'decode_s_per_token'), '.3f'):>6}"
         )
     rows = []
-    out("\ntarget                                   ratio   limit  verdict")
+    out("\ntarget                                   ratio   limit  verdict  paired")
     for name, limit in [
         ("peftlab-lora-merged", 1.02),
         ("peftlab-dora-merged", 1.02),
@@ -142,7 +146,8 @@ def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, flo
             r = ratio(med.get(name, {}), base, key)
             v = verdict(r, limit)
             rows.append((f"{name} {label} / base", r, limit, v))
-            out(f"{name + ' ' + label + ' / base':<40} {fmt(r):>6}  ≤{limit:.2f}  {v}")
+            paired = fmt(paired_ratio(raw, name, "base", key))
+            out(f"{name + ' ' + label + ' / base':<40} {fmt(r):>6}  ≤{limit:.2f}  {v}     {paired}")
     return rows
 
 

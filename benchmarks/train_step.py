@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from benchmarks import harness, loading
-from benchmarks.harness import fmt, ratio, verdict
+from benchmarks.harness import fmt, paired_ratio, ratio, verdict
 from peftlab.optim import make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -185,8 +185,13 @@ def _process_peak_gb() -> float:
 
 
 # -- report --------------------------------------------------------------------------------
-def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, float, str]]:
-    """Print the table and the issue's targets; returns (target, value, limit, verdict) rows."""
+def report(
+    med: dict[str, dict], out=print, raw: dict[str, list[dict]] | None = None
+) -> list[tuple[str, float | None, float, str]]:
+    """Print the table and the issue's targets; returns (target, value, limit, verdict) rows.
+
+    The verdict is on the ratio of medians; with ``raw`` (every repeat's results) the median
+    of same-repeat ratios is printed beside it (``paired``)."""
     cuda = any("cuda_peak_gb" in m for m in med.values())
     mem = "cuda_peak_gb" if cuda else "peak_rss_gb"
     out(
@@ -225,12 +230,12 @@ def report(med: dict[str, dict], out=print) -> list[tuple[str, float | None, flo
         ("QLoRA step / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", "step_s", 1.00),
         ("QLoRA memory / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", mem, 1.00),
     ]
-    out("\ntarget                               ratio   limit  verdict")
+    out("\ntarget                               ratio   limit  verdict  paired")
     for label, a, b, key, limit in checks:
         r = ratio(get(a), get(b), key)
         v = verdict(r, limit)
         rows.append((label, r, limit, v))
-        out(f"{label:<36} {fmt(r):>6}  ≤{limit:.2f}  {v}")
+        out(f"{label:<36} {fmt(r):>6}  ≤{limit:.2f}  {v}     {fmt(paired_ratio(raw, a, b, key))}")
     for name in ("peftlab-qlora-all", "peft-qlora-all"):
         bits = get(name).get("quant_bits_per_param")
         if bits is not None:

@@ -135,3 +135,16 @@ def test_dora_norm_cache_follows_training_updates():
         layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     )
     torch.testing.assert_close(layer._norm("default"), w.norm(dim=1).detach())
+
+
+def test_paired_ratio_pairs_repeats_and_skips_failures():
+    from benchmarks.harness import paired_ratio
+
+    raw = {
+        "a": [{"t": 2.2}, {"t": 2.0}, {"error": "x"}, {"t": 3.0}],
+        "b": [{"t": 2.0}, {"t": 2.0}, {"t": 1.0}, {"t": 2.0}],
+    }
+    # same-repeat pairs 1.1, 1.0, (repeat 3 failed: skipped), 1.5 → median 1.1
+    assert paired_ratio(raw, "a", "b", "t") == pytest.approx(1.1)
+    assert paired_ratio(raw, "a", "missing", "t") is None
+    assert paired_ratio(None, "a", "b", "t") is None
