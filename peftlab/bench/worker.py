@@ -167,11 +167,8 @@ def run(spec: dict) -> dict:
     measure.own_weights(model)  # resident and counted from the start (see own_weights)
     tokenizer = load_tokenizer(spec["model"])
     load_s = time.perf_counter() - t0
-    rss_loaded, live_loaded = measure.rss_bytes(), measure.live_heap_bytes()
+    rss_loaded = measure.rss_bytes()
     loaded_weights = measure.tensor_bytes(model)["weights_bytes"]
-    # What was live before training that is not the model's tensors: the runtime, the loader's
-    # leftovers and the tokenizer (tens of MB, which no estimate of training memory counts).
-    live_other = live_loaded - loaded_weights if live_loaded is not None else None
 
     inf = spec["inference"]
     prompts = {
@@ -244,7 +241,7 @@ def run(spec: dict) -> dict:
             "loaded_weights_bytes": loaded_weights,
             "how": peak.method + ("" if device.type == "cuda" else " minus RSS after model load"),
             "peak_process_bytes": peak.peak_bytes,
-            "prediction": memory_prediction(spec, config, model, summary, live_other, device),
+            "prediction": memory_prediction(spec, config, model, summary, device),
             "rss_before_load_bytes": rss_start if device.type == "cpu" else None,
             "rss_after_load_bytes": rss_loaded if device.type == "cpu" else None,
             **weights,
@@ -294,28 +291,26 @@ def run(spec: dict) -> dict:
     return {"run_info": run_info, "train_info": train_info, "meta_info": meta_info()}
 
 
-def memory_prediction(spec, config, model, summary, live_other, device) -> dict:
+def memory_prediction(spec, config, model, summary, device) -> dict:
     """The estimator's predicted training peak for this very run, next to the measured one.
 
     Measured: the training loop's peak (``summary["peak_memory"]``: CUDA allocated bytes, or
     on the CPU the heap's live bytes) minus what was live when the loop started that is not
     the model's tensors (the runtime, loader leftovers, tokenizer and tokenized data: tens of
     MB, reported as ``other_live_bytes``) — so the weights, gradients, optimizer state,
-    activations and workspace, which is what the estimator predicts. ``live_other`` (the
-    same after loading, before the trainer) is the fallback for a summary without it.
+    activations and workspace, which is what the estimator predicts.
     Predicted: :func:`peftlab.estimate_memory` for the run's model, method config, batch size,
     longest padded batch, dtype, optimizer and checkpointing.
     """
     from peftlab.select.estimator import estimate_memory
 
     loop = (summary or {}).get("peak_memory") or {}
+    live, start = loop.get("live_bytes"), loop.get("live_bytes_at_start")
+    live_other = start - loop["model_tensor_bytes"] if start is not None else None
     if device.type == "cuda":
         measured = loop.get("bytes")
     else:
-        live, start = loop.get("live_bytes"), loop.get("live_bytes_at_start")
-        if start is not None and loop.get("model_tensor_bytes") is not None:
-            live_other = start - loop["model_tensor_bytes"]
-        measured = live - live_other if live is not None and live_other is not None else None
+        measured = live - live_other if live is not None else None
     out = {
         "measured_bytes": measured,
         "other_live_bytes": live_other,

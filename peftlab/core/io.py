@@ -20,11 +20,11 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, config_from_dict
 from peftlab.core.model import (
-    ORIGINALS_ATTR,
     active_adapter,
     adapter_configs,
     apply,
     saved_module_names,
+    state_copy,
 )
 from peftlab.core.registry import get_method
 
@@ -223,16 +223,17 @@ class _Snapshot:
             if any(p in n for p in prefixes)
         }
         self.saved = {  # modules_to_save, trained in place
-            name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()}
+            name: state_copy(model.get_submodule(name))
             for config in self.configs.values()
             for name in saved_module_names(model, config)
         }
-        self.originals = model.__dict__.get(ORIGINALS_ATTR)
 
     @torch.no_grad()
     def restore(self, model: nn.Module) -> None:
         from peftlab.core.model import merge, set_adapter, unload
 
+        # unload() puts the modules_to_save back to the base's weights, so re-applying
+        # records the same originals for a later unload() as before.
         unload(model)
         for name, config in self.configs.items():
             apply(model, config, name)
@@ -241,8 +242,6 @@ class _Snapshot:
                 t.copy_(self.tensors[n])
         for name, sd in self.saved.items():
             model.get_submodule(name).load_state_dict(sd)
-        if self.originals is not None:
-            model.__dict__[ORIGINALS_ATTR] = self.originals
         if self.active is not None:
             set_adapter(model, self.active)
         for n, p in model.named_parameters():

@@ -97,10 +97,14 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
     originals = model.__dict__.setdefault(ORIGINALS_ATTR, {})
     for name in saved_module_names(model, config):
         if name not in originals:  # trained in place: keep the base's copy for unload()
-            sd = model.get_submodule(name).state_dict()
-            originals[name] = {k: v.detach().clone() for k, v in sd.items()}
+            originals[name] = state_copy(model.get_submodule(name))
     set_adapter(model, adapter_name)
     return model
+
+
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module``'s state dict (for ``load_state_dict`` later)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:

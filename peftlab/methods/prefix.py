@@ -168,13 +168,17 @@ class PrefixEncoder(VirtualTokenModule):
         checkpointing runs one backward per layer, and a graph shared by all layers (one MLP
         call) would be freed by the first of them.
         """
-        width = 2 * self.num_kv_heads * self.head_dim
-        cols = slice(layer * width, (layer + 1) * width)
+        cols = self._columns(layer)
         if name in self.part("table"):
             return self.part("table")[name][:, cols]
         mlp = self.part("mlp")[name]
         hidden = mlp[1](mlp[0](self.part("embedding")[name]))
         return nn.functional.linear(hidden, mlp[2].weight[cols], mlp[2].bias[cols])
+
+    def _columns(self, layer: int) -> slice:
+        """Layer ``layer``'s columns of a ``[p, L·2·n_kv·d_head]`` table."""
+        width = 2 * self.num_kv_heads * self.head_dim
+        return slice(layer * width, (layer + 1) * width)
 
     def table(self, name: str) -> torch.Tensor:
         """The prefix table of adapter ``name``, ``[p, L·2·n_kv·d_head]``."""
@@ -201,12 +205,8 @@ class PrefixEncoder(VirtualTokenModule):
         """Per layer ``(keys, values)``, each ``[batch, n_kv, p, d_head]``."""
         out = []
         table = self._inference_table(name)
-        width = 2 * self.num_kv_heads * self.head_dim
         for i in range(self.num_layers):
-            if table is not None:
-                rows = table[:, i * width : (i + 1) * width]
-            else:
-                rows = self.layer_rows(name, i)
+            rows = table[:, self._columns(i)] if table is not None else self.layer_rows(name, i)
             if self.training and self.configs[name].dropout:
                 rows = nn.functional.dropout(rows, self.configs[name].dropout)
             kv = rows.to(dtype).view(rows.shape[0], 2, self.num_kv_heads, self.head_dim)
@@ -411,7 +411,6 @@ def register_prefix_method(
             profile=profile,
         )
     )
-
 
 
 register_prefix_method(
