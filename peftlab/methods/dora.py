@@ -139,6 +139,9 @@ class DoRALinear(LoRALinear):
         """``(m / ‖W0 + sBA‖) ⊙ z + rest``; ``z``: ``(..., out)``, ``rest``: the bias or None."""
         m = self.lora_magnitude_vector[name]
         scale = (m / self._norm(name).to(m.dtype)).to(z.dtype)  # (out,)
+        if not (torch.is_grad_enabled() and (z.requires_grad or scale.requires_grad)):
+            z = z.mul_(scale)  # no graph: rescale in place, no second (..., out) tensor
+            return z if rest is None else z.add_(rest)
         return z * scale if rest is None else torch.addcmul(rest, z, scale)
 
     def _merged_weight(self, name: str, w0: torch.Tensor) -> torch.Tensor:

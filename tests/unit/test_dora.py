@@ -47,6 +47,28 @@ def test_forward_and_grads_match_materialised_formula(detach, bias):
                                ref.lora_magnitude_vector["default"].grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_inference_forward_matches_formula(bias, dropout):
+    """Without a graph the rescale runs in place; the result must not change."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(24, 16, bias=bias))
+    layer.add_adapter("default", DoRAConfig(r=4, alpha=8, dropout=dropout))
+    layer.set_adapter(["default"])
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    layer.eval()
+    version = layer.base_layer.bias._version if bias else None
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        expected = _direct(layer, x, True)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    if bias:  # the bias itself is never written to
+        assert layer.base_layer.bias._version == version
+
+
 def test_norm_cache_follows_in_place_weight_changes():
     layer = _layer(True)
     before = layer.weight_norm("default").clone()
