@@ -115,11 +115,13 @@ class DoRALinear(LoRALinear):
         bias. Autograd then keeps one ``(..., out)`` tensor (z, for the gradient of m) per
         layer instead of both W0·x and B·A·x.
         """
+        y = self.base_only(x)  # disabled, merged or no adapter: W0·x + b
+        if y is not None:
+            return y
         bias = getattr(self.base_layer, "bias", None)
-        if not self.disabled:
-            z = self.fused_forward(x, bias=False)  # W0·x + s·B·A·x, one node
-            if z is not None:
-                return self._rescale(z, self.active[0], bias)
+        z = self.fused_forward(x, bias=False)  # W0·x + s·B·A·x, one node
+        if z is not None:
+            return self._rescale(z, self.active[0], bias)
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result

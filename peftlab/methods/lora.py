@@ -103,6 +103,11 @@ class _LoRAMatmul(torch.autograd.Function):
         return gx, None, None, gA, gB, None
 
 
+# torch's registries of global module hooks (dicts filled in place, never rebound)
+_GLOBAL_HOOKS = nn.modules.module._global_forward_hooks
+_GLOBAL_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
+
+
 def plain_linear(layer: nn.Module) -> bool:
     """An ``nn.Linear`` whose weight may be read directly instead of calling the module: no
     hooks and no replaced ``forward`` (accelerate's offloading hooks swap the weight in there)."""
@@ -111,9 +116,14 @@ def plain_linear(layer: nn.Module) -> bool:
         and not layer._forward_hooks
         and not layer._forward_pre_hooks
         and "forward" not in layer.__dict__
-        and not nn.modules.module._global_forward_hooks
-        and not nn.modules.module._global_forward_pre_hooks
+        and not _GLOBAL_HOOKS
+        and not _GLOBAL_PRE_HOOKS
     )
+
+
+_FUSED, _BASE = "fused", "base"
+"""Kinds of a layer's cached plan: the one active adapter through :class:`_LoRAMatmul`, or
+the base layer alone (adapters disabled, merged or none active)."""
 
 
 class LoRALinear(nn.Module):
@@ -133,11 +143,22 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
-        self.disabled = False
         self._plan: tuple | None = None
-        """Cached for the hot path: (base, A module, B module, scaling, device type) of the one
-        active adapter when the fused path may apply, else ``()``; rebuilt (``None``) whenever
-        adapters, merging, train/eval mode or device/dtype change."""
+        """Cached for the hot path: ``(_FUSED, base, A module, B module, scaling, device type)``
+        when the one active adapter may take the fused path, ``(_BASE, base)`` when the output
+        is the base layer's alone, else ``()``; rebuilt (``None``) whenever adapters, merging,
+        disabling, train/eval mode or device/dtype change."""
+        self.disabled = False
+
+    @property
+    def disabled(self) -> bool:
+        """Adapters switched off (``peftlab.disable_adapters``): the base layer's output only."""
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._disabled = bool(value)
+        self._plan = None
 
     def add_adapter(self, name: str, config: LoRAConfig) -> None:
         w = self.base_layer.weight
@@ -173,13 +194,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in)`` → ``(..., out)``."""
-        if not self.disabled:
-            fused = self.fused_forward(x)
-            if fused is not None:
-                return fused
-        if (self.disabled or self.merged or not self.active) and plain_linear(self.base_layer):
-            # the base layer alone, without a second module call
-            return nn.functional.linear(x, self.base_layer.weight, self.base_layer.bias)
+        y = self.base_only(x)
+        if y is not None:
+            return y
+        fused = self.fused_forward(x)
+        if fused is not None:
+            return fused
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
@@ -188,13 +208,36 @@ class LoRALinear(nn.Module):
         return result
 
     def _make_plan(self) -> tuple:
-        if len(self.active) != 1 or self.merged or type(self.base_layer) is not nn.Linear:
+        base = self.base_layer
+        if type(base) is not nn.Linear:
+            return ()
+        if self.disabled or self.merged or not self.active:
+            return _BASE, base
+        if len(self.active) != 1:
             return ()
         name = self.active[0]
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return ()  # dropout(x) feeds the update only: autograd's graph
-        base = self.base_layer
-        return base, self.lora_A[name], self.lora_B[name], self.scaling[name], base.weight.device.type
+        return _FUSED, base, self.lora_A[name], self.lora_B[name], self.scaling[name], base.weight.device.type
+
+    def _current_plan(self) -> tuple:
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = self._make_plan()
+        return plan
+
+    def base_only(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base layer's output through ``F.linear``, without a second module call, when
+        the adapters take no part (disabled, merged, none active) and the base is a plain
+        ``nn.Linear`` without hooks; else ``None``. Merged inference pays one module call
+        per layer, as the bare model does."""
+        plan = self._current_plan()
+        if not plan or plan[0] is not _BASE:
+            return None
+        base = plan[1]
+        if base is not self._modules["base_layer"] or not plain_linear(base):
+            return None
+        return nn.functional.linear(x, base._parameters["weight"], base._parameters["bias"])
 
     def fused_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor | None:
         """``W0·x (+ b) + s·B·A·x`` for the one active adapter through :class:`_LoRAMatmul`
@@ -202,12 +245,10 @@ class LoRALinear(nn.Module):
         apply: several or no active adapters, merged, a 4-bit or hooked base, a trainable
         base weight or bias, dropout in training, dtypes that differ, or autocast (which
         would recast the matmuls inside). The static part of that test is cached."""
-        plan = self._plan
-        if plan is None:
-            plan = self._plan = self._make_plan()
-        if not plan:
+        plan = self._current_plan()
+        if not plan or plan[0] is not _FUSED:
             return None
-        base, a_mod, b_mod, s, device_type = plan
+        _, base, a_mod, b_mod, s, device_type = plan
         w0 = base._parameters["weight"]
         b = base._parameters["bias"] if bias else None
         A, B = a_mod._parameters["weight"], b_mod._parameters["weight"]

@@ -96,3 +96,27 @@ def test_hooked_base_layer_is_called_as_a_module():
     layer.merge()
     layer(x)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+def test_cached_plan_follows_disable_merge_and_late_hooks(cls, config):
+    """The cached plan (fused adapter, or base layer alone) is rebuilt when adapters are
+    switched off or merged, and a hook added after it was cached still runs."""
+    layer = _layer(cls, config, bias=True).eval()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        base_y = layer.base_layer(x)
+        adapted = layer(x)  # caches the fused plan
+        assert not torch.allclose(adapted, base_y)
+        layer.disabled = True
+        torch.testing.assert_close(layer(x), base_y)
+        layer.disabled = False
+        torch.testing.assert_close(layer(x), adapted)
+        layer.merge()
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+        seen = []
+        layer.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+        assert len(seen) == 1
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
