@@ -155,6 +155,7 @@ def worker(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     trainable = sum(p.numel() for p in params)
+    ops = profile_steps(step, args.profile_steps, device) if args.profile_steps else {}
     result = {
         "config": args.config,
         "step_s": statistics.median(times),
@@ -167,10 +168,35 @@ def worker(args) -> dict:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         **loading.quantized_storage(model),
+        **ops,
     }
     if device.type == "cuda":
         result["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return result
+
+
+def profile_steps(step: Callable[[], float], n: int, device: torch.device) -> dict:
+    """Run ``n`` more steps under torch's profiler; per step (median): ``op_s``, the summed
+    self time of every operator (autograd nodes, custom Functions and the optimizer
+    included), and ``mm_s``, that of matrix products. The work a step does, without the
+    time spent between operators; on CPU it is far steadier across processes than the wall
+    clock (it still moves with the machine's speed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    op_s, mm_s = [], []
+    for _ in range(n):
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+        events = prof.key_averages()
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        op_s.append(sum(getattr(e, attr) for e in events) / 1e6)
+        mm_s.append(
+            sum(getattr(e, attr) for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+            / 1e6
+        )
+    return {"op_s": statistics.median(op_s), "mm_s": statistics.median(mm_s)}
 
 
 def _sync(device: torch.device) -> None:
@@ -194,9 +220,13 @@ def report(
     of same-repeat ratios is printed beside it (``paired``)."""
     cuda = any("cuda_peak_gb" in m for m in med.values())
     mem = "cuda_peak_gb" if cuda else "peak_rss_gb"
+    ops = any("op_s" in m for m in med.values())
     out(
         f"\n{'config':<20} {'n':>2} {'step s':>8} {'×floor':>7} {'peak RSS GB':>11} "
-        f"{'train RSS GB':>12}" + (f" {'CUDA GB':>8}" if cuda else "") + f" {'trainable':>11}"
+        f"{'train RSS GB':>12}"
+        + (f" {'CUDA GB':>8}" if cuda else "")
+        + f" {'trainable':>11}"
+        + (f" {'op s':>7} {'×floor':>7}" if ops else "")
     )
     floor = med.get("floor", {})
     for name, m in med.items():
@@ -208,6 +238,7 @@ def report(
             f"{m['peak_rss_gb']:>11.3f} {fmt(m.get('train_peak_rss_gb')):>12}"
             + (f" {fmt(m.get('cuda_peak_gb')):>8}" if cuda else "")
             + f" {m['trainable_params']:>11,}"
+            + (f" {fmt(m.get('op_s')):>7} {fmt(ratio(m, floor, 'op_s')):>7}" if ops else "")
         )
 
     def get(name):
@@ -230,12 +261,19 @@ def report(
         ("QLoRA step / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", "step_s", 1.00),
         ("QLoRA memory / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", mem, 1.00),
     ]
-    out("\ntarget                               ratio   limit  verdict  paired")
+    out(
+        "\ntarget                               ratio   limit  verdict  paired"
+        + ("  op time" if ops else "")
+    )
     for label, a, b, key, limit in checks:
         r = ratio(get(a), get(b), key)
         v = verdict(r, limit)
         rows.append((label, r, limit, v))
-        out(f"{label:<36} {fmt(r):>6}  ≤{limit:.2f}  {v}     {fmt(paired_ratio(raw, a, b, key))}")
+        op = f"  {fmt(ratio(get(a), get(b), 'op_s')):>7}" if ops and key == "step_s" else ""
+        out(
+            f"{label:<36} {fmt(r):>6}  ≤{limit:.2f}  {v}     "
+            f"{fmt(paired_ratio(raw, a, b, key))}{op}"
+        )
     for name in ("peftlab-qlora-all", "peft-qlora-all"):
         bits = get(name).get("quant_bits_per_param")
         if bits is not None:
@@ -250,12 +288,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = harness.arg_parser(__doc__, CONFIGS, batch=4, dtypes=sorted(DTYPES))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the timed steps, this many under torch's profiler: adds op_s (summed "
+        "operator time per step) and mm_s; the verdicts stay on the wall clock",
+    )
     return p.parse_args(argv)
 
 
 def worker_args(args) -> list[str]:
-    keys = ("model", "device", "dtype", "batch", "seq", "warmup", "steps", "threads")
-    return [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
+    keys = ("model", "device", "dtype", "batch", "seq", "warmup", "steps", "threads", "profile_steps")
+    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
 def main(argv=None) -> int:

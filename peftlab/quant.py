@@ -48,6 +48,26 @@ class Linear4bit(bnb.nn.Linear4bit):
         return nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
 
 
+def adopt_4bit(name: str, module: nn.Module) -> None:
+    """Take over ``module``, a layer bitsandbytes quantized when the model was loaded
+    (transformers' ``BitsAndBytesConfig``), as the base of an adapter.
+
+    It becomes a :class:`Linear4bit` in place (same weights and quant state; only its class
+    changes), so it computes correctly on the CPU and is never repacked. Refused when the
+    repacking already happened: the codes can no longer be read exactly.
+    """
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        raise ConfigError(
+            f"{name} was repacked by bitsandbytes' CPU inference path (the model ran in eval "
+            f"mode before apply), so its 4-bit weights can no longer be read exactly; apply "
+            f"the adapter right after loading the model, before any inference call"
+        )
+    module.support_avx512bf16_for_cpu = False
+    if type(module) is bnb.nn.Linear4bit:
+        module.__class__ = Linear4bit
+        module.peftlab_conv1d = False
+
+
 def quantize_linear(
     layer: nn.Module,
     quant_type: str = "nf4",
@@ -234,6 +254,7 @@ def _fmt(x: float | None) -> str:
 
 __all__ = [
     "Linear4bit",
+    "adopt_4bit",
     "dequantized_layer",
     "is_quantized",
     "log_requantization_drift",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -33,15 +35,6 @@ from peftlab.evaluate import evaluate, loss_sum
 from peftlab.train_config import TrainConfig, apply_overrides
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "add_parser"]
-
-RUN_FILES = (
-    "config.yaml",
-    "metrics.jsonl",
-    "summary.json",
-    "checkpoints",
-    "adapter",
-    "tensorboard",
-)
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,12 +63,59 @@ def train(
         ``output_dir``, ``steps``, ``final_loss``, ``eval_before``/``eval_after``, ``tokens``,
         ``loss_tokens``, ``truncated``, ``trainable_params``, ``wall_time`` and more.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     cfg = _resolve(config, overrides, resume)
     out = Path(cfg.output_dir)
+    accelerator = _accelerator(cfg, out)
+    ckpt = _prepare_output_dir(accelerator, cfg, out, resume)
+    set_seed(cfg.seed)
+    run = _setup(cfg, out, accelerator, model, tokenizer)
+    if ckpt is not None:
+        run.state.update(
+            checkpoint.load(ckpt, run.unwrapped, run.optimizer, run.scheduler, accelerator)
+        )
+        accelerator.print(
+            f"resuming {out} from {ckpt.name} (step {run.state['step']} of {run.total_steps})"
+        )
+    if cfg.tensorboard:
+        accelerator.init_trackers(
+            "tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()}
+        )
+    eval_before = (
+        run.evaluate(0) if cfg.eval_before and run.state["step"] == 0 and cfg.eval_size else None
+    )
+    if accelerator.is_main_process:
+        accelerator.print(
+            f"{cfg.method} on {cfg.model}: {run.trainable:,} of {run.total:,} parameters train "
+            f"({100 * run.trainable / run.total:.3f}%); {len(run.data.train)} training examples, "
+            f"{run.data.truncated} truncated at max_length={cfg.max_length}; {run.total_steps} "
+            f"steps of {run.global_batch * cfg.grad_accum} examples on "
+            f"{accelerator.num_processes} process(es), {accelerator.device}"
+        )
+    loop = _loop(run)
+
+    if accelerator.is_main_process:
+        rundir.save_adapter(run.unwrapped, out / "adapter")
+    if eval_before is None:
+        eval_before = rundir.first_eval(out / "metrics.jsonl") if accelerator.is_main_process else None
+    summary = _summary(run, ckpt, eval_before, loop)
+    if accelerator.is_main_process:
+        rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    if cfg.tensorboard:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+# ---- setup -----------------------------------------------------------------------------------
+
+
+def _accelerator(cfg: TrainConfig, out: Path):
+    """accelerate's Accelerator for this run, after the checks that need to know the device."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     # accelerate keeps one process-wide state; drop it (keeping the process group) so that a
     # second train() in the same process may use another mixed_precision.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -86,24 +126,24 @@ def train(
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(out),
     )
-    main, rank, world = (
-        accelerator.is_main_process,
-        accelerator.process_index,
-        accelerator.num_processes,
-    )
     if cfg.tensorboard and not any(
         importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
     ):
         raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard")
     if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise ConfigError("mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
+    return accelerator
 
-    # ---- setup: run directory -------------------------------------------------------------
+
+def _prepare_output_dir(accelerator, cfg: TrainConfig, out: Path, resume: bool) -> Path | None:
+    """Check (or, with ``overwrite``, clear) the output directory and write the run's config;
+    returns the checkpoint to resume from, if any. Files that another run wrote are never
+    touched without ``overwrite``."""
     ckpt = checkpoint.latest(out) if resume else None
     if not resume:
         rundir.check_output_dir(out, cfg.overwrite)
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
-    if main:
+    if accelerator.is_main_process:
         if not resume and cfg.overwrite:
             for name in rundir.RUN_FILES:
                 p = out / name
@@ -112,9 +152,78 @@ def train(
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         rundir.truncate_metrics(out / "metrics.jsonl", _ckpt_step(ckpt))
         (out / "summary.json").unlink(missing_ok=True)
-    set_seed(cfg.seed)
+    return ckpt
 
-    # ---- setup: data and model ------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the training loop works with, built by :func:`_setup`."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    model: Any  # as accelerate prepared it (DistributedDataParallel under torchrun)
+    unwrapped: Any  # the model itself
+    tokenizer: Any
+    data: Any
+    optimizer: Any
+    scheduler: Any
+    global_batch: int  # examples per micro-batch across processes
+    micro_per_epoch: int
+    total_steps: int
+    trainable: int
+    total: int
+    state: dict = dataclasses.field(
+        default_factory=lambda: {
+            "step": 0,
+            "micro_batch": 0,
+            "tokens": 0,
+            "loss_tokens": 0,
+            "wall_time": 0.0,
+            "last_loss": None,
+        }
+    )
+    _perms: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+
+    def micro_batch(self, m: int) -> dict[str, torch.Tensor]:
+        """This process's share of global micro-batch ``m``: a pure function of (seed, m), so
+        a resumed run sees exactly the batches the interrupted one would have seen."""
+        cfg = self.cfg
+        epoch, pos = divmod(m, self.micro_per_epoch)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            self._perms.clear()
+            self._perms[epoch] = torch.randperm(len(self.data.train), generator=g).tolist()
+        start = pos * self.global_batch + self.accelerator.process_index * cfg.batch_size
+        chunk = [self.data.train[i] for i in self._perms[epoch][start : start + cfg.batch_size]]
+        pad_id = self.tokenizer.pad_token_id
+        return {k: v.to(self.accelerator.device) for k, v in collate(chunk, pad_id).items()}
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluate on the held-out set (shared among processes) and log the metrics."""
+        cfg, accelerator = self.cfg, self.accelerator
+        exact = (
+            cfg.eval_exact_match
+            if cfg.eval_exact_match is not None
+            else cfg.data.startswith("builtin:")
+        )
+        metrics = evaluate(
+            self.unwrapped,
+            self.tokenizer,
+            self.data,
+            cfg.eval_batch_size or cfg.batch_size,
+            exact,
+            accelerator.device,
+            (accelerator.process_index, accelerator.num_processes),
+            reduce=lambda xs: _reduce_sum(accelerator, xs),
+        )
+        rundir.log(accelerator, self.out, {"step": step, **metrics}, cfg.tensorboard)
+        return metrics
+
+
+def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
+    """Load the tokenizer, data and model (unless given), apply the method, and build the
+    optimizer and schedule."""
     from peftlab.models import load_model, load_tokenizer, model_kind
 
     if tokenizer is None:
@@ -147,12 +256,13 @@ def train(
     trainable, total = peftlab.trainable_parameters(model)
     optimizer = _make_optimizer(model, cfg)
 
-    global_batch = cfg.batch_size * world  # examples per micro-batch across processes
+    global_batch = cfg.batch_size * accelerator.num_processes
     micro_per_epoch = len(data.train) // global_batch  # the last, partial micro-batch is dropped
     if micro_per_epoch == 0:
         raise DataError(
-            f"batch_size={cfg.batch_size} × {world} process(es) = {global_batch} exceeds the "
-            f"{len(data.train)} training examples; lower batch_size or add data"
+            f"batch_size={cfg.batch_size} × {accelerator.num_processes} process(es) = "
+            f"{global_batch} exceeds the {len(data.train)} training examples; lower batch_size "
+            f"or add data"
         )
     total_steps = (
         cfg.max_steps
@@ -165,133 +275,62 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, warmup, total_steps))
     # The scheduler is not given to prepare(): accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    state = {
-        "step": 0,
-        "micro_batch": 0,
-        "tokens": 0,
-        "loss_tokens": 0,
-        "wall_time": 0.0,
-        "last_loss": None,
-    }
-    if ckpt is not None:
-        state.update(checkpoint.load(ckpt, unwrapped, optimizer, scheduler, accelerator))
-        accelerator.print(
-            f"resuming {out} from {ckpt.name} (step {state['step']} of {total_steps})"
-        )
-    if cfg.tensorboard:
-        accelerator.init_trackers(
-            "tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()}
-        )
-
-    exact = (
-        cfg.eval_exact_match
-        if cfg.eval_exact_match is not None
-        else cfg.data.startswith("builtin:")
+    return _Run(
+        cfg=cfg,
+        out=out,
+        accelerator=accelerator,
+        model=model,
+        unwrapped=accelerator.unwrap_model(model),
+        tokenizer=tokenizer,
+        data=data,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        global_batch=global_batch,
+        micro_per_epoch=micro_per_epoch,
+        total_steps=total_steps,
+        trainable=trainable,
+        total=total,
     )
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
 
-    def run_eval(step: int) -> dict:
-        metrics = evaluate(
-            unwrapped,
-            tokenizer,
-            data,
-            eval_bs,
-            exact,
-            accelerator.device,
-            (rank, world),
-            reduce=lambda xs: _reduce_sum(accelerator, xs),
-        )
-        rundir.log(accelerator, out, {"step": step, **metrics}, cfg.tensorboard)
-        return metrics
 
-    pad_id = tokenizer.pad_token_id
-    perms: dict[int, list[int]] = {}
+# ---- the loop --------------------------------------------------------------------------------
 
-    def micro_batch(m: int) -> dict[str, torch.Tensor]:
-        """This process's share of global micro-batch ``m``: a pure function of (seed, m), so
-        a resumed run sees exactly the batches the interrupted one would have seen."""
-        epoch, pos = divmod(m, micro_per_epoch)
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perms.clear()
-            perms[epoch] = torch.randperm(len(data.train), generator=g).tolist()
-        start = pos * global_batch + rank * cfg.batch_size
-        chunk = [data.train[i] for i in perms[epoch][start : start + cfg.batch_size]]
-        return {k: v.to(accelerator.device) for k, v in collate(chunk, pad_id).items()}
 
-    eval_before = run_eval(0) if cfg.eval_before and state["step"] == 0 and cfg.eval_size else None
-    eval_after: dict | None = None
-    if main:
-        accelerator.print(
-            f"{cfg.method} on {cfg.model}: {trainable:,} of {total:,} parameters train "
-            f"({100 * trainable / total:.3f}%); {len(data.train)} training examples, "
-            f"{data.truncated} truncated at max_length={cfg.max_length}; {total_steps} steps of "
-            f"{global_batch * cfg.grad_accum} examples on {world} process(es), {accelerator.device}"
-        )
+@dataclasses.dataclass
+class _LoopResult:
+    eval_after: dict | None
+    peak_memory: Any  # peftlab.bench.measure.PeakMemory
+    model_bytes_at_start: int
+    longest_batch: int  # the longest padded micro-batch: it sets the activation memory peak
 
-    # ---- train ----------------------------------------------------------------------------
+
+def _loop(run: _Run) -> _LoopResult:
+    """Train from ``run.state['step']`` to ``run.total_steps``: log, evaluate and checkpoint
+    on schedule. The memory peak is the loop's own (evaluation and checkpoints included)."""
     from tqdm.auto import tqdm
 
+    from peftlab.bench.measure import PeakMemory, tensor_bytes
+
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
     bar = tqdm(
-        total=total_steps,
+        total=run.total_steps,
         initial=state["step"],
-        disable=not (main and cfg.progress),
+        disable=not (accelerator.is_main_process and cfg.progress),
         dynamic_ncols=True,
     )
     session_start = time.perf_counter()
     wall_before = state["wall_time"]
-    model.train()
-    from peftlab.bench.measure import PeakMemory, tensor_bytes
-
-    longest = 0  # the longest padded micro-batch: it sets the activation memory peak
-    model_bytes_at_start = tensor_bytes(unwrapped)["weights_bytes"]
-    with PeakMemory(accelerator.device) as peak_memory:  # the loop's own peak, not setup's
-        while state["step"] < total_steps:
+    run.model.train()
+    longest, eval_after = 0, None
+    model_bytes_at_start = tensor_bytes(run.unwrapped)["weights_bytes"]
+    with PeakMemory(accelerator.device) as peak_memory:
+        while state["step"] < run.total_steps:
             t0 = time.perf_counter()
             step = state["step"] + 1
-            batches = [micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
+            batches = [run.micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
             longest = max(longest, *(b["input_ids"].shape[1] for b in batches))
-            # Normalize by the response tokens of the whole step, over every micro-batch and every
-            # process, so grad_accum and DDP give the gradient of one big batch.
-            local = [
-                sum(_loss_count(b) for b in batches),
-                sum(int(b["attention_mask"].sum()) for b in batches),
-            ]
-            loss_tokens, tokens = (int(x) for x in _reduce_sum(accelerator, local))
-            scale = world / max(loss_tokens, 1)  # DDP averages gradients over processes
-            loss_total = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(batches):
-                sync = (
-                    i == len(batches) - 1
-                )  # all-reduce gradients once, after the last micro-batch
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    s, _ = loss_sum(model, batch)
-                    accelerator.backward(s * scale)
-                loss_total += s.detach().float()
-            loss = _reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                )
-            bad_norm = (
-                grad_norm is not None
-                and not math.isfinite(grad_norm)
-                and cfg.mixed_precision != "fp16"
-            )
-            if not math.isfinite(loss) or bad_norm:
-                # fp16's loss scaler skips steps with inf gradients itself; anything else is fatal.
-                _diverged(accelerator, out, cfg, step, loss, grad_norm, state)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            loss, grad_norm, lr, tokens, loss_tokens = _step(run, step, batches)
             step_time = time.perf_counter() - t0
-
             state.update(
                 step=step,
                 micro_batch=state["micro_batch"] + cfg.grad_accum,
@@ -302,10 +341,10 @@ def train(
             )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / step_time:.0f}")
-            if step % cfg.log_every == 0 or step == total_steps:
+            if step % cfg.log_every == 0 or step == run.total_steps:
                 line = {
                     "step": step,
-                    "epoch": round(state["micro_batch"] / micro_per_epoch, 4),
+                    "epoch": round(state["micro_batch"] / run.micro_per_epoch, 4),
                     "loss": loss,
                     "lr": lr,
                     "tokens": tokens,
@@ -315,70 +354,103 @@ def train(
                 }
                 if grad_norm is not None:
                     line["grad_norm"] = grad_norm
-                rundir.log(accelerator, out, line, cfg.tensorboard)
+                rundir.log(accelerator, run.out, line, cfg.tensorboard)
             if cfg.eval_size and (
-                step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+                step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
             ):
-                metrics = run_eval(step)
+                metrics = run.evaluate(step)
                 bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                if step == total_steps:
+                if step == run.total_steps:
                     eval_after = metrics
-                model.train()
+                run.model.train()
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint.save(
                     accelerator,
-                    out,
+                    run.out,
                     step,
-                    unwrapped,
-                    optimizer,
-                    scheduler,
+                    run.unwrapped,
+                    run.optimizer,
+                    run.scheduler,
                     state,
                     cfg.keep_checkpoints,
                 )
         bar.close()
+    return _LoopResult(eval_after, peak_memory, model_bytes_at_start, longest)
 
-    # ---- save -----------------------------------------------------------------------------
-    if main:
-        rundir.save_adapter(unwrapped, out / "adapter")
-    if eval_before is None:
-        eval_before = rundir.first_eval(out / "metrics.jsonl") if main else None
-    summary = {
+
+def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | None, float, int, int]:
+    """One optimizer step over the micro-batches ``batches``; returns (loss, grad_norm, lr,
+    tokens, loss_tokens), the counts summed over processes. Stops the run (before the
+    update) if the loss or gradient norm is not finite."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    world = accelerator.num_processes
+    # Normalize by the response tokens of the whole step, over every micro-batch and every
+    # process, so grad_accum and DDP give the gradient of one big batch.
+    local = [
+        sum(_loss_count(b) for b in batches),
+        sum(int(b["attention_mask"].sum()) for b in batches),
+    ]
+    loss_tokens, tokens = (int(x) for x in _reduce_sum(accelerator, local))
+    scale = world / max(loss_tokens, 1)  # DDP averages gradients over processes
+    loss_total = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            s, _ = loss_sum(model, batch)
+            accelerator.backward(s * scale)
+        loss_total += s.detach().float()
+    loss = _reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+    bad_norm = (
+        grad_norm is not None and not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16"
+    )
+    if not math.isfinite(loss) or bad_norm:
+        # fp16's loss scaler skips steps with inf gradients itself; anything else is fatal.
+        _diverged(accelerator, run.out, cfg, step, loss, grad_norm, run.state)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return loss, grad_norm, lr, tokens, loss_tokens
+
+
+def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _LoopResult) -> dict:
+    cfg, state = run.cfg, run.state
+    return {
         "status": "completed",
-        "output_dir": str(out),
+        "output_dir": str(run.out),
         "model": cfg.model,
         "method": cfg.method,
         "data": cfg.data,
         "steps": state["step"],
         "final_loss": state["last_loss"],
         "eval_before": eval_before,
-        "eval_after": eval_after,
+        "eval_after": loop.eval_after,
         "tokens": state["tokens"],
         "loss_tokens": state["loss_tokens"],
-        "train_examples": len(data.train),
-        "truncated": data.truncated,
-        "dropped": data.dropped,
-        "trainable_params": trainable,
-        "total_params": total,
-        "processes": world,
-        "device": str(accelerator.device),
+        "train_examples": len(run.data.train),
+        "truncated": run.data.truncated,
+        "dropped": run.data.dropped,
+        "trainable_params": run.trainable,
+        "total_params": run.total,
+        "processes": run.accelerator.num_processes,
+        "device": str(run.accelerator.device),
         "wall_time": state["wall_time"],
         "resumed_from": ckpt.name if ckpt else None,
         # Peak over this session's training loop (evaluation and checkpointing included, setup
         # not): "bytes" is CUDA-allocated bytes or process RSS, "live_bytes" the CPU heap's
         # live bytes (peftlab.bench.measure.live_heap_bytes); see "how".
         "peak_memory": {
-            **peak_memory.to_dict(),
+            **loop.peak_memory.to_dict(),
             # the model's own tensors (4-bit constants included) when the loop started
-            "model_tensor_bytes": model_bytes_at_start,
+            "model_tensor_bytes": loop.model_bytes_at_start,
         },
-        "longest_batch": longest,
+        "longest_batch": loop.longest_batch,
     }
-    if main:
-        rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    if cfg.tensorboard:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return summary
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -141,6 +141,8 @@ class DoRALinear(LoRALinear):
         """``(m / ‖W0 + sBA‖) ⊙ z + rest``; ``z``: ``(..., out)``, ``rest``: the bias or None."""
         m = self.lora_magnitude_vector[name]
         scale = (m / self._norm(name).to(m.dtype)).to(z.dtype)  # (out,)
+        if rest is not None:
+            rest = rest.to(z.dtype)  # a float32 bias stays out of a 16-bit (autocast) output
         if not (torch.is_grad_enabled() and (z.requires_grad or scale.requires_grad)):
             z = z.mul_(scale)  # no graph: rescale in place, no second (..., out) tensor
             return z if rest is None else z.add_(rest)

@@ -18,7 +18,7 @@ from torch import nn
 from peftlab.core.config import MethodConfig, check
 from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.registry import MethodProfile, MethodSpec, register_method
-from peftlab.core.weights import dense_weight, features, write_dense_weight
+from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 
 
 @dataclasses.dataclass
@@ -64,8 +64,8 @@ def _lora_matmul(x, w0, bias, A, B, s: float) -> tuple[torch.Tensor, torch.Tenso
     """``(x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ, x·Aᵀ)`` with ``x`` flattened to ``(N, in)``: three BLAS
     calls, the update added in place into the base output."""
     x2 = x.reshape(-1, x.shape[-1])
-    ax = x2 @ A.t()  # (N, r)
-    y = x2 @ w0.t() if bias is None else torch.addmm(bias, x2, w0.t())
+    ax = nn.functional.linear(x2, A)  # (N, r)
+    y = nn.functional.linear(x2, w0, bias)
     return y.addmm_(ax, B.t(), alpha=s), ax
 
 
@@ -121,6 +121,7 @@ def plain_linear(layer: nn.Module) -> bool:
     )
 
 
+_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 _FUSED, _BASE = "fused", "base"
 """Kinds of a layer's cached plan: the one active adapter through :class:`_LoRAMatmul`, or
 the base layer alone (adapters disabled, merged or none active)."""
@@ -243,8 +244,10 @@ class LoRALinear(nn.Module):
         """``W0·x (+ b) + s·B·A·x`` for the one active adapter through :class:`_LoRAMatmul`
         (or, without autograd, the same three matmuls), or ``None`` where that does not
         apply: several or no active adapters, merged, a 4-bit or hooked base, a trainable
-        base weight or bias, dropout in training, dtypes that differ, or autocast (which
-        would recast the matmuls inside). The static part of that test is cached."""
+        base weight or bias, dropout in training, or dtypes that differ. Under autocast the
+        operands are cast to its dtype first, as autocast does for ``F.linear``, and the
+        node runs in that dtype (gradients reach A and B through the casts in their own
+        dtype). The static part of that test is cached."""
         plan = self._current_plan()
         if not plan or plan[0] is not _FUSED:
             return None
@@ -257,10 +260,22 @@ class LoRALinear(nn.Module):
             or not plain_linear(base)
             or w0.requires_grad
             or (b is not None and b.requires_grad)
-            or not (x.dtype == w0.dtype == A.dtype == B.dtype)
-            or torch.is_autocast_enabled(device_type)
         ):
             return None
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            if not all(t.dtype in _AUTOCAST_INPUTS for t in (x, w0, A, B)):
+                return None
+            x, w0, A, B = x.to(dtype), w0.to(dtype), A.to(dtype), B.to(dtype)
+            b = None if b is None else b.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return self._fused(x, w0, b, A, B, s)
+        if not (x.dtype == w0.dtype == A.dtype == B.dtype):
+            return None
+        return self._fused(x, w0, b, A, B, s)
+
+    @staticmethod
+    def _fused(x, w0, b, A, B, s: float) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
             y = _lora_matmul(x, w0, b, A, B, s)[0]  # inference: no graph node
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -334,6 +349,10 @@ def add_low_rank_adapters(
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALinear):
+            if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
+                from peftlab.quant import adopt_4bit
+
+                adopt_4bit(name, module)
             module = layer_cls(module)
             set_submodule(model, name, module)
         elif type(module) is not layer_cls:

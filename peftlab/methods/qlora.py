@@ -175,7 +175,7 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
                 f"{ {k: getattr(other, k) for k in diff} }; a second QLoRA adapter must use the "
                 f"same {', '.join(diff)} (got { {k: getattr(config, k) for k in diff} })"
             )
-    from peftlab.quant import quantize_linear
+    from peftlab.quant import adopt_4bit, quantize_linear
 
     compute_dtype = DTYPES[config.compute_dtype]
     for name in find_targets(model, config.target_modules):
@@ -183,7 +183,7 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
         if isinstance(module, LoRALinear):
             continue  # quantized by an earlier adapter
         if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
-            _check_prequantized(name, module)
+            adopt_4bit(name, module)
             continue
         set_submodule(
             model,
@@ -195,18 +195,6 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
     prepare_for_kbit_training(model, config.gradient_checkpointing)
     layer_cls = QDoRALinear if config.use_dora else QLoRALinear
     add_low_rank_adapters(model, config.adapter_config(), adapter_name, layer_cls)
-
-
-def _check_prequantized(name: str, module: nn.Module) -> None:
-    """Adopt a layer bitsandbytes quantized at load time, with its CPU repacking switched off
-    (it rewrites the codes in a layout nothing else can read; see ``peftlab.quant``)."""
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
-        raise ConfigError(
-            f"{name} was repacked by bitsandbytes' CPU inference path (the model ran in eval "
-            f"mode before apply), so its 4-bit weights can no longer be read exactly; apply "
-            f"QLoRA right after loading the model, before any inference call"
-        )
-    module.support_avx512bf16_for_cpu = False
 
 
 def _unload_model(model: nn.Module) -> None:

@@ -29,6 +29,16 @@ def test_train_worker_reports_a_step(config):
         assert r["last_loss"] != r["first_loss"]
 
 
+def test_profiled_steps_report_operator_time():
+    r = train_step.worker(
+        train_step.parse_args(["--config", "peftlab-lora-all", *TINY, "--profile-steps", "1"])
+    )
+    assert 0 < r["mm_s"] < r["op_s"]
+    lines: list[str] = []
+    train_step.report({"floor": {**r, "n": 1}, "peftlab-lora-all": {**r, "n": 1}}, out=lines.append)
+    assert "op time" in "\n".join(lines)
+
+
 def test_peft_side_matches_peftlab_loss():
     pytest.importorskip("peft")
     ours, theirs = _train("peftlab-lora-all"), _train("peft-lora-all")

@@ -120,3 +120,30 @@ def test_cached_plan_follows_disable_merge_and_late_hooks(cls, config):
         assert len(seen) == 1
         layer.unmerge()
         torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_under_autocast_matches_autograd(cls, config, bias, monkeypatch):
+    """Under bf16 autocast the node runs on bf16 casts of its operands, as autocast's own
+    F.linear would; output and gradients agree with autograd's graph of the same casts."""
+    layer = _layer(cls, config, bias)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_run(layer, x, fused, monkeypatch))
+    (y_f, g_f), (y_u, g_u) = results
+    assert y_f.dtype == y_u.dtype == torch.bfloat16
+    torch.testing.assert_close(y_f, y_u, rtol=2e-2, atol=2e-2)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    for g1, g2, t in zip(g_f, g_u, [x, *params]):
+        assert g1.dtype == t.dtype  # gradients come back in the parameters' own dtype
+        torch.testing.assert_close(g1, g2, rtol=3e-2, atol=3e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    nodes = [y.grad_fn]
+    for _ in range(2):  # the node itself (LoRA), or under DoRA's rescale
+        nodes += [f for n in nodes for f, _ in n.next_functions if f is not None]
+    names = {type(n).__name__ for n in nodes}
+    assert "_LoRAMatmulBackward" in names, names

@@ -461,5 +461,36 @@ def test_layer_repacked_by_bitsandbytes_cpu_inference_is_refused():
     )  # 4-bit layers, no adapter
     layer = model.model.layers[0].self_attn.q_proj
     layer.weight.quant_state.packing_format_for_cpu = True  # what bnb's eval path leaves behind
-    with pytest.raises(ConfigError, match="q_proj was repacked .* apply QLoRA right after loading"):
+    with pytest.raises(ConfigError, match="q_proj was repacked .* apply the adapter right after loading"):
         peftlab.apply(model, QLoRAConfig(r=4))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_bitsandbytes_loaded_base_with_rows_off_the_blocksize_computes_correctly(tmp_path, method):
+    """transformers' BitsAndBytesConfig gives bitsandbytes' own Linear4bit, whose CPU kernel
+    misreads rows that are not a multiple of the blocksize (here 32 of 64). Any low-rank
+    adapter applied on it adopts the layer as peftlab's Linear4bit: outputs then equal the
+    dense model with the dequantized weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
+    )
+    layers = _quantized_layers(model)
+    assert any(m.weight.quant_state.shape[-1] % 64 for m in layers.values())
+    reference = copy.deepcopy(model)  # the same codes, dequantized correctly into dense layers
+    for name, layer in _quantized_layers(reference).items():
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        dense.weight = nn.Parameter(dense_weight(layer), requires_grad=False)
+        reference.set_submodule(name, dense)
+    peftlab.apply(model, peftlab.config_from_dict({"method": method, "r": 4}))
+    assert all(type(m) is Linear4bit for m in _quantized_layers(model).values())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(model.eval(), ids), _logits(reference.eval(), ids), rtol=1e-5, atol=1e-5)
