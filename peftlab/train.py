@@ -1,8 +1,10 @@
 """The training loop and ``peftlab train``.
 
-One loop, read top to bottom: setup (config, run dir, data, model, method, optimizer) →
-train (token-normalized loss over accumulated micro-batches and processes, warmup + cosine,
-clipping, logging, periodic evaluation and checkpoints) → evaluate → save the adapter.
+:func:`train` reads top to bottom: ``_accelerator`` and ``_prepare_output_dir`` (device,
+mixed precision, run directory) → ``_setup`` (data, model, method, optimizer, schedule; a
+``_Run``) → ``_loop`` (logging, periodic evaluation and checkpoints), whose ``_step`` is one
+optimizer step (token-normalized loss over accumulated micro-batches and processes, clipping,
+the divergence stop) → save the adapter → ``_summary``.
 ``accelerate`` places the model on the device, applies mixed precision and, under
 ``accelerate launch`` / ``torchrun``, wraps it in DistributedDataParallel.
 
