@@ -155,23 +155,26 @@ def worker(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     trainable = sum(p.numel() for p in params)
+    memory = {  # read before any profiling, whose own buffers would count
+        "setup_rss_gb": setup_rss,
+        "train_peak_rss_gb": harness.peak_rss_gb(),
+        "peak_rss_gb": _process_peak_gb(),
+    }
+    if device.type == "cuda":
+        memory["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     ops = profile_steps(step, args.profile_steps, device) if args.profile_steps else {}
     result = {
         "config": args.config,
         "step_s": statistics.median(times),
         "step_s_mean": statistics.fmean(times),
         "load_s": load_s,
-        "setup_rss_gb": setup_rss,
-        "train_peak_rss_gb": harness.peak_rss_gb(),
-        "peak_rss_gb": _process_peak_gb(),
+        **memory,
         "trainable_params": trainable,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         **loading.quantized_storage(model),
         **ops,
     }
-    if device.type == "cuda":
-        result["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return result
 
 
