@@ -180,7 +180,7 @@ register_method(
         memory_fields=LOWRANK_FIELDS,
         profile=MethodProfile(
             quality={"generation": 0.97, "classification": 0.97, "multi-task": 0.96},
-            speed=0.95,  # measured: DoRA step 1.003–1.051× peftlab LoRA (docs/performance.md)
+            speed=0.95,  # measured: DoRA step 0.952–1.051× peftlab LoRA (docs/performance.md)
             overhead=0.0,
             inference="none once merged",
             ladder=lowrank_ladder,
