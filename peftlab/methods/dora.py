@@ -160,6 +160,22 @@ class DoRALinear(LoRALinear):
         scale = norm / self.lora_magnitude_vector[name].float()
         return (w.float() * scale[:, None] - self.delta_weight(name).float()).to(w.dtype)
 
+    def _in_place_weight(self, name: str) -> torch.Tensor | None:
+        w = super()._in_place_weight(name)
+        return w if w is not None and w.dtype == torch.float32 else None  # norms in float32
+
+    def _merge_in_place(self, name: str, w: torch.Tensor) -> None:
+        """``w ← (m / ‖W0 + sBA‖) ⊙ (W0 + sBA)`` without an ``[out, in]`` temporary."""
+        super()._merge_in_place(name, w)
+        norm = w.norm(dim=1)
+        self._merged_norms[name] = norm
+        w.mul_((self.lora_magnitude_vector[name].float() / norm)[:, None])
+
+    def _unmerge_in_place(self, name: str, w: torch.Tensor) -> None:
+        norm = self._merged_norms.pop(name)
+        w.mul_((norm / self.lora_magnitude_vector[name].float())[:, None])
+        super()._unmerge_in_place(name, w)
+
 
 def _peft_fields(config: DoRAConfig) -> dict:
     return {**peft_lora_fields(config), "use_dora": True}

@@ -305,12 +305,29 @@ class LoRALinear(nn.Module):
         )
         return out.view(result.shape)
 
-    # -- merging: each adapter type says what merged weight it produces and how to undo it
+    # -- merging: each adapter type says what merged weight it produces and how to undo it,
+    # out of place (any base) or in place (a dense [out, in] weight in the adapter's dtype:
+    # no [out, in] temporaries, which for a large model is the merge's whole memory peak)
     def _merged_weight(self, name: str, w0: torch.Tensor) -> torch.Tensor:
         return w0 + self.delta_weight(name).to(w0.dtype)
 
     def _unmerged_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
         return w - self.delta_weight(name).to(w.dtype)
+
+    def _merge_in_place(self, name: str, w: torch.Tensor) -> None:
+        """``w += s·B·A``, one ``addmm_`` into the weight itself."""
+        w.addmm_(self.lora_B[name].weight, self.lora_A[name].weight, alpha=self.scaling[name])
+
+    def _unmerge_in_place(self, name: str, w: torch.Tensor) -> None:
+        w.addmm_(self.lora_B[name].weight, self.lora_A[name].weight, alpha=-self.scaling[name])
+
+    def _in_place_weight(self, name: str) -> torch.Tensor | None:
+        """The base weight when merging may write straight into it: an ``nn.Linear``'s
+        dense weight in the dtype of the adapter's factors; else None."""
+        w = self.base_layer.weight
+        if type(self.base_layer) is nn.Linear and w.dtype == self.lora_A[name].weight.dtype:
+            return w
+        return None
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -319,7 +336,12 @@ class LoRALinear(nn.Module):
             return
         for name in self.active:
             if name not in self.merged:
-                write_dense_weight(self.base_layer, self._merged_weight(name, dense_weight(self.base_layer)))
+                w = self._in_place_weight(name)
+                if w is not None:
+                    self._merge_in_place(name, w)
+                else:
+                    merged = self._merged_weight(name, dense_weight(self.base_layer))
+                    write_dense_weight(self.base_layer, merged)
                 self.merged.append(name)
 
     @torch.no_grad()
@@ -327,7 +349,12 @@ class LoRALinear(nn.Module):
         self._plan = None
         while self.merged:
             name = self.merged.pop()
-            write_dense_weight(self.base_layer, self._unmerged_weight(name, dense_weight(self.base_layer)))
+            w = self._in_place_weight(name)
+            if w is not None:
+                self._unmerge_in_place(name, w)
+            else:
+                restored = self._unmerged_weight(name, dense_weight(self.base_layer))
+                write_dense_weight(self.base_layer, restored)
 
     def unload(self, merge: bool = True, **kwargs) -> nn.Module:
         if merge:

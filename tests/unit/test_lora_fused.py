@@ -147,3 +147,21 @@ def test_fused_under_autocast_matches_autograd(cls, config, bias, monkeypatch):
         nodes += [f for n in nodes for f, _ in n.next_functions if f is not None]
     names = {type(n).__name__ for n in nodes}
     assert "_LoRAMatmulBackward" in names, names
+
+
+@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_in_place_equals_the_out_of_place_formula(cls, config, dtype):
+    """A float32 weight is merged and unmerged in its own storage; a bfloat16 base under
+    float32 factors takes the out-of-place formula. Both give the same weights."""
+    layer = _layer(cls, config, bias=True)
+    layer.base_layer.to(dtype)
+    w = layer.base_layer.weight
+    w0, ptr = w.detach().clone(), w.data_ptr()
+    expected = layer._merged_weight("default", w0.clone())
+    layer.merge()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(layer.base_layer.weight, expected, **tol)
+    assert layer.base_layer.weight.data_ptr() == ptr
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 2e-2)
