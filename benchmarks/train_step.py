@@ -196,7 +196,11 @@ def profile_steps(step: Callable[[], float], n: int, device: torch.device) -> di
         attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         op_s.append(sum(getattr(e, attr) for e in events) / 1e6)
         mm_s.append(
-            sum(getattr(e, attr) for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+            sum(
+                getattr(e, attr)
+                for e in events
+                if e.key in ("aten::mm", "aten::addmm", "aten::bmm")
+            )
             / 1e6
         )
     return {"op_s": statistics.median(op_s), "mm_s": statistics.median(mm_s)}
@@ -302,7 +306,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def worker_args(args) -> list[str]:
-    keys = ("model", "device", "dtype", "batch", "seq", "warmup", "steps", "threads", "profile_steps")
+    keys = (
+        "model",
+        "device",
+        "dtype",
+        "batch",
+        "seq",
+        "warmup",
+        "steps",
+        "threads",
+        "profile_steps",
+    )
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 

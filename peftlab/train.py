@@ -100,7 +100,9 @@ def train(
     if accelerator.is_main_process:
         rundir.save_adapter(run.unwrapped, out / "adapter")
     if eval_before is None:
-        eval_before = rundir.first_eval(out / "metrics.jsonl") if accelerator.is_main_process else None
+        eval_before = (
+            rundir.first_eval(out / "metrics.jsonl") if accelerator.is_main_process else None
+        )
     summary = _summary(run, ckpt, eval_before, loop)
     if accelerator.is_main_process:
         rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))

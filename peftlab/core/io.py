@@ -49,12 +49,16 @@ def _file_key(param_name: str, adapter_name: str, prefix: str) -> str | None:
     return None
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str | None = None
+) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as in the file (``base_model.model.…``)."""
     adapter_name = adapter_name or active_adapter(model)
     configs = adapter_configs(model)
     if adapter_name not in configs:
-        raise ConfigError(f"no adapter named {adapter_name!r} on the model; it has {sorted(configs)}")
+        raise ConfigError(
+            f"no adapter named {adapter_name!r} on the model; it has {sorted(configs)}"
+        )
     spec = get_method(configs[adapter_name].method)
     out: dict[str, torch.Tensor] = {}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
@@ -127,9 +131,7 @@ def save_adapter(
     if "fan_in_fan_out" in doc:
         from peftlab.core.matching import Conv1D
 
-        doc["fan_in_fan_out"] = any(
-            Conv1D and isinstance(m, Conv1D) for m in model.modules()
-        )
+        doc["fan_in_fan_out"] = any(Conv1D and isinstance(m, Conv1D) for m in model.modules())
     doc["peftlab"] = {
         "format_version": FORMAT_VERSION,
         "adapter_name": adapter_name,
@@ -280,7 +282,9 @@ def load_adapter(
     if spec.param_prefix and missing and strict:
         problems.append(f"missing keys {missing[:4]}{' …' if len(missing) > 4 else ''}")
     if unexpected and strict:
-        problems.append(f"keys the model has no place for {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}")
+        problems.append(
+            f"keys the model has no place for {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}"
+        )
     shapes = [
         f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(expected) & set(tensors))

@@ -107,7 +107,9 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
     for entry in target_modules:
         hits = [n for n in names if n == entry or n.endswith("." + entry)]
         if not hits:
-            raise ConfigError(f"target module {entry!r} matches no module in the model; {available}")
+            raise ConfigError(
+                f"target module {entry!r} matches no module in the model; {available}"
+            )
         found.extend(h for h in hits if h not in found)
     _check_linear(model, found, available)
     return found

@@ -364,7 +364,6 @@ def _memory_plan(arch, f: dict):
     )
 
 
-
 register_method(
     MethodSpec(
         "adapter",

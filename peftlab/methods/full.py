@@ -45,7 +45,6 @@ def _memory_plan(arch, f: dict):
     )
 
 
-
 register_method(
     MethodSpec(
         "full",

@@ -164,9 +164,15 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, config: LoRAConfig) -> None:
         w = self.base_layer.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
-        self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, device=w.device, dtype=dtype)
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A[name] = nn.Linear(
+            self.in_features, config.r, bias=False, device=w.device, dtype=dtype
+        )
+        self.lora_B[name] = nn.Linear(
+            config.r, self.out_features, bias=False, device=w.device, dtype=dtype
+        )
+        self.lora_dropout[name] = (
+            nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        )
         self.scaling[name] = config.scaling
         if config.init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -219,7 +225,14 @@ class LoRALinear(nn.Module):
         name = self.active[0]
         if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return ()  # dropout(x) feeds the update only: autograd's graph
-        return _FUSED, base, self.lora_A[name], self.lora_B[name], self.scaling[name], base.weight.device.type
+        return (
+            _FUSED,
+            base,
+            self.lora_A[name],
+            self.lora_B[name],
+            self.scaling[name],
+            base.weight.device.type,
+        )
 
     def _current_plan(self) -> tuple:
         plan = self._plan
@@ -276,7 +289,9 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def _fused(x, w0, b, A, B, s: float) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)):
+        if not (
+            torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
+        ):
             y = _lora_matmul(x, w0, b, A, B, s)[0]  # inference: no graph node
             return y.view(*x.shape[:-1], y.shape[-1])
         return _LoRAMatmul.apply(x, w0, b, A, B, s)
@@ -300,7 +315,9 @@ class LoRALinear(nn.Module):
             update = nn.functional.linear(ax, B) * self.scaling[name]
             return result + update.to(result.dtype)
         out = torch.addmm(
-            result.reshape(-1, result.shape[-1]), ax.reshape(-1, ax.shape[-1]), B.t(),
+            result.reshape(-1, result.shape[-1]),
+            ax.reshape(-1, ax.shape[-1]),
+            B.t(),
             alpha=self.scaling[name],
         )
         return out.view(result.shape)

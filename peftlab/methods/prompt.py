@@ -187,7 +187,6 @@ def _memory_plan(arch, f: dict):
     )
 
 
-
 register_method(
     MethodSpec(
         "prompt",

@@ -56,7 +56,15 @@ UP = {"mlp.gate_proj", "mlp.up_proj", "intermediate.dense"}
 DOWN = {"mlp.down_proj", "output.dense"}
 
 # The parts of an estimate, in the order reports list them.
-PARTS = ("weights", "gradients", "optimizer_states", "activations", "workspace", "peak", "inference")
+PARTS = (
+    "weights",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "workspace",
+    "peak",
+    "inference",
+)
 
 
 @dataclasses.dataclass

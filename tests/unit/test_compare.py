@@ -74,7 +74,9 @@ def test_peak_memory_sees_an_allocation():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True
+    )
     grown, method = out.stdout.split(maxsplit=1)
     assert int(grown) > 60 * 2**20, method
 
@@ -103,7 +105,9 @@ def test_live_heap_bytes_track_a_tensor_and_its_release():
 
     if measure.live_heap_bytes() is None:
         pytest.skip("no glibc mallinfo2 here")
-    out = subprocess.run([sys.executable, "-c", _LIVE_PROBE], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _LIVE_PROBE], capture_output=True, text=True, check=True
+    )
     before, held, after, peak, reported = json.loads(out.stdout.strip().splitlines()[-1])
     assert held - before == pytest.approx(32 * 2**20, rel=0.05)
     assert after - before < 2**20  # freed memory is not live, whatever RSS says

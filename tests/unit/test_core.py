@@ -15,8 +15,15 @@ from tests.conftest import TINY, tiny_bert, tiny_gpt2, tiny_llama
 
 @pytest.mark.parametrize(
     "kwargs,key",
-    [({"r": 0}, "r"), ({"r": -2}, "r"), ({"alpha": 0}, "alpha"), ({"alpha": -1.0}, "alpha"),
-     ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"init": "xavier"}, "init")],
+    [
+        ({"r": 0}, "r"),
+        ({"r": -2}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"init": "xavier"}, "init"),
+    ],
 )
 def test_bad_lora_values_name_the_key(kwargs, key):
     for cls in (peftlab.LoRAConfig, peftlab.DoRAConfig):
@@ -27,7 +34,9 @@ def test_bad_lora_values_name_the_key(kwargs, key):
 def test_config_round_trips_json_and_yaml():
     import yaml
 
-    cfg = peftlab.DoRAConfig(r=8, alpha=16, target_modules=["q_proj"], use_rslora=True, detach_norm=False)
+    cfg = peftlab.DoRAConfig(
+        r=8, alpha=16, target_modules=["q_proj"], use_rslora=True, detach_norm=False
+    )
     assert peftlab.config_from_dict(json.loads(cfg.to_json())) == cfg
     assert peftlab.config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
     assert cfg.to_dict()["method"] == "dora"
@@ -60,7 +69,9 @@ def test_target_forms_resolve():
     assert len(find_targets(m, "all-linear")) == 2 * 7  # q k v o gate up down per layer
     assert "lm_head" not in find_targets(m, "all-linear")
     assert find_targets(m, r"model\.layers\.0\.self_attn\.(q|v)_proj") == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
     # GPT-2's Conv1D layers count as linear; its tied lm_head does not.
     assert len(find_targets(tiny_gpt2(), "all-linear")) == 2 * 4
 
@@ -71,7 +82,9 @@ def test_rslora_scaling():
 
 
 def test_gaussian_init_keeps_b_zero():
-    m = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4, init="gaussian", target_modules=["q_proj"]))
+    m = peftlab.apply(
+        tiny_llama(), peftlab.LoRAConfig(r=4, init="gaussian", target_modules=["q_proj"])
+    )
     layer = m.model.layers[0].self_attn.q_proj
     assert layer.lora_B["default"].weight.abs().sum() == 0
     assert 0.1 < layer.lora_A["default"].weight.std().item() * 4 < 2.0
@@ -95,7 +108,9 @@ def _perturb_b(model, name, value):
 def test_named_adapters_switch_and_disable(batch):
     base = tiny_llama()
     ref = base(input_ids=batch).logits.detach()
-    m = peftlab.apply(copy.deepcopy(base), peftlab.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    m = peftlab.apply(
+        copy.deepcopy(base), peftlab.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     peftlab.apply(m, peftlab.LoRAConfig(r=2, target_modules=["v_proj"]), adapter_name="second")
     _perturb_b(m, "default", 0.05)
     _perturb_b(m, "second", -0.05)
@@ -118,7 +133,9 @@ def test_named_adapters_switch_and_disable(batch):
 
 
 def _saved(tmp_path, arch="llama", **kw):
-    m = peftlab.apply(TINY[arch](), peftlab.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], **kw))
+    m = peftlab.apply(
+        TINY[arch](), peftlab.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], **kw)
+    )
     peftlab.save_adapter(m, tmp_path)
     return tmp_path
 
@@ -127,9 +144,20 @@ def test_adapter_with_wrong_shapes_names_them(tmp_path):
     path = _saved(tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(AdapterFileError, match=r"shape mismatches .*q_proj\.lora_A\.weight: file \(4, 32\) vs model \(4, 48\)"):
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(
+        AdapterFileError,
+        match=r"shape mismatches .*q_proj\.lora_A\.weight: file \(4, 32\) vs model \(4, 48\)",
+    ):
         peftlab.load_adapter(other, path)
     assert not hasattr(other, "peftlab_config")  # a failed load leaves the model as it was
 
@@ -228,8 +256,10 @@ def test_merge_refused_without_adapter():
 
 
 def test_modules_to_save_trains_and_saves_the_head(tmp_path, batch):
-    m = peftlab.apply(TINY["bert"](), peftlab.LoRAConfig(r=4, target_modules=["query", "value"],
-                                                         modules_to_save=["classifier"]))
+    m = peftlab.apply(
+        TINY["bert"](),
+        peftlab.LoRAConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    )
     assert m.classifier.weight.requires_grad
     with torch.no_grad():
         m.classifier.weight.add_(1.0)

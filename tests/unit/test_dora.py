@@ -41,10 +41,18 @@ def test_forward_and_grads_match_materialised_formula(detach, bias):
     y_ref.pow(2).sum().backward()
     # fp32 gradients of two orderings of the same sums: both sit ~1e-5 from a float64 reference.
     for name in ("lora_A", "lora_B"):
-        torch.testing.assert_close(getattr(ours, name)["default"].weight.grad,
-                                   getattr(ref, name)["default"].weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.lora_magnitude_vector["default"].grad,
-                               ref.lora_magnitude_vector["default"].grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            getattr(ours, name)["default"].weight.grad,
+            getattr(ref, name)["default"].weight.grad,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    torch.testing.assert_close(
+        ours.lora_magnitude_vector["default"].grad,
+        ref.lora_magnitude_vector["default"].grad,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -75,7 +83,10 @@ def test_norm_cache_follows_in_place_weight_changes():
     with torch.no_grad():
         layer.base_layer.weight.mul_(2)
     after = layer.weight_norm("default")
-    w = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    w = (
+        layer.base_layer.weight
+        + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    )
     torch.testing.assert_close(after, w.norm(dim=1))
     assert not torch.allclose(before, after)
 

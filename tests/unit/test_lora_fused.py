@@ -32,7 +32,9 @@ def _run(layer, x, fused: bool, monkeypatch):
     return y, grads
 
 
-@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+@pytest.mark.parametrize(
+    "cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))]
+)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("x_grad", [False, True])
 def test_fused_matches_autograd(cls, config, bias, x_grad, monkeypatch):
@@ -98,7 +100,9 @@ def test_hooked_base_layer_is_called_as_a_module():
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+@pytest.mark.parametrize(
+    "cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))]
+)
 def test_cached_plan_follows_disable_merge_and_late_hooks(cls, config):
     """The cached plan (fused adapter, or base layer alone) is rebuilt when adapters are
     switched off or merged, and a hook added after it was cached still runs."""
@@ -122,7 +126,9 @@ def test_cached_plan_follows_disable_merge_and_late_hooks(cls, config):
         torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+@pytest.mark.parametrize(
+    "cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_under_autocast_matches_autograd(cls, config, bias, monkeypatch):
     """Under bf16 autocast the node runs on bf16 casts of its operands, as autocast's own
@@ -149,7 +155,9 @@ def test_fused_under_autocast_matches_autograd(cls, config, bias, monkeypatch):
     assert "_LoRAMatmulBackward" in names, names
 
 
-@pytest.mark.parametrize("cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))])
+@pytest.mark.parametrize(
+    "cls,config", [(LoRALinear, LoRAConfig(r=3)), (DoRALinear, DoRAConfig(r=3))]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_in_place_equals_the_out_of_place_formula(cls, config, dtype):
     """A float32 weight is merged and unmerged in its own storage; a bfloat16 base under
@@ -164,4 +172,6 @@ def test_merge_in_place_equals_the_out_of_place_formula(cls, config, dtype):
     torch.testing.assert_close(layer.base_layer.weight, expected, **tol)
     assert layer.base_layer.weight.data_ptr() == ptr
     layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    torch.testing.assert_close(
+        layer.base_layer.weight, w0, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 2e-2
+    )

@@ -27,8 +27,12 @@ VARIANTS = {
 def _peft_model(base, variant: str, targets):
     d = VARIANTS[variant]
     cfg = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-        use_rslora=d.get("use_rslora", False), use_dora=d["method"] == "dora",
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        lora_dropout=0.0,
+        use_rslora=d.get("use_rslora", False),
+        use_dora=d["method"] == "dora",
     )
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
@@ -52,7 +56,9 @@ def _randomize_and_copy(pm, ours, seed=0):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             ours_name = name.removeprefix("base_model.model.")
-            ours_name = ours_name.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default")
+            ours_name = ours_name.replace(
+                "lora_magnitude_vector.default.weight", "lora_magnitude_vector.default"
+            )
             ours_params[ours_name].copy_(p)
             n += 1
     assert n > 0
@@ -103,7 +109,9 @@ def test_peftlab_adapter_loads_in_peft(tiny_arch, variant, batch, tmp_path):
     peftlab.save_adapter(ours, tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=batch).logits, ours(input_ids=batch).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            loaded(input_ids=batch).logits, ours(input_ids=batch).logits, rtol=0, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -116,4 +124,6 @@ def test_peft_adapter_loads_in_peftlab(tiny_arch, variant, batch, tmp_path):
     loaded = peftlab.load_adapter(copy.deepcopy(base), tmp_path)
     assert peftlab.read_adapter_config(tmp_path).method == VARIANTS[variant]["method"]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=batch).logits, pm(input_ids=batch).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            loaded(input_ids=batch).logits, pm(input_ids=batch).logits, rtol=0, atol=1e-5
+        )

@@ -461,7 +461,9 @@ def test_layer_repacked_by_bitsandbytes_cpu_inference_is_refused():
     )  # 4-bit layers, no adapter
     layer = model.model.layers[0].self_attn.q_proj
     layer.weight.quant_state.packing_format_for_cpu = True  # what bnb's eval path leaves behind
-    with pytest.raises(ConfigError, match="q_proj was repacked .* apply the adapter right after loading"):
+    with pytest.raises(
+        ConfigError, match="q_proj was repacked .* apply the adapter right after loading"
+    ):
         peftlab.apply(model, QLoRAConfig(r=4))
 
 
@@ -493,4 +495,6 @@ def test_bitsandbytes_loaded_base_with_rows_off_the_blocksize_computes_correctly
     peftlab.apply(model, peftlab.config_from_dict({"method": method, "r": 4}))
     assert all(type(m) is Linear4bit for m in _quantized_layers(model).values())
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(_logits(model.eval(), ids), _logits(reference.eval(), ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(model.eval(), ids), _logits(reference.eval(), ids), rtol=1e-5, atol=1e-5
+    )
