@@ -48,6 +48,21 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _load_4bit(path):
+    """The model saved at ``path``, loaded by transformers in NF4 with double quantization."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
+    )
+
+
 def tiny_llama64(seed=0):
     """A tiny Llama whose rows are multiples of 64 wide, so bitsandbytes' own CPU kernels (which
     transformers and peft use) compute correctly on it."""
@@ -310,21 +325,11 @@ def test_merge_and_unload_requantized_logs_measured_drift(caplog):
 @pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
 def test_adapter_loads_in_peft_on_a_bitsandbytes_quantized_base(tmp_path, use_dora):
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     tiny_llama64().save_pretrained(tmp_path / "base")
     ours = peftlab.apply(tiny_llama64(), QLoRAConfig(r=4, use_dora=use_dora))
     _perturb(ours)
     peftlab.save_adapter(ours, tmp_path / "adapter")
-    bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
-    )
+    base = _load_4bit(tmp_path / "base")
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     for m in theirs.modules():  # bitsandbytes' CPU inference repacking would rewrite the codes
         if isinstance(m, bnb.nn.Linear4bit):
@@ -338,9 +343,7 @@ def test_adapter_loads_in_peft_on_a_bitsandbytes_quantized_base(tmp_path, use_do
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
 
     # And peftlab adopts the bitsandbytes-loaded base as it is (no second quantization).
-    loaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
-    )
+    loaded = _load_4bit(tmp_path / "base")
     peftlab.load_adapter(loaded, tmp_path / "adapter")
     torch.testing.assert_close(_logits(loaded, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
     plain = peftlab.merge_and_unload(loaded)
@@ -473,18 +476,8 @@ def test_bitsandbytes_loaded_base_with_rows_off_the_blocksize_computes_correctly
     misreads rows that are not a multiple of the blocksize (here 32 of 64). Any low-rank
     adapter applied on it adopts the layer as peftlab's Linear4bit: outputs then equal the
     dense model with the dequantized weights."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     tiny_llama().save_pretrained(tmp_path / "base")
-    bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
-    )
+    model = _load_4bit(tmp_path / "base")
     layers = _quantized_layers(model)
     assert any(m.weight.quant_state.shape[-1] % 64 for m in layers.values())
     reference = copy.deepcopy(model)  # the same codes, dequantized correctly into dense layers
