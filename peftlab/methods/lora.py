@@ -234,10 +234,17 @@ class LoRALinear(nn.Module):
             base.weight.device.type,
         )
 
-    def _current_plan(self) -> tuple:
+    def _usable_plan(self, kind: str) -> tuple | None:
+        """The cached plan if it is of ``kind`` and its base layer may still be read directly:
+        the layer's current base (QLoRA's merge swaps it) with no hooks added since."""
         plan = self._plan
         if plan is None:
             plan = self._plan = self._make_plan()
+        if not plan or plan[0] is not kind:
+            return None
+        base = plan[1]
+        if base is not self._modules["base_layer"] or not plain_linear(base):
+            return None
         return plan
 
     def base_only(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -245,12 +252,10 @@ class LoRALinear(nn.Module):
         the adapters take no part (disabled, merged, none active) and the base is a plain
         ``nn.Linear`` without hooks; else ``None``. Merged inference pays one module call
         per layer, as the bare model does."""
-        plan = self._current_plan()
-        if not plan or plan[0] is not _BASE:
+        plan = self._usable_plan(_BASE)
+        if plan is None:
             return None
         base = plan[1]
-        if base is not self._modules["base_layer"] or not plain_linear(base):
-            return None
         return nn.functional.linear(x, base._parameters["weight"], base._parameters["bias"])
 
     def fused_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor | None:
@@ -261,19 +266,14 @@ class LoRALinear(nn.Module):
         operands are cast to its dtype first, as autocast does for ``F.linear``, and the
         node runs in that dtype (gradients reach A and B through the casts in their own
         dtype). The static part of that test is cached."""
-        plan = self._current_plan()
-        if not plan or plan[0] is not _FUSED:
+        plan = self._usable_plan(_FUSED)
+        if plan is None:
             return None
         _, base, a_mod, b_mod, s, device_type = plan
         w0 = base._parameters["weight"]
         b = base._parameters["bias"] if bias else None
         A, B = a_mod._parameters["weight"], b_mod._parameters["weight"]
-        if (
-            base is not self._modules["base_layer"]  # swapped (QLoRA's merge does)
-            or not plain_linear(base)
-            or w0.requires_grad
-            or (b is not None and b.requires_grad)
-        ):
+        if w0.requires_grad or (b is not None and b.requires_grad):
             return None
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
