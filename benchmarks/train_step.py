@@ -30,7 +30,7 @@ from torch import nn
 
 from benchmarks import harness, loading
 from benchmarks.harness import fmt, paired_ratio, ratio, verdict
-from peftlab.optim import make_optimizer
+from peftlab.train.optim import make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -168,7 +168,7 @@ def plan(
             specs.append(spec)
     # Bad keys or option values fail here, before any run starts, not once per method.
     from peftlab.bench.worker import train_config
-    from peftlab.train_config import TrainConfig
+    from peftlab.train.config import TrainConfig
 
     for spec in specs:
         TrainConfig.from_dict(train_config(spec)).method_config()

@@ -394,7 +394,7 @@ def add_low_rank_adapters(
         module = model.get_submodule(name)
         if not isinstance(module, LoRALinear):
             if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
-                from peftlab.quant import adopt_4bit
+                from peftlab.methods.nf4 import adopt_4bit
 
                 adopt_4bit(name, module)
             module = layer_cls(module)

@@ -101,7 +101,7 @@ class _QuantizedBaseMerge:
         if self.disabled or all(n in self.merged for n in self.active):
             return
         if is_quantized(self.base_layer):
-            from peftlab.quant import dequantized_layer
+            from peftlab.methods.nf4 import dequantized_layer
 
             self._quantized = [self.base_layer]  # a list: not registered as a submodule
             self.base_layer = dequantized_layer(self.base_layer)
@@ -115,7 +115,7 @@ class _QuantizedBaseMerge:
     def unload(self, merge: bool = True, dequantize: bool = True, **kwargs) -> nn.Module:
         """The merged layer: dense (``dequantize``) or re-quantized to 4 bits; without
         ``merge``, the untouched 4-bit base layer."""
-        from peftlab.quant import dequantized_layer, requantize
+        from peftlab.methods.nf4 import dequantized_layer, requantize
 
         if not merge:
             self.unmerge()
@@ -175,7 +175,7 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
                 f"{ {k: getattr(other, k) for k in diff} }; a second QLoRA adapter must use the "
                 f"same {', '.join(diff)} (got { {k: getattr(config, k) for k in diff} })"
             )
-    from peftlab.quant import adopt_4bit, quantize_linear
+    from peftlab.methods.nf4 import adopt_4bit, quantize_linear
 
     compute_dtype = DTYPES[config.compute_dtype]
     for name in find_targets(model, config.target_modules):
@@ -204,7 +204,7 @@ def _unload_model(model: nn.Module) -> None:
         disable = getattr(model, "activation_checkpointing_disable", None)
         (disable or model.gradient_checkpointing_disable)()
     if any("_peftlab_dense" in m.__dict__ for m in model.modules()):
-        from peftlab.quant import log_requantization_drift
+        from peftlab.methods.nf4 import log_requantization_drift
 
         log_requantization_drift(model)
 

@@ -22,7 +22,7 @@ docs/estimator.md for the CPU measurement conditions). Two moments compete for t
   ``∂loss/∂logits``), the dequantized copy of the largest 4-bit weight; at the end of backward
   two embedding-sized gradient transients when a tied embedding trains (full fine-tuning);
   in the optimizer step of 8-bit AdamW one temporary the size of the largest trainable tensor
-  (peftlab's AdamW is torch's fused one, ``peftlab.optim``, which updates in place).
+  (peftlab's AdamW is torch's fused one, ``peftlab.train.optim``, which updates in place).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.core.weights import dense_weight
 from peftlab.methods.qlora import QLoRAConfig
-from peftlab.optim import make_optimizer
-from peftlab.quant import Linear4bit, quantize_linear, quantized_memory
+from peftlab.train.optim import make_optimizer
+from peftlab.methods.nf4 import Linear4bit, quantize_linear, quantized_memory
 from tests.conftest import tiny_gpt2, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")

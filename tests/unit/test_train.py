@@ -11,7 +11,8 @@ import torch
 
 import peftlab
 from peftlab.core.config import ConfigError
-from peftlab.train import TrainConfig, TrainingDiverged, _schedule, train
+from peftlab.train import TrainConfig, TrainingDiverged, train
+from peftlab.train.loop import _schedule
 from tests.conftest import tiny_bert
 from tests.tiny_lm import char_tokenizer, save_tiny_lm
 

@@ -30,11 +30,11 @@ import torch
 import yaml
 
 import peftlab
-from peftlab import checkpoint, rundir
+from peftlab.train import checkpoint, rundir
 from peftlab.core.config import ConfigError
 from peftlab.data import DataError, collate, load_task_data
-from peftlab.evaluate import evaluate, loss_sum
-from peftlab.train_config import TrainConfig, apply_overrides
+from peftlab.train.evaluate import evaluate, loss_sum
+from peftlab.train.config import TrainConfig, apply_overrides
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "add_parser"]
 
@@ -527,7 +527,7 @@ def _make_optimizer(model, cfg: TrainConfig):
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    from peftlab.optim import make_optimizer  # torch AdamW or bitsandbytes 8-bit / paged
+    from peftlab.train.optim import make_optimizer  # torch AdamW or bitsandbytes 8-bit / paged
 
     return make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay)
 

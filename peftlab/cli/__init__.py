@@ -12,9 +12,9 @@ import sys
 
 # (module, function) pairs that add one subcommand each.
 SUBCOMMANDS = [
-    ("peftlab.demo", "add_parser"),
+    ("peftlab.cli.demo", "add_parser"),
     ("peftlab.bench.runner", "add_parser"),
-    ("peftlab.train", "add_parser"),
+    ("peftlab.train.loop", "add_parser"),
     ("peftlab.select.recommend", "add_parsers"),
 ]
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
-from peftlab.optim import OPTIMIZERS  # the names make_optimizer accepts
+from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 
 @dataclasses.dataclass
