@@ -30,11 +30,11 @@ import torch
 import yaml
 
 import peftlab
-from peftlab.train import checkpoint, rundir
 from peftlab.core.config import ConfigError
 from peftlab.data import DataError, collate, load_task_data
-from peftlab.train.evaluate import evaluate, loss_sum
+from peftlab.train import checkpoint, rundir
 from peftlab.train.config import TrainConfig, apply_overrides
+from peftlab.train.evaluate import evaluate, loss_sum
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "add_parser"]
 

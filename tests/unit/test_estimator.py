@@ -11,10 +11,10 @@ import torch
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.core.registry import get_method
-from peftlab.train.optim import make_optimizer
 from peftlab.select.estimator import estimate_memory
 from peftlab.select.methods import method_fields, modelled_methods, nf4_bits, plan
 from peftlab.select.presets import PRESETS, from_model, resolve_architecture
+from peftlab.train.optim import make_optimizer
 from tests.conftest import tiny_bert, tiny_llama
 
 ARGS = {

@@ -13,9 +13,9 @@ from torch import nn
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.core.weights import dense_weight
+from peftlab.methods.nf4 import Linear4bit, quantize_linear, quantized_memory
 from peftlab.methods.qlora import QLoRAConfig
 from peftlab.train.optim import make_optimizer
-from peftlab.methods.nf4 import Linear4bit, quantize_linear, quantized_memory
 from tests.conftest import tiny_gpt2, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
