@@ -7,6 +7,9 @@ compare, choose.
     peftlab.save_adapter(model, "out/")        # peft-compatible adapter directory
 """
 
+# The built-in methods register themselves on import; this comes first so that every later
+# import (and every user of peftlab.core) finds them in the registry.
+import peftlab.methods  # noqa: F401  isort: skip
 from peftlab.bench import compare
 from peftlab.core.config import ConfigError, MethodConfig, config_from_dict, load_config
 from peftlab.core.io import AdapterFileError, load_adapter, read_adapter_config, save_adapter

@@ -1,7 +1,9 @@
 """The method registry: name → config class + apply function.
 
 A method is one file in ``peftlab/methods/`` ending with one :func:`register_method` line.
-Nothing outside this registry branches on the method's name.
+Nothing outside this registry branches on the method's name. The core knows no method: the
+package (``peftlab/__init__.py``) imports :mod:`peftlab.methods`, which registers the built-in
+ones, before anything can look a method up.
 """
 
 from __future__ import annotations
@@ -80,7 +82,6 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 def get_method(name: str) -> MethodSpec:
     """The spec registered under ``name``; an unknown name lists the known ones."""
-    _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -90,7 +91,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 def spec_for_config(config: MethodConfig) -> MethodSpec:
-    _load_builtin_methods()
     for spec in _REGISTRY.values():
         if type(config) is spec.config_cls:
             return spec
@@ -99,9 +99,4 @@ def spec_for_config(config: MethodConfig) -> MethodSpec:
 
 def methods() -> list[str]:
     """Names of the registered methods."""
-    _load_builtin_methods()
     return list(_REGISTRY)
-
-
-def _load_builtin_methods() -> None:
-    import peftlab.methods  # noqa: F401  (importing registers them)
