@@ -1,7 +1,10 @@
-"""Evaluation: token loss and perplexity, exact match by greedy generation, accuracy.
+"""Evaluation: token loss and perplexity; exact match by greedy generation after answer
+extraction; accuracy, macro-F1 and Matthews correlation for classification
+(:mod:`peftlab.train.metrics` has the definitions).
 
-The ``*_sums`` functions return numerators and denominators (not ratios) so that several
-processes can add theirs up before dividing; :func:`evaluate` does the dividing.
+The ``*_sums`` functions return numerators and denominators (not ratios) — for
+classification the whole confusion matrix — so that several processes can add theirs up
+before dividing; :func:`evaluate` does the dividing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data.encode import IGNORE, TaskData, collate
+from peftlab.train import metrics as M
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,16 +66,25 @@ def loss_sums(
 
 
 @torch.no_grad()
-def accuracy_counts(
+def predictions(
     model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device
-) -> tuple[int, int]:
-    """``(correct, total)`` of argmax predictions for classification examples."""
-    correct = 0
+) -> list[int]:
+    """Argmax class predictions for classification examples, in order."""
+    out: list[int] = []
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    return correct, len(examples)
+        out += logits.argmax(-1).tolist()
+    return out
+
+
+def confusion_counts(
+    model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device, classes: int
+) -> list[int]:
+    """The confusion matrix of ``examples``, flattened row-major (summable across processes)."""
+    preds = predictions(model, examples, pad_id, batch_size, device)
+    labels = [int(e["labels"]) for e in examples]
+    return [x for row in M.confusion(preds, labels, classes) for x in row]
 
 
 @torch.no_grad()
@@ -107,11 +120,6 @@ def generate(
     return out
 
 
-def normalize(text: str) -> str:
-    """Exact-match normal form: surrounding whitespace and inner runs of whitespace ignored."""
-    return " ".join(text.split())
-
-
 def exact_match_counts(
     model: nn.Module,
     tokenizer,
@@ -119,13 +127,15 @@ def exact_match_counts(
     answers: list[str],
     batch_size: int,
     device,
+    extractor: str = "exact",
 ) -> tuple[int, int]:
-    """``(hits, total)``: greedy generations equal to the reference answer after :func:`normalize`."""
+    """``(hits, total)``: greedy generations whose extracted answer equals the reference's
+    (:func:`peftlab.train.metrics.exact_match_hits`)."""
     if not prompts:
         return 0, 0
     longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     preds = generate(model, tokenizer, prompts, longest + 4, batch_size, device)
-    return sum(normalize(p) == normalize(a) for p, a in zip(preds, answers)), len(answers)
+    return M.exact_match_hits(preds, answers, extractor), len(answers)
 
 
 def evaluate(
@@ -137,11 +147,13 @@ def evaluate(
     device=None,
     shard: tuple[int, int] = (0, 1),
     reduce: Callable[[list[float]], list[float]] | None = None,
+    extractor: str = "exact",
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``data.eval``.
 
     Returns ``eval_loss`` and (causal LMs) ``eval_ppl``; ``eval_exact_match`` when
-    ``exact_match``; ``eval_accuracy`` for classification. With ``shard=(rank, world)`` each
+    ``exact_match`` (answers compared after ``extractor``); ``eval_accuracy``,
+    ``eval_macro_f1`` and ``eval_mcc`` for classification. With ``shard=(rank, world)`` each
     process takes every world-th example and ``reduce`` sums the per-process counts.
     """
     device = device or next(model.parameters()).device
@@ -153,7 +165,8 @@ def evaluate(
     try:
         sums = list(loss_sums(model, examples, pad, batch_size, device))
         if data.kind == "classification":
-            sums += accuracy_counts(model, examples, pad, batch_size, device)
+            classes = max(2, len(data.label_names))
+            sums += confusion_counts(model, examples, pad, batch_size, device, classes)
         elif exact_match:
             sums += exact_match_counts(
                 model,
@@ -162,6 +175,7 @@ def evaluate(
                 data.eval_answers[rank::world],
                 batch_size,
                 device,
+                extractor,
             )
     finally:
         model.train(was_training)
@@ -170,7 +184,9 @@ def evaluate(
     loss = sums[0] / max(sums[1], 1)
     out = {"eval_loss": loss}
     if data.kind == "classification":
-        out["eval_accuracy"] = sums[2] / max(sums[3], 1)
+        k = max(2, len(data.label_names))
+        matrix = [sums[2 + i * k : 2 + (i + 1) * k] for i in range(k)]
+        out.update({f"eval_{name}": v for name, v in M.classification_metrics(matrix).items()})
     else:
         out["eval_ppl"] = math.exp(min(loss, 50.0))
         if exact_match:

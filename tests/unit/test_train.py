@@ -167,7 +167,7 @@ def test_classification_trains_head_and_reports_accuracy(tmp_path):
         model=model,
         tokenizer=char_tokenizer(),
     )
-    assert set(summary["eval_after"]) == {"eval_loss", "eval_accuracy"}
+    assert set(summary["eval_after"]) == {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_mcc"}
     assert not torch.equal(model.classifier.weight, head)  # the new head trained (modules_to_save)
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, embed)  # the base stays frozen
 

@@ -1,0 +1,83 @@
+"""Task metrics: confusion-matrix metrics against hand-computed values, answer extraction,
+user metrics that fail cleanly."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+
+from peftlab.train import metrics as M
+
+
+def test_binary_metrics_match_hand_computation():
+    # TP=3 FN=1 FP=2 TN=4 (positive class 1)
+    preds = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0]
+    labels = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    c = M.confusion(preds, labels, 2)
+    assert c == [[4, 2], [1, 3]]
+    out = M.classification_metrics(c)
+    assert out["accuracy"] == pytest.approx(0.7)
+    f1_pos, f1_neg = 2 * 3 / (2 * 3 + 2 + 1), 2 * 4 / (2 * 4 + 1 + 2)
+    assert out["macro_f1"] == pytest.approx((f1_pos + f1_neg) / 2)
+    phi = (3 * 4 - 2 * 1) / math.sqrt((3 + 2) * (3 + 1) * (4 + 2) * (4 + 1))
+    assert out["mcc"] == pytest.approx(phi)
+
+
+def test_multiclass_and_degenerate_cases():
+    c = M.confusion([0, 1, 2, 2], [0, 1, 2, 1], 3)
+    out = M.classification_metrics(c)
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert -1 <= out["mcc"] <= 1 and out["mcc"] > 0
+    constant = M.classification_metrics(M.confusion([0] * 5, [0, 1, 0, 1, 2], 3))
+    assert constant["mcc"] == 0.0  # always one answer: no correlation
+    perfect = M.classification_metrics(M.confusion([0, 1, 2], [0, 1, 2], 3))
+    assert perfect == {"accuracy": 1.0, "macro_f1": 1.0, "mcc": pytest.approx(1.0)}
+
+
+def test_majority_baseline():
+    base = M.majority_baseline([0, 1, 1, 1], 2, train_labels=[1, 1, 0])
+    assert base["class"] == 1 and base["accuracy"] == 0.75 and base["mcc"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "text, spec, want",
+    [
+        ("Natalia sold 48/2 = 24 clips.\n#### 72", "####", "72"),
+        ("no marker", "####", None),
+        ("so 1,234.0 apples, then 12", "last-number", "12"),
+        ("total: 1,000", "last-number", "1000"),
+        ("3.50", "last-number", "3.5"),
+        ("The answer is (B).", "regex:\\(([A-D])\\)", "B"),
+        ("  a   b ", "exact", "a b"),
+    ],
+)
+def test_extract(text, spec, want):
+    assert M.extract(text, spec) == want
+
+
+def test_exact_match_hits_and_bad_extractors():
+    assert M.exact_match_hits(["#### 72", "it is 5"], ["blah #### 72", "#### 6"], "####") == 1
+    assert M.exact_match_hits(["x 4.0", "7"], ["4", "8"], "last-number") == 1
+    with pytest.raises(M.MetricError, match="answer_extractor"):
+        M.check_extractor("first-word")
+    with pytest.raises(M.MetricError, match="does not compile"):
+        M.check_extractor("regex:(")
+
+
+def test_user_metric_is_checked(monkeypatch):
+    mod = types.ModuleType("peftlab_test_usermetric")
+    mod.good = lambda p, r: sum(a == b for a, b in zip(p, r)) / len(r)
+    mod.boom = lambda p, r: 1 / 0
+    mod.text = lambda p, r: "high"
+    mod.nan = lambda p, r: float("nan")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    assert M.call_user_metric(f"{mod.__name__}:good", ["a", "b"], ["a", "c"]) == 0.5
+    for name, match in [("boom", "raised ZeroDivisionError"), ("text", "finite number"),
+                        ("nan", "finite number"), ("missing", "cannot load")]:  # fmt: skip
+        with pytest.raises(M.MetricError, match=match):
+            M.call_user_metric(f"{mod.__name__}:{name}", ["a"], ["a"])
+    with pytest.raises(M.MetricError, match="module:function"):
+        M.load_user_metric("no-colon")
