@@ -83,7 +83,7 @@ def confusion_counts(
 ) -> list[int]:
     """The confusion matrix of ``examples``, flattened row-major (summable across processes)."""
     preds = predictions(model, examples, pad_id, batch_size, device)
-    labels = [int(e["labels"]) for e in examples]
+    labels = [int(e["label"]) for e in examples]
     return [x for row in M.confusion(preds, labels, classes) for x in row]
 
 
