@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from peftlab.core.config import check
 from peftlab.data import builtin
 from peftlab.data.readers import DataError, read_classification, read_generation
 
@@ -36,7 +37,8 @@ class TaskData:
     truncated: int
     """Examples cut at max_length (train and eval)."""
     dropped: int
-    """Training examples dropped because truncation left no response token."""
+    """Examples dropped: classification rows with an empty text (in data and eval_data,
+    before the split), and training examples that truncation left with no response token."""
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -94,6 +96,17 @@ def encode_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[in
     return ids, labels, prompt_ids
 
 
+def _drop_empty(spec: str, records: list[dict], text_column: str) -> tuple[list[dict], int]:
+    """Classification records whose text is not empty, and how many were dropped."""
+    kept = [r for r in records if "text" not in r or r["text"]]
+    if records and not kept:
+        raise DataError(
+            f"{spec}: every one of the {len(records)} rows has an empty {text_column!r} "
+            f"(text_column); nothing to learn from"
+        )
+    return kept, len(records) - len(kept)
+
+
 def _int_or_str(s: str):
     try:
         return (0, int(s), s)
@@ -122,6 +135,13 @@ def load_task_data(
         data_size: use at most this many training examples (built-in tasks: generate this
             many; default 2000).
     """
+    check(
+        data_size is None or (isinstance(data_size, int) and data_size > 0),
+        "data_size",
+        data_size,
+        "null (all the data; builtin tasks: 2000) or a positive integer",
+    )
+    check(isinstance(eval_size, int) and eval_size >= 0, "eval_size", eval_size, "an integer >= 0")
 
     def read(spec: str, n_builtin: int) -> tuple[str, list[dict]]:
         if spec.startswith("builtin:"):
@@ -136,47 +156,84 @@ def load_task_data(
             f".json/.jsonl/.csv/.tsv file"
         )
 
-    n_train = data_size or 2000
+    n_train = 2000 if data_size is None else data_size
     data_kind, records = read(data, n_train + (0 if eval_data else eval_size))
     if data_kind != kind:
         raise DataError(
             f"data={data!r} is {data_kind} data but the model is a {kind} model; use "
             f"{'a .csv/.tsv file' if kind == 'classification' else 'builtin:<task> or .json/.jsonl'}"
         )
+    records, empty = _drop_empty(data, records, text_column)
     if not data.startswith("builtin:"):
         random.Random(seed).shuffle(records)
     if eval_data:
         eval_kind, eval_records = read(eval_data, eval_size)
         if eval_kind != kind:
             raise DataError(f"eval_data={eval_data!r} is {eval_kind} data, unlike data={data!r}")
+        eval_records, eval_empty = _drop_empty(eval_data, eval_records, text_column)
+        empty += eval_empty
+        if eval_size > len(eval_records):
+            raise DataError(
+                f"eval_size={eval_size} is invalid: eval_data={eval_data!r} holds "
+                f"{len(eval_records)} examples; eval_size must be at most {len(eval_records)}"
+            )
         eval_records, train_records = eval_records[:eval_size], records
     else:
+        if eval_size >= len(records):
+            raise DataError(
+                f"data={data!r}: no training examples left after holding out "
+                f"eval_size={eval_size} of {len(records)}; eval_size must be less than "
+                f"{len(records)} (or add data, or set eval_data)"
+            )
         eval_records, train_records = records[:eval_size], records[eval_size:]
     train_records = (
         train_records[:n_train] if data_size or data.startswith("builtin:") else train_records
     )
-    if not train_records:
+
+    out = TaskData(kind, [], [], [], [], [], 0, empty)
+    encode = _encode_classification if kind == "classification" else _encode_generation
+    encode(out, tokenizer, train_records, eval_records, max_length, f"data={data!r}", label_column)
+    return out
+
+
+def _encode_classification(
+    out: TaskData,
+    tokenizer,
+    train: list[dict],
+    eval_: list[dict],
+    max_length: int,
+    where: str,
+    label_column: str,
+) -> None:
+    """Fill ``out`` with token ids and class ids; the classes are the labels seen, sorted."""
+    out.label_names = sorted({r["label"] for r in train + eval_}, key=_int_or_str)
+    if len(out.label_names) < 2:
         raise DataError(
-            f"data={data!r}: no training examples left after holding out eval_size={eval_size} "
-            f"of {len(records)}; lower eval_size or add data"
+            f"{where}: label_column={label_column!r} holds the single value "
+            f"{out.label_names[0]!r} in all {len(train) + len(eval_)} examples; "
+            f"classification needs at least two classes"
         )
+    index = {n: i for i, n in enumerate(out.label_names)}
+    for split, recs in ((out.train, train), (out.eval, eval_)):
+        texts = [r["text"] for r in recs]
+        for ids, r in zip(tokenizer(texts)["input_ids"] if texts else [], recs):
+            if len(ids) > max_length:
+                out.truncated += 1
+                ids = ids[: max_length - 1] + ids[-1:]  # keep the closing [SEP]
+            split.append({"input_ids": ids, "label": index[r["label"]]})
 
-    out = TaskData(kind, [], [], [], [], [], 0, 0)
-    if kind == "classification":
-        out.label_names = sorted(
-            {r["label"] for r in train_records + eval_records}, key=_int_or_str
-        )
-        index = {n: i for i, n in enumerate(out.label_names)}
-        for split, recs in ((out.train, train_records), (out.eval, eval_records)):
-            texts = [r["text"] for r in recs]
-            for ids, r in zip(tokenizer(texts)["input_ids"] if texts else [], recs):
-                if len(ids) > max_length:
-                    out.truncated += 1
-                    ids = ids[: max_length - 1] + ids[-1:]  # keep the closing [SEP]
-                split.append({"input_ids": ids, "label": index[r["label"]]})
-        return out
 
-    for split, recs in ((out.train, train_records), (out.eval, eval_records)):
+def _encode_generation(
+    out: TaskData,
+    tokenizer,
+    train: list[dict],
+    eval_: list[dict],
+    max_length: int,
+    where: str,
+    label_column: str,
+) -> None:
+    """Fill ``out`` with token ids and response-only labels, and the eval prompts/answers."""
+    for split, recs in ((out.train, train), (out.eval, eval_)):
         for r in recs:
             ids, labels, prompt = encode_messages(tokenizer, r["messages"])
             if len(ids) > max_length:
@@ -192,10 +249,9 @@ def load_task_data(
                 out.eval_answers.append(r["messages"][-1]["content"])
     if not out.train:
         raise DataError(
-            f"data={data!r}: every training example lost its response to truncation at "
+            f"{where}: every training example lost its response to truncation at "
             f"max_length={max_length}; raise max_length"
         )
-    return out
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

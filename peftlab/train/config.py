@@ -117,7 +117,13 @@ class TrainConfig:
         for key in ("eval_every", "save_every", "eval_size", "seed"):
             v = getattr(self, key)
             check(isinstance(v, int) and v >= 0, key, v, "a non-negative integer")
-        for key in ("max_steps", "data_size", "warmup_steps", "eval_batch_size"):
+        check(
+            self.data_size is None or (isinstance(self.data_size, int) and self.data_size > 0),
+            "data_size",
+            self.data_size,
+            "null (all the data; builtin tasks: 2000) or a positive integer",
+        )
+        for key in ("max_steps", "warmup_steps", "eval_batch_size"):
             v = getattr(self, key)
             check(
                 v is None or (isinstance(v, int) and v >= 0),
