@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftlab.core.fileio import replace_dir
+from peftlab.core.kind import ModelKind, check_kind, kind_from_config, kind_of_model
+
 SMOLLM2 = "smollm2-135m"
 MINILM = "minilm-l6"
 
@@ -26,7 +29,7 @@ MINILM = "minilm-l6"
 @dataclasses.dataclass(frozen=True)
 class BundledModel:
     package: str
-    kind: str  # "causal-lm" | "classification"
+    kind: ModelKind
     description: str
 
 
@@ -85,12 +88,7 @@ def _cache_gguf(gguf: Path, dest: Path) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)  # drops the tied lm_head.weight
     tok.save_pretrained(tmp)
-    try:
-        tmp.rename(dest)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    replace_dir(tmp, dest, replace=False)  # another process may have finished first
 
 
 def resolve(name_or_path: str) -> tuple[Path, str | None]:
@@ -120,8 +118,14 @@ def resolve(name_or_path: str) -> tuple[Path, str | None]:
     )
 
 
-def model_kind(name_or_path: str) -> str:
-    """ "causal-lm" or "classification" for a bundled name; from the config for a path."""
+def model_kind(model: str | os.PathLike | nn.Module) -> ModelKind:
+    """The :data:`~peftlab.core.kind.ModelKind` of a bundled name, a model path or a loaded
+    model: the bundled table says it for a bundled name; otherwise the rule of
+    :mod:`peftlab.core.kind` reads the config's architectures and model type (for a loaded
+    model, its class)."""
+    if isinstance(model, nn.Module):
+        return kind_of_model(model)
+    name_or_path = os.fspath(model)
     if name_or_path in BUNDLED:
         return BUNDLED[name_or_path].kind
     from transformers import AutoConfig
@@ -132,19 +136,12 @@ def model_kind(name_or_path: str) -> str:
         if gguf
         else AutoConfig.from_pretrained(directory)
     )
-    archs = cfg.architectures or []
-    if any("SequenceClassification" in a for a in archs) or cfg.model_type in (
-        "bert",
-        "roberta",
-        "distilbert",
-    ):
-        return "classification"
-    return "causal-lm"
+    return kind_from_config(cfg.architectures, cfg.model_type)
 
 
 def load_model(
     name_or_path: str = SMOLLM2,
-    kind: str | None = None,
+    kind: ModelKind | None = None,
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
     **kwargs,
@@ -153,7 +150,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    kind = kind or model_kind(name_or_path)
+    kind = check_kind(kind) if kind is not None else model_kind(name_or_path)
     directory, gguf = resolve(name_or_path)
     extra = {"gguf_file": gguf} if gguf else {}
     verbosity = hf_logging.get_verbosity()
@@ -163,11 +160,9 @@ def load_model(
             return AutoModelForSequenceClassification.from_pretrained(
                 directory, num_labels=num_labels, dtype=dtype, **extra, **kwargs
             )
-        if kind == "causal-lm":
-            return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    raise ModelLoadError(f"kind={kind!r} must be 'causal-lm' or 'classification'")
 
 
 def load_tokenizer(name_or_path: str = SMOLLM2):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from peftlab.bench.worker import RUN_INFO_KEYS
 from peftlab.core.config import ConfigError
+from peftlab.core.overrides import parse_overrides
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = {"causal-lm": "builtin:sort"}
@@ -328,31 +329,14 @@ def _check_resumable(out: Path, specs: list[dict]) -> None:
 
 def _method_args(items: list[str]) -> dict[str, dict]:
     """``["lora.r=16", "adapter.bottleneck=32"]`` → ``{"lora": {"r": 16}, "adapter": {...}}``."""
-    import yaml
-
-    out: dict[str, dict] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        method, dot, field = key.partition(".")
-        if not sep or not dot or not field:
-            raise ConfigError(
-                f"--set {item!r} is invalid: write METHOD.OPTION=VALUE, e.g. lora.r=16"
-            )
-        out.setdefault(method, {})[field] = yaml.safe_load(value)
-    return out
+    return parse_overrides(
+        items, what="--set", form="METHOD.OPTION=VALUE", example="lora.r=16", min_depth=2
+    )
 
 
 def _train_overrides(items: list[str]) -> dict:
     """``["data_size=2000", "text_column=sentence"]`` → ``{"data_size": 2000, ...}``."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--train {item!r} is invalid: write KEY=VALUE, e.g. data_size=2000")
-        out[key] = yaml.safe_load(value)
-    return out
+    return parse_overrides(items, what="--train", form="KEY=VALUE", example="data_size=2000")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

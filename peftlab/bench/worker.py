@@ -21,6 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
+from peftlab.core.fileio import atomic_write_json
+
 CAUSAL_PROMPTS = [
     "Sort these numbers in ascending order: 42 7 19 3",
     "Give three tips for staying healthy.",
@@ -45,14 +47,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    """Write ``obj`` to ``path`` through a temporary file and a rename, so a reader (or a resumed
-    comparison) sees either the whole result or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+write_json_atomic = atomic_write_json
+"""A reader (or a resumed comparison) sees either the whole result or none."""
 
 
 def meta_info() -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, config_from_dict
+from peftlab.core.fileio import atomic_write_with
 from peftlab.core.model import (
     active_adapter,
     adapter_configs,
@@ -76,17 +76,6 @@ def adapter_state_dict(
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -123,7 +112,7 @@ def save_adapter(
             tensors[k] = tensors[k].clone()
         seen[ptr] = k
     meta = {"format": "pt", "peftlab_method": config.method}
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write_with(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
     doc = dict(spec.peft_export(config)) if spec.peft_export else {}
     doc["base_model_name_or_path"] = base_model_name_or_path or getattr(
         getattr(model, "config", None), "_name_or_path", None
@@ -141,7 +130,7 @@ def save_adapter(
     def write_json(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(doc, indent=2, default=str))
 
-    _atomic_write(path / CONFIG_NAME, write_json)
+    atomic_write_with(path / CONFIG_NAME, write_json)
     return path
 
 

@@ -4,14 +4,14 @@ A checkpoint is a directory ``checkpoints/step-NNNNNNN/`` holding the trainable 
 (``trainable.safetensors``), the optimizer, scheduler and loss-scaler states
 (``optimizer.pt``), each process's RNG states (``rng-<rank>.pt``) and the loop's position
 (``trainer_state.json``: step, micro-batches consumed, token counts). It is written under a
-``.tmp`` name and renamed into place, so a run killed at any moment leaves either the
-complete checkpoint or none: ``latest`` never returns a half-written one.
+``.tmp`` name and renamed into place (:func:`peftlab.core.fileio.replace_dir`), so a run
+killed at any moment leaves either the complete checkpoint or none: ``latest`` never returns
+a half-written one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from peftlab.core.fileio import replace_dir
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -84,12 +86,7 @@ def save(
             extra["scaler"] = accelerator.scaler.state_dict()
         torch.save(extra, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # fsyncs every file before the rename makes it visible
         root = final.parent
         done = sorted(int(m.group(1)) for p in root.iterdir() if (m := _NAME.match(p.name)))
         for old in done[:-keep]:

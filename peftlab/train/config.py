@@ -1,8 +1,15 @@
 """``TrainConfig``: every knob of a training run, validated, with YAML and ``key=value`` overrides.
 
-The keys DESIGN.md fixes (model, method, method_args, data, max_steps/epochs, batch_size,
-grad_accum, lr, seed, eval_every, save_every, output_dir) plus the usual rest. Attribute
-docstrings are the help text; unknown keys are an error that lists the known ones.
+The keys, in groups: what to train (``model``, ``method``, ``method_args``), on what
+(``data``, ``eval_data``, ``eval_size``, ``data_size``, ``text_column``, ``label_column``,
+``max_length``), how long and how (``max_steps`` or ``epochs``, ``batch_size``,
+``grad_accum``, ``lr`` and its schedule, ``weight_decay``, ``max_grad_norm``, ``optimizer``,
+``seed``), when to evaluate, save and log (``eval_every``, ``save_every``, ``log_every``, ...),
+where to write (``output_dir``, ``overwrite``) and the runtime (``gradient_checkpointing``,
+``mixed_precision``, ``tensorboard``, ``progress``). Each attribute's docstring below is its
+help text; ``configs/<method>.yaml`` are example files with every knob commented. An unknown
+key is an error that lists the known ones. Overrides follow :mod:`peftlab.core.overrides`
+(``method_args.r=8``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from peftlab.core import overrides
 from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
@@ -226,24 +234,11 @@ class TrainConfig:
         return cls.from_dict(apply_overrides(d, overrides or []))
 
 
-def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(d: dict[str, Any], items: list[str]) -> dict[str, Any]:
     """Return ``d`` with each ``key=value`` (dotted keys reach into mappings) set.
 
-    Values are parsed as YAML scalars: ``lr=1e-3``, ``method_args.r=8``,
-    ``method_args.target_modules=[q_proj,v_proj]``, ``eval_data=null``.
+    Values are parsed as YAML: ``lr=1e-3``, ``method_args.r=8``,
+    ``method_args.target_modules=[q_proj,v_proj]``, ``eval_data=null``
+    (see :mod:`peftlab.core.overrides`).
     """
-    d = dict(d)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(
-                f"override {item!r} must look like key=value, e.g. lr=1e-3 or method_args.r=8"
-            )
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
-        parts = key.strip().split(".")
-        node = d
-        for p in parts[:-1]:
-            node[p] = dict(node.get(p) or {})
-            node = node[p]
-        node[parts[-1]] = value
-    return d
+    return overrides.apply_overrides(d, items)

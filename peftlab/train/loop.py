@@ -234,7 +234,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
         tokenizer = load_tokenizer(cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kind = _kind(model) if model is not None else model_kind(cfg.model)
+    kind = model_kind(model if model is not None else cfg.model)
     data = load_task_data(
         tokenizer,
         cfg.data,
@@ -499,14 +499,6 @@ def _no_accelerator() -> bool:
 def _loss_count(batch: dict[str, torch.Tensor]) -> int:
     labels = batch["labels"]
     return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
-
-
-def _kind(model) -> str:
-    return (
-        "classification"
-        if type(model).__name__.endswith("ForSequenceClassification")
-        else "causal-lm"
-    )
 
 
 def _train_new_head(model, method_config):

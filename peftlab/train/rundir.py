@@ -1,18 +1,18 @@
 """The run directory: refusing to clobber a run, metrics.jsonl, summary and adapter writes.
 
 Everything a crash could leave half-written is written next to its final name and renamed
-into place (``os.replace`` is atomic on POSIX), so readers see the old file or the new one.
+into place (:mod:`peftlab.core.fileio`), so readers see the old file or the new one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import peftlab
 from peftlab.core.config import ConfigError
+from peftlab.core.fileio import atomic_write, replace_dir
 
 RUN_FILES = (
     "config.yaml",
@@ -56,12 +56,6 @@ def first_eval(path: Path) -> dict | None:
     return None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def log(accelerator, out: Path, line: dict, tensorboard: bool) -> None:
     if accelerator.is_main_process:
         with (out / "metrics.jsonl").open("a") as f:
@@ -75,8 +69,4 @@ def save_adapter(model, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     peftlab.save_adapter(model, tmp)
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, dest)

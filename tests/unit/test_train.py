@@ -219,3 +219,50 @@ def test_bf16_with_checkpointing_on_cpu_and_fp16_refused(tiny_dir, tmp_path):
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     with pytest.raises(ConfigError, match="fp16' needs a CUDA device"):
         train(_cfg(tiny_dir, tmp_path / "fp16", mixed_precision="fp16"))
+
+
+def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint write that fails (ENOSPC at the rename) leaves the previous checkpoint of
+    the same step whole and nothing half-written that ``latest`` could return."""
+    import errno
+    import os
+    import types
+
+    from peftlab.core import fileio
+    from peftlab.train import checkpoint
+
+    acc = types.SimpleNamespace(
+        is_main_process=True, process_index=0, scaler=None, wait_for_everyone=lambda: None
+    )
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    first = checkpoint.save(acc, tmp_path, 1, model, opt, sched, {"step": 1}, keep=2)
+    weights = (first / "trainable.safetensors").read_bytes()
+    real = os.replace
+
+    def full_disk(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", full_disk)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match=r"could not write .*step-0000001: No space left") as e:
+        checkpoint.save(acc, tmp_path, 1, model, opt, sched, {"step": 1}, keep=2)
+    assert e.value.errno == errno.ENOSPC
+    assert checkpoint.latest(tmp_path) == first
+    assert (first / "trainable.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in first.parent.iterdir()) == ["step-0000001"]
+
+
+def test_overrides_are_typed_and_a_bad_one_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method_args: {r: 16, alpha: 32}\nmax_steps: 10\n")
+    cfg = TrainConfig.load(path, ["lr=5e-4", "method_args.r=4", "eval_data=null"])
+    assert cfg.lr == 5e-4 and cfg.method_args == {"r": 4, "alpha": 32} and cfg.eval_data is None
+    with pytest.raises(ConfigError, match=r"override 'max_steps\.x=1': max_steps is 10, not a"):
+        TrainConfig.load(path, ["max_steps.x=1"])
+    with pytest.raises(ConfigError, match=r"override 'method_args\.r=\[4': the value '\[4' is not"):
+        TrainConfig.load(path, ["method_args.r=[4"])
