@@ -4,8 +4,8 @@ A comparison's timings are only as good as the machine is quiet. Before and duri
 read:
 
 - **load** — the 1-minute load average (``os.getloadavg``) and the CPU time *other*
-  processes used over a short window (``psutil``: every process's CPU seconds, our own process
-  tree left out), expressed as busy cores;
+  processes used over a short window: the machine's busy jiffies (``/proc/stat``) less the CPU
+  seconds of this process tree (``psutil``), per second of wall time, i.e. busy cores;
 - **steal** — the share of CPU time the hypervisor gave to other guests (``/proc/stat``
   ``steal``; 0 where the kernel does not report it).
 
@@ -45,50 +45,48 @@ class Load:
         return {**dataclasses.asdict(self), "loaded": self.loaded}
 
 
-def _own_tree() -> set[int]:
+def _own_tree_seconds() -> float:
+    """CPU seconds used so far by this process and its live children."""
     import psutil
 
     me = psutil.Process()
-    return {me.pid, *(c.pid for c in me.children(recursive=True))}
-
-
-def _cpu_seconds(exclude: set[int]) -> float:
-    import psutil
-
     total = 0.0
-    for p in psutil.process_iter(["pid", "cpu_times"]):
-        if p.info["pid"] in exclude or p.info["cpu_times"] is None:
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # ended meanwhile
             continue
-        t = p.info["cpu_times"]
         total += t.user + t.system
     return total
 
 
-def _steal_ticks() -> tuple[int, int]:
-    """(steal, total) jiffies from /proc/stat; (0, 0) where unavailable."""
+def _stat_ticks() -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies of all CPUs from /proc/stat; zeros where unavailable."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
     except OSError:
-        return 0, 0
-    values = [int(x) for x in fields[1:]]
-    steal = values[7] if len(values) > 7 else 0
-    return steal, sum(values[:8])
+        return 0, 0, 0
+    v = [int(x) for x in fields[1:9]] + [0] * 8
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return user + nice + system + irq + softirq, steal, sum(v[:8])
 
 
 def snapshot(window: float = 0.5) -> Load:
-    """Measure the load over ``window`` seconds (other processes' CPU time and steal)."""
-    own = _own_tree()
-    s0, t0 = _steal_ticks()
-    c0, w0 = _cpu_seconds(own), time.perf_counter()
-    time.sleep(window)
-    c1, w1 = _cpu_seconds(own | _own_tree()), time.perf_counter()
-    s1, t1 = _steal_ticks()
-    # Processes that ended inside the window take their CPU seconds with them: clamp at 0.
-    busy = max(0.0, (c1 - c0) / (w1 - w0))
-    steal = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+    """Measure the load over ``window`` seconds: the machine's busy CPU time (``/proc/stat``)
+    less what this process tree used, per second, and the steal share."""
     cores = os.cpu_count() or 1
-    return Load(cores, os.getloadavg()[0], round(busy, 3), round(steal, 4))
+    b0, s0, t0 = _stat_ticks()
+    own0, w0 = _own_tree_seconds(), time.perf_counter()
+    time.sleep(window)
+    b1, s1, t1 = _stat_ticks()
+    own1, w1 = _own_tree_seconds(), time.perf_counter()
+    if t1 > t0:  # jiffies over all CPUs: busy share × cores = busy cores
+        busy = (b1 - b0) / (t1 - t0) * cores - (own1 - own0) / (w1 - w0)
+        steal = (s1 - s0) / (t1 - t0)
+    else:  # no /proc/stat: the load average less our own share is the best we have
+        busy, steal = os.getloadavg()[0] - (own1 - own0) / (w1 - w0), 0.0
+    return Load(cores, os.getloadavg()[0], round(max(0.0, busy), 3), round(steal, 4))
 
 
 def choose_threads(load: Load, requested: int | None = None) -> int:
