@@ -164,7 +164,7 @@ def trains_head(arch: Architecture, f: dict) -> bool:
     return matches_target(arch.classifier, [saved] if isinstance(saved, str) else list(saved))
 
 
-def head_params(arch: Architecture, f: dict) -> int:
+def trained_head_params(arch: Architecture, f: dict) -> int:
     """Parameters of the head :func:`trains_head` trains (0: none)."""
     return arch.classifier_params() if trains_head(arch, f) else 0
 
@@ -190,7 +190,7 @@ def lowrank_plan(name: str, arch: Architecture, f: dict, dora: bool = False) -> 
     r = int(f["r"])
     found = target_linears(arch, f["target_modules"])
     lowrank = sum(r * (i + o) + (o if dora else 0) for i, o, _ in found.values())
-    head = head_params(arch, f)
+    head = trained_head_params(arch, f)
     return MethodPlan(
         name,
         lowrank + head,
@@ -225,7 +225,7 @@ def adapter_plan(arch: Architecture, f: dict) -> MethodPlan:
         n += 2 * d * m + m + d
     return MethodPlan(
         "adapter",
-        n + head_params(arch, f),
+        n + trained_head_params(arch, f),
         {},
         adapters=block_suffixes(arch, sites),
         bottleneck=sizes.bottleneck_size(arch.hidden),
@@ -246,7 +246,7 @@ def prefix_plan(name: str, arch: Architecture, f: dict) -> MethodPlan:
     n = p_tok * d + d * hid + hid + hid * width + width if hid else p_tok * width
     return MethodPlan(
         name,
-        n + head_params(arch, f),
+        n + trained_head_params(arch, f),
         {},
         kv_extra=p_tok,
         prefix_mlp_hidden=hid,
@@ -260,7 +260,7 @@ def prompt_plan(arch: Architecture, f: dict) -> MethodPlan:
     p_tok = int(f["num_virtual_tokens"])
     return MethodPlan(
         "prompt",
-        p_tok * arch.hidden + head_params(arch, f),
+        p_tok * arch.hidden + trained_head_params(arch, f),
         {},
         seq_extra=p_tok,
         head_trainable=trains_head(arch, f),
