@@ -1,4 +1,9 @@
-"""Finding the modules a method targets: names/suffixes, a regex, or ``"all-linear"``."""
+"""Finding the modules a method targets: names/suffixes, a regex, or ``"all-linear"``.
+
+Whether one qualified module name is selected is one predicate, :func:`matches_target`; it
+reads only names, so :func:`find_targets` runs it over a model's modules and the memory
+estimator over an architecture's (``peftlab.select``).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,34 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)  # type: ignore[assignment]
 HEAD_NAMES = ("lm_head", "score", "classifier", "cls", "qa_outputs")
 """Top-level task heads that "all-linear" leaves alone (they are trained in full when needed)."""
+ALL_LINEAR = "all-linear"
 
 TargetSpec = str | Sequence[str]
+
+
+def is_head_name(name: str) -> bool:
+    """``name`` is (inside) a top-level task head (:data:`HEAD_NAMES`)."""
+    return name.split(".")[0] in HEAD_NAMES
+
+
+def matches_target(name: str, target_modules: TargetSpec, head: bool = False) -> bool:
+    """Whether ``target_modules`` selects the linear module with qualified ``name``.
+
+    Args:
+        name: the module's qualified name (``model.layers.0.self_attn.q_proj``).
+        target_modules: ``"all-linear"`` (every linear module but an output head), a regex
+            string (full match against ``name``), or a list of names or suffixes (an entry
+            matches ``name`` itself or ``name`` ending in ``"." + entry``).
+        head: the module is the model's output head (only ``"all-linear"`` reads it).
+
+    Raises:
+        re.error: ``target_modules`` is a string that is not a valid regex.
+    """
+    if isinstance(target_modules, str):
+        if target_modules == ALL_LINEAR:
+            return not head
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in target_modules)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -55,8 +86,7 @@ def head_names(model: nn.Module) -> set[str]:
     for name, module in named_modules(model):
         if out is not None and (module is out or getattr(module, "base_layer", None) is out):
             heads.add(name)
-        first = name.split(".")[0]
-        if first in HEAD_NAMES:
+        if is_head_name(name):
             heads.add(name)
     return heads
 
@@ -84,17 +114,14 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
     linears = linear_names(model)
     available = f"the model's linear modules are: {_suffix_summary(linears) or 'none'}"
     if isinstance(target_modules, str):
-        if target_modules == "all-linear":
+        if target_modules == ALL_LINEAR:
             heads = head_names(model)
-            found = [n for n in linears if n not in heads]
+            found = [n for n in linears if matches_target(n, ALL_LINEAR, head=n in heads)]
             if not found:
                 raise ConfigError(f"target_modules='all-linear' matched nothing; {available}")
             return found
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as e:
-            raise ConfigError(f"target_modules={target_modules!r} is not a valid regex: {e}") from e
-        found = [n for n, _ in named_modules(model) if pattern.fullmatch(n)]
+        check_regex(target_modules)
+        found = [n for n, _ in named_modules(model) if matches_target(n, target_modules)]
         if not found:
             raise ConfigError(
                 f"target_modules regex {target_modules!r} matched no module; {available}"
@@ -105,7 +132,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
     found: list[str] = []
     names = [n for n, _ in named_modules(model)]
     for entry in target_modules:
-        hits = [n for n in names if n == entry or n.endswith("." + entry)]
+        hits = [n for n in names if matches_target(n, [entry])]
         if not hits:
             raise ConfigError(
                 f"target module {entry!r} matches no module in the model; {available}"
@@ -113,6 +140,14 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
         found.extend(h for h in hits if h not in found)
     _check_linear(model, found, available)
     return found
+
+
+def check_regex(target_modules: str) -> None:
+    """Raise :class:`ConfigError` when the string ``target_modules`` is not a valid regex."""
+    try:
+        re.compile(target_modules)
+    except re.error as e:
+        raise ConfigError(f"target_modules={target_modules!r} is not a valid regex: {e}") from e
 
 
 def _check_linear(model: nn.Module, names: Sequence[str], available: str) -> None:

@@ -1,41 +1,23 @@
-"""The method registry: name → config class + apply function.
+"""The method registry: name → config class + apply function (mechanics and peft export).
 
 A method is one file in ``peftlab/methods/`` ending with one :func:`register_method` line.
 Nothing outside this registry branches on the method's name. The core knows no method: the
 package (``peftlab/__init__.py``) imports :mod:`peftlab.methods`, which registers the built-in
-ones, before anything can look a method up.
+ones, before anything can look a method up. What the memory estimator and the recommender
+know of a method (its closed form and priors) is theirs, in :mod:`peftlab.select.models`,
+keyed by the same name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig
 
 ApplyFn = Callable[[nn.Module, MethodConfig, str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodProfile:
-    """What ``peftlab recommend`` assumes of a method before it is measured: priors from the
-    method's paper (sources in docs/estimator.md), replaced by ``peftlab compare`` numbers."""
-
-    quality: dict[str, float]
-    """Expected quality relative to full fine-tuning per task ("generation", "classification",
-    "multi-task")."""
-    speed: float
-    """Training speed relative to LoRA."""
-    overhead: float
-    """Inference slowdown as a fraction of the base model's latency (0: none)."""
-    inference: str
-    """The inference overhead, in words."""
-    ladder: Callable[[Any, str], list[dict]] | None = None
-    """``(Architecture, quality) → config settings`` to try, best quality first; ``quality`` is
-    "highest", "high" or "balanced". None: the method's defaults only."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +39,6 @@ class MethodSpec:
     """What ``save_adapter`` writes for adapter ``name`` instead of the live parameters: the
     config and the tensors by parameter name (prefix tuning saves its folded prefix table, not
     the reparameterization MLP that produced it). The model is not changed."""
-    memory_plan: Callable[[Any, dict], Any] | None = None
-    """The memory estimator's closed form: ``(Architecture, fields) → MethodPlan`` (both from
-    :mod:`peftlab.select`), where ``fields`` holds the ``memory_fields`` of the config (defaults
-    from ``config_cls``) plus ``modules_to_save`` when given. None: the estimator and the
-    recommender have no model of the method."""
-    memory_fields: tuple[str, ...] = ()
-    """The config fields ``memory_plan`` reads."""
-    profile: MethodProfile | None = None
-    """The recommender's priors; None: ``peftlab recommend`` does not rank the method."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.matching import find_targets, is_linear, named_modules, set_submodule
-from peftlab.core.registry import MethodProfile, MethodSpec, register_method
+from peftlab.core.registry import MethodSpec, register_method
 from peftlab.core.weights import features
 
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -243,9 +244,49 @@ def _architecture(model: nn.Module) -> str:
     return type(model).__name__ + (f" (model_type={model_type!r})" if model_type else "")
 
 
-def _linears(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    """Linear layers (or peftlab wrappers of one) under ``module``, in registration order."""
-    return [(f"{prefix}.{n}", m) for n, m in named_modules(module) if is_linear(m)]
+def is_attention_child(name: str) -> bool:
+    """A block's child with this name is an attention module ("attn" or "attention" in it)."""
+    return "attn" in name.lower() or "attention" in name.lower()
+
+
+def block_outputs(
+    children: Sequence[str], linears: Sequence[tuple[str, int, int]], hidden: int
+) -> tuple[list[str], list[str]]:
+    """The placement rule for one block, on names and shapes only (the memory estimator runs it
+    on an architecture's description, :func:`find_adapter_sites` on a model).
+
+    Args:
+        children: the block's child names, in order.
+        linears: its linear layers as ``(name relative to the block, in, out)``, in module order.
+        hidden: the model's hidden size.
+
+    Returns:
+        ``(attention outputs, feed-forward outputs)``: the linears inside the first attention
+        child with output width ``hidden``, and those outside every attention child that map
+        another width to ``hidden``.
+    """
+    attn = [c for c in children if is_attention_child(c)]
+
+    def inside(name: str, child: str) -> bool:
+        return name.startswith(child + ".")
+
+    # The first attention child is self-attention (cross-attention follows).
+    attn_out = [n for n, _, o in linears if attn and inside(n, attn[0]) and o == hidden]
+    ffn_out = [
+        n
+        for n, i, o in linears
+        if not any(inside(n, a) for a in attn) and o == hidden and i != hidden
+    ]
+    return attn_out, ffn_out
+
+
+def adapted_outputs(attn_out: list[str], ffn_out: list[str], placement: str) -> list[str] | None:
+    """The layers of one block that get an adapter under ``placement`` (the last attention
+    output for Houlsby, then the feed-forward output); None when the block has no single
+    feed-forward output (or, for Houlsby, no attention output)."""
+    if len(ffn_out) != 1 or (placement == "houlsby" and not attn_out):
+        return None
+    return ([attn_out[-1]] if placement == "houlsby" else []) + ffn_out
 
 
 def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
@@ -264,35 +305,22 @@ def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
             continue
         for idx, block in enumerate(module_list):
             name = f"{list_name}.{idx}"
-            attn = [
-                (n, c)
-                for n, c in block.named_children()
-                if "attn" in n.lower() or "attention" in n.lower()
-            ]
-            if not attn:
+            children = [n for n, _ in block.named_children()]
+            if not any(is_attention_child(c) for c in children):
                 continue
             blocks += 1
             if hidden is None:
                 continue
-            attn_name, attn_mod = attn[0]  # the first is self-attention (cross-attention follows)
-            attn_out = [
-                n
-                for n, m in _linears(attn_mod, f"{name}.{attn_name}")
-                if features(_base(m))[1] == hidden
-            ]
-            ffn_out = [
-                n
-                for n, m in _linears(block, name)
-                if not any(n.startswith(f"{name}.{a}.") for a, _ in attn)
-                and features(_base(m))[1] == hidden
-                and features(_base(m))[0] != hidden
-            ]
-            if len(ffn_out) != 1 or (placement == "houlsby" and not attn_out):
+            linears = [(n, *features(_base(m))) for n, m in named_modules(block) if is_linear(m)]
+            attn_out, ffn_out = block_outputs(children, linears, hidden)
+            picked = adapted_outputs(attn_out, ffn_out, placement)
+            if picked is None:
                 problems.append(
-                    f"{name}: attention outputs {attn_out[-1:] or 'none'}, feed-forward outputs {ffn_out or 'none'}"
+                    f"{name}: attention outputs {[f'{name}.{n}' for n in attn_out[-1:]] or 'none'}, "
+                    f"feed-forward outputs {[f'{name}.{n}' for n in ffn_out] or 'none'}"
                 )
                 continue
-            sites.extend(([attn_out[-1]] if placement == "houlsby" else []) + ffn_out)
+            sites.extend(f"{name}.{n}" for n in picked)
     if problems or not sites:
         if problems:
             detail = (
@@ -334,50 +362,11 @@ def _apply(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         module.add_adapter(adapter_name, config)
 
 
-def _memory_plan(arch, f: dict):
-    """The memory estimator's closed form: ``d·m + m + m·d + d`` per adapter, after the attention
-    output projection and the feed-forward output projection of every block (Pfeiffer: only
-    the latter)."""
-    from peftlab.select.methods import MethodPlan, head_params, saved_head
-    from peftlab.select.presets import BERT
-
-    d = arch.hidden
-    m = f["bottleneck"] or d // (f["reduction_factor"] or 16)
-    places = (
-        ["attention.output.dense", "output.dense"]
-        if arch.family == BERT
-        else ["self_attn.o_proj", "mlp.down_proj"]
-    )
-    if f["placement"] == "pfeiffer":
-        places = places[1:]
-    n = arch.layers * len(places) * (2 * d * m + m + d)
-    head = saved_head(arch, f)
-    return MethodPlan(
-        "adapter",
-        n + (head_params(arch) if head else 0),
-        {},
-        adapters=places,
-        bottleneck=m,
-        head_trainable=head,
-        adapter_act_saves=2 if f["activation"] in ("gelu", "swish", "silu") else 1,
-        inference_extra_params=n,
-    )
-
-
 register_method(
     MethodSpec(
         "adapter",
         AdapterConfig,
         _apply,
         "adapter_",
-        memory_plan=_memory_plan,
-        memory_fields=("bottleneck", "reduction_factor", "placement", "activation"),
-        profile=MethodProfile(
-            quality={"generation": 0.90, "classification": 0.95, "multi-task": 0.95},
-            speed=1.05,
-            overhead=0.10,
-            inference="two small MLPs per block (not mergeable)",
-            ladder=lambda arch, quality: [{"reduction_factor": f} for f in (16, 32, 64)],
-        ),
     )
 )

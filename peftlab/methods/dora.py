@@ -19,15 +19,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from peftlab.core.registry import MethodProfile, MethodSpec, register_method
+from peftlab.core.registry import MethodSpec, register_method
 from peftlab.core.weights import dense_weight
 from peftlab.methods.lora import (
-    LOWRANK_FIELDS,
     LoRAConfig,
     LoRALinear,
     add_low_rank_adapters,
-    lowrank_ladder,
-    lowrank_memory_plan,
     peft_lora_fields,
 )
 
@@ -192,14 +189,5 @@ register_method(
         _apply,
         "lora_",
         peft_export=_peft_fields,
-        memory_plan=lambda arch, f: lowrank_memory_plan("dora", arch, f, dora=True),
-        memory_fields=LOWRANK_FIELDS,
-        profile=MethodProfile(
-            quality={"generation": 0.97, "classification": 0.97, "multi-task": 0.96},
-            speed=0.95,  # measured: DoRA step 0.952–1.051× peftlab LoRA (docs/performance.md)
-            overhead=0.0,
-            inference="none once merged",
-            ladder=lowrank_ladder,
-        ),
     )
 )

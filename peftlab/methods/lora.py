@@ -17,7 +17,7 @@ from torch import nn
 
 from peftlab.core.config import MethodConfig, check
 from peftlab.core.matching import find_targets, set_submodule
-from peftlab.core.registry import MethodProfile, MethodSpec, register_method
+from peftlab.core.registry import MethodSpec, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 
 
@@ -430,46 +430,6 @@ def _apply(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
     add_low_rank_adapters(model, config, adapter_name, LoRALinear)
 
 
-def lowrank_memory_plan(name: str, arch, f: dict, dora: bool = False):
-    """The memory estimator's closed form of low-rank adapters (LoRA, DoRA, QLoRA's adapters):
-    ``r·(in + out)`` per targeted linear, plus ``out`` (the magnitude) with ``dora``."""
-    from peftlab.select.methods import MethodPlan, head_params, match_targets, saved_head
-    from peftlab.select.presets import BERT
-
-    shapes = arch.linear_shapes()
-    r = int(f["r"])
-    targets = match_targets(arch, f["target_modules"])
-    per_block = sum(
-        r * (shapes[s][0] + shapes[s][1]) + (shapes[s][1] if dora else 0) for s in targets
-    )
-    # BERT's pooler is a linear layer outside the blocks that "all-linear" also targets.
-    pooler = (
-        r * 2 * arch.hidden + (arch.hidden if dora else 0)
-        if arch.family == BERT and f["target_modules"] == "all-linear"
-        else 0
-    )
-    head = saved_head(arch, f)
-    return MethodPlan(
-        name,
-        arch.layers * per_block + pooler + (head_params(arch) if head else 0),
-        dict.fromkeys(targets, r),
-        dora=dora,
-        head_trainable=head,
-    )
-
-
-def lowrank_ladder(arch, quality: str) -> list[dict]:
-    """Recommender settings for low-rank methods: ranks on every linear, then on q and v only."""
-    from peftlab.select.presets import BERT
-
-    ranks = {"highest": [64, 32, 16, 8], "high": [16, 32, 8], "balanced": [8, 16, 4]}[quality]
-    qv = ["query", "value"] if arch.family == BERT else ["q_proj", "v_proj"]
-    return [{"r": r, "target_modules": t} for t in ("all-linear", qv) for r in ranks]
-
-
-LOWRANK_FIELDS = ("r", "target_modules")
-
-
 register_method(
     MethodSpec(
         "lora",
@@ -477,14 +437,5 @@ register_method(
         _apply,
         "lora_",
         peft_export=peft_lora_fields,
-        memory_plan=lambda arch, f: lowrank_memory_plan("lora", arch, f),
-        memory_fields=LOWRANK_FIELDS,
-        profile=MethodProfile(
-            quality={"generation": 0.95, "classification": 0.96, "multi-task": 0.95},
-            speed=1.00,
-            overhead=0.0,
-            inference="none once merged",
-            ladder=lowrank_ladder,
-        ),
     )
 )

@@ -38,7 +38,7 @@ from transformers.cache_utils import DynamicLayer
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.model import CONFIG_ATTR, active_adapter, adapter_configs
-from peftlab.core.registry import MethodProfile, MethodSpec, register_method
+from peftlab.core.registry import MethodSpec, register_method
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -367,37 +367,7 @@ def fold_prefix(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     return model
 
 
-def prefix_memory_plan(name: str, arch, f: dict):
-    """The memory estimator's closed form of prefix-style methods: the table ``p·W`` with
-    ``W = L·2·n_kv·d_head``, or with ``reparam`` the embedding ``p·d`` and the MLP
-    ``d·H + H + H·W + W``; a classification model's new head trains too (by default)."""
-    from peftlab.select.methods import MethodPlan, default_head, head_params
-
-    p_tok = int(f["num_virtual_tokens"])
-    width = arch.layers * 2 * arch.kv_dim
-    hid = int(f["reparam_hidden"]) if f["reparam"] else 0
-    d = arch.hidden
-    n = p_tok * d + d * hid + hid + hid * width + width if hid else p_tok * width
-    head = default_head(arch, f)
-    return MethodPlan(
-        name,
-        n + (head_params(arch) if head else 0),
-        {},
-        kv_extra=p_tok,
-        prefix_mlp_hidden=hid,
-        head_trainable=head,
-        inference_extra_params=p_tok * width,
-    )
-
-
-def virtual_token_ladder(arch, quality: str) -> list[dict]:
-    """Recommender settings for virtual-token methods: 20, then 10 tokens."""
-    return [{"num_virtual_tokens": n} for n in (20, 10)]
-
-
-def register_prefix_method(
-    name: str, config_cls: type, attr: str, tag: str, profile: MethodProfile | None = None
-) -> MethodSpec:
+def register_prefix_method(name: str, config_cls: type, attr: str, tag: str) -> MethodSpec:
     return register_method(
         MethodSpec(
             name,
@@ -406,9 +376,6 @@ def register_prefix_method(
             param_prefix=tag,
             unload=make_unload(attr),
             export=make_export(attr, tag),
-            memory_plan=lambda arch, f: prefix_memory_plan(name, arch, f),
-            memory_fields=("num_virtual_tokens", "reparam", "reparam_hidden"),
-            profile=profile,
         )
     )
 
@@ -418,11 +385,4 @@ register_prefix_method(
     PrefixTuningConfig,
     "peftlab_prefix",
     "prefix_",
-    profile=MethodProfile(
-        quality={"generation": 0.80, "classification": 0.85, "multi-task": 0.82},
-        speed=1.10,
-        overhead=0.10,
-        inference="p extra key/value positions per layer",
-        ladder=virtual_token_ladder,
-    ),
 )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.registry import MethodProfile, MethodSpec, register_method
+from peftlab.core.registry import MethodSpec, register_method
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -170,23 +170,6 @@ def _unload(model: nn.Module) -> None:
         del model._modules[ATTR]
 
 
-def _memory_plan(arch, f: dict):
-    """The memory estimator's closed form: the soft prompt ``p·d`` (and by default a
-    classification model's new head); the sequence grows by ``p``."""
-    from peftlab.select.methods import MethodPlan, default_head, head_params
-
-    p_tok = int(f["num_virtual_tokens"])
-    head = default_head(arch, f)
-    return MethodPlan(
-        "prompt",
-        p_tok * arch.hidden + (head_params(arch) if head else 0),
-        {},
-        seq_extra=p_tok,
-        head_trainable=head,
-        inference_extra_params=p_tok * arch.hidden,
-    )
-
-
 register_method(
     MethodSpec(
         "prompt",
@@ -194,14 +177,5 @@ register_method(
         _apply,
         param_prefix="prompt_",
         unload=_unload,
-        memory_plan=_memory_plan,
-        memory_fields=("num_virtual_tokens",),
-        profile=MethodProfile(
-            quality={"generation": 0.65, "classification": 0.75, "multi-task": 0.70},
-            speed=1.10,
-            overhead=0.05,
-            inference="p extra input tokens",
-            ladder=lambda arch, quality: [{"num_virtual_tokens": n} for n in (20, 10)],
-        ),
     )
 )

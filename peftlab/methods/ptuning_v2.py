@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from peftlab.core.registry import MethodProfile
-from peftlab.methods.prefix import PrefixTuningConfig, register_prefix_method, virtual_token_ladder
+from peftlab.methods.prefix import PrefixTuningConfig, register_prefix_method
 
 
 @dataclasses.dataclass
@@ -29,16 +28,4 @@ class PTuningV2Config(PrefixTuningConfig):
     off by default, as the paper recommends for most NLU tasks)."""
 
 
-register_prefix_method(
-    "ptuning-v2",
-    PTuningV2Config,
-    "peftlab_ptuning",
-    "ptuning_",
-    profile=MethodProfile(
-        quality={"generation": 0.80, "classification": 0.93, "multi-task": 0.85},
-        speed=1.10,
-        overhead=0.10,
-        inference="p extra key/value positions per layer",
-        ladder=virtual_token_ladder,
-    ),
-)
+register_prefix_method("ptuning-v2", PTuningV2Config, "peftlab_ptuning", "ptuning_")

@@ -25,16 +25,13 @@ from torch import nn
 from peftlab.core.config import ConfigError, check
 from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.model import adapter_configs
-from peftlab.core.registry import MethodProfile, MethodSpec, register_method
+from peftlab.core.registry import MethodSpec, register_method
 from peftlab.core.weights import is_quantized
 from peftlab.methods.dora import DoRAConfig, DoRALinear
 from peftlab.methods.lora import (
-    LOWRANK_FIELDS,
     LoRAConfig,
     LoRALinear,
     add_low_rank_adapters,
-    lowrank_ladder,
-    lowrank_memory_plan,
     peft_lora_fields,
 )
 
@@ -213,20 +210,6 @@ def _peft_fields(config: QLoRAConfig) -> dict:
     return {**peft_lora_fields(config), "use_dora": config.use_dora}
 
 
-def _memory_plan(arch, f: dict):
-    """LoRA's (or with ``use_dora`` DoRA's) closed form, with the targeted base weights stored
-    in 4 bits, every other parameter upcast to float32 (as :func:`_apply` does)."""
-    from peftlab.select.methods import nf4_bits
-
-    p = lowrank_memory_plan("qlora", arch, f, dora=bool(f["use_dora"]))
-    shapes = arch.linear_shapes()
-    p.quantized = arch.layers * sum(shapes[s][0] * shapes[s][1] for s in p.targets)
-    p.quant_bits = nf4_bits(int(f["blocksize"]), bool(f["double_quant"]))
-    p.upcast_non_quantized = True
-    p.checkpointing = bool(f["gradient_checkpointing"])
-    return p
-
-
 register_method(
     MethodSpec(
         "qlora",
@@ -235,22 +218,5 @@ register_method(
         "lora_",
         peft_export=_peft_fields,
         unload=_unload_model,
-        memory_plan=_memory_plan,
-        memory_fields=(
-            *LOWRANK_FIELDS,
-            "use_dora",
-            "double_quant",
-            "blocksize",
-            "quant_type",
-            "compute_dtype",
-            "gradient_checkpointing",
-        ),
-        profile=MethodProfile(
-            quality={"generation": 0.94, "classification": 0.95, "multi-task": 0.93},
-            speed=0.70,
-            overhead=0.0,
-            inference="none once merged into 16-bit weights",
-            ladder=lowrank_ladder,
-        ),
     )
 )

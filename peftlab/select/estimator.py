@@ -12,8 +12,10 @@ docs/estimator.md for the CPU measurement conditions). Two moments compete for t
 - **weights**: every base parameter in ``dtype`` (4-bit ones at ``nf4_bits`` bits, QLoRA's
   other parameters upcast to float32 as peftlab's QLoRA does), plus the method's parameters.
 - **gradients**: one per trainable parameter, in the parameter's dtype.
-- **optimizer states**: AdamW 8 bytes per trainable parameter (two float32 moments), 8-bit AdamW
-  2 bytes + one float32 absmax per 256 per moment, plain SGD none.
+- **optimizer states**: bytes per trainable parameter from the optimizer table
+  (:data:`peftlab.core.optimizers.OPTIMIZERS`, the one the trainer builds from): AdamW 8 (two
+  float32 moments), 8-bit AdamW 2 + one float32 absmax per 256 per moment; the paged ones as
+  their unpaged twins on CUDA and as torch AdamW elsewhere (where the trainer falls back to it).
 - **activations**: the tensors autograd saves for backward, listed per block from the block's
   operations (:func:`block_saved_elements`), plus the float32 log-softmax the cross-entropy
   saves (training loops keep only the loss, so the logits are freed before backward). With
@@ -23,6 +25,8 @@ docs/estimator.md for the CPU measurement conditions). Two moments compete for t
   two embedding-sized gradient transients when a tied embedding trains (full fine-tuning);
   in the optimizer step of 8-bit AdamW one temporary the size of the largest trainable tensor
   (peftlab's AdamW is torch's fused one, ``peftlab.train.optim``, which updates in place).
+- **a classification model's new head** trains under every method unless ``modules_to_save``
+  says otherwise (:func:`peftlab.select.plans.trains_head`, the rule ``peftlab.apply`` follows).
 """
 
 from __future__ import annotations
@@ -31,17 +35,16 @@ import dataclasses
 from typing import Any
 
 from peftlab.core.config import ConfigError
-from peftlab.select.methods import MethodPlan, method_fields, plan
+from peftlab.core.optimizers import OPTIMIZERS, get_optimizer, optimizer_used
+from peftlab.select.models import method_fields, plan
+from peftlab.select.plans import MethodPlan
 from peftlab.select.presets import BERT, Architecture, resolve_architecture
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-OPTIMIZER_BYTES = {
-    "adamw": 8.0,
-    "adamw_8bit": 2 * (1 + 4 / 256),
-    "sgd": 0.0,
-}
-"""Optimizer state bytes per trainable parameter (see module docstring)."""
+OPTIMIZER_BYTES = {name: o.state_bytes for name, o in OPTIMIZERS.items()}
+"""Optimizer state bytes per trainable parameter, read from the one optimizer table (on CUDA;
+elsewhere the paged ones cost what torch AdamW does)."""
 ATTENTION = ("sdpa", "eager")
 QKV = {
     "self_attn.q_proj",
@@ -287,7 +290,8 @@ def estimate_memory(
         batch_size: sequences per optimizer micro-step.
         seq_len: tokens per sequence.
         dtype: the dtype the model is loaded and trained in ("float32", "bfloat16", "float16").
-        optimizer: "adamw" (float32 moments), "adamw_8bit" or "sgd" (no state).
+        optimizer: a name in :data:`peftlab.core.optimizers.OPTIMIZERS` ("adamw", "adamw_8bit",
+            the paged ones), the names the trainer accepts.
         gradient_checkpointing: recompute activations in backward (QLoRA's own
             ``gradient_checkpointing`` field turns it on too).
         attention: "sdpa" (transformers' default) or "eager".
@@ -309,10 +313,7 @@ def estimate_memory(
         raise ConfigError(
             f"dtype={dtype!r} is invalid: dtype must be one of {', '.join(DTYPE_BYTES)}."
         )
-    if optimizer not in OPTIMIZER_BYTES:
-        raise ConfigError(
-            f"optimizer={optimizer!r} is invalid: optimizer must be one of {', '.join(OPTIMIZER_BYTES)}."
-        )
+    get_optimizer(optimizer)  # an unknown name is a ConfigError that lists the known ones
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device={device!r} is invalid: device must be 'cuda' or 'cpu'.")
     if attention not in ATTENTION:
@@ -331,12 +332,14 @@ def estimate_memory(
     fp = 4 if (p.upcast_non_quantized and b < 4) else b
     act_bytes = fp
     # Parameters the method adds (a trained classification head is the base model's own).
-    method_params = 0 if p.trains_base else p.trainable - (_head(arch) if p.head_trainable else 0)
+    head = arch.classifier_params() if p.head_trainable else 0
+    method_params = 0 if p.trains_base else p.trainable - head
     weights = (total - p.quantized) * fp + p.quantized * p.quant_bits / 8
     weights += method_params * (4 if p.upcast_non_quantized else b)
     train_bytes = 4 if p.upcast_non_quantized else b
     grads = p.trainable * train_bytes
-    states = p.trainable * OPTIMIZER_BYTES[optimizer]
+    opt = optimizer_used(optimizer, cuda=device == "cuda")
+    states = p.trainable * opt.state_bytes
     acts, loss_ws = _activation_bytes(arch, p, batch_size, seq_len, attention, act_bytes, ckpt)
     shapes = arch.linear_shapes()
     if p.dora:  # ‖W0 + sBA‖ and m/‖·‖ per output row of every DoRA layer
@@ -358,7 +361,7 @@ def estimate_memory(
             # Block 0's q/k/v inputs need no gradient (nothing before them trains).
             acts += (per_block if ckpt else arch.layers * per_block - qkv) * compute
     largest = _largest_trainable(arch, p)
-    step_ws = largest * train_bytes if optimizer == "adamw_8bit" else 0.0  # fused AdamW: none
+    step_ws = largest * train_bytes if opt.step_temporary else 0.0  # fused AdamW: none
     if p.embeddings_trainable and arch.tied_embeddings:
         # A tied input/output embedding gets two gradients in one backward (the LM head's,
         # then the embedding's dense one), summed into a third: two embedding-sized
@@ -416,12 +419,6 @@ def estimate_memory(
             "optimizer_step_bytes": weights + states + step,
         },
     )
-
-
-def _head(arch: Architecture) -> int:
-    if arch.family == BERT:
-        return arch.hidden * arch.num_labels + arch.num_labels
-    return 0
 
 
 def _largest_trainable(arch: Architecture, p: MethodPlan) -> int:

@@ -19,6 +19,12 @@ LLAMA, BERT = "llama", "bert"
 grouped-query attention: Llama, Mistral, Qwen2, SmolLM) and ``bert`` (post-norm LayerNorm,
 learned positions, GELU MLP, dropout, classification head)."""
 
+BLOCKS = {LLAMA: "model.layers", BERT: "bert.encoder.layer"}
+"""Where a family's blocks sit in its transformers model: block ``k``'s linear ``s`` is
+``f"{BLOCKS[family]}.{k}.{s}"``, the name ``peftlab.core.matching`` matches targets against."""
+QUERY_VALUE = {LLAMA: ["q_proj", "v_proj"], BERT: ["query", "value"]}
+"""A family's query and value projections (LoRA's original targets)."""
+
 _LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2"}
 _BERT_TYPES = {"bert", "roberta", "xlm-roberta"}
 
@@ -84,6 +90,40 @@ class Architecture:
             "mlp.down_proj": (i, h, False),
         }
 
+    def outside_linears(self) -> dict[str, tuple[int, int, bool]]:
+        """Linear layers after the blocks as ``qualified name → (in, out, has_bias)``: BERT's
+        pooler and (with labels) classifier; a language model's LM head, tied or not."""
+        h = self.hidden
+        if self.family == BERT:
+            pooler = {"bert.pooler.dense": (h, h, True)}
+            return (
+                {**pooler, "classifier": (h, self.num_labels, True)} if self.num_labels else pooler
+            )
+        return {"lm_head": (h, self.vocab, False)}
+
+    def named_linears(self) -> dict[str, tuple[int, int, bool]]:
+        """Every linear layer of the transformers model as ``qualified name → (in, out,
+        has_bias)``: each block's (:meth:`linear_shapes`), then :meth:`outside_linears`."""
+        prefix = BLOCKS[self.family]
+        blocks = {
+            f"{prefix}.{k}.{s}": shape
+            for k in range(self.layers)
+            for s, shape in self.linear_shapes().items()
+        }
+        return {**blocks, **self.outside_linears()}
+
+    @property
+    def classifier(self) -> str | None:
+        """The name of a classification model's new head (None: a language model)."""
+        return "classifier" if self.family == BERT and self.num_labels else None
+
+    def classifier_params(self) -> int:
+        """Parameters of :attr:`classifier` (0 without one)."""
+        if self.classifier is None:
+            return 0
+        i, o, _ = self.outside_linears()[self.classifier]
+        return i * o + o
+
     def layer_norm_params(self) -> int:
         """Norm parameters in one block (RMSNorm: weight; LayerNorm: weight and bias)."""
         return 2 * self.hidden if self.family == LLAMA else 4 * self.hidden
@@ -98,10 +138,13 @@ class Architecture:
     def head_params(self) -> int:
         """Parameters after the last block: final norm and an untied LM head, or BERT's
         pooler and classifier."""
-        h = self.hidden
-        if self.family == BERT:
-            return h * h + h + (h * self.num_labels + self.num_labels if self.num_labels else 0)
-        return h + (0 if self.tied_embeddings else self.vocab * h)
+        own = {
+            n: shape
+            for n, shape in self.outside_linears().items()
+            if not (n == "lm_head" and self.tied_embeddings)  # the input embedding's weight
+        }
+        linears = sum(i * o + (o if bias else 0) for i, o, bias in own.values())
+        return linears + (self.hidden if self.family == LLAMA else 0)  # Llama's final RMSNorm
 
     def linear_params(self) -> int:
         """Weights (and biases) of all block linear layers."""

@@ -8,8 +8,8 @@ whose *predicted* peak (:func:`peftlab.select.estimator.estimate_memory`) fits i
     score = w_q · quality + (1 − w_q) · speed − (0.3 · inference overhead if latency-critical)
 
 with ``w_q`` = 0.85 / 0.65 / 0.45 for ``--quality highest / high / balanced``. Quality and
-speed are priors from the papers (each method's ``MethodSpec.profile``, registered in its
-file; sources in docs/estimator.md) unless
+speed are priors from the papers (each method's ``MethodProfile`` in
+:data:`peftlab.select.models.MODELS`; sources in docs/estimator.md) unless
 ``--results DIR`` points at a ``peftlab compare`` output, whose measured tokens/s, final eval
 metric and inference latency ratios replace them.
 """
@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.core.config import ConfigError
-from peftlab.core.registry import MethodSpec, get_method
+from peftlab.core.optimizers import get_optimizer
+from peftlab.core.registry import get_method
 from peftlab.select.estimator import GB, OPTIMIZER_BYTES, estimate_memory
-from peftlab.select.methods import modelled_methods
+from peftlab.select.models import MODELS, modelled_methods
 from peftlab.select.presets import resolve_architecture
 
 TASKS = ("generation", "classification", "multi-task")
@@ -56,23 +57,25 @@ class Recommendation:
         return dataclasses.asdict(self)
 
 
-def ranked_methods() -> list[MethodSpec]:
-    """Registered methods the recommender ranks: those with a memory plan and a profile."""
-    return [s for s in map(get_method, modelled_methods()) if s.profile is not None]
+def ranked_methods() -> list[str]:
+    """Registered methods the recommender ranks: those in :data:`~peftlab.select.models.MODELS`
+    (a memory plan and priors)."""
+    return modelled_methods()
 
 
-def _plan_method(spec, arch, budget, seq, batch, dtype, optimizer, device, quality):
+def _plan_method(name, arch, budget, seq, batch, dtype, optimizer, device, quality):
     """The first ladder setting that fits: (config, estimate, micro-batch, checkpointing) or the
     smallest plan tried (with fits False)."""
     micro_batches = [b for b in (batch, 8, 4, 2, 1) if b <= batch]
-    ladder = spec.profile.ladder(arch, quality) if spec.profile.ladder else [{}]
+    prior = MODELS[name].profile
+    ladder = prior.ladder(arch, quality) if prior.ladder else [{}]
     # A method with its own switches (QLoRA) gets the run's checkpointing and compute dtype.
-    own = {f.name for f in dataclasses.fields(spec.config_cls)}
+    own = {f.name for f in dataclasses.fields(get_method(name).config_cls)}
     smallest = None
     for settings in ladder:
         for ckpt in (False, True):
             for micro in dict.fromkeys(micro_batches):
-                cfg = {"method": spec.name, **settings}
+                cfg = {"method": name, **settings}
                 if "gradient_checkpointing" in own:
                     cfg["gradient_checkpointing"] = ckpt
                 if "compute_dtype" in own:
@@ -176,24 +179,21 @@ def recommend(
         raise ConfigError(
             f"quality={quality!r} is invalid: quality must be one of {', '.join(QUALITY_WEIGHT)}."
         )
-    if optimizer not in OPTIMIZER_BYTES:
-        raise ConfigError(
-            f"optimizer={optimizer!r} is invalid: optimizer must be one of {', '.join(OPTIMIZER_BYTES)}."
-        )
+    get_optimizer(optimizer)  # an unknown name is a ConfigError that lists the known ones
     arch = resolve_architecture(model)
     budget = memory_gb * GB
-    specs = ranked_methods()
-    measured = _measured(results, {s.name for s in specs})
+    names = ranked_methods()
+    measured = _measured(results, set(names))
     best_speed = max((m["tokens_per_s"] or 0) for m in measured.values()) if measured else 0
     accs = [m["accuracy"] for m in measured.values() if m["accuracy"] is not None]
     losses = [m["loss"] for m in measured.values() if m["loss"] is not None]
     recs = []
     overheads: dict[str, float] = {}
     w = QUALITY_WEIGHT[quality]
-    for spec in specs:
-        method, prior = spec.name, spec.profile
+    for method in names:
+        prior = MODELS[method].profile
         cfg, est, micro, ckpt, fits = _plan_method(
-            spec, arch, budget, seq_len, batch_size, dtype, optimizer, device, quality
+            method, arch, budget, seq_len, batch_size, dtype, optimizer, device, quality
         )
         q = prior.quality[task]
         speed, overhead, source = prior.speed, prior.overhead, "priors"

@@ -1,5 +1,8 @@
 """Optimizers for adapter training: torch AdamW, or bitsandbytes' 8-bit and paged AdamW.
 
+The names, their state sizes and the class that builds each are one table,
+:data:`peftlab.core.optimizers.OPTIMIZERS`, which the memory estimator prices from too.
+
 Paged optimizers (QLoRA paper §3) keep AdamW's state in CUDA unified memory, which the driver
 pages out to CPU RAM when a long sequence would otherwise run the GPU out of memory. That only
 exists with CUDA: asked for without it, :func:`make_optimizer` warns and uses torch AdamW.
@@ -15,16 +18,11 @@ from collections.abc import Iterable
 import torch
 
 from peftlab.core.config import ConfigError
+from peftlab.core.optimizers import OPTIMIZERS as _TABLE
+from peftlab.core.optimizers import get_optimizer, optimizer_used
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_32bit", "paged_adamw_8bit")
+OPTIMIZERS = tuple(_TABLE)
 """Names :func:`make_optimizer` accepts ("paged_adamw" is "paged_adamw_32bit")."""
-
-_BNB_CLASSES = {
-    "adamw_8bit": "AdamW8bit",
-    "paged_adamw": "PagedAdamW32bit",
-    "paged_adamw_32bit": "PagedAdamW32bit",
-    "paged_adamw_8bit": "PagedAdamW8bit",
-}
 
 
 def _devices(params: list) -> set[str]:
@@ -61,17 +59,15 @@ def make_optimizer(
     Raises:
         ConfigError: ``name`` is not a known optimizer.
     """
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer={name!r} is invalid: optimizer must be one of {OPTIMIZERS}")
+    spec = get_optimizer(name)
     params = list(params)
     if not params:
         raise ConfigError(
             "make_optimizer got no parameters: nothing trains (did you apply a method?)"
         )
     devices = _devices(params)
-    if name == "adamw":
-        return _torch_adamw(params, devices, lr, weight_decay)
-    if name.startswith("paged_") and devices != {"cuda"}:
+    used = optimizer_used(name, cuda=devices == {"cuda"})
+    if used is not spec:
         warnings.warn(
             f"optimizer={name!r} pages optimizer state between GPU and CPU memory and needs "
             f"CUDA, but the parameters are on {sorted(devices)}"
@@ -81,7 +77,8 @@ def make_optimizer(
             UserWarning,
             stacklevel=2,
         )
+    if used.bnb_class is None:
         return _torch_adamw(params, devices, lr, weight_decay)
     import bitsandbytes as bnb
 
-    return getattr(bnb.optim, _BNB_CLASSES[name])(params, lr=lr, weight_decay=weight_decay)
+    return getattr(bnb.optim, used.bnb_class)(params, lr=lr, weight_decay=weight_decay)

@@ -147,3 +147,47 @@ def test_measured_results_replace_priors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no peftlab compare result"):
         peftlab.recommend("smollm2-135m", 8, results=tmp_path / "empty")
+
+
+def test_priors_come_from_the_select_table(monkeypatch):
+    """The recommender's priors are the MODELS rows (not the methods' registrations)."""
+    import dataclasses
+
+    from peftlab.select.models import MODELS
+
+    row = MODELS["lora"]
+    quality = {**row.profile.quality, "generation": 0.123}
+    profile = dataclasses.replace(row.profile, quality=quality, inference="test overhead")
+    monkeypatch.setitem(MODELS, "lora", dataclasses.replace(row, profile=profile))
+    lora = next(r for r in peftlab.recommend("smollm2-135m", 8) if r.method == "lora")
+    assert lora.quality == 0.123 and lora.inference_overhead == "test overhead"
+
+
+def test_every_optimizer_the_trainer_builds_can_be_planned_for():
+    from peftlab.train.optim import OPTIMIZERS
+
+    for name in OPTIMIZERS:
+        recs = peftlab.recommend("smollm2-135m", 8, optimizer=name, seq_len=128)
+        assert recs and all(r.config["optimizer"] == name for r in recs)
+    paged = peftlab.recommend("llama-2-13b", 24, optimizer="paged_adamw_8bit")
+    eight = peftlab.recommend("llama-2-13b", 24, optimizer="adamw_8bit")
+    assert [(r.method, r.peak_memory_gb) for r in paged] == [
+        (r.method, r.peak_memory_gb) for r in eight
+    ]
+    with pytest.raises(ConfigError, match="optimizer='sgd' is invalid"):
+        peftlab.recommend("llama-2-7b", 24, optimizer="sgd")
+
+
+def test_a_classification_model_plans_its_new_head_for_every_method():
+    """Every method trains a classification model's new head (modules_to_save=None), so every
+    plan's trainable count includes the classifier."""
+    from peftlab.select.estimator import estimate_memory
+    from peftlab.select.presets import PRESETS
+
+    arch = PRESETS["minilm-l6"]
+    for r in peftlab.recommend("minilm-l6", 4, task="classification", seq_len=128):
+        settings = {"method": r.method, **r.config["method_args"]}
+        with_head = estimate_memory(arch, settings, 1, 128).trainable_params
+        without = estimate_memory(arch, {**settings, "modules_to_save": []}, 1, 128)
+        expected = 0 if r.method == "full" else arch.classifier_params()
+        assert with_head - without.trainable_params == expected, r.method
