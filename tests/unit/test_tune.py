@@ -1,0 +1,65 @@
+"""Successive halving: finds the best candidate of a known landscape within ~R× one run's
+budget, records every trial, survives failing candidates, and refuses bad grids clearly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from peftlab.bench import tune
+from peftlab.core.config import ConfigError
+
+
+def landscape(cand, steps):
+    # Validation accuracy peaks at lr 1e-3; more steps help every candidate equally.
+    return 1.0 - abs(math.log10(cand["lr"]) + 3) * 0.2 + 0.001 * steps
+
+
+def test_grid_and_its_errors():
+    space = {"lr": [1e-4, 1e-3], "r": [8, 16]}
+    assert tune.grid(space, ["lr", "r"], "lora") == [
+        {"lr": 1e-4, "r": 8}, {"lr": 1e-4, "r": 16}, {"lr": 1e-3, "r": 8}, {"lr": 1e-3, "r": 16},
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="no grid for 'alpha'.*tunable keys are \\['lr', 'r'\\]"):
+        tune.grid(space, ["alpha"], "lora")
+    with pytest.raises(ConfigError, match="empty grid"):
+        tune.grid({"lr": []}, ["lr"], "lora")
+    with pytest.raises(ConfigError, match="at least one key"):
+        tune.grid(space, [], "lora")
+
+
+def test_rung_budgets():
+    assert tune.rung_steps(4, 40) == [10, 20]
+    assert tune.rung_steps(8, 40) == [5, 10, 20]
+    assert tune.rung_steps(1, 40) == []
+    assert tune.rung_steps(8, 4, min_steps=2) == [2, 2, 2]
+
+
+def test_successive_halving_finds_the_peak_within_budget():
+    cands = [{"lr": lr} for lr in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 3e-1, 3e-3, 3e-5)]
+    calls = []
+    res = tune.successive_halving(cands, 40, lambda c, s: calls.append(s) or landscape(c, s))
+    assert res.best == {"lr": 1e-3} and res.error is None
+    # 8 candidates: 3 rungs (8×5 + 4×10 + 2×20 = 120 steps = 3 full runs), never the 8×40 grid.
+    assert sum(calls) == 120 and len(res.trials) == 14
+    assert [t.rung for t in res.trials].count(2) == 2
+    assert sum(t.kept for t in res.trials if t.rung == 0) == 4
+
+
+def test_failing_candidates_are_recorded_and_dropped():
+    def score(c, s):
+        if c["lr"] > 1e-2:
+            raise RuntimeError("diverged")
+        return float("nan") if c["lr"] == 1e-5 else landscape(c, s)
+
+    res = tune.successive_halving([{"lr": x} for x in (1e-5, 1e-3, 1e-1, 5e-1)], 8, score)
+    assert res.best == {"lr": 1e-3}
+    errors = [t.error for t in res.trials if t.error]
+    assert any("diverged" in e for e in errors) and any("validation score nan" in e for e in errors)
+
+
+def test_every_candidate_failing_is_an_error_not_a_choice():
+    res = tune.successive_halving([{"lr": 1}, {"lr": 2}], 8, lambda c, s: 1 / 0)
+    assert res.best is None and "every candidate failed" in res.error
+    assert res.to_dict()["trials"][0]["error"].startswith("ZeroDivisionError")
