@@ -1,7 +1,12 @@
 """``peftlab`` command line: a thin map from subcommands to library functions.
 
-Each subcommand lives next to the library code it calls, as ``add_<name>_parser(subparsers)``
-that sets ``func`` to a function taking the parsed args; this file only lists them.
+Each subcommand is one module of this package with ``add_parser(subparsers)``, which adds the
+subcommand and sets ``func`` to a function that maps the parsed arguments onto one library
+call and prints its result. All argparse code lives here; the library never parses argv.
+
+Errors: a user error (bad config, bad data, a missing or unwritable path, a model that does
+not load) prints one line ``peftlab <command>: error: ...`` and exits 2; Ctrl-C exits 130
+with one line. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ import argparse
 import importlib
 import sys
 
-# (module, function) pairs that add one subcommand each.
+# Modules that add one subcommand each (recommend adds recommend and estimate), in help order.
 SUBCOMMANDS = [
-    ("peftlab.cli.demo", "add_parser"),
-    ("peftlab.bench.runner", "add_parser"),
-    ("peftlab.train.loop", "add_parser"),
-    ("peftlab.select.recommend", "add_parsers"),
+    "peftlab.cli.methods",
+    "peftlab.cli.demo",
+    "peftlab.cli.compare",
+    "peftlab.cli.train",
+    "peftlab.cli.recommend",
 ]
 
 
@@ -26,27 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
         "apply, train, compare and choose PEFT methods.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    methods = sub.add_parser("methods", help="list the registered methods and their options")
-    methods.set_defaults(func=_list_methods)
-    for module, fn in SUBCOMMANDS:
+    for module in SUBCOMMANDS:
         try:
             mod = importlib.import_module(module)
         except ImportError as e:  # keep the other subcommands usable
             print(f"peftlab: subcommand module {module} failed to import: {e}", file=sys.stderr)
             continue
-        getattr(mod, fn)(sub)
+        mod.add_parser(sub)
     return parser
 
 
-def _list_methods(args: argparse.Namespace) -> int:
-    from peftlab.core.registry import get_method, methods
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: one line and exit 2."""
+    from yaml import YAMLError  # a config file or a key=value that is not valid YAML
 
-    for name in methods():
-        cls = get_method(name).config_cls
-        print(f"{name}  ({cls.__name__}): {(cls.__doc__ or '').strip().splitlines()[0]}")
-        for field, text in cls.help().items():
-            print(f"    {field}: {text}")
-    return 0
+    from peftlab.core.config import ConfigError
+    from peftlab.core.io import AdapterFileError
+    from peftlab.data import DataError
+    from peftlab.models import ModelLoadError
+
+    # OSError covers the path errors: FileNotFoundError, FileExistsError, NotADirectoryError
+    # (a parent that is a file), IsADirectoryError, PermissionError (an unwritable directory).
+    return (ConfigError, DataError, AdapterFileError, ModelLoadError, YAMLError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a library's OSError may span several)."""
+    return " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,14 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from peftlab.core.config import ConfigError
-    from peftlab.core.io import AdapterFileError
-    from peftlab.models import ModelLoadError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, AdapterFileError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
-        print(f"peftlab {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"peftlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        print(f"peftlab {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

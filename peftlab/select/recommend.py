@@ -16,7 +16,6 @@ metric and inference latency ratios replace them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -311,100 +310,3 @@ def format_table(recs: list[Recommendation]) -> str:
         else "no method fits this budget; see the reasons above"
     )
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    recs = recommend(
-        args.model,
-        args.memory_gb,
-        args.task,
-        args.latency_critical,
-        args.quality,
-        args.results,
-        args.seq_len,
-        args.batch_size,
-        args.dtype,
-        args.optimizer,
-        args.device,
-    )
-    if args.json:
-        print(json.dumps({"recommendations": [r.to_dict() for r in recs]}, indent=2))
-    else:
-        print(format_table(recs))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "recommend",
-        help="rank every method for a model, a memory budget and a task (predicted memory)",
-        description=__doc__.splitlines()[0],
-    )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="preset (e.g. llama-2-13b), bundled name or local HF directory",
-    )
-    p.add_argument("--memory-gb", type=float, required=True, help="device memory in GB")
-    p.add_argument("--task", default="generation", help=f"one of {', '.join(TASKS)}")
-    p.add_argument(
-        "--latency-critical", action="store_true", help="prefer methods with no inference overhead"
-    )
-    p.add_argument("--quality", default="high", help="highest | high | balanced")
-    p.add_argument(
-        "--results",
-        help="a peftlab compare output directory: measured speed/quality replace priors",
-    )
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="effective batch size (micro-batch × grad accum)"
-    )
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--optimizer", default="adamw", help=", ".join(OPTIMIZER_BYTES))
-    p.add_argument("--device", default="cuda", help="cuda | cpu")
-    p.add_argument("--json", action="store_true", help='print {"recommendations": [...]}')
-    p.set_defaults(func=_run)
-
-
-def add_estimate_parser(subparsers) -> None:
-    """``peftlab estimate``: the memory breakdown of one configuration."""
-    p = subparsers.add_parser(
-        "estimate", help="predict the training/inference memory of one configuration"
-    )
-    p.add_argument("--model", required=True)
-    p.add_argument(
-        "--method",
-        default="lora",
-        help='method name or JSON config, e.g. \'{"method":"lora","r":16}\'',
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--optimizer", default="adamw")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--attention", default="sdpa")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--json", action="store_true")
-
-    def run(a):
-        method = json.loads(a.method) if a.method.strip().startswith("{") else a.method
-        est = estimate_memory(
-            a.model,
-            method,
-            a.batch_size,
-            a.seq_len,
-            a.dtype,
-            a.optimizer,
-            a.gradient_checkpointing,
-            a.attention,
-            a.device,
-        )
-        print(json.dumps(est.to_dict(), indent=2) if a.json else est.table())
-        return 0
-
-    p.set_defaults(func=run)
-
-
-def add_parsers(subparsers) -> None:
-    add_parser(subparsers)
-    add_estimate_parser(subparsers)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peftlab.bench import claims, measure, report, runner
+from peftlab.cli import compare as compare_cli
 from peftlab.core.config import ConfigError
 
 # ---------------------------------------------------------------- statistics
@@ -318,10 +319,10 @@ def test_plan_validates_its_inputs(tmp_path):
             ["lora"], model="smollm2-135m", train_overrides={"no_such_key": 1}, out=tmp_path
         )
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        runner._train_overrides(["data_size"])
+        compare_cli._train_overrides(["data_size"])
     with pytest.raises(ConfigError, match="METHOD.OPTION=VALUE"):
-        runner._method_args(["r=16"])
-    assert runner._method_args(["lora.r=16", "lora.target_modules=[q_proj]"]) == {
+        compare_cli._method_args(["r=16"])
+    assert compare_cli._method_args(["lora.r=16", "lora.target_modules=[q_proj]"]) == {
         "lora": {"r": 16, "target_modules": ["q_proj"]}
     }
 

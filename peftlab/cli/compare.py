@@ -1,0 +1,113 @@
+"""``peftlab compare``: every method on the same model, data, budget and seed; one JSON per run
+and a report. Exit status: 0 every run ok, 1 some run failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+
+from peftlab.bench.runner import DEFAULT_MODEL, FULL, QUICK, compare
+from peftlab.core.overrides import parse_overrides
+
+
+def _method_args(items: list[str]) -> dict[str, dict]:
+    """``["lora.r=16", "adapter.bottleneck=32"]`` → ``{"lora": {"r": 16}, "adapter": {...}}``."""
+    return parse_overrides(
+        items, what="--set", form="METHOD.OPTION=VALUE", example="lora.r=16", min_depth=2
+    )
+
+
+def _train_overrides(items: list[str]) -> dict:
+    """``["data_size=2000", "text_column=sentence"]`` → ``{"data_size": 2000, ...}``."""
+    return parse_overrides(items, what="--train", form="KEY=VALUE", example="data_size=2000")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train every method on the same model and data, measure, and write a report",
+        description="Train each method in its own process on the same model, data, token budget "
+        "and seed; measure trainable parameters, adapter size, peak memory, speed, inference "
+        "overhead, stability and quality; write <method>.json per run, report.md and report.html. "
+        "Rerun the same command to resume.",
+    )
+    p.add_argument(
+        "--methods", help="comma-separated registry names (default: all that apply to the model)"
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="bundled name, HF directory or .gguf file"
+    )
+    p.add_argument("--data", help="builtin:<task> or a data file (default: a built-in task)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"optimizer steps per run (default {FULL.steps}; {QUICK.steps} with --quick)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per method, seeds 0..K-1 (stability across seeds)",
+    )
+    p.add_argument("--out", default="compare-out", help="output directory; rerun to resume")
+    p.add_argument(
+        "--quick", action="store_true", help="small budget: a few minutes on a 2-core CPU"
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the PEFT methods")
+    p.add_argument("--lr-full", type=float, default=5e-5, help="learning rate of full fine-tuning")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.OPTION=VALUE",
+        help="method option, e.g. --set lora.r=16 (repeatable)",
+    )
+    p.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training-config key for every run, e.g. --train data_size=2000 "
+        "--train eval_data=dev.tsv --train text_column=sentence (repeatable)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (default: torch's choice; 1 is faster on an oversubscribed machine)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing; rewrite the report from the results already in --out",
+    )
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds after which one run is stopped and recorded as failed",
+    )
+    p.set_defaults(func=_cli)
+
+
+def _cli(a: argparse.Namespace) -> int:
+    res = compare(
+        methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None,
+        model=a.model,
+        data=a.data,
+        steps=a.steps,
+        seeds=a.seeds,
+        out=a.out,
+        quick=a.quick,
+        retry_failed=a.retry_failed,
+        timeout=a.timeout,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        lr=a.lr,
+        lr_full=a.lr_full,
+        method_args=_method_args(a.set),
+        train_overrides=_train_overrides(a.train),
+        threads=a.threads,
+        report_only=a.report_only,
+    )
+    return 0 if all(r["train_info"]["status"] == "ok" for r in res["results"]) else 1
