@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from peftlab.bench import runner, worker
+from peftlab.bench import worker
+from peftlab.cli import compare as cli_compare
 from peftlab.core import fileio
 from peftlab.core.config import ConfigError
 from peftlab.core.kind import KINDS, check_kind, kind_from_config, kind_of_model
@@ -134,19 +135,19 @@ def test_a_malformed_override_is_one_line_naming_it(item, match):
 def test_every_override_caller_uses_the_one_parser():
     items = ["lora.r=16", "lora.target_modules=[q_proj]", "dora.alpha=2e1"]
     want = {"lora": {"r": 16, "target_modules": ["q_proj"]}, "dora": {"alpha": 20.0}}
-    assert runner._method_args(items) == parse_overrides(items) == want
+    assert cli_compare._method_args(items) == parse_overrides(items) == want
     assert train_config.apply_overrides({}, items) == want
-    assert runner._train_overrides(["data_size=2000", "text_column=sentence"]) == {
+    assert cli_compare._train_overrides(["data_size=2000", "text_column=sentence"]) == {
         "data_size": 2000,
         "text_column": "sentence",
     }
     # The callers name their own flag and form in the same one-line error.
     with pytest.raises(ConfigError, match=r"^--set 'r=16' must look like METHOD\.OPTION=VALUE"):
-        runner._method_args(["r=16"])
+        cli_compare._method_args(["r=16"])
     with pytest.raises(ConfigError, match=r"^--train 'data_size' must look like KEY=VALUE"):
-        runner._train_overrides(["data_size"])
+        cli_compare._train_overrides(["data_size"])
     with pytest.raises(ConfigError, match="not valid YAML"):
-        runner._train_overrides(["eval_data={"])
+        cli_compare._train_overrides(["eval_data={"])
     assert parse_item("a.b=1", min_depth=2) == (["a", "b"], 1)
 
 
