@@ -75,7 +75,17 @@ class LoRAConfig(MethodConfig):
 
 _AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 _PLAN_INPUTS = frozenset(
-    "base_layer training disabled active merged scaling lora_A lora_B lora_dropout".split()
+    [
+        "base_layer",
+        "training",
+        "disabled",
+        "active",
+        "merged",
+        "scaling",
+        "lora_A",
+        "lora_B",
+        "lora_dropout",
+    ]
 )
 """Attributes the plan is computed from: assigning any of them calls ``_invalidate``."""
 
