@@ -21,6 +21,7 @@ from torch import nn
 
 from peftlab.core.registry import MethodSpec, register_method
 from peftlab.core.weights import dense_weight
+from peftlab.methods._lora_fused import Plan, version_key
 from peftlab.methods.lora import (
     LoRAConfig,
     LoRALinear,
@@ -55,11 +56,17 @@ class DoRALinear(LoRALinear):
             m = self.weight_norm(name).to(self.lora_A[name].weight.dtype)
         self.lora_magnitude_vector[name] = nn.Parameter(m)
 
+    def _invalidate(self) -> None:
+        """LoRA's plan and the norm caches: everything derived from the layer's state."""
+        super()._invalidate()
+        self._w0_cache = None
+        self._norm_cache = {}
+
     def _w0(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W0 as ``[out, in]``, ‖W0‖² per row), the latter cached until W0 changes."""
         w0 = dense_weight(self.base_layer)
         raw = self.base_layer.weight
-        key = (raw.data_ptr(), raw._version, raw.dtype, raw.device)
+        key = (version_key(raw), raw.dtype, raw.device)
         if self._w0_cache is None or self._w0_cache[0] != key:
             with torch.no_grad():
                 sq = w0.float().pow(2).sum(dim=1)
@@ -80,23 +87,16 @@ class DoRALinear(LoRALinear):
     def _norm(self, name: str) -> torch.Tensor:
         """The row norm for the forward pass; a constant (cached) unless it needs a gradient.
 
-        The cache is keyed on the versions of A, B and W0, which every in-place update
-        (an optimizer step, a merge) bumps: training recomputes it once per step, while
-        generation — where the ``[out, in]·[in, r]`` product would cost r times the layer's
-        own matmul for each decoded token — computes it once.
+        The cache is dropped by ``_invalidate`` (merge, adapter or dtype changes) and keyed
+        on the versions of A, B and W0, which an optimizer step bumps behind the layer's
+        back: training recomputes it once per step, while generation — where the
+        ``[out, in]·[in, r]`` product would cost r times the layer's own matmul for each
+        decoded token — computes it once.
         """
         if not self.detach_norm[name] and torch.is_grad_enabled():
             return self.weight_norm(name)
         A, B, w = self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer.weight
-        key = (
-            A.data_ptr(),
-            A._version,
-            B.data_ptr(),
-            B._version,
-            w.data_ptr(),
-            w._version,
-            self.scaling[name],
-        )
+        key = (version_key(A), version_key(B), version_key(w), self.scaling[name])
         hit = self._norm_cache.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
@@ -104,21 +104,20 @@ class DoRALinear(LoRALinear):
             self._norm_cache[name] = hit
         return hit[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(..., in)`` → ``(..., out)``.
+    def _fused_output(self, plan: Plan, x: torch.Tensor) -> torch.Tensor | None:
+        """``scale ⊙ z + b`` with ``z = W0·x + s·B·A·x`` from LoRA's fused node (bias left
+        out of it), ``scale = m / ‖W0 + sBA‖`` (``(out,)``). Autograd then keeps one
+        ``(..., out)`` tensor (z, for the gradient of m) per layer instead of both W0·x and
+        B·A·x."""
+        z = self._fused(plan, x, False)
+        if z is None:
+            return None
+        return self._rescale(z, plan.name, plan.base._parameters["bias"])
 
-        Computed as ``scale ⊙ z + rest`` with ``z = W0·x + s·B·A·x`` (one ``addmm`` on the
-        base output, as in LoRA), ``scale = m / ‖W0 + sBA‖`` (``(out,)``) and ``rest`` the
-        bias. Autograd then keeps one ``(..., out)`` tensor (z, for the gradient of m) per
-        layer instead of both W0·x and B·A·x.
-        """
-        y = self.base_only(x)  # disabled, merged or no adapter: W0·x + b
-        if y is not None:
-            return y
+    def _general_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer called as a module; per active adapter ``scale ⊙ z + rest`` with
+        ``z = W0·x + s·B·A·x`` (one ``addmm`` on the base output, as in LoRA)."""
         bias = getattr(self.base_layer, "bias", None)
-        z = self.fused_forward(x, bias=False)  # W0·x + s·B·A·x, one node
-        if z is not None:
-            return self._rescale(z, self.active[0], bias)
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
@@ -132,6 +131,37 @@ class DoRALinear(LoRALinear):
                 rest = result - base  # W0·(x - dropout(x)) + b stays outside the scale
             z = self.add_update(base, xa, name, dropout=False)  # (..., out)
             result = self._rescale(z, name, rest)
+        return result
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA's composed formula (the fast path off), as peft writes it: per active adapter
+        ``result += (scale - 1)·base + scale·s·B·A·xa`` with ``scale = m / ‖W0 + sBA‖`` from
+        the materialised weight, and ``xa, base = x, result - b`` (``dropout(x), W0·xa``
+        with dropout in training); nothing fused or cached."""
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        bias = getattr(self.base_layer, "bias", None)
+        for name in self.active:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            m, s, dropout = (
+                self.lora_magnitude_vector[name],
+                self.scaling[name],
+                self.lora_dropout[name],
+            )
+            w0 = dense_weight(self.base_layer)
+            norm = (w0.float() + s * (B.float() @ A.float())).norm(dim=1)  # (out,)
+            if self.detach_norm[name]:
+                norm = norm.detach()
+            scale = m / norm.to(m.dtype)
+            if isinstance(dropout, nn.Identity) or not self.training:
+                xa, base = x.to(A.dtype), (result if bias is None else result - bias)
+            else:
+                xa = dropout(x.to(A.dtype))
+                base = nn.functional.linear(xa, w0.to(A.dtype))
+            lora = nn.functional.linear(nn.functional.linear(xa, A), B) * s
+            update = (scale - 1) * base.to(A.dtype) + scale * lora
+            result = result + update.to(result.dtype)
         return result
 
     def _rescale(self, z: torch.Tensor, name: str, rest: torch.Tensor | None) -> torch.Tensor:

@@ -19,6 +19,19 @@ from peftlab.core.config import MethodConfig, check
 from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.registry import MethodSpec, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
+from peftlab.methods import _lora_fused as _fast
+from peftlab.methods._lora_fused import (
+    BASE,
+    FUSED,
+    GENERAL,
+    GENERAL_PLAN,
+    Plan,
+    calls_forward_directly,
+    fused,
+)
+from peftlab.methods._lora_fused import _LoRAMatmul as _LoRAMatmul  # docs/performance.md's name
+from peftlab.methods._lora_fused import fast_path as fast_path  # the switch, public here
+from peftlab.methods._lora_fused import fast_path_enabled as fast_path_enabled
 
 
 @dataclasses.dataclass
@@ -60,83 +73,43 @@ class LoRAConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def _lora_matmul(x, w0, bias, A, B, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ, x·Aᵀ)`` with ``x`` flattened to ``(N, in)``: three BLAS
-    calls, the update added in place into the base output."""
-    x2 = x.reshape(-1, x.shape[-1])
-    ax = nn.functional.linear(x2, A)  # (N, r)
-    y = nn.functional.linear(x2, w0, bias)
-    return y.addmm_(ax, B.t(), alpha=s), ax
-
-
-class _LoRAMatmul(torch.autograd.Function):
-    """``x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ`` for a frozen dense ``W0`` (``[out, in]``), as one autograd node.
-
-    Autograd's own graph for the same sum has six nodes per layer, adds the two input
-    gradients (W0's and A's paths) in a separate pass and leaves B's gradient transposed.
-    Here the forward is one ``addmm`` into the base output, and the backward is four matmuls
-    and one in-place ``addmm_``: ∂x = g·W0 + (s·g·B)·A, ∂A = (s·g·B)ᵀ·x, ∂B = s·gᵀ·(x·Aᵀ).
-    Saved for backward: x (which A's gradient needs anyway) and x·Aᵀ (``(N, r)``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w0, bias, A, B, s):
-        y, ax = _lora_matmul(x, w0, bias, A, B, s)
-        ctx.save_for_backward(x, w0, A, B, ax)
-        ctx.s = s
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w0, A, B, ax = ctx.saved_tensors
-        need_x, _, _, need_A, need_B, _ = ctx.needs_input_grad
-        g = gy.reshape(-1, gy.shape[-1])
-        gx = gA = gB = None
-        if need_B:
-            gB = (g.t() @ ax).mul_(ctx.s)  # (out, r)
-        if need_x or need_A:
-            gax = (g @ B).mul_(ctx.s)  # (N, r)
-            if need_A:
-                gA = gax.t() @ x.reshape(-1, x.shape[-1])  # (r, in)
-            if need_x:
-                gx = (g @ w0).addmm_(gax, A).view(x.shape)
-        return gx, None, None, gA, gB, None
-
-
-# torch's registries of global module hooks (dicts filled in place, never rebound)
-_GLOBAL_HOOKS = nn.modules.module._global_forward_hooks
-_GLOBAL_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
-
-
-def plain_linear(layer: nn.Module) -> bool:
-    """An ``nn.Linear`` whose weight may be read directly instead of calling the module: no
-    hooks and no replaced ``forward`` (accelerate's offloading hooks swap the weight in there)."""
-    return (
-        type(layer) is nn.Linear
-        and not layer._forward_hooks
-        and not layer._forward_pre_hooks
-        and "forward" not in layer.__dict__
-        and not _GLOBAL_HOOKS
-        and not _GLOBAL_PRE_HOOKS
-    )
-
-
 _AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
-_FUSED, _BASE = "fused", "base"
-"""Kinds of a layer's cached plan: the one active adapter through :class:`_LoRAMatmul`, or
-the base layer alone (adapters disabled, merged or none active)."""
+_PLAN_INPUTS = frozenset(
+    [
+        "base_layer",
+        "training",
+        "disabled",
+        "active",
+        "merged",
+        "scaling",
+        "lora_A",
+        "lora_B",
+        "lora_dropout",
+    ]
+)
+"""Attributes the plan is computed from: assigning any of them calls ``_invalidate``."""
 
 
 class LoRALinear(nn.Module):
     """A linear layer (``nn.Linear``, ``Conv1D`` or a 4-bit ``Linear4bit``) plus LoRA adapters.
 
     The base layer is wrapped, never copied. Adapter ``name`` owns ``lora_A[name]``
-    (``[r, in]``), ``lora_B[name]`` (``[out, r]``) and a scaling factor.
+    (``[r, in]``), ``lora_B[name]`` (``[out, r]``) and a scaling factor. ``disabled``
+    switches the adapters off (``peftlab.disable_adapters``): the base layer's output only.
+
+    The forward takes the fast path (see :mod:`peftlab.methods._lora_fused`) through a
+    :class:`Plan` cached in ``_plan``; :meth:`_invalidate` is the one place that drops it,
+    and every change the plan depends on calls it: assigning an attribute it reads (the
+    base layer — QLoRA's merge swaps it —, train/eval mode, ``disabled``…), adding an
+    adapter, ``set_adapter``, ``merge``, ``unmerge`` and dtype/device moves (``_apply``).
+    Hooks and ``requires_grad`` can change behind the layer's back; they are tested per call.
     """
+
+    _plan: Plan | None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer = base_layer  # the first _invalidate: no plan yet
         self.in_features, self.out_features = features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -144,22 +117,20 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
-        self._plan: tuple | None = None
-        """Cached for the hot path: ``(_FUSED, base, A module, B module, scaling, device type)``
-        when the one active adapter may take the fused path, ``(_BASE, base)`` when the output
-        is the base layer's alone, else ``()``; rebuilt (``None``) whenever adapters, merging,
-        disabling, train/eval mode or device/dtype change."""
         self.disabled = False
 
-    @property
-    def disabled(self) -> bool:
-        """Adapters switched off (``peftlab.disable_adapters``): the base layer's output only."""
-        return self._disabled
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _PLAN_INPUTS:
+            self._invalidate()
 
-    @disabled.setter
-    def disabled(self, value: bool) -> None:
-        self._disabled = bool(value)
+    def _invalidate(self) -> None:
+        """Drop the cached plan; the next forward computes it again (:meth:`_make_plan`)."""
         self._plan = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._invalidate()  # dtype/device moves: the plan holds the weight's device type
+        return super()._apply(fn, *args, **kwargs)
 
     def add_adapter(self, name: str, config: LoRAConfig) -> None:
         w = self.base_layer.weight
@@ -179,21 +150,12 @@ class LoRALinear(nn.Module):
         else:
             nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
         nn.init.zeros_(self.lora_B[name].weight)
-        self._plan = None
-
-    def train(self, mode: bool = True):
-        self._plan = None
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._plan = None
-        return super()._apply(fn, *args, **kwargs)
+        self._invalidate()
 
     def set_adapter(self, names: list[str]) -> None:
         if self.merged:
             self.unmerge()
-        self.active = [n for n in names if n in self.lora_A]
-        self._plan = None
+        self.active = [n for n in names if n in self.lora_A]  # assignment: _invalidate
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s·B·A as ``[out, in]``."""
@@ -201,12 +163,82 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in)`` → ``(..., out)``."""
-        y = self.base_only(x)
-        if y is not None:
-            return y
-        fused = self.fused_forward(x)
-        if fused is not None:
-            return fused
+        if not _fast.ENABLED:
+            return self._plain_forward(x)
+        plan = self._ready_plan()
+        if plan is not None:
+            if plan.kind is BASE:  # disabled, merged or no adapter: the bare model's call
+                base = plan.base._parameters
+                return nn.functional.linear(x, base["weight"], base["bias"])
+            y = self._fused_output(plan, x)
+            if y is not None:
+                return y
+        return self._general_forward(x)
+
+    def _make_plan(self) -> Plan:
+        """The plan for the layer's current state (the only place one is computed)."""
+        base = self.base_layer
+        if type(base) is not nn.Linear:  # Conv1D, 4-bit: called as a module
+            return GENERAL_PLAN
+        if self.disabled or self.merged or not self.active:
+            return Plan(BASE, base)
+        if len(self.active) != 1:
+            return GENERAL_PLAN
+        name = self.active[0]
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            return GENERAL_PLAN  # dropout(x) feeds the update only: autograd's graph
+        a, b = self.lora_A[name], self.lora_B[name]
+        return Plan(FUSED, base, name, a, b, self.scaling[name], base.weight.device.type)
+
+    def _ready_plan(self) -> Plan | None:
+        """The cached plan (computed if dropped) when it may skip calling the base layer:
+        of kind ``BASE`` or ``FUSED`` and the base without hooks; else ``None``."""
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = self._make_plan()
+        if plan.kind is GENERAL or not calls_forward_directly(plan.base):
+            return None
+        return plan
+
+    def fused_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor | None:
+        """``W0·x (+ b) + s·B·A·x`` for the one active adapter through one fused node, or
+        ``None`` where that does not apply: fast path off, several or no active adapters,
+        merged, a 4-bit or hooked base, dropout in training, a trainable base weight or
+        bias, or dtypes that differ."""
+        plan = self._ready_plan() if _fast.ENABLED else None
+        if plan is None or plan.kind is not FUSED:
+            return None
+        return self._fused(plan, x, bias)
+
+    def _fused_output(self, plan: Plan, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output on a ``FUSED`` plan, or ``None`` to take the general path."""
+        return self._fused(plan, x, True)
+
+    @staticmethod
+    def _fused(plan: Plan, x: torch.Tensor, bias: bool) -> torch.Tensor | None:
+        """:func:`fused` on the plan's weights, unless they fail the per-call tests (a
+        trainable base, dtypes that differ). Under autocast the operands are cast to its
+        dtype first, as autocast does for ``F.linear``, and the node runs in that dtype
+        (gradients reach A and B through the casts, in their own dtype)."""
+        w0 = plan.base._parameters["weight"]
+        b = plan.base._parameters["bias"] if bias else None
+        A, B = plan.lora_a._parameters["weight"], plan.lora_b._parameters["weight"]
+        if w0.requires_grad or (b is not None and b.requires_grad):
+            return None
+        if torch.is_autocast_enabled(plan.device_type):
+            dtype = torch.get_autocast_dtype(plan.device_type)
+            if not all(t.dtype in _AUTOCAST_INPUTS for t in (x, w0, A, B)):
+                return None
+            x, w0, A, B = x.to(dtype), w0.to(dtype), A.to(dtype), B.to(dtype)
+            b = None if b is None else b.to(dtype)
+            with torch.autocast(plan.device_type, enabled=False):
+                return fused(x, w0, b, A, B, plan.scale)
+        if not (x.dtype == w0.dtype == A.dtype == B.dtype):
+            return None
+        return fused(x, w0, b, A, B, plan.scale)
+
+    def _general_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer called as a module, each active update added by one ``addmm``."""
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
@@ -214,87 +246,18 @@ class LoRALinear(nn.Module):
             result = self.add_update(result, x, name)
         return result
 
-    def _make_plan(self) -> tuple:
-        base = self.base_layer
-        if type(base) is not nn.Linear:
-            return ()
-        if self.disabled or self.merged or not self.active:
-            return _BASE, base
-        if len(self.active) != 1:
-            return ()
-        name = self.active[0]
-        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
-            return ()  # dropout(x) feeds the update only: autograd's graph
-        return (
-            _FUSED,
-            base,
-            self.lora_A[name],
-            self.lora_B[name],
-            self.scaling[name],
-            base.weight.device.type,
-        )
-
-    def _usable_plan(self, kind: str) -> tuple | None:
-        """The cached plan if it is of ``kind`` and its base layer may still be read directly:
-        the layer's current base (QLoRA's merge swaps it) with no hooks added since."""
-        plan = self._plan
-        if plan is None:
-            plan = self._plan = self._make_plan()
-        if not plan or plan[0] is not kind:
-            return None
-        base = plan[1]
-        if base is not self._modules["base_layer"] or not plain_linear(base):
-            return None
-        return plan
-
-    def base_only(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The base layer's output through ``F.linear``, without a second module call, when
-        the adapters take no part (disabled, merged, none active) and the base is a plain
-        ``nn.Linear`` without hooks; else ``None``. Merged inference pays one module call
-        per layer, as the bare model does."""
-        plan = self._usable_plan(_BASE)
-        if plan is None:
-            return None
-        base = plan[1]
-        return nn.functional.linear(x, base._parameters["weight"], base._parameters["bias"])
-
-    def fused_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor | None:
-        """``W0·x (+ b) + s·B·A·x`` for the one active adapter through :class:`_LoRAMatmul`
-        (or, without autograd, the same three matmuls), or ``None`` where that does not
-        apply: several or no active adapters, merged, a 4-bit or hooked base, a trainable
-        base weight or bias, dropout in training, or dtypes that differ. Under autocast the
-        operands are cast to its dtype first, as autocast does for ``F.linear``, and the
-        node runs in that dtype (gradients reach A and B through the casts in their own
-        dtype). The static part of that test is cached."""
-        plan = self._usable_plan(_FUSED)
-        if plan is None:
-            return None
-        _, base, a_mod, b_mod, s, device_type = plan
-        w0 = base._parameters["weight"]
-        b = base._parameters["bias"] if bias else None
-        A, B = a_mod._parameters["weight"], b_mod._parameters["weight"]
-        if w0.requires_grad or (b is not None and b.requires_grad):
-            return None
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            if not all(t.dtype in _AUTOCAST_INPUTS for t in (x, w0, A, B)):
-                return None
-            x, w0, A, B = x.to(dtype), w0.to(dtype), A.to(dtype), B.to(dtype)
-            b = None if b is None else b.to(dtype)
-            with torch.autocast(device_type, enabled=False):
-                return self._fused(x, w0, b, A, B, s)
-        if not (x.dtype == w0.dtype == A.dtype == B.dtype):
-            return None
-        return self._fused(x, w0, b, A, B, s)
-
-    @staticmethod
-    def _fused(x, w0, b, A, B, s: float) -> torch.Tensor:
-        if not (
-            torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
-        ):
-            y = _lora_matmul(x, w0, b, A, B, s)[0]  # inference: no graph node
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return _LoRAMatmul.apply(x, w0, b, A, B, s)
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The composed formula ``base_layer(x) + s·B·A·dropout(x)``, nothing fused or cached
+        (the fast path off)."""
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        for name in self.active:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            xa = self.lora_dropout[name](x.to(A.dtype))
+            update = nn.functional.linear(nn.functional.linear(xa, A), B) * self.scaling[name]
+            result = result + update.to(result.dtype)
+        return result
 
     def add_update(
         self, result: torch.Tensor, x: torch.Tensor, name: str, dropout: bool = True
@@ -348,7 +311,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        self._plan = None
+        self._invalidate()
         if self.disabled:
             return
         for name in self.active:
@@ -363,7 +326,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        self._plan = None
+        self._invalidate()
         while self.merged:
             name = self.merged.pop()
             w = self._in_place_weight(name)

@@ -1,4 +1,7 @@
-"""DoRA's factored norm and its gradients against a direct, fully materialised computation."""
+"""DoRA's factored norm and its gradients against a direct, fully materialised computation.
+
+The forward tests run with the fast path on and off (the ``fast`` fixture).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,14 @@ import torch
 from torch import nn
 
 from peftlab.methods.dora import DoRAConfig, DoRALinear
+from peftlab.methods.lora import fast_path
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "plain"])
+def fast(request):
+    """Run the test with the fast path on, then off."""
+    with fast_path(request.param):
+        yield request.param
 
 
 def _layer(detach: bool, bias: bool = True, seed: int = 0) -> DoRALinear:
@@ -32,7 +43,7 @@ def _direct(layer: DoRALinear, x: torch.Tensor, detach: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_grads_match_materialised_formula(detach, bias):
+def test_forward_and_grads_match_materialised_formula(detach, bias, fast):
     x = torch.randn(3, 5, 24)
     ours, ref = _layer(detach, bias), _layer(detach, bias)
     y_ours, y_ref = ours(x), _direct(ref, x, detach)
@@ -57,7 +68,7 @@ def test_forward_and_grads_match_materialised_formula(detach, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_inference_forward_matches_formula(bias, dropout):
+def test_inference_forward_matches_formula(bias, dropout, fast):
     """Without a graph the rescale runs in place; the result must not change."""
     torch.manual_seed(0)
     layer = DoRALinear(nn.Linear(24, 16, bias=bias))
@@ -91,7 +102,7 @@ def test_norm_cache_follows_in_place_weight_changes():
     assert not torch.allclose(before, after)
 
 
-def test_merge_unmerge_round_trip_restores_w0():
+def test_merge_unmerge_round_trip_restores_w0(fast):
     layer = _layer(True)
     w0 = layer.base_layer.weight.detach().clone()
     x = torch.randn(2, 24)
@@ -100,3 +111,35 @@ def test_merge_unmerge_round_trip_restores_w0():
     torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-5)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_training_dropout_matches_formula(detach, fast):
+    """With dropout in training the update sees dropout(x) and so does W0 inside the scale:
+    ``(m/‖W‖)·(W0 + sBA)·dropout(x) + W0·(x - dropout(x)) + b`` (peft's formula)."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(24, 16))
+    layer.add_adapter("default", DoRAConfig(r=4, alpha=8, dropout=0.3, detach_norm=detach))
+    layer.set_adapter(["default"])
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    layer.train()
+    x = torch.randn(3, 5, 24)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    xd = layer.lora_dropout["default"](x)
+    w0, b = layer.base_layer.weight, layer.base_layer.bias
+    expected = _direct(layer, xd, detach) - b + nn.functional.linear(x - xd, w0, b)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_cache_is_dropped_on_invalidate():
+    """The norm caches are derived state: merge, dtype moves and adapter changes drop them
+    with the plan, so a stale norm can never outlive the state it came from."""
+    layer = _layer(True).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 24))
+    assert layer._norm_cache and layer._w0_cache is not None
+    layer.merge()
+    assert not layer._norm_cache and layer._w0_cache is None
