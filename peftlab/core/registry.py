@@ -21,6 +21,36 @@ ApplyFn = Callable[[nn.Module, MethodConfig, str], None]
 
 
 @dataclasses.dataclass(frozen=True)
+class Tuning:
+    """A method's learning-rate prior and the grids ``peftlab compare --tune`` searches.
+
+    Declared where the method is registered, because a good setting is a property of the
+    method (a virtual-token table wants a learning rate ~10× a low-rank adapter's, full
+    fine-tuning ~20× less), not of the comparison."""
+
+    lr: float
+    """The learning rate the method runs at when nothing is tuned."""
+    grid: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    """Training-config key (``lr``) or method option (``r``, ``num_virtual_tokens``, ...) →
+    candidate values, in the order a tie is broken."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, float) and self.lr > 0):
+            raise ValueError(f"Tuning.lr={self.lr!r} must be a positive float")
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"Tuning.grid[{key!r}] is empty; give at least one value")
+
+
+LOW_RANK_LRS = (1e-4, 3e-4, 1e-3, 2e-3)
+"""Learning rates searched for low-rank adapters (LoRA, DoRA, QLoRA) and bottleneck adapters."""
+VIRTUAL_TOKEN_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+"""Learning rates searched for virtual-token methods (prompt, prefix, P-Tuning v2)."""
+FULL_LRS = (1e-5, 3e-5, 5e-5, 1e-4)
+"""Learning rates searched for full fine-tuning."""
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """What the core needs to know about one method."""
 
@@ -39,6 +69,9 @@ class MethodSpec:
     """What ``save_adapter`` writes for adapter ``name`` instead of the live parameters: the
     config and the tensors by parameter name (prefix tuning saves its folded prefix table, not
     the reparameterization MLP that produced it). The model is not changed."""
+    tuning: Tuning | None = None
+    """The method's learning-rate prior and search grids; None: compare runs it at the shared
+    learning rate and cannot tune it."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -41,7 +41,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.matching import find_targets, is_linear, named_modules, set_submodule
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import features
 
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -368,5 +368,6 @@ register_method(
         AdapterConfig,
         _apply,
         "adapter_",
+        tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "bottleneck": (16, 32, 64)}),
     )
 )

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight
 from peftlab.methods._lora_fused import Plan, version_key
 from peftlab.methods.lora import (
@@ -219,5 +219,6 @@ register_method(
         _apply,
         "lora_",
         peft_export=_peft_fields,
+        tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (8, 16, 32)}),
     )
 )

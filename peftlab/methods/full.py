@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from peftlab.core.config import MethodConfig
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import FULL_LRS, MethodSpec, Tuning, register_method
 
 
 @dataclasses.dataclass
@@ -34,5 +34,6 @@ register_method(
         FullFinetuneConfig,
         _apply,
         param_prefix="",
+        tuning=Tuning(5e-5, {"lr": FULL_LRS}),
     )
 )

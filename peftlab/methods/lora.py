@@ -17,7 +17,7 @@ from torch import nn
 
 from peftlab.core.config import MethodConfig, check
 from peftlab.core.matching import find_targets, set_submodule
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 from peftlab.methods import _lora_fused as _fast
 from peftlab.methods._lora_fused import (
@@ -400,5 +400,6 @@ register_method(
         _apply,
         "lora_",
         peft_export=peft_lora_fields,
+        tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (8, 16, 32)}),
     )
 )

@@ -38,7 +38,7 @@ from transformers.cache_utils import DynamicLayer
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.model import CONFIG_ATTR, active_adapter, adapter_configs
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import VIRTUAL_TOKEN_LRS, MethodSpec, Tuning, register_method
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -376,6 +376,7 @@ def register_prefix_method(name: str, config_cls: type, attr: str, tag: str) -> 
             param_prefix=tag,
             unload=make_unload(attr),
             export=make_export(attr, tag),
+            tuning=Tuning(1e-2, {"lr": VIRTUAL_TOKEN_LRS, "num_virtual_tokens": (10, 20, 50)}),
         )
     )
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import VIRTUAL_TOKEN_LRS, MethodSpec, Tuning, register_method
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -177,5 +177,6 @@ register_method(
         _apply,
         param_prefix="prompt_",
         unload=_unload,
+        tuning=Tuning(1e-2, {"lr": VIRTUAL_TOKEN_LRS, "num_virtual_tokens": (10, 20, 50)}),
     )
 )

@@ -25,7 +25,7 @@ from torch import nn
 from peftlab.core.config import ConfigError, check
 from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.model import adapter_configs
-from peftlab.core.registry import MethodSpec, register_method
+from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import is_quantized
 from peftlab.methods.dora import DoRAConfig, DoRALinear
 from peftlab.methods.lora import (
@@ -218,5 +218,6 @@ register_method(
         "lora_",
         peft_export=_peft_fields,
         unload=_unload_model,
+        tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (8, 16, 32)}),
     )
 )

@@ -63,3 +63,24 @@ def test_every_candidate_failing_is_an_error_not_a_choice():
     res = tune.successive_halving([{"lr": 1}, {"lr": 2}], 8, lambda c, s: 1 / 0)
     assert res.best is None and "every candidate failed" in res.error
     assert res.to_dict()["trials"][0]["error"].startswith("ZeroDivisionError")
+
+
+def test_every_method_declares_a_prior_and_searchable_keys():
+    import dataclasses
+
+    import peftlab
+    from peftlab.core.registry import get_method
+
+    for name in peftlab.methods():
+        spec = get_method(name)
+        assert spec.tuning is not None, f"{name} declares no learning-rate prior"
+        assert "lr" in spec.tuning.grid and spec.tuning.lr > 0
+        fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+        for key in spec.tuning.grid:
+            assert key == "lr" or key in fields, f"{name}: grid key {key!r} is not an option"
+            if key != "lr":  # every candidate value is a valid config for the method
+                for v in spec.tuning.grid[key]:
+                    spec.config_cls(**{key: v})
+    # The priors differ by family: never one shared number.
+    lrs = {get_method(m).tuning.lr for m in ("lora", "prefix", "full")}
+    assert len(lrs) == 3
