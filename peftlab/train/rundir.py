@@ -106,17 +106,18 @@ def atomic_write(path: Path, text: str) -> None:
 
 def log(accelerator, out: Path, line: dict, tensorboard: bool) -> None:
     if accelerator.is_main_process:
-        _append(out / "metrics.jsonl", json.dumps(line) + "\n")
+        path = out / "metrics.jsonl"
+        try:
+            _append(path, json.dumps(line) + "\n")
+        except OSError as e:  # a partial line may remain: read_metrics drops it on resume
+            raise write_error(path, e, None, out) from e
     if tensorboard:
         accelerator.log({k: v for k, v in line.items() if k != "step"}, step=line["step"])
 
 
 def _append(path: Path, text: str) -> None:
-    try:
-        with path.open("a") as f:
-            f.write(text)
-    except OSError as e:  # a partial line may remain; read_metrics drops it on resume
-        raise write_error(path, e, len(text.encode()), path.parent) from e
+    with path.open("a") as f:
+        f.write(text)
 
 
 def save_adapter(model, dest: Path) -> None:
