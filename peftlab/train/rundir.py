@@ -37,11 +37,8 @@ RUN_FILES = (
 def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory")
-    held = (
-        sorted(p.name for p in out.iterdir() if not p.name.startswith(LOCK_FILE))
-        if (out.is_dir())
-        else []
-    )
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = [n for n in held if not n.startswith(LOCK_FILE)]  # the lock is not part of a run
     if held and not overwrite:
         raise FileExistsError(
             f"output_dir {out} is not empty (holds {held[:6]}); it may hold a run. Pass "
