@@ -33,15 +33,15 @@ class RunDirLocked(FileExistsError):
 
 
 class _Lock:
-    def __init__(self, path: Path, record: dict, made_dir: bool):
-        self.path, self.record, self.made_dir = path, record, made_dir
+    def __init__(self, path: Path, record: dict, made: list[Path]):
+        self.path, self.record, self.made = path, record, made
 
     def release(self) -> None:
         if _read(self.path) == self.record:  # never remove a lock that is not ours
             self.path.unlink(missing_ok=True)
-        if self.made_dir:  # a run that failed before writing anything leaves no empty dir
+        for d in self.made:  # a run refused before writing anything leaves no empty dirs
             with contextlib.suppress(OSError):
-                self.path.parent.rmdir()
+                d.rmdir()
 
 
 _held: list[_Lock] = []  # the locks this process holds, newest last
@@ -83,7 +83,7 @@ def releasing(fn):
 
 
 def _take(out: Path) -> _Lock:
-    made_dir = not out.exists()
+    made = [d for d in [out, *out.parents] if not d.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -114,7 +114,7 @@ def _take(out: Path) -> _Lock:
             f.write(json.dumps(record))
             f.flush()
             os.fsync(f.fileno())
-        return _Lock(path, record, made_dir)
+        return _Lock(path, record, made)
     raise RunDirLocked(f"could not take the lock {path}: other runs keep taking it")
 
 

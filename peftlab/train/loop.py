@@ -1,8 +1,9 @@
 """The training loop and ``peftlab train``.
 
-:func:`train` reads top to bottom: ``_accelerator`` and ``_prepare_output_dir`` (device,
-mixed precision, run directory) → ``_setup`` (data, model, method, optimizer, schedule; a
-``_Run``) → ``_loop`` (logging, periodic evaluation and checkpoints), whose ``_step`` is one
+:func:`train` reads top to bottom: ``_accelerator`` (device, mixed precision) and the run
+directory's lock → ``_setup`` (data, model, method, optimizer, schedule; a ``_Run``) → the
+checkpoint a resume continues from, then ``_prepare_output_dir`` (nothing is written before
+everything is checked; :mod:`peftlab.train.resume`) → ``_loop`` (logging, periodic evaluation and checkpoints), whose ``_step`` is one
 optimizer step (token-normalized loss over accumulated micro-batches and processes, clipping,
 the divergence stop) → save the adapter → ``_summary``.
 ``accelerate`` places the model on the device, applies mixed precision and, under

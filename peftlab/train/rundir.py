@@ -154,8 +154,8 @@ def write_error(path: Path, e: BaseException, needed: int | None = None, resume=
         full = True  # torch.save reports a full disk as "unexpected pos ..."
     if full:
         code = errno.ENOSPC
-        reason = f"no space left on device ({_mb(free)} free" + (
-            f", about {_mb(needed)} needed)" if needed else ")"
+        reason = f"no space left on device ({_size(free)} free" + (
+            f", about {_size(needed)} needed)" if needed else ")"
         )
     else:
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
@@ -177,5 +177,10 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def _mb(n: int | None) -> str:
-    return "? MB" if n is None else f"{n / 2**20:.1f} MB"
+def _size(n: int | None) -> str:
+    if n is None:
+        return "? bytes"
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

@@ -364,7 +364,7 @@ def test_a_refused_run_leaves_no_lock_and_no_new_directory(tiny_dir, tmp_path):
     out = tmp_path / "new" / "run"
     with pytest.raises(Exception, match="does not exist"):
         train(_cfg(tiny_dir, out, data=str(tmp_path / "missing.jsonl")))
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
 
 
 # ---- 8. SIGTERM and Ctrl-C -------------------------------------------------------------------
