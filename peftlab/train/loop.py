@@ -1,8 +1,9 @@
 """The training loop and ``peftlab train``.
 
-:func:`train` reads top to bottom: ``_accelerator`` and ``_prepare_output_dir`` (device,
-mixed precision, run directory) → ``_setup`` (data, model, method, optimizer, schedule; a
-``_Run``) → ``_loop`` (logging, periodic evaluation and checkpoints), whose ``_step`` is one
+:func:`train` reads top to bottom: ``_accelerator`` (device, mixed precision) and the run
+directory's lock → ``_setup`` (data, model, method, optimizer, schedule; a ``_Run``) → the
+checkpoint a resume continues from, then ``_prepare_output_dir`` (nothing is written before
+everything is checked; :mod:`peftlab.train.resume`) → ``_loop`` (logging, periodic evaluation and checkpoints), whose ``_step`` is one
 optimizer step (token-normalized loss over accumulated micro-batches and processes, clipping,
 the divergence stop) → save the adapter → ``_summary``.
 ``accelerate`` places the model on the device, applies mixed precision and, under
@@ -30,7 +31,8 @@ import yaml
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.data import DataError, collate, load_task_data
-from peftlab.train import checkpoint, rundir
+from peftlab.train import checkpoint, lock, rundir, signals
+from peftlab.train import resume as resuming
 from peftlab.train.config import TrainConfig, apply_overrides
 from peftlab.train.evaluate import evaluate, loss_sum
 
@@ -41,6 +43,8 @@ class TrainingDiverged(RuntimeError):
     """The loss (or gradient norm) became NaN or infinite; training stopped."""
 
 
+@lock.releasing  # the run directory's lock is released however train() exits
+@signals.graceful  # SIGTERM / Ctrl-C stop at a step boundary, saving (peftlab.train.signals)
 def train(
     config: TrainConfig | dict | str | Path,
     overrides: list[str] | None = None,
@@ -57,7 +61,8 @@ def train(
         overrides: ``key=value`` strings applied on top (``method_args.r=8``).
         model, tokenizer: preloaded instead of loading ``config.model`` (the method is still
             applied here).
-        resume: continue from the newest checkpoint in output_dir.
+        resume: continue from the newest checkpoint in output_dir (see
+            :mod:`peftlab.train.resume` for what may change and for finished runs).
 
     Returns:
         ``output_dir``, ``steps``, ``final_loss``, ``eval_before``/``eval_after``, ``tokens``,
@@ -68,16 +73,13 @@ def train(
     cfg = _resolve(config, overrides, resume)
     out = Path(cfg.output_dir)
     accelerator = _accelerator(cfg, out)
-    ckpt = _prepare_output_dir(accelerator, cfg, out, resume)
+    lock.acquire(accelerator, out)  # one writer per run directory (peftlab.train.lock)
+    if not resume:
+        rundir.check_output_dir(out, cfg.overwrite)
     set_seed(cfg.seed)
     run = _setup(cfg, out, accelerator, model, tokenizer)
-    if ckpt is not None:
-        run.state.update(
-            checkpoint.load(ckpt, run.unwrapped, run.optimizer, run.scheduler, accelerator)
-        )
-        accelerator.print(
-            f"resuming {out} from {ckpt.name} (step {run.state['step']} of {run.total_steps})"
-        )
+    ckpt = resuming.restore(run) if resume else None  # checked before anything is written
+    _prepare_output_dir(accelerator, cfg, out, resume, ckpt)
     if cfg.tensorboard:
         accelerator.init_trackers(
             "tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()}
@@ -93,7 +95,11 @@ def train(
             f"steps of {run.global_batch * cfg.grad_accum} examples on "
             f"{accelerator.num_processes} process(es), {accelerator.device}"
         )
-    loop = _loop(run)
+    try:
+        loop = _loop(run)
+        resuming.end_of_training(run)  # finite weights; the final checkpoint
+    except checkpoint.NonFiniteWeights as e:  # stop as diverged, naming a good checkpoint
+        _diverged(accelerator, out, cfg, e.step + 1, math.nan, None, run.state, str(e))
 
     if accelerator.is_main_process:
         rundir.save_adapter(run.unwrapped, out / "adapter")
@@ -137,13 +143,13 @@ def _accelerator(cfg: TrainConfig, out: Path):
     return accelerator
 
 
-def _prepare_output_dir(accelerator, cfg: TrainConfig, out: Path, resume: bool) -> Path | None:
-    """Check (or, with ``overwrite``, clear) the output directory and write the run's config;
-    returns the checkpoint to resume from, if any. Files that another run wrote are never
-    touched without ``overwrite``."""
-    ckpt = checkpoint.latest(out) if resume else None
-    if not resume:
-        rundir.check_output_dir(out, cfg.overwrite)
+def _prepare_output_dir(
+    accelerator, cfg: TrainConfig, out: Path, resume: bool, ckpt: Path | None
+) -> None:
+    """With ``overwrite``, clear the output directory; write the run's config and cut the
+    metrics back to the checkpoint ``ckpt`` resumed from. Called once everything is checked
+    (config, data, model, checkpoint) and the run directory is locked; files that another run
+    wrote are never touched without ``overwrite``."""
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         if not resume and cfg.overwrite:
@@ -151,10 +157,10 @@ def _prepare_output_dir(accelerator, cfg: TrainConfig, out: Path, resume: bool) 
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        rundir.clean_leftovers(out)
+        rundir.atomic_write(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         rundir.truncate_metrics(out / "metrics.jsonl", _ckpt_step(ckpt))
         (out / "summary.json").unlink(missing_ok=True)
-    return ckpt
 
 
 @dataclasses.dataclass
@@ -327,6 +333,7 @@ def _loop(run: _Run) -> _LoopResult:
     model_bytes_at_start = tensor_bytes(run.unwrapped)["weights_bytes"]
     with PeakMemory(accelerator.device) as peak_memory:
         while state["step"] < run.total_steps:
+            signals.check(run)  # SIGTERM / Ctrl-C: checkpoint, adapter and exit, between steps
             t0 = time.perf_counter()
             step = state["step"] + 1
             batches = [run.micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
@@ -460,19 +467,12 @@ def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _Loop
 
 def _resolve(config, overrides: list[str] | None, resume: bool) -> TrainConfig:
     """The run's config: from a TrainConfig, dict or YAML path (with ``--resume``, a run dir)."""
+    if resume:  # the run directory's own config, with only what a resume may change
+        return resuming.resolve(config, overrides)
     if isinstance(config, TrainConfig):
         config = config.to_dict()
     if isinstance(config, str | Path):
-        path = Path(config)
-        if resume and not path.exists():
-            raise ConfigError(f"--resume {path}: no such run directory")
-        if resume and path.is_dir():
-            if not (path / "config.yaml").is_file():
-                raise ConfigError(
-                    f"--resume {path}: no config.yaml there, so it holds no peftlab run"
-                )
-            path = path / "config.yaml"
-        cfg = TrainConfig.load(path, overrides)
+        cfg = TrainConfig.load(config, overrides)
     else:
         cfg = TrainConfig.from_dict(apply_overrides(config, overrides or []))
     return cfg
@@ -542,14 +542,28 @@ def _schedule(cfg: TrainConfig, warmup: int, total: int):
 
 
 def _diverged(
-    accelerator, out: Path, cfg: TrainConfig, step: int, loss: float, grad_norm, state: dict
+    accelerator,
+    out: Path,
+    cfg: TrainConfig,
+    step: int,
+    loss: float,
+    grad_norm,
+    state: dict,
+    why: str | None = None,
 ):
-    last = checkpoint.latest(out)
+    # The loss of `step` came from the weights after step - 1: checkpoints from there on were
+    # never confirmed by a finite loss, so they are set aside and the newest earlier one named.
+    last, moved = checkpoint.quarantine(out, step - 1, rename=accelerator.is_main_process)
+    aside = f" ({', '.join(p.name for p in moved)} set aside: not confirmed good)" if moved else ""
+    why = (
+        why
+        or f"loss={loss} (grad_norm={grad_norm}) at step {step}: training stopped before the update"
+    )
     msg = (
-        f"loss={loss} (grad_norm={grad_norm}) at step {step}: training stopped before the update. "
-        f"Nothing was overwritten: the last good checkpoint is "
-        f"{last if last else 'none (no checkpoint written yet)'}, and {out / 'adapter'} was not "
-        f"written. Lower lr (now {cfg.lr}), keep max_grad_norm set, or use mixed_precision=no/bf16."
+        f"{why}. Nothing was overwritten: the last good checkpoint is "
+        f"{last if last else 'none (no checkpoint written yet)'}{aside}, and {out / 'adapter'} "
+        f"was not written. Lower lr (now {cfg.lr}) in a new run, keep max_grad_norm set, or use "
+        f"mixed_precision=no/bf16."
     )
     if accelerator.is_main_process:
         summary = {
