@@ -250,7 +250,7 @@ def test_replace_dir_swaps_and_restores(tmp_path, monkeypatch):
 
 
 def test_every_atomic_writer_is_the_one_helper():
-    assert rundir.atomic_write is fileio.atomic_write
+    assert rundir._atomic_write is fileio.atomic_write  # rundir adds the free-space message
     assert worker.write_json_atomic is fileio.atomic_write_json
     from peftlab.core import io
 
