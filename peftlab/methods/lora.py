@@ -21,7 +21,7 @@ from peftlab.core.registry import MethodProfile, MethodSpec, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoRAConfig(MethodConfig):
     """Low-rank adaptation of the targeted linear layers."""
 
@@ -42,6 +42,7 @@ class LoRAConfig(MethodConfig):
     B always starts at zero."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer, e.g. 8")
         check(self.alpha > 0, "alpha", self.alpha, "a positive number, e.g. 2·r")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.05")
@@ -52,8 +53,6 @@ class LoRAConfig(MethodConfig):
             self.target_modules,
             'a module name list, a regex, or "all-linear"',
         )
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
 
     @property
     def scaling(self) -> float:

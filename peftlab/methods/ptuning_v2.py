@@ -18,7 +18,7 @@ from peftlab.core.registry import MethodProfile
 from peftlab.methods.prefix import PrefixTuningConfig, register_prefix_method, virtual_token_ladder
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PTuningV2Config(PrefixTuningConfig):
     """Deep prompts on every layer, trained directly (Liu et al. 2022)."""
 

@@ -252,9 +252,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
         model.to(accelerator.device)
     method_config = cfg.method_config()
-    if kind == "classification":
-        method_config = _train_new_head(model, method_config)
-    peftlab.apply(model, method_config)
+    peftlab.apply(model, method_config)  # a classification model's new head trains (core rule)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = peftlab.trainable_parameters(model)

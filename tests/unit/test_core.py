@@ -10,6 +10,7 @@ import torch
 
 import peftlab
 from peftlab import AdapterFileError, ConfigError
+from peftlab.core.state import adapter_configs, state_of
 from tests.conftest import TINY, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -159,7 +160,7 @@ def test_adapter_with_wrong_shapes_names_them(tmp_path):
         match=r"shape mismatches .*q_proj\.lora_A\.weight: file \(4, 32\) vs model \(4, 48\)",
     ):
         peftlab.load_adapter(other, path)
-    assert not hasattr(other, "peftlab_config")  # a failed load leaves the model as it was
+    assert state_of(other) is None  # a failed load leaves the model as it was
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -208,7 +209,7 @@ def test_unload_restores_modules_to_save_and_merge_keeps_them():
         m = peftlab.merge_and_unload(m) if merge else peftlab.unload(m)
         expected = trained if merge else before["weight"]
         torch.testing.assert_close(m.classifier.weight.detach(), expected)
-        assert not hasattr(m, "peftlab_saved_originals")
+        assert state_of(m) is None
 
 
 def test_adapter_with_missing_keys_names_them(tmp_path):
@@ -275,4 +276,218 @@ def test_refused_apply_leaves_the_model_trainable_as_before():
     with pytest.raises(ConfigError):
         peftlab.apply(m, peftlab.LoRAConfig(target_modules=["nope"]))
     assert all(p.requires_grad for p in m.parameters())
-    assert not hasattr(m, "peftlab_config")
+    assert state_of(m) is None
+
+
+# -- one rule for the head, frozen configs, strict types ------------------------------------
+
+
+def test_apply_and_train_agree_on_the_classification_head(tmp_path):
+    """peftlab.apply(bert, LoRAConfig()) trains the new head, as peftlab train does."""
+    from peftlab.train import train
+    from tests.tiny_lm import char_tokenizer
+
+    config = peftlab.LoRAConfig(r=4)
+    applied = peftlab.apply(tiny_bert(), config)
+    assert config.modules_to_save is None  # the caller's config is not changed
+    assert adapter_configs(applied)["default"].modules_to_save == ("classifier",)
+    rows = ["text,label"] + [f"{'good' if i % 2 else 'bad'} film {i},{i % 2}" for i in range(24)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    trained = tiny_bert()
+    train(
+        {
+            "model": "unused",
+            "method": "lora",
+            "method_args": {"r": 4},
+            "data": str(tmp_path / "d.csv"),
+            "eval_size": 8,
+            "max_steps": 1,
+            "batch_size": 8,
+            "progress": False,
+            "output_dir": str(tmp_path / "run"),
+        },
+        model=trained,
+        tokenizer=char_tokenizer(),
+    )
+
+    def trainable(m):
+        return sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+    assert "classifier.weight" in trainable(applied)
+    assert trainable(trained) == trainable(applied)
+    # [] opts out; explicit names resolve by suffix; a language model has no head to add.
+    bare = peftlab.apply(tiny_bert(), peftlab.LoRAConfig(r=4, modules_to_save=[]))
+    assert not bare.classifier.weight.requires_grad
+    lm = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4))
+    assert adapter_configs(lm)["default"].modules_to_save is None
+
+
+def test_configs_are_frozen_and_replace_returns_a_new_one():
+    import dataclasses
+
+    config = peftlab.LoRAConfig(target_modules=["q_proj", "v_proj"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.r = 4
+    assert config.target_modules == ("q_proj", "v_proj")  # a list is kept as a tuple
+    assert config.to_dict()["target_modules"] == ["q_proj", "v_proj"]
+    other = config.replace(r=4)
+    assert (other.r, config.r) == (4, 8)
+    with pytest.raises(ConfigError, match="^r=0 is invalid"):
+        config.replace(r=0)
+    assert hash(config) == hash(peftlab.LoRAConfig(target_modules=("q_proj", "v_proj")))
+
+
+# Values of the wrong type for each annotation used by a method config.
+WRONG = {
+    "int": [True, "8", 8.5, [8], float("inf"), None],
+    "int | None": [True, "8", 8.5, [8]],
+    "float": [True, "0.1", [0.1], {"a": 1}, float("inf"), float("nan"), None],
+    "float | None": [True, "16", [16], float("-inf"), float("nan")],
+    "bool": [1, 0, "true", "false", [True], None],
+    "str": [1, True, ["x"], None],
+    "str | list[str]": [1, True, None, [1, 2], ["a", None]],
+    "str | list[str] | None": [1, True, [1], {"q": 1}],
+    "list[str] | None": ["classifier", 1, True, [1], [["a"]]],
+}
+
+
+def _typed_fields():
+    import dataclasses
+
+    from peftlab.core.registry import get_method
+
+    for method in peftlab.methods():
+        for f in dataclasses.fields(get_method(method).config_cls):
+            yield method, f.name, f.type
+
+
+@pytest.mark.parametrize("method,field,annotation", list(_typed_fields()))
+def test_every_field_refuses_wrong_types(method, field, annotation):
+    """One generic check (MethodConfig.__post_init__, driven by the annotations) for every
+    field of every method: one line naming the key, the value and what is allowed."""
+    assert annotation in WRONG, f"add wrong values for {annotation!r} to WRONG"
+    for value in WRONG[annotation]:
+        with pytest.raises(ConfigError) as e:
+            peftlab.config_from_dict({"method": method, field: value})
+        msg = str(e.value)
+        assert msg.startswith(f"{field}={value!r} is invalid: {field} must be "), msg
+        assert "\n" not in msg
+
+
+def _edit_config(path, edit):
+    doc = json.loads((path / "adapter_config.json").read_text())
+    edit(doc)
+    (path / "adapter_config.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "where,key,value",
+    [
+        ("peftlab", "r", "8"),
+        ("peftlab", "r", True),
+        ("peftlab", "r", None),
+        ("peftlab", "r", [8]),
+        ("peftlab", "alpha", float("inf")),
+        ("peftlab", "dropout", float("nan")),
+        ("peftlab", "use_rslora", "yes"),
+        ("peftlab", "target_modules", 7),
+        ("peftlab", "modules_to_save", "classifier"),
+        ("peft", "r", "8"),
+        ("peft", "r", 4.0),
+        ("peft", "lora_alpha", None),
+        ("peft", "lora_dropout", [0.1]),
+        ("peft", "use_rslora", "yes"),
+        ("peft", "use_dora", 1),
+        ("peft", "target_modules", [1, 2]),
+    ],
+)
+def test_adapter_config_with_wrong_types_is_refused(tmp_path, where, key, value):
+    path = _saved(tmp_path)
+
+    def edit(doc):
+        if where == "peftlab":
+            doc["peftlab"]["config"][key] = value
+        else:
+            del doc["peftlab"]
+            doc[key] = value
+
+    _edit_config(path, edit)
+    model = tiny_llama()
+    with pytest.raises(AdapterFileError) as e:
+        peftlab.load_adapter(model, path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path / 'adapter_config.json'}: {key}="), msg
+    assert "is invalid" in msg and "must be" in msg and "\n" not in msg
+    assert state_of(model) is None
+
+
+def test_adapter_config_of_the_wrong_shape_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    for doc, match in [
+        ([1, 2], "must be a JSON object"),
+        ({"peftlab": {"config": [1]}}, "peftlab.config=.*must be an object"),
+        ({"peftlab": {"config": {"method": ["lora"]}}}, "method=.*must be a method name"),
+        ({"peft_type": "LORA", "r": 4}, "lora_alpha, target_modules missing"),
+    ]:
+        (path / "adapter_config.json").write_text(json.dumps(doc))
+        with pytest.raises(AdapterFileError, match=match):
+            peftlab.load_adapter(tiny_llama(), path)
+
+
+@pytest.mark.parametrize("bad", ["int", "bool", "inf", "nan"])
+def test_adapter_tensors_must_be_finite_floats(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = sorted(tensors)[1]
+    t = tensors[key]
+    tensors[key] = {
+        "int": t.to(torch.int64),
+        "bool": t > 0,
+        "inf": t.index_fill(0, torch.tensor([0]), float("inf")),
+        "nan": t.index_fill(0, torch.tensor([0]), float("nan")),
+    }[bad]
+    save_file(tensors, path / "adapter_model.safetensors")
+    model = tiny_llama()
+    match = "must be floating point" if bad in ("int", "bool") else "must be finite"
+    with pytest.raises(
+        AdapterFileError, match=rf"adapter_model\.safetensors: tensor {key} .*{match}"
+    ):
+        peftlab.load_adapter(model, path)
+    assert state_of(model) is None
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_merge_inside_disable_adapters_is_refused(batch):
+    m = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4, target_modules=["q_proj"]))
+    _perturb_b(m, "default", 0.05)
+    out = m(input_ids=batch).logits.detach()
+    with peftlab.disable_adapters(m):
+        for op in (peftlab.merge_and_unload, peftlab.merge):
+            with pytest.raises(ConfigError, match="leave the disable_adapters block first"):
+                op(m)
+    torch.testing.assert_close(m(input_ids=batch).logits.detach(), out)
+    plain = peftlab.merge_and_unload(m)  # outside the block it merges what was trained
+    torch.testing.assert_close(plain(input_ids=batch).logits.detach(), out, atol=1e-5, rtol=0)
+
+
+def test_lora_dropout_follows_eval_mode(batch):
+    m = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4, dropout=0.5))
+    _perturb_b(m, "default", 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=batch).logits, m(input_ids=batch).logits)
+        m.train()
+        assert not torch.equal(m(input_ids=batch).logits, m(input_ids=batch).logits)
+
+
+def test_fold_prefix_records_the_new_config_through_the_core():
+    config = peftlab.PrefixTuningConfig(num_virtual_tokens=2, reparam_hidden=8)
+    m = peftlab.apply(tiny_llama(), config)
+    peftlab.fold_prefix(m)
+    assert adapter_configs(m)["default"] == config.replace(reparam=False)
+    assert config.reparam is True
+    from peftlab.core.state import replace_config
+
+    with pytest.raises(ConfigError, match="cannot be recorded as a LoRAConfig"):
+        replace_config(m, "default", peftlab.LoRAConfig())
