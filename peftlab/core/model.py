@@ -141,22 +141,26 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
 
 @contextlib.contextmanager
 def adding_adapter(model: nn.Module) -> Iterator[ModelSnapshot]:
-    """Around adding an adapter (:func:`attach_adapter`): the model is unmerged first (a new
-    adapter is built on the base weights); if the block raises, everything it did is undone
-    and the model merged again. Modules added in the block follow the model's train/eval mode."""
-    merged = any(getattr(layer, "merged", None) for _, layer in adapter_layers(model))
-    if merged:
-        unmerge(model)
-    try:
-        with atomic(model) as snapshot:
+    """Around adding an adapter (:func:`attach_adapter`): a merged model is unmerged first (a
+    new adapter is built on the base weights); if the block raises, everything is undone —
+    the merged weights bit for bit. Modules added in the block follow the model's mode."""
+    merged = {
+        id(w): (w, w.detach().clone())
+        for _, layer in adapter_layers(model)
+        if getattr(layer, "merged", None)
+        for w in [layer.base_layer.weight]
+    }
+    with atomic(model) as snapshot:
+        try:
+            if merged:
+                unmerge(model)
             yield snapshot
             _follow_mode(model, snapshot)
-    except BaseException:
-        if merged:
+        except BaseException:
             with torch.no_grad():
-                for _, layer in adapter_layers(model):
-                    layer.merge()
-        raise
+                for weight, value in merged.values():
+                    weight.copy_(value)
+            raise
 
 
 def attach_adapter(
@@ -168,6 +172,8 @@ def attach_adapter(
     ``resolve_head=False`` reads ``modules_to_save=None`` as nothing (an adapter file records
     the head it trained by name, so None there means none). Returns the config recorded.
     """
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise ConfigError(f"adapter_name={adapter_name!r} must be a Python identifier")
     spec = spec_for_config(config)
     existing = adapter_configs(model)
     if adapter_name in existing:
@@ -182,8 +188,6 @@ def attach_adapter(
             f"peftlab does not stack different methods. Call peftlab.merge_and_unload(model) "
             f"first (for a mergeable method) or apply {spec.name!r} to a fresh copy of the model"
         )
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise ConfigError(f"adapter_name={adapter_name!r} must be a Python identifier")
     saved: list[str] = []
     if resolve_head or config.modules_to_save is not None:
         saved = resolve_modules_to_save(model, config)

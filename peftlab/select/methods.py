@@ -165,8 +165,10 @@ def head_params(arch: Architecture) -> int:
 
 
 def saved_head(arch: Architecture, f: dict) -> bool:
-    """``modules_to_save`` trains a classification model's head."""
-    return bool(f.get("modules_to_save")) and arch.family == BERT
+    """``modules_to_save`` trains a classification model's head; None resolves to it for every
+    method (``peftlab.core.model.resolve_modules_to_save``), [] to nothing."""
+    mts = f.get("modules_to_save")
+    return arch.family == BERT and (bool(mts) or (mts is None and arch.num_labels > 0))
 
 
 def default_head(arch: Architecture, f: dict) -> bool:
