@@ -3,6 +3,13 @@
 Every method's config subclasses :class:`MethodConfig` once and sets ``method`` to its registry
 name. Attribute docstrings are the help text; ``__post_init__`` rejects bad values with a
 message that says what was wrong and what is allowed.
+
+Configs are frozen: ``replace()`` returns a new one, so a config passed to ``apply`` is never
+changed behind the caller's back. Every field is type-checked against its annotation by
+:meth:`MethodConfig.__post_init__` (a subclass's own ``__post_init__`` calls it first and then
+checks values): ``bool`` takes only true/false, ``int`` only integers (not booleans), ``float``
+only finite numbers, ``str`` only strings, ``list[str]`` only lists of strings (kept as a tuple
+inside, written back as a list by ``to_dict``), and ``None`` only where the annotation allows it.
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,9 +36,74 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {key} must be {allowed}.")
 
 
-@dataclasses.dataclass
+def _describe(hint: Any) -> str:
+    """What a value of type ``hint`` looks like, in words ("an integer", "a list of strings")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        type(None): "null",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _kind(value: Any) -> str:
+    """The kind of a wrong value, in words, for the error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not finite"
+    return {int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+_NO = object()
+""":func:`_conform`'s answer for a value that does not fit the type."""
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """``value`` if it is of type ``hint`` (a list as a tuple), else :data:`_NO`.
+
+    Types it does not know (none of peftlab's configs use others) accept any value.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            out = _conform(value, arm)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return _NO
+        items = [_conform(v, args[0]) for v in value]
+        return _NO if any(v is _NO for v in items) else tuple(items)
+    if hint is bool:
+        return value if isinstance(value, bool) else _NO
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return value if ok and math.isfinite(value) else _NO
+    if hint is type(None):
+        return value if value is None else _NO
+    if isinstance(hint, type) and hint in (str, dict):
+        return value if isinstance(value, hint) else _NO
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method config. Subclasses are flat dataclasses."""
+    """Base of every method config. Subclasses are flat, frozen dataclasses whose own
+    ``__post_init__`` (if any) calls ``super().__post_init__()`` first."""
 
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
@@ -38,7 +113,20 @@ class MethodConfig:
 
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new
-    classification head (names or suffixes)."""
+    classification head (names or suffixes). None: a classification model's new head
+    (``classifier``/``score``) trains; [] trains nothing besides the method's parameters."""
+
+    def __post_init__(self) -> None:
+        """Check every field against its annotation (see the module docstring)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out = _conform(value, hints[f.name])
+            if out is _NO:
+                allowed = _describe(hints[f.name])
+                check(False, f.name, value, f"{allowed}, not {_kind(value)}")
+            if out is not value:
+                object.__setattr__(self, f.name, out)  # frozen: lists are kept as tuples
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able values, with its ``method`` name first."""
@@ -51,6 +139,11 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MethodConfig:
         """Build from a dict; unknown keys are an error that lists the known ones."""
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"a {cls.method!r} config must be a mapping of option names to values, "
+                f"not {type(d).__name__} {d!r}"
+            )
         d = {k: v for k, v in d.items() if k != "method"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -70,6 +163,7 @@ class MethodConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, **changes: Any) -> MethodConfig:
+        """A new config with ``changes`` applied (validated again); this one is unchanged."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -101,8 +195,14 @@ def config_from_dict(d: dict[str, Any]) -> MethodConfig:
     """Build the config of the method named by ``d["method"]``."""
     from peftlab.core.registry import get_method
 
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"a method config must be a mapping with a 'method' key, e.g. "
+            f"{{'method': 'lora', 'r': 8}}; got {type(d).__name__} {d!r}"
+        )
     if "method" not in d:
         raise ConfigError("a method config needs a 'method' key, e.g. {'method': 'lora', 'r': 8}")
+    check(isinstance(d["method"], str), "method", d["method"], "a method name such as 'lora'")
     return get_method(d["method"]).config_cls.from_dict(d)
 
 

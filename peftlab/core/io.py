@@ -17,16 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.core.config import ConfigError, MethodConfig, config_from_dict
+from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
 from peftlab.core.fileio import atomic_write_with
-from peftlab.core.model import (
-    active_adapter,
-    adapter_configs,
-    apply,
-    saved_module_names,
-    state_copy,
-)
+from peftlab.core.model import adding_adapter, attach_adapter, set_adapter
 from peftlab.core.registry import get_method
+from peftlab.core.state import active_adapter, adapter_configs, saved_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,7 +65,7 @@ def adapter_state_dict(
         key = _file_key(name, adapter_name, spec.param_prefix)
         if key is not None:
             out[key] = t.detach().contiguous()
-    for module_name in saved_module_names(model, configs[adapter_name]):
+    for module_name in saved_modules(model, adapter_name):
         for name, t in model.get_submodule(module_name).state_dict().items():
             out[f"{KEY_PREFIX}{module_name}.{name}"] = t.detach().contiguous()
     return out
@@ -135,7 +130,12 @@ def save_adapter(
 
 
 def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
-    """The method config stored in an adapter directory (peftlab's or peft's)."""
+    """The method config stored in an adapter directory (peftlab's or peft's).
+
+    Raises:
+        AdapterFileError: the file is missing, not JSON, or holds a value of the wrong type or
+            range (the message names the file, the key, the value and what is allowed).
+    """
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
@@ -144,35 +144,59 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
         )
     try:
         doc = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{cfg_file} is not valid JSON ({e}); the file is corrupt") from e
-    if "peftlab" in doc:
-        return config_from_dict(doc["peftlab"]["config"])
-    return _from_peft(doc, cfg_file)
+    try:
+        check(isinstance(doc, dict), "adapter_config.json", doc, "a JSON object")
+        own = doc.get("peftlab")
+        if own is None:
+            return _from_peft(doc)
+        check(isinstance(own, dict), "peftlab", own, 'an object with a "config" object')
+        check(isinstance(own.get("config"), dict), "peftlab.config", own.get("config"), "an object")
+        return config_from_dict(own["config"])
+    except ConfigError as e:
+        raise AdapterFileError(f"{cfg_file}: {e}") from None
 
 
-def _from_peft(doc: dict, cfg_file: Path) -> MethodConfig:
+def _from_peft(doc: dict) -> MethodConfig:
     """Translate a peft ``LoraConfig`` document into a LoRA/DoRA config."""
     if doc.get("peft_type") != "LORA":
-        raise AdapterFileError(
-            f"{cfg_file}: peft_type={doc.get('peft_type')!r} is not supported for import; "
+        raise ConfigError(
+            f"peft_type={doc.get('peft_type')!r} is not supported for import; "
             f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA)"
         )
     for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
         if doc.get(key):
-            raise AdapterFileError(f"{cfg_file}: peft option {key}={doc[key]!r} is not supported")
+            raise ConfigError(f"peft option {key}={doc[key]!r} is not supported")
     if doc.get("bias", "none") != "none":
-        raise AdapterFileError(f"{cfg_file}: peft option bias={doc['bias']!r} is not supported")
+        raise ConfigError(f"peft option bias={doc['bias']!r} is not supported")
+    absent = [k for k in ("r", "lora_alpha", "target_modules") if k not in doc]
+    if absent:
+        raise ConfigError(
+            f"{', '.join(absent)} missing: a peft LoRA adapter_config.json has r, "
+            f"lora_alpha and target_modules"
+        )
+    use_dora = doc.get("use_dora", False)
+    check(isinstance(use_dora, bool), "use_dora", use_dora, "true or false")
     target = doc["target_modules"]
+    if isinstance(target, list) and all(isinstance(t, str) for t in target):
+        target = sorted(target)  # peft writes a set, in no fixed order
     d = {
-        "method": "dora" if doc.get("use_dora") else "lora",
+        "method": "dora" if use_dora else "lora",
         "r": doc["r"],
         "alpha": doc["lora_alpha"],
         "dropout": doc.get("lora_dropout", 0.0),
-        "target_modules": target if isinstance(target, str) else sorted(target),
-        "use_rslora": bool(doc.get("use_rslora", False)),
+        "target_modules": target,
+        "use_rslora": doc.get("use_rslora", False),
     }
-    return config_from_dict(d)
+    try:
+        return config_from_dict(d)
+    except ConfigError as e:  # name the key as the file spells it
+        msg = str(e)
+        for ours, theirs in (("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+            if msg.startswith(f"{ours}="):
+                msg = msg.replace(ours, theirs, 2)
+        raise ConfigError(msg) from None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -195,82 +219,75 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-class _Snapshot:
-    """The adapters already on a model, so that a refused :func:`load_adapter` can put the
-    model back exactly as it was — without the new adapter, with every earlier one (weights,
-    active adapter, trainable flags, merged state) intact."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from peftlab.core.model import adapter_layers
-
-        self.configs = dict(adapter_configs(model))
-        self.active = active_adapter(model)
-        self.merged = any(getattr(layer, "merged", None) for _, layer in adapter_layers(model))
-        self.grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        prefixes = {get_method(c.method).param_prefix for c in self.configs.values()} - {""}
-        self.tensors = {
-            n: t.detach().clone()
-            for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if any(p in n for p in prefixes)
-        }
-        self.saved = {  # modules_to_save, trained in place
-            name: state_copy(model.get_submodule(name))
-            for config in self.configs.values()
-            for name in saved_module_names(model, config)
-        }
-
-    @torch.no_grad()
-    def restore(self, model: nn.Module) -> None:
-        from peftlab.core.model import merge, set_adapter, unload
-
-        # unload() puts the modules_to_save back to the base's weights, so re-applying
-        # records the same originals for a later unload() as before.
-        unload(model)
-        for name, config in self.configs.items():
-            apply(model, config, name)
-        for n, t in [*model.named_parameters(), *model.named_buffers()]:
-            if n in self.tensors:
-                t.copy_(self.tensors[n])
-        for name, sd in self.saved.items():
-            model.get_submodule(name).load_state_dict(sd)
-        if self.active is not None:
-            set_adapter(model, self.active)
-        for n, p in model.named_parameters():
-            if n in self.grad:
-                p.requires_grad_(self.grad[n])
-        if self.merged:
-            merge(model)
-
-
 def load_adapter(
     model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", strict: bool = True
 ) -> nn.Module:
     """Apply the adapter stored in ``path`` to the base ``model`` and load its weights.
 
+    Atomic, like :func:`peftlab.apply`: a refusal leaves the model (and the adapters already on
+    it) exactly as it was.
+
     Raises:
-        AdapterFileError: the directory is missing or corrupt, or its tensors do not fit the
-            model (the message names the missing, unexpected and mis-shaped keys).
+        AdapterFileError: the directory is missing or corrupt, a value in its config has the
+            wrong type, a tensor is not floating point or not finite, or the tensors do not fit
+            the model (the message names the missing, unexpected and mis-shaped keys).
     """
     path = Path(path)
     config = read_adapter_config(path)
     tensors = _read_weights(path)
     spec = get_method(config.method)
-    undo = _Snapshot(model)
-    apply(model, config, adapter_name)
-    expected: dict[str, torch.Tensor] = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        key = _file_key(name, adapter_name, spec.param_prefix)
-        if key is not None and (spec.param_prefix or key in tensors):
-            expected[key] = t
-    for module_name in saved_module_names(model, config):
-        for name, t in model.get_submodule(module_name).state_dict(keep_vars=True).items():
-            expected[f"{KEY_PREFIX}{module_name}.{name}"] = t
+    with adding_adapter(model):
+        # The file names the modules it trained in full: None there means none.
+        attach_adapter(model, config, adapter_name, resolve_head=False)
+        expected: dict[str, torch.Tensor] = {}
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            key = _file_key(name, adapter_name, spec.param_prefix)
+            if key is not None and (spec.param_prefix or key in tensors):
+                expected[key] = t
+        for module_name in saved_modules(model, adapter_name):
+            for name, t in model.get_submodule(module_name).state_dict(keep_vars=True).items():
+                expected[f"{KEY_PREFIX}{module_name}.{name}"] = t
+        _check_fit(path, config, tensors, expected, strict and bool(spec.param_prefix), strict)
+        # Nothing can refuse past this point: the writes into existing weights come last.
+        with torch.no_grad():
+            for key, t in expected.items():
+                if key in tensors:
+                    t.copy_(tensors[key].to(t.dtype))
+        set_adapter(model, adapter_name)
+    # DoRA and similar caches derived from loaded weights are keyed on tensor versions, so
+    # the copies above invalidate them.
+    return model
+
+
+def _check_fit(
+    path: Path,
+    config: MethodConfig,
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    missing_is_error: bool,
+    unexpected_is_error: bool,
+) -> None:
+    """Raise :class:`AdapterFileError` unless the file's tensors fit the model's places."""
+    weights = path / WEIGHTS_NAME
+    for key in sorted(set(expected) & set(tensors)):
+        t = tensors[key]
+        if expected[key].is_floating_point() and not t.is_floating_point():
+            raise AdapterFileError(
+                f"{weights}: tensor {key} has dtype {t.dtype}; adapter tensors must be floating "
+                f"point (float32, float16 or bfloat16)"
+            )
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterFileError(
+                f"{weights}: tensor {key} holds {bad} non-finite value(s) (inf or nan); adapter "
+                f"tensors must be finite — the run that saved it diverged"
+            )
     problems = []
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    if spec.param_prefix and missing and strict:
+    if missing_is_error and missing:
         problems.append(f"missing keys {missing[:4]}{' …' if len(missing) > 4 else ''}")
-    if unexpected and strict:
+    if unexpected_is_error and unexpected:
         problems.append(
             f"keys the model has no place for {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}"
         )
@@ -282,15 +299,7 @@ def load_adapter(
     if shapes:
         problems.append(f"shape mismatches {shapes[:4]}{' …' if len(shapes) > 4 else ''}")
     if problems:
-        undo.restore(model)
         raise AdapterFileError(
             f"adapter {path} does not fit this model: {'; '.join(problems)}. Load it on the base "
             f"model it was trained from (config {config.method}, {config.to_dict()})"
         )
-    with torch.no_grad():
-        for key, t in expected.items():
-            if key in tensors:
-                t.copy_(tensors[key].to(t.dtype))
-    # DoRA and similar caches derived from loaded weights are keyed on tensor versions, so
-    # the copies above invalidate them.
-    return model

@@ -2,8 +2,17 @@
 
 peftlab adapts the user's ``transformers`` model in place. What it adds is either an adapter
 layer (a module that wraps a base layer and implements :class:`AdapterLayer`) or model-level
-state owned by a method (hooks, a prompt table) that the method's ``unload`` removes. The
-configs applied are kept in ``model.peftlab_config`` (adapter name → config).
+state owned by a method (hooks, a prompt table) that the method's ``unload`` removes. What
+peftlab records about the model (configs, active adapter, modules trained in full) is one
+:class:`peftlab.core.state.ModelState`.
+
+``apply`` is atomic: a refusal at any point leaves the model as it was
+(:mod:`peftlab.core.snapshot`). Modules it adds take the train/eval mode of the place they are
+added to, so a model in eval mode stays deterministic.
+
+``modules_to_save`` resolves in one place, :func:`resolve_modules_to_save`, for every method:
+None on a classification model means its new head (it must train, or the model cannot
+classify), [] means nothing, names or suffixes name modules.
 """
 
 from __future__ import annotations
@@ -18,11 +27,40 @@ from torch import nn
 from peftlab.core.config import ConfigError, MethodConfig
 from peftlab.core.matching import set_submodule
 from peftlab.core.registry import get_method, spec_for_config
+from peftlab.core.snapshot import ModelSnapshot, atomic
+from peftlab.core.state import (
+    active_adapter,
+    adapter_configs,
+    adapters_disabled,
+    clear_state,
+    saved_modules,
+    state_of,
+    update_state,
+)
 
-CONFIG_ATTR = "peftlab_config"
-ACTIVE_ATTR = "peftlab_active"
-ORIGINALS_ATTR = "peftlab_saved_originals"
-"""Module name → the state dict a ``modules_to_save`` module had before training, for unload()."""
+__all__ = [
+    "AdapterLayer",
+    "active_adapter",
+    "adapter_configs",
+    "adapter_layers",
+    "adding_adapter",
+    "apply",
+    "attach_adapter",
+    "classification_head",
+    "disable_adapters",
+    "merge",
+    "merge_and_unload",
+    "resolve_modules_to_save",
+    "saved_modules",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]
+
+CLASSIFICATION_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
+CLASSIFICATION_HEADS = ("classifier", "score")
+"""Head names of transformers' *ForSequenceClassification / *ForTokenClassification models."""
 
 
 @runtime_checkable
@@ -44,28 +82,98 @@ class AdapterLayer(Protocol):
         """The base layer, with the active adapters merged into it if ``merge``."""
 
 
-def adapter_configs(model: nn.Module) -> dict[str, MethodConfig]:
-    """Adapter name → config of everything :func:`apply` put on ``model``."""
-    return getattr(model, CONFIG_ATTR, {})
-
-
-def active_adapter(model: nn.Module) -> str | None:
-    return getattr(model, ACTIVE_ATTR, None)
-
-
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer) and not isinstance(module, type):
             yield name, module
 
 
+def classification_head(model: nn.Module) -> str | None:
+    """The new head of a classification model (``classifier`` or ``score`` of a
+    *ForSequenceClassification / *ForTokenClassification), or None."""
+    if not type(model).__name__.endswith(CLASSIFICATION_SUFFIXES):
+        return None
+    for name in CLASSIFICATION_HEADS:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    return None
+
+
+def resolve_modules_to_save(model: nn.Module, config: MethodConfig) -> list[str]:
+    """Qualified names of the modules ``config`` trains in full and saves with the adapter.
+
+    ``modules_to_save=None`` is a classification model's new head (:func:`classification_head`)
+    and nothing on other models; ``[]`` is nothing; names match a module's qualified name or
+    its suffix. ``config`` is not changed.
+
+    Raises:
+        ConfigError: a name matches no module; the message lists the top-level modules.
+    """
+    if config.modules_to_save is None:
+        head = classification_head(model)
+        return [head] if head else []
+    out: list[str] = []
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in config.modules_to_save:
+        hits = [n for n in names if n == entry or n.endswith("." + entry)]
+        if not hits:
+            raise ConfigError(
+                f"modules_to_save entry {entry!r} matches no module; top-level modules are "
+                f"{[n for n, _ in model.named_children()]}"
+            )
+        out.extend(h for h in hits if not any(h == o or h.startswith(o + ".") for o in out))
+    return out
+
+
 def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
     """Adapt ``model`` in place with the method ``config`` describes and return it.
 
-    Base parameters are frozen (except for ``full``); the new adapter's parameters train.
-    A second adapter of the same method may be added under another name; stacking a
-    different method on top is refused.
+    Base parameters are frozen (except for ``full``); the new adapter's parameters and its
+    ``modules_to_save`` (see :func:`resolve_modules_to_save`) train. A second adapter of the
+    same method may be added under another name; stacking a different method on top is
+    refused. A refusal leaves the model exactly as it was.
     """
+    with adding_adapter(model):
+        attach_adapter(model, config, adapter_name)
+        set_adapter(model, adapter_name)
+    return model
+
+
+@contextlib.contextmanager
+def adding_adapter(model: nn.Module) -> Iterator[ModelSnapshot]:
+    """Around adding an adapter (:func:`attach_adapter`): a merged model is unmerged first (a
+    new adapter is built on the base weights); if the block raises, everything is undone —
+    the merged weights bit for bit. Modules added in the block follow the model's mode."""
+    merged = {
+        id(w): (w, w.detach().clone())
+        for _, layer in adapter_layers(model)
+        if getattr(layer, "merged", None)
+        for w in [layer.base_layer.weight]
+    }
+    with atomic(model) as snapshot:
+        try:
+            if merged:
+                unmerge(model)
+            yield snapshot
+            _follow_mode(model, snapshot)
+        except BaseException:
+            with torch.no_grad():
+                for weight, value in merged.values():
+                    weight.copy_(value)
+            raise
+
+
+def attach_adapter(
+    model: nn.Module, config: MethodConfig, adapter_name: str, resolve_head: bool = True
+) -> MethodConfig:
+    """Put adapter ``adapter_name`` on ``model`` without activating it (``apply`` without
+    :func:`set_adapter`, and without undo: run it inside :func:`peftlab.core.snapshot.atomic`).
+
+    ``resolve_head=False`` reads ``modules_to_save=None`` as nothing (an adapter file records
+    the head it trained by name, so None there means none). Returns the config recorded.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise ConfigError(f"adapter_name={adapter_name!r} must be a Python identifier")
     spec = spec_for_config(config)
     existing = adapter_configs(model)
     if adapter_name in existing:
@@ -80,29 +188,42 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
             f"peftlab does not stack different methods. Call peftlab.merge_and_unload(model) "
             f"first (for a mergeable method) or apply {spec.name!r} to a fresh copy of the model"
         )
-    if not adapter_name.isidentifier():
-        raise ConfigError(f"adapter_name={adapter_name!r} must be a Python identifier")
-    grad_state = {p: p.requires_grad for p in model.parameters()}
+    saved: list[str] = []
+    if resolve_head or config.modules_to_save is not None:
+        saved = resolve_modules_to_save(model, config)
+    if config.modules_to_save is None and saved:
+        config = config.replace(modules_to_save=saved)  # the file records what it holds
     if spec.param_prefix:
         for p in model.parameters():
             p.requires_grad_(False)
-    try:
-        spec.apply(model, config, adapter_name)
-    except BaseException:
-        # A method that refuses the model (or a target that matches nothing) leaves it as it was.
-        for p, flag in grad_state.items():
-            p.requires_grad_(flag)
-        raise
-    setattr(model, CONFIG_ATTR, {**existing, adapter_name: config})
-    originals = model.__dict__.setdefault(ORIGINALS_ATTR, {})
-    for name in saved_module_names(model, config):
+    spec.apply(model, config, adapter_name)
+    state = state_of(model)
+    originals = dict(state.originals) if state else {}
+    for name in saved:
         if name not in originals:  # trained in place: keep the base's copy for unload()
-            originals[name] = state_copy(model.get_submodule(name))
-    set_adapter(model, adapter_name)
-    return model
+            originals[name] = _state_copy(model.get_submodule(name))
+    update_state(
+        model,
+        configs={**existing, adapter_name: config},
+        saved={**(state.saved if state else {}), adapter_name: tuple(saved)},
+        originals=originals,
+    )
+    return config
 
 
-def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+def _follow_mode(model: nn.Module, snapshot: ModelSnapshot) -> None:
+    """Put every module added since ``snapshot`` in the train/eval mode of its parent."""
+    modules = dict(model.named_modules())
+    flags = {name: m.training for name, m in modules.items() if not snapshot.is_new(m)}
+    for name, module in modules.items():
+        parent = name.rpartition(".")[0]
+        if name and snapshot.is_new(module) and not snapshot.is_new(modules[parent]):
+            module.train(modules[parent].training)  # recursive; module types may hook train()
+    for name, flag in flags.items():  # a wrapped base layer keeps its own mode
+        modules[name].training = flag
+
+
+def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of ``module``'s state dict (for ``load_state_dict`` later)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -119,43 +240,46 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         for name, p in model.named_parameters():
             if spec.param_prefix in name:
                 p.requires_grad_(f".{adapter_name}." in f".{name}.")
-    for name in saved_module_names(model, configs[adapter_name]):
+    for name in saved_modules(model, adapter_name):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    setattr(model, ACTIVE_ATTR, adapter_name)
-
-
-def saved_module_names(model: nn.Module, config: MethodConfig) -> list[str]:
-    """Qualified names of the config's ``modules_to_save`` (an unknown name is an error)."""
-    out: list[str] = []
-    names = [n for n, _ in model.named_modules() if n]
-    for entry in config.modules_to_save or []:
-        hits = [n for n in names if n == entry or n.endswith("." + entry)]
-        if not hits:
-            raise ConfigError(
-                f"modules_to_save entry {entry!r} matches no module; top-level modules are "
-                f"{[n for n, _ in model.named_children()]}"
-            )
-        out.extend(h for h in hits if not any(h.startswith(o + ".") for o in out))
-    return out
+    update_state(model, active=adapter_name)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes as its base model (merged adapters are unmerged)."""
+    """Within the block the model computes as its base model: merged adapters are unmerged,
+    adapters are off, and modules trained in full (``modules_to_save``) hold their original
+    weights; all of it comes back when the block ends. Merging inside the block is refused."""
     layers = [layer for _, layer in adapter_layers(model)]
     previous = [getattr(layer, "disabled", False) for layer in layers]
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
-    hooks_owner = getattr(model, "peftlab_disabled", None)
-    model.peftlab_disabled = True
+    state = state_of(model)
+    trained = _swap_originals(model, state.originals if state else {})
+    if state is not None:
+        update_state(model, disabled=True)
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
-            layer.disabled = was
-        model.peftlab_disabled = hooks_owner or False
+        for layer, flag in zip(layers, previous):
+            layer.disabled = flag
+        if state_of(model) is not None:  # unload() inside the block removed it
+            _swap_originals(model, trained)
+            update_state(model, disabled=bool(state and state.disabled))
+
+
+@torch.no_grad()
+def _swap_originals(model: nn.Module, weights: dict) -> dict:
+    """Load ``weights`` (module name → state dict) into the modules in place; returns what
+    they held before."""
+    held = {}
+    for name, sd in weights.items():
+        module = model.get_submodule(name)
+        held[name] = _state_copy(module)
+        module.load_state_dict(sd)
+    return held
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -175,6 +299,11 @@ def _mergeable_or_raise(model: nn.Module, what: str) -> None:
     configs = adapter_configs(model)
     if not configs:
         raise ConfigError(f"{what}: the model carries no peftlab adapter; call peftlab.apply first")
+    if adapters_disabled(model):
+        raise ConfigError(
+            f"{what} inside `with peftlab.disable_adapters(model):` would merge nothing and drop "
+            f"the adapter; leave the disable_adapters block first, then call {what}"
+        )
     bad = sorted({c.method for c in configs.values() if not c.mergeable})
     if bad:
         raise ConfigError(
@@ -217,17 +346,16 @@ def unload(model: nn.Module) -> nn.Module:
 def _unload(model: nn.Module, merge: bool, **kwargs) -> nn.Module:
     for name, layer in list(adapter_layers(model)):
         set_submodule(model, name, layer.unload(merge=merge, **kwargs))
-    originals = model.__dict__.pop(ORIGINALS_ATTR, {})
-    if not merge:  # modules_to_save trained in place go back to the base's weights
+    state = state_of(model)
+    if state is not None and not merge:  # modules_to_save trained in place go back
         with torch.no_grad():
-            for name, sd in originals.items():
+            for name, sd in state.originals.items():
                 model.get_submodule(name).load_state_dict(sd)
     for config in adapter_configs(model).values():
         spec = get_method(config.method)
         if spec.unload is not None:
             spec.unload(model)
-    for attr in (CONFIG_ATTR, ACTIVE_ATTR, "peftlab_disabled"):
-        model.__dict__.pop(attr, None)
+    clear_state(model)
     for p in model.parameters():
         if p.is_floating_point():
             p.requires_grad_(True)

@@ -35,9 +35,9 @@ def token_ids(model: nn.Module, n: int, init_token_ids=None, seed: int = 0) -> l
         return (ids * (n // len(ids) + 1))[:n]
     vocab = model.get_input_embeddings().weight.shape[0]
     cfg = getattr(model, "config", None)
-    special = {
-        getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-    } - {None}
+    special = {getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} - {
+        None
+    }
     special = {i for s in special for i in (s if isinstance(s, list | tuple) else [s])}
     g = torch.Generator().manual_seed(seed)
     out: list[int] = []

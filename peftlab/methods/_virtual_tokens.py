@@ -15,10 +15,7 @@ from typing import Any
 from torch import nn
 
 from peftlab.core.config import ConfigError, check
-from peftlab.core.model import active_adapter
-
-# Head names of transformers' *ForSequenceClassification / *ForTokenClassification models.
-_HEAD_NAMES = ("classifier", "score")
+from peftlab.core.state import active_adapter, adapters_disabled
 
 
 def check_num_virtual_tokens(n: Any) -> None:
@@ -55,17 +52,20 @@ def bind_call(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, An
     return out
 
 
-def default_head(model: nn.Module, config) -> None:
-    """Let a classification model's new head train: ``modules_to_save=None`` resolves to it.
+CACHE_ATTR = "peftlab_virtual_tokens"
+"""The one attribute a virtual-token method sets on a transformers cache: how many virtual
+tokens it holds in front of the real ones. It travels with the cache from one decoding call to
+the next (and through the copies ``generate()`` makes), which a table kept elsewhere would not."""
 
-    A prompt trained against a randomly initialised, frozen head cannot classify, so (as
-    P-Tuning v2 does) the head trains with the prompts. ``modules_to_save=[]`` opts out.
-    """
-    if config.modules_to_save is not None or "Classification" not in type(model).__name__:
-        return
-    heads = [n for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
-    if heads:
-        config.modules_to_save = heads[:1]
+
+def virtual_tokens_in(cache: Any) -> int | None:
+    """How many virtual tokens this method put in ``cache`` (None: it did not fill it)."""
+    return getattr(cache, CACHE_ATTR, None)
+
+
+def record_virtual_tokens(cache: Any, n: int) -> None:
+    """Note on ``cache`` that its first ``n`` positions are virtual tokens."""
+    setattr(cache, CACHE_ATTR, n)
 
 
 class VirtualTokenModule(nn.Module):
@@ -79,7 +79,7 @@ class VirtualTokenModule(nn.Module):
 
     def active(self) -> str | None:
         """The adapter to use for this call, or None (adapters disabled / another method)."""
-        if getattr(self._owner, "peftlab_disabled", False):
+        if adapters_disabled(self._owner):
             return None
         return active_adapter(self._owner)
 

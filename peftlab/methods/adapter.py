@@ -33,7 +33,6 @@ weights: the method is not mergeable.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
@@ -55,7 +54,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 DEFAULT_REDUCTION_FACTOR = 16
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AdapterConfig(MethodConfig):
     """Bottleneck adapters after the attention and/or feed-forward output of every block."""
 
@@ -78,11 +77,10 @@ class AdapterConfig(MethodConfig):
     output each gets an adapter. None places adapters by `placement`."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # types: bottleneck an integer, reduction_factor a number, ...
         if self.bottleneck is not None:
             check(
-                isinstance(self.bottleneck, int)
-                and not isinstance(self.bottleneck, bool)
-                and self.bottleneck > 0,
+                self.bottleneck > 0,
                 "bottleneck",
                 self.bottleneck,
                 "a positive integer no larger than the hidden size, e.g. 64",
@@ -95,10 +93,7 @@ class AdapterConfig(MethodConfig):
             )
         if self.reduction_factor is not None:
             check(
-                isinstance(self.reduction_factor, int | float)
-                and not isinstance(self.reduction_factor, bool)
-                and math.isfinite(self.reduction_factor)
-                and self.reduction_factor >= 1,
+                self.reduction_factor >= 1,
                 "reduction_factor",
                 self.reduction_factor,
                 "a number ≥ 1, e.g. 16 (bottleneck = hidden // 16)",
@@ -117,21 +112,18 @@ class AdapterConfig(MethodConfig):
         )
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.1")
         check(
-            isinstance(self.init_scale, int | float) and 0 <= self.init_scale < 1,
+            0 <= self.init_scale < 1,
             "init_scale",
             self.init_scale,
             "a standard deviation in [0, 1), e.g. 1e-3",
         )
         if self.target_modules is not None:
             check(
-                isinstance(self.target_modules, str | list | tuple)
-                and len(self.target_modules) > 0,
+                len(self.target_modules) > 0,
                 "target_modules",
                 self.target_modules,
                 "None, a module name list or a regex",
             )
-            if isinstance(self.target_modules, tuple):
-                self.target_modules = list(self.target_modules)
 
     def bottleneck_size(self, hidden: int) -> int:
         """The bottleneck width m for a layer of width ``hidden``.

@@ -30,7 +30,7 @@ from peftlab.methods.lora import (
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DoRAConfig(LoRAConfig):
     """LoRA on the direction of each weight row plus a trainable per-row magnitude."""
 

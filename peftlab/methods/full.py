@@ -10,7 +10,7 @@ from peftlab.core.config import MethodConfig
 from peftlab.core.registry import FULL_LRS, MethodSpec, Tuning, register_method
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FullFinetuneConfig(MethodConfig):
     """Train all parameters of the model (no adapter; the "adapter" file is the full weights)."""
 

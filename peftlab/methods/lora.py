@@ -34,7 +34,7 @@ from peftlab.methods._lora_fused import fast_path as fast_path  # the switch, pu
 from peftlab.methods._lora_fused import fast_path_enabled as fast_path_enabled
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoRAConfig(MethodConfig):
     """Low-rank adaptation of the targeted linear layers."""
 
@@ -55,6 +55,7 @@ class LoRAConfig(MethodConfig):
     B always starts at zero."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer, e.g. 8")
         check(self.alpha > 0, "alpha", self.alpha, "a positive number, e.g. 2·r")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.05")
@@ -65,8 +66,6 @@ class LoRAConfig(MethodConfig):
             self.target_modules,
             'a module name list, a regex, or "all-linear"',
         )
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
 
     @property
     def scaling(self) -> float:

@@ -37,19 +37,20 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.model import CONFIG_ATTR, active_adapter, adapter_configs
 from peftlab.core.registry import VIRTUAL_TOKEN_LRS, MethodSpec, Tuning, register_method
+from peftlab.core.state import active_adapter, adapter_configs, replace_config
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
     check_num_virtual_tokens,
-    default_head,
     forward_params,
+    record_virtual_tokens,
     transformer_body,
+    virtual_tokens_in,
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PrefixTuningConfig(MethodConfig):
     """Trainable key/value prefixes on every layer (Li & Liang 2021)."""
 
@@ -66,10 +67,10 @@ class PrefixTuningConfig(MethodConfig):
     """Dropout on the prefix keys/values while training, in [0, 1) (P-Tuning v2 uses 0.1)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_num_virtual_tokens(self.num_virtual_tokens)
-        check(isinstance(self.reparam, bool), "reparam", self.reparam, "true or false")
         check(
-            isinstance(self.reparam_hidden, int) and self.reparam_hidden > 0,
+            self.reparam_hidden > 0,
             "reparam_hidden",
             self.reparam_hidden,
             "a positive integer, e.g. 512",
@@ -135,6 +136,8 @@ class PrefixEncoder(VirtualTokenModule):
         self.configs: dict[str, PrefixTuningConfig] = {}
         self.gc_layers = _checkpointed_layers(owner)
         self._restore_gc = False
+        self._table_cache: dict[str, tuple] = {}
+        """Adapter name → (parameter versions, the table they computed): see _inference_table."""
         body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         body.register_forward_hook(self._post_hook)
 
@@ -196,7 +199,7 @@ class PrefixEncoder(VirtualTokenModule):
             return None
         params = [*self.part("mlp")[name].parameters(), self.part("embedding")[name]]
         key = tuple((t.data_ptr(), t._version) for t in params)
-        cache = self.__dict__.setdefault("_table_cache", {})
+        cache = self._table_cache
         if name not in cache or cache[name][0] != key:
             cache[name] = (key, self.table(name))
         return cache[name][1]
@@ -248,7 +251,7 @@ class PrefixEncoder(VirtualTokenModule):
             read_only = torch.is_grad_enabled() or not use_cache
             prefixes = self.layer_prefixes(name, batch, dtype)
             cache = (_PrefixOnlyCache if read_only else DynamicCache)(ddp_cache_data=prefixes)
-            cache.peftlab_prefix = p
+            record_virtual_tokens(cache, p)
             past = 0
         elif isinstance(cache, _PrefixOnlyCache):
             raise ConfigError(
@@ -256,7 +259,7 @@ class PrefixEncoder(VirtualTokenModule):
                 "not the tokens; to continue decoding, run the first forward under torch.no_grad() "
                 "with use_cache=True (or use generate())"
             )
-        elif getattr(cache, "peftlab_prefix", None) is None:
+        elif virtual_tokens_in(cache) is None:
             if cache.get_seq_length() != 0:
                 raise ConfigError(
                     "the cache passed in already holds tokens but no prefix; start from an empty "
@@ -264,10 +267,10 @@ class PrefixEncoder(VirtualTokenModule):
                 )
             for i, (k, v) in enumerate(self.layer_prefixes(name, batch, dtype)):
                 cache.update(k, v, i)
-            cache.peftlab_prefix = p
+            record_virtual_tokens(cache, p)
             past = 0
         else:
-            past = cache.get_seq_length() - cache.peftlab_prefix
+            past = cache.get_seq_length() - virtual_tokens_in(cache)
         kw[self.cache_arg] = cache
         for layer in self.gc_layers:
             layer._can_checkpoint_with_cache = read_only
@@ -307,7 +310,6 @@ def make_apply(attr: str, tag: str):
         if encoder is None:
             encoder = PrefixEncoder(model, tag)
             model.add_module(attr, encoder)
-        default_head(model, config)
         device = model.get_input_embeddings().weight.device
         encoder.add(adapter_name, config, device)
 
@@ -355,15 +357,13 @@ def fold_prefix(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     encoders = [m for m in model.children() if isinstance(m, PrefixEncoder)]
     if not encoders:
         raise ConfigError("fold_prefix: the model carries no prefix adapter; apply one first")
-    configs = dict(adapter_configs(model))
     for encoder in encoders:
         for name in [adapter_name] if adapter_name else list(encoder.configs):
             if name not in encoder.configs:
                 raise ConfigError(f"fold_prefix: no prefix adapter named {name!r}")
             if encoder.fold(name):
-                configs[name] = encoder.configs[name]
+                replace_config(model, name, encoder.configs[name])
                 encoder.part("table")[name].requires_grad_(name == active_adapter(model))
-    setattr(model, CONFIG_ATTR, configs)
     return model
 
 

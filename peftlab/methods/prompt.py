@@ -28,15 +28,16 @@ from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
     check_num_virtual_tokens,
-    default_head,
     forward_params,
+    record_virtual_tokens,
     transformer_body,
+    virtual_tokens_in,
 )
 
 ATTR = "peftlab_prompt"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PromptTuningConfig(MethodConfig):
     """A trainable soft prompt in front of the input embeddings (Lester et al. 2021)."""
 
@@ -49,6 +50,7 @@ class PromptTuningConfig(MethodConfig):
     "random" (normal with the embedding matrix's standard deviation)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_num_virtual_tokens(self.num_virtual_tokens)
         check(self.init in ("vocab", "random"), "init", self.init, '"vocab" or "random"')
 
@@ -99,7 +101,7 @@ class PromptEncoder(VirtualTokenModule):
         p = prompt.shape[0]
         if cache is not None and cache.get_seq_length() > 0:
             # A decoding step: the prompt is already in the cache (put there by the first step).
-            if getattr(cache, "peftlab_prompt", None) != p:
+            if virtual_tokens_in(cache) != p:
                 raise ConfigError(
                     "the cache passed in holds tokens but not this soft prompt; start decoding "
                     "from an empty cache (or None) so the prompt is put in front"
@@ -123,7 +125,7 @@ class PromptEncoder(VirtualTokenModule):
                 )
                 kw["position_ids"] = torch.cat([lead, position_ids + p], dim=-1)
             if cache is not None:
-                cache.peftlab_prompt = p
+                record_virtual_tokens(cache, p)
             self._strip = p
             shift = 0
         if shift and kw.get("position_ids") is not None:
@@ -141,8 +143,8 @@ class PromptEncoder(VirtualTokenModule):
     def _post_hook(self, body: nn.Module, args: tuple, output):
         p, self._strip = self._strip, 0
         cache = getattr(output, self.cache_arg or "", None)
-        if p and cache is not None and getattr(cache, "peftlab_prompt", None) is None:
-            cache.peftlab_prompt = p  # a cache the model created itself, prompt included
+        if p and cache is not None and virtual_tokens_in(cache) is None:
+            record_virtual_tokens(cache, p)  # a cache the model created itself, prompt included
         if not p:
             return None
         output.last_hidden_state = output.last_hidden_state[:, p:]
@@ -159,7 +161,6 @@ def _apply(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> N
     if encoder is None:
         encoder = PromptEncoder(model)
         model.add_module(ATTR, encoder)
-    default_head(model, config)
     encoder.add(adapter_name, config)
 
 

@@ -17,7 +17,7 @@ import dataclasses
 from peftlab.methods.prefix import PrefixTuningConfig, register_prefix_method
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PTuningV2Config(PrefixTuningConfig):
     """Deep prompts on every layer, trained directly (Liu et al. 2022)."""
 

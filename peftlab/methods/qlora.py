@@ -42,7 +42,7 @@ QUANT_FIELDS = ("quant_type", "double_quant", "blocksize")
 """Settings that define the 4-bit base; every QLoRA adapter on one model must share them."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class QLoRAConfig(LoRAConfig):
     """LoRA (or DoRA) adapters on 4-bit NormalFloat base weights with double quantization."""
 

@@ -25,7 +25,7 @@ from typing import Any
 from peftlab.core.config import ConfigError
 from peftlab.core.optimizers import get_optimizer
 from peftlab.core.registry import get_method
-from peftlab.select.estimator import GB, OPTIMIZER_BYTES, estimate_memory
+from peftlab.select.estimator import GB, estimate_memory
 from peftlab.select.models import MODELS, modelled_methods
 from peftlab.select.presets import resolve_architecture
 

@@ -256,9 +256,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
         model.to(accelerator.device)
     method_config = cfg.method_config()
-    if kind == "classification":
-        method_config = _train_new_head(model, method_config)
-    peftlab.apply(model, method_config)
+    peftlab.apply(model, method_config)  # a classification model's new head trains (core rule)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = peftlab.trainable_parameters(model)
@@ -497,15 +495,6 @@ def _no_accelerator() -> bool:
 def _loss_count(batch: dict[str, torch.Tensor]) -> int:
     labels = batch["labels"]
     return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
-
-
-def _train_new_head(model, method_config):
-    """A classification head is new, so it must train even under a PEFT method: add it to
-    ``modules_to_save`` unless the user chose those modules."""
-    if method_config.modules_to_save is not None or not hasattr(method_config, "modules_to_save"):
-        return method_config
-    heads = [n for n, _ in model.named_children() if n in ("classifier", "score")]
-    return method_config.replace(modules_to_save=heads) if heads else method_config
 
 
 def _make_optimizer(model, cfg: TrainConfig):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import peftlab
 from peftlab.core.model import adapter_layers
 from peftlab.core.registry import get_method
+from peftlab.core.state import saved_modules, state_of
 from tests.conftest import TINY
 
 # Small settings per method for tiny models (defaults otherwise).
@@ -18,11 +20,9 @@ TINY_ARGS: dict[str, dict] = {
     "dora": {"r": 4, "target_modules": "all-linear"},
     "qlora": {"r": 4, "target_modules": "all-linear"},
     "adapter": {"bottleneck": 8, "placement": "houlsby"},
-    # Virtual-token methods train a classifier's head by default (modules_to_save); [] keeps
-    # it frozen here because unload cannot restore a head trained in place.
-    "prefix": {"num_virtual_tokens": 4, "reparam_hidden": 16, "modules_to_save": []},
-    "ptuning-v2": {"num_virtual_tokens": 4, "modules_to_save": []},
-    "prompt": {"num_virtual_tokens": 4, "modules_to_save": []},
+    "prefix": {"num_virtual_tokens": 4, "reparam_hidden": 16},
+    "ptuning-v2": {"num_virtual_tokens": 4},
+    "prompt": {"num_virtual_tokens": 4},
 }
 # (method, arch) pairs a method does not support, with the reason.
 UNSUPPORTED: dict[tuple[str, str], str] = {}
@@ -68,8 +68,12 @@ def test_contract(method, arch, batch, tmp_path):
 
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, "nothing trains"
+    # A classification model's new head trains with every method (modules_to_save=None).
+    heads = saved_modules(model, "default")
+    assert heads == (("classifier",) if arch == "bert" else ())
     if spec.param_prefix:
-        assert all(spec.param_prefix in n for n in trainable), trainable
+        own = [n for n in trainable if not n.startswith(tuple(h + "." for h in heads))]
+        assert all(spec.param_prefix in n for n in own), trainable
         t, total = peftlab.trainable_parameters(model)
         assert 0 < t < total
 
@@ -107,4 +111,187 @@ def test_contract(method, arch, batch, tmp_path):
         torch.testing.assert_close(_logits(plain, batch), ref, rtol=0, atol=1e-6)
     assert not list(adapter_layers(plain))
     assert not any(type(m).__module__.startswith("peftlab") for m in plain.modules())
-    assert not hasattr(plain, "peftlab_config")
+    assert state_of(plain) is None
+
+
+# Per architecture, a module no method wraps, trained in full through modules_to_save.
+SAVED = {"llama": "model.norm", "gpt2": "transformer.ln_f", "bert": "bert.embeddings.LayerNorm"}
+
+
+@pytest.mark.parametrize("method,arch", CASES)
+def test_modules_to_save(method, arch, batch, tmp_path):
+    """modules_to_save trains the module, saves it with the adapter, load_adapter restores it
+    and unload gives the original back."""
+    name = SAVED[arch]
+    model = TINY[arch]()
+    original = {k: v.clone() for k, v in model.get_submodule(name).state_dict().items()}
+    peftlab.apply(model, _config(method).replace(modules_to_save=[name]))
+    module = model.get_submodule(name)
+    assert saved_modules(model, "default") == (name,)
+    assert all(p.requires_grad for p in module.parameters())
+    if arch == "bert" and get_method(method).param_prefix:
+        assert not model.classifier.weight.requires_grad  # an explicit list replaces the head
+
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _loss(model, batch).backward()
+    opt.step()
+    model.eval()
+    assert not torch.equal(module.weight, original["weight"]), "the module did not train"
+    out = _logits(model, batch)
+
+    peftlab.save_adapter(model, tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(keys[f"base_model.model.{name}.weight"], module.weight.detach())
+    loaded = peftlab.load_adapter(TINY[arch](), tmp_path)
+    torch.testing.assert_close(loaded.get_submodule(name).weight, module.weight, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(loaded, batch), out, rtol=0, atol=0)
+
+    plain = peftlab.unload(model)
+    for k, v in plain.get_submodule(name).state_dict().items():
+        torch.testing.assert_close(v, original[k], rtol=0, atol=0)
+
+
+def _fingerprint(model) -> dict:
+    """Everything a refused apply or load must leave as it was: module types, modes,
+    attributes and hooks, tensors (flags, dtypes, values) and peftlab's state."""
+    modules = {
+        n: (
+            type(m),
+            m.training,
+            sorted(m.__dict__),
+            {k: len(v) for k, v in m.__dict__.items() if "hooks" in k and isinstance(v, dict)},
+        )
+        for n, m in model.named_modules()
+    }
+    tensors = {
+        n: (t.dtype, t.requires_grad, t.detach().clone())
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    return {"modules": modules, "tensors": tensors, "state": state_of(model)}
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    assert after["modules"] == before["modules"]
+    assert after["state"] is before["state"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for n, (dtype, flag, value) in before["tensors"].items():
+        assert after["tensors"][n][:2] == (dtype, flag), n
+        assert torch.equal(after["tensors"][n][2], value), n
+
+
+def _registrations(monkeypatch, fail_at: int | None) -> list[int]:
+    """Count submodule and parameter registrations (and raise at the ``fail_at``-th): the
+    steps by which every method builds its layers and modules."""
+    from torch import nn
+
+    calls = [0]
+    set_attr, add_module = nn.Module.__setattr__, nn.Module.add_module
+
+    def count() -> None:
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise RuntimeError("injected failure midway through the model")
+
+    def patched_setattr(self, key, value):
+        if isinstance(value, nn.Module | nn.Parameter):
+            count()
+        set_attr(self, key, value)
+
+    def patched_add_module(self, key, module):
+        count()
+        add_module(self, key, module)
+
+    monkeypatch.setattr(nn.Module, "__setattr__", patched_setattr)
+    monkeypatch.setattr(nn.Module, "add_module", patched_add_module)
+    return calls
+
+
+def _has_field(method: str, field: str) -> bool:
+    return field in {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+
+
+REFUSALS = ["modules_to_save", "target", "midway", "end", "second-midway", "load"]
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+@pytest.mark.parametrize("method", peftlab.methods())
+def test_refused_apply_or_load_leaves_the_model_as_it_was(method, refusal, monkeypatch, tmp_path):
+    arch = "bert" if refusal == "load" else "llama"
+    config = _config(method)
+    model = TINY[arch]()
+    if refusal == "target" and not _has_field(method, "target_modules"):
+        pytest.skip(f"{method} takes no target_modules")
+    name = "second" if refusal.startswith("second") else "default"
+    dry_run = TINY[arch]()
+    if refusal.startswith("second"):
+        peftlab.apply(model, config)
+        peftlab.apply(dry_run, config)
+    else:  # mixed flags, which every method changes
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if refusal.endswith("midway"):
+        calls = _registrations(monkeypatch, None)
+        peftlab.apply(dry_run, config, name)
+        monkeypatch.undo()
+        if not calls[0]:
+            pytest.skip(f"{method} registers no module or parameter (see 'end')")
+        _registrations(monkeypatch, calls[0] // 2 + 1)
+    elif refusal == "end":
+        import peftlab.core.model as core_model
+
+        spec = core_model.spec_for_config(config)
+
+        def apply_then_fail(*args):
+            spec.apply(*args)
+            raise RuntimeError("injected failure after the method applied itself")
+
+        replaced = dataclasses.replace(spec, apply=apply_then_fail)
+        monkeypatch.setattr(core_model, "spec_for_config", lambda c: replaced)
+    elif refusal == "load":
+        source = peftlab.apply(TINY[arch](), config)
+        _perturb(source)
+        peftlab.save_adapter(source, tmp_path)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(tmp_path / "adapter_model.safetensors")
+        key = sorted(tensors)[-1]
+        tensors[key] = torch.full_like(tensors[key], float("inf"))
+        save_file(tensors, tmp_path / "adapter_model.safetensors")
+
+    before = _fingerprint(model)
+    if refusal == "modules_to_save":
+        with pytest.raises(peftlab.ConfigError, match="'nowhere' matches no module"):
+            peftlab.apply(model, config.replace(modules_to_save=["nowhere"]), name)
+    elif refusal == "target":
+        with pytest.raises(peftlab.ConfigError, match="'nowhere' matches no module"):
+            peftlab.apply(model, config.replace(target_modules=["nowhere"]), name)
+    elif refusal == "load":
+        with pytest.raises(peftlab.AdapterFileError, match=f"{key}.*non-finite"):
+            peftlab.load_adapter(model, tmp_path)
+    else:
+        with pytest.raises(RuntimeError, match="injected"):
+            peftlab.apply(model, config, name)
+    monkeypatch.undo()
+    _assert_same(before, _fingerprint(model))
+    peftlab.apply(model, config, name)  # the model is still usable
+    assert state_of(model).active == name
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("method", peftlab.methods())
+def test_added_modules_follow_the_model_mode(method, training, batch, tmp_path):
+    """Modules added by apply/load_adapter take the model's mode: in eval mode, dropout in the
+    adapter is off and two identical calls give identical outputs."""
+    args = {"dropout": 0.5} if _has_field(method, "dropout") else {}
+    config = _config(method).replace(**args)
+    model = peftlab.apply(TINY["llama"]().train(training), config)
+    assert all(m.training == training for m in model.modules())
+    _perturb(model)
+    peftlab.save_adapter(model, tmp_path)
+    loaded = peftlab.load_adapter(TINY["llama"]().train(training), tmp_path)
+    assert all(m.training == training for m in loaded.modules())
+    if not training:
+        for m in (model, loaded):
+            torch.testing.assert_close(_logits(m, batch), _logits(m, batch), rtol=0, atol=0)

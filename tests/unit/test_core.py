@@ -10,6 +10,7 @@ import torch
 
 import peftlab
 from peftlab import AdapterFileError, ConfigError
+from peftlab.core.state import adapter_configs, state_of
 from tests.conftest import TINY, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -159,7 +160,7 @@ def test_adapter_with_wrong_shapes_names_them(tmp_path):
         match=r"shape mismatches .*q_proj\.lora_A\.weight: file \(4, 32\) vs model \(4, 48\)",
     ):
         peftlab.load_adapter(other, path)
-    assert not hasattr(other, "peftlab_config")  # a failed load leaves the model as it was
+    assert state_of(other) is None  # a failed load leaves the model as it was
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -208,7 +209,7 @@ def test_unload_restores_modules_to_save_and_merge_keeps_them():
         m = peftlab.merge_and_unload(m) if merge else peftlab.unload(m)
         expected = trained if merge else before["weight"]
         torch.testing.assert_close(m.classifier.weight.detach(), expected)
-        assert not hasattr(m, "peftlab_saved_originals")
+        assert state_of(m) is None
 
 
 def test_adapter_with_missing_keys_names_them(tmp_path):
@@ -275,4 +276,97 @@ def test_refused_apply_leaves_the_model_trainable_as_before():
     with pytest.raises(ConfigError):
         peftlab.apply(m, peftlab.LoRAConfig(target_modules=["nope"]))
     assert all(p.requires_grad for p in m.parameters())
-    assert not hasattr(m, "peftlab_config")
+    assert state_of(m) is None
+
+
+# -- one rule for the head, frozen configs, strict types ------------------------------------
+
+
+def test_apply_and_train_agree_on_the_classification_head(tmp_path):
+    """peftlab.apply(bert, LoRAConfig()) trains the new head, as peftlab train does."""
+    from peftlab.train import train
+    from tests.tiny_lm import char_tokenizer
+
+    config = peftlab.LoRAConfig(r=4)
+    applied = peftlab.apply(tiny_bert(), config)
+    assert config.modules_to_save is None  # the caller's config is not changed
+    assert adapter_configs(applied)["default"].modules_to_save == ("classifier",)
+    rows = ["text,label"] + [f"{'good' if i % 2 else 'bad'} film {i},{i % 2}" for i in range(24)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    trained = tiny_bert()
+    train(
+        {
+            "model": "unused",
+            "method": "lora",
+            "method_args": {"r": 4},
+            "data": str(tmp_path / "d.csv"),
+            "eval_size": 8,
+            "max_steps": 1,
+            "batch_size": 8,
+            "progress": False,
+            "output_dir": str(tmp_path / "run"),
+        },
+        model=trained,
+        tokenizer=char_tokenizer(),
+    )
+
+    def trainable(m):
+        return sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+    assert "classifier.weight" in trainable(applied)
+    assert trainable(trained) == trainable(applied)
+    # [] opts out; explicit names resolve by suffix; a language model has no head to add.
+    bare = peftlab.apply(tiny_bert(), peftlab.LoRAConfig(r=4, modules_to_save=[]))
+    assert not bare.classifier.weight.requires_grad
+    lm = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4))
+    assert adapter_configs(lm)["default"].modules_to_save is None
+
+
+def test_merge_inside_disable_adapters_is_refused(batch):
+    m = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4, target_modules=["q_proj"]))
+    _perturb_b(m, "default", 0.05)
+    out = m(input_ids=batch).logits.detach()
+    with peftlab.disable_adapters(m):
+        for op in (peftlab.merge_and_unload, peftlab.merge):
+            with pytest.raises(ConfigError, match="leave the disable_adapters block first"):
+                op(m)
+    torch.testing.assert_close(m(input_ids=batch).logits.detach(), out)
+    plain = peftlab.merge_and_unload(m)  # outside the block it merges what was trained
+    torch.testing.assert_close(plain(input_ids=batch).logits.detach(), out, atol=1e-5, rtol=0)
+
+
+def test_lora_dropout_follows_eval_mode(batch):
+    m = peftlab.apply(tiny_llama(), peftlab.LoRAConfig(r=4, dropout=0.5))
+    _perturb_b(m, "default", 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=batch).logits, m(input_ids=batch).logits)
+        m.train()
+        assert not torch.equal(m(input_ids=batch).logits, m(input_ids=batch).logits)
+
+
+def test_fold_prefix_records_the_new_config_through_the_core():
+    config = peftlab.PrefixTuningConfig(num_virtual_tokens=2, reparam_hidden=8)
+    m = peftlab.apply(tiny_llama(), config)
+    peftlab.fold_prefix(m)
+    assert adapter_configs(m)["default"] == config.replace(reparam=False)
+    assert config.reparam is True
+    from peftlab.core.state import replace_config
+
+    with pytest.raises(ConfigError, match="cannot be recorded as a LoRAConfig"):
+        replace_config(m, "default", peftlab.LoRAConfig())
+
+
+def test_apply_on_a_merged_model(batch):
+    """A refused apply leaves a merged model merged, bit for bit; an accepted one builds the
+    new adapter on the base weights (DoRA's magnitude is ‖W0‖, so the output is the base's)."""
+    ref = tiny_llama()(input_ids=batch).logits.detach()
+    m = peftlab.apply(tiny_llama(), peftlab.DoRAConfig(r=4, target_modules=["q_proj"]))
+    _perturb_b(m, "default", 0.05)
+    peftlab.merge(m)
+    weights = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConfigError, match="'nope' matches no module"):
+        peftlab.apply(m, peftlab.DoRAConfig(r=4, target_modules=["nope"]), "second")
+    assert all(torch.equal(v, weights[k]) for k, v in m.state_dict().items())
+    assert m.model.layers[0].self_attn.q_proj.merged == ["default"]
+    peftlab.apply(m, peftlab.DoRAConfig(r=4, target_modules=["q_proj"]), "second")
+    torch.testing.assert_close(m(input_ids=batch).logits.detach(), ref, atol=1e-5, rtol=0)

@@ -9,6 +9,7 @@ import torch
 
 import peftlab
 from peftlab.core.config import ConfigError
+from peftlab.core.state import adapter_configs
 from tests.conftest import TINY, tiny_bert, tiny_llama
 
 
@@ -104,7 +105,7 @@ def test_fold_gives_the_same_outputs_and_drops_the_mlp(tmp_path, batch):
     keys = sorted(load_file(tmp_path / "a" / "adapter_model.safetensors"))
     assert keys == ["base_model.model.peftlab_prefix.prefix_table"]
     loaded = peftlab.load_adapter(tiny_llama(), tmp_path / "a")
-    assert loaded.peftlab_config["default"].reparam is False
+    assert adapter_configs(loaded)["default"].reparam is False
     assert not any(
         "prefix_mlp" in n or "prefix_embedding" in n for n, _ in loaded.named_parameters()
     )
@@ -112,7 +113,7 @@ def test_fold_gives_the_same_outputs_and_drops_the_mlp(tmp_path, batch):
     peftlab.fold_prefix(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names == ["peftlab_prefix.prefix_table.default"]
-    assert model.peftlab_config["default"].reparam is False
+    assert adapter_configs(model)["default"].reparam is False
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=batch).logits, before, rtol=0, atol=0)
         torch.testing.assert_close(loaded(input_ids=batch).logits, before, rtol=0, atol=0)
@@ -168,14 +169,14 @@ def test_ptuning_v2_defaults():
     clf = peftlab.apply(tiny_bert(), config)
     trainable = sorted(n for n, p in clf.named_parameters() if p.requires_grad)
     # The new classification head trains with the prompts (modules_to_save resolved to it).
-    assert clf.peftlab_config["default"].modules_to_save == ["classifier"]
+    assert adapter_configs(clf)["default"].modules_to_save == ("classifier",)
     assert trainable == [
         "classifier.bias",
         "classifier.weight",
         "peftlab_ptuning.ptuning_table.default",
     ]
     lm = peftlab.apply(tiny_llama(), peftlab.PTuningV2Config(num_virtual_tokens=4))
-    assert lm.peftlab_config["default"].modules_to_save is None
+    assert adapter_configs(lm)["default"].modules_to_save is None
     assert [n for n, p in lm.named_parameters() if p.requires_grad] == [
         "peftlab_ptuning.ptuning_table.default"
     ]

@@ -7,6 +7,7 @@ import torch
 
 import peftlab
 from peftlab.core.config import ConfigError
+from peftlab.core.state import adapter_configs
 from tests.conftest import TINY, tiny_bert, tiny_llama
 
 
@@ -37,7 +38,7 @@ def test_causal_lm_equals_prompt_prepended_by_hand():
 
 def test_bert_classifies_from_cls_behind_the_prompt():
     model = peftlab.apply(tiny_bert(), peftlab.PromptTuningConfig(num_virtual_tokens=3))
-    assert model.peftlab_config["default"].modules_to_save == ["classifier"]
+    assert adapter_configs(model)["default"].modules_to_save == ("classifier",)
     prompt = model.peftlab_prompt.prompt_embeddings.default
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
