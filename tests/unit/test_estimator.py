@@ -73,7 +73,7 @@ def test_registering_a_method_without_a_model_is_caught(monkeypatch):
 
     from peftlab.core import registry
 
-    @dataclasses.dataclass
+    @dataclasses.dataclass(frozen=True)
     class IA3Config(peftlab.MethodConfig):
         pass
 
