@@ -99,7 +99,7 @@ def test_a_method_without_memory_plan_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize(
     "arch,saved",
-    [("llama", None), ("llama", []), ("bert", []), ("bert", ["classifier"])],
+    [("llama", None), ("llama", []), ("bert", None), ("bert", []), ("bert", ["classifier"])],
 )
 @pytest.mark.parametrize("method", METHODS)
 def test_trainable_closed_form_matches_apply(method, arch, saved):
