@@ -128,6 +128,11 @@ class MethodConfig:
             if out is not value:
                 object.__setattr__(self, f.name, out)  # frozen: lists are kept as tuples
 
+    def with_tokenizer(self, tokenizer: Any) -> MethodConfig:
+        """This config with whatever it needs from the tokenizer resolved (a virtual-token
+        method's ``init_text`` becomes ``init_token_ids``); most methods need nothing."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able values, with its ``method`` name first."""
         d = {"method": self.method}

@@ -20,10 +20,71 @@ vocabulary keys/values −5.5% loss at step 0, a task sentence −19.6%, N(0, 1)
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
+from peftlab.core.config import ConfigError, check
+
 INIT_CHOICES = ("vocab", "text", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInit:
+    """The init options every virtual-token config shares (a mixin of the config classes)."""
+
+    init: str = "vocab"
+    """How the virtual tokens start: "vocab" (from the model, for p randomly sampled vocabulary
+    tokens), "text" (from the model, for the tokens of ``init_text``) or "random" (N(0, 1)
+    tables as peft and the papers' code do; embedding-scaled normal for prompt tuning)."""
+    init_text: str | None = None
+    """Text whose tokens initialize the virtual tokens with ``init="text"`` (repeated or cut
+    to ``num_virtual_tokens``), e.g. a task description."""
+    init_token_ids: list[int] | None = None
+    """The token ids of ``init_text``; filled in from the tokenizer by ``peftlab train``
+    (``config.with_tokenizer(tokenizer)``), or given directly."""
+
+    def check_init(self) -> None:
+        check(self.init in INIT_CHOICES, "init", self.init, '"vocab", "text" or "random"')
+        if self.init == "text":
+            check(
+                bool(self.init_text) or bool(self.init_token_ids),
+                "init_text",
+                self.init_text,
+                'a non-empty text when init="text"',
+            )
+        if self.init_token_ids is not None:
+            check(
+                len(self.init_token_ids) > 0 and all(i >= 0 for i in self.init_token_ids),
+                "init_token_ids",
+                self.init_token_ids,
+                "a non-empty list of token ids (non-negative integers)",
+            )
+
+    def with_tokenizer(self, tokenizer: Any):
+        if self.init != "text" or self.init_token_ids or not self.init_text:
+            return self
+        ids = tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"init_text={self.init_text!r} tokenizes to no tokens")
+        return dataclasses.replace(self, init_token_ids=list(ids))
+
+    def init_ids(self, model: nn.Module, n: int) -> list[int]:
+        """The ``n`` token ids to initialize from ("vocab" and "text")."""
+        if self.init == "text" and not self.init_token_ids:
+            raise ConfigError(
+                'init="text" needs init_text tokenized: pass config.with_tokenizer(tokenizer) '
+                "to peftlab.apply (peftlab train does this), or give init_token_ids"
+            )
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if self.init_token_ids and max(self.init_token_ids) >= vocab:
+            raise ConfigError(
+                f"init_token_ids holds id {max(self.init_token_ids)}, outside the model's "
+                f"vocabulary of {vocab}"
+            )
+        return token_ids(model, n, self.init_token_ids if self.init == "text" else None)
 
 
 def token_ids(model: nn.Module, n: int, init_token_ids=None, seed: int = 0) -> list[int]:

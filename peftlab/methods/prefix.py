@@ -39,6 +39,7 @@ from transformers.cache_utils import DynamicLayer
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.registry import VIRTUAL_TOKEN_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.state import active_adapter, adapter_configs, replace_config
+from peftlab.methods._token_init import TokenInit, keys_values_of
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -51,7 +52,7 @@ from peftlab.methods._virtual_tokens import (
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefixTuningConfig(MethodConfig):
+class PrefixTuningConfig(TokenInit, MethodConfig):
     """Trainable key/value prefixes on every layer (Li & Liang 2021)."""
 
     preserves_output_at_init = False
@@ -76,6 +77,7 @@ class PrefixTuningConfig(MethodConfig):
             "a positive integer, e.g. 512",
         )
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.1")
+        self.check_init()
 
 
 class _PrefixOnlyCache(DynamicCache):
@@ -149,20 +151,39 @@ class PrefixEncoder(VirtualTokenModule):
             config.num_virtual_tokens,
             self.num_layers * 2 * self.num_kv_heads * self.head_dim,
         )
+        # The model's own keys/values for real tokens (Li & Liang §7.2), computed before the
+        # adapter exists so no prefix is in them; None: N(0, 1) as the papers' code does.
+        real = None if config.init == "random" else self._real_table(config, p).to(device)
         if config.reparam:
             # As Li & Liang's code: nn.Embedding (N(0, 1)) → Linear → Tanh → Linear.
-            self.part("embedding")[name] = nn.Parameter(
-                torch.randn(p, self.hidden_size, device=device)
-            )
-            self.part("mlp")[name] = nn.Sequential(
+            embedding = torch.randn(p, self.hidden_size, device=device)
+            mlp = nn.Sequential(
                 nn.Linear(self.hidden_size, config.reparam_hidden),
                 nn.Tanh(),
                 nn.Linear(config.reparam_hidden, width),
             ).to(device)
+            if real is not None:
+                # Start the MLP at the real table: with H = tanh(W1·E + b1) ([p, hidden], rank p
+                # for hidden ≥ p), W2ᵀ = pinv(H)·(table − b2) makes H·W2ᵀ + b2 = table.
+                with torch.no_grad():
+                    hidden = mlp[1](mlp[0](embedding)).float()
+                    target = real - mlp[2].bias.float()
+                    mlp[2].weight.copy_((torch.linalg.pinv(hidden) @ target).T)
+            self.part("embedding")[name] = nn.Parameter(embedding)
+            self.part("mlp")[name] = mlp
         else:
-            # As P-Tuning v2's PrefixEncoder without projection: nn.Embedding, N(0, 1).
-            self.part("table")[name] = nn.Parameter(torch.randn(p, width, device=device))
+            # As P-Tuning v2's PrefixEncoder without projection: nn.Embedding.
+            table = real if real is not None else torch.randn(p, width, device=device)
+            self.part("table")[name] = nn.Parameter(table)
         self.configs[name] = config
+
+    def _real_table(self, config: PrefixTuningConfig, p: int) -> torch.Tensor:
+        ids = config.init_ids(self._owner, p)
+        self._init_pending = True  # the hooks stay out of this call
+        try:
+            return keys_values_of(transformer_body(self._owner), ids, self.cache_arg)
+        finally:
+            self._init_pending = False
 
     def layer_rows(self, name: str, layer: int) -> torch.Tensor:
         """Layer ``layer``'s slice of the table, ``[p, 2·n_kv·d_head]``.
@@ -231,7 +252,7 @@ class PrefixEncoder(VirtualTokenModule):
 
     def _pre_hook(self, body: nn.Module, args: tuple, kwargs: dict):
         name = self.active()
-        if name not in self.configs:
+        if name not in self.configs or self.__dict__.get("_init_pending"):
             return None
         kw = bind_call(self.signature, args, kwargs)
         cache = kw.get(self.cache_arg)

@@ -22,8 +22,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from peftlab.core.config import ConfigError, MethodConfig, check
+from peftlab.core.config import ConfigError, MethodConfig
 from peftlab.core.registry import VIRTUAL_TOKEN_LRS, MethodSpec, Tuning, register_method
+from peftlab.methods._token_init import TokenInit, embeddings_of
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -38,21 +39,18 @@ ATTR = "peftlab_prompt"
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptTuningConfig(MethodConfig):
+class PromptTuningConfig(TokenInit, MethodConfig):
     """A trainable soft prompt in front of the input embeddings (Lester et al. 2021)."""
 
     preserves_output_at_init = False
 
     num_virtual_tokens: int = 20
     """Soft-prompt length p (the paper uses 1–150; 20 is a common choice)."""
-    init: str = "vocab"
-    """Prompt init: "vocab" (embeddings of randomly sampled vocabulary tokens, as the paper) or
-    "random" (normal with the embedding matrix's standard deviation)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_num_virtual_tokens(self.num_virtual_tokens)
-        check(self.init in ("vocab", "random"), "init", self.init, '"vocab" or "random"')
+        self.check_init()
 
 
 class PromptEncoder(VirtualTokenModule):
@@ -77,9 +75,10 @@ class PromptEncoder(VirtualTokenModule):
     def add(self, name: str, config: PromptTuningConfig) -> None:
         table = self._owner.get_input_embeddings().weight
         with torch.no_grad():
-            if config.init == "vocab":
-                rows = torch.randint(0, table.shape[0], (config.num_virtual_tokens,))
-                init = table[rows.to(table.device)].float().clone()
+            if config.init != "random":  # the embeddings of real tokens (§3.2, "sampled vocab")
+                init = embeddings_of(
+                    self._owner, config.init_ids(self._owner, config.num_virtual_tokens)
+                )
             else:
                 std = table.float().std().item()
                 init = (

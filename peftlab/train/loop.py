@@ -255,7 +255,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
         model = load_model(cfg.model, kind, num_labels=max(2, len(data.label_names)))
     if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
         model.to(accelerator.device)
-    method_config = cfg.method_config()
+    method_config = cfg.method_config().with_tokenizer(tokenizer)
     peftlab.apply(model, method_config)  # a classification model's new head trains (core rule)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
