@@ -19,13 +19,14 @@ Definitions (the report quotes them):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -161,31 +162,68 @@ def live_heap_bytes() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
-class PeakMemory:
+_ACTIVE: PeakMemory | None = None
+"""The measurement running in this process, if any: there can be only one (see PeakMemory)."""
+
+
+class _Peaks:
+    """The figures of one measured interval (a whole :class:`PeakMemory` or one phase)."""
+
+    def __init__(self, method: str = "", name: str = "") -> None:
+        self.name = name
+        self.peak_bytes = 0
+        """Absolute peak over the interval: CUDA allocated bytes, or the process's RSS."""
+        self.peak_live_bytes: int | None = None
+        """Peak of :func:`live_heap_bytes` (CPU with glibc, sampled every millisecond), else None."""
+        self.start_live_bytes: int | None = None
+        """Live heap bytes when the interval began (CPU with glibc), else None."""
+        self.method = method
+        """How ``peak_bytes`` was measured."""
+
+    def to_dict(self) -> dict:
+        return {
+            "bytes": self.peak_bytes,
+            "live_bytes": self.peak_live_bytes,
+            "live_bytes_at_start": self.start_live_bytes,
+            "how": self.method,
+        }
+
+
+class PeakMemory(_Peaks):
     """Peak memory of a block: CUDA allocator peak, or CPU peak RSS and peak live heap bytes.
 
-    Use as ``with PeakMemory(device) as pm: ...`` then read ``pm.peak_bytes`` (the absolute
-    peak during the block: CUDA allocated bytes, or RSS), ``pm.peak_live_bytes`` (CPU with
-    glibc: the peak of :func:`live_heap_bytes`, sampled every millisecond; else None) and
-    ``pm.method`` (how ``peak_bytes`` was measured).
+    Use as ``with PeakMemory(device) as pm: ...`` then read ``pm.peak_bytes``,
+    ``pm.peak_live_bytes``, ``pm.start_live_bytes`` and ``pm.method`` (see :class:`_Peaks`).
+
+    Entering resets the process's peak counter, so one measurement runs at a time: entering a
+    second one while this one is active raises RuntimeError (the reset would erase this
+    one's peak). A part of the block is measured with :meth:`phase`, which keeps the whole's
+    peak: it folds the counter's peak so far into ``pm`` before resetting it for the part.
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__()
         self.device = torch.device(device)
-        self.peak_bytes = 0
-        self.peak_live_bytes: int | None = None
-        self.start_live_bytes: int | None = None
-        """Live heap bytes on entering the block (CPU with glibc), else None."""
-        self.method = ""
+        self.phases: dict[str, _Peaks] = {}
+        """Each finished or open :meth:`phase` by name."""
+        self._phase: _Peaks | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._sample_rss = False
 
     def __enter__(self) -> PeakMemory:
+        global _ACTIVE
+        if _ACTIVE is not None:
+            raise RuntimeError(
+                "PeakMemory cannot nest: another measurement is running in this process and "
+                "entering one resets the process's peak counter, erasing that one's peak; "
+                "measure a part of it with its .phase(name) instead"
+            )
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "torch.cuda.max_memory_allocated"
+            self._reset_counter()
+            _ACTIVE = self
             return self
         if _reset_hwm():
             self.method = "VmHWM (peak RSS, reset via /proc/self/clear_refs)"
@@ -197,40 +235,110 @@ class PeakMemory:
         if self._sample_rss or self.peak_live_bytes is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
+        _ACTIVE = self
         return self
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE
+        try:
+            if self._phase is not None:
+                self.end_phase()
+            self._fold()
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join()
+            self._sample_now(self)
+        finally:
+            _ACTIVE = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[_Peaks]:
+        """Measure a part of the block on its own: ``with pm.phase("loop") as loop: ...``."""
+        part = self.begin_phase(name)
+        try:
+            yield part
+        finally:
+            self.end_phase()
+
+    def begin_phase(self, name: str) -> _Peaks:
+        """Start measuring the part ``name`` (phases do not overlap); see :meth:`phase`."""
+        if _ACTIVE is not self:
+            raise RuntimeError(f"phase {name!r}: this PeakMemory is not running")
+        if self._phase is not None:
+            raise RuntimeError(
+                f"phase {name!r}: phase {self._phase.name!r} is still open; phases do not nest"
+            )
+        self._fold()  # the whole's peak so far, read before the reset erases it
+        part = _Peaks(self.method, name)
+        self._reset_counter()
+        if self._sample_rss:
+            part.peak_bytes = rss_bytes()
+        if self.peak_live_bytes is not None:
+            part.peak_live_bytes = part.start_live_bytes = live_heap_bytes()
+        with self._lock:
+            self._phase = self.phases[name] = part
+        return part
+
+    def end_phase(self) -> _Peaks:
+        """Finish the open phase and return its figures."""
+        part = self._phase
+        if part is None:
+            raise RuntimeError("end_phase(): no phase is open")
+        if not self._sample_rss:
+            part.peak_bytes = self._read_counter()
+        self._sample_now(part)
+        with self._lock:
+            self._phase = None
+            self.peak_bytes = max(self.peak_bytes, part.peak_bytes)
+        return part
+
+    # The counter is the CUDA allocator's peak or the kernel's VmHWM; without either, RSS is
+    # sampled and there is nothing to reset.
+    def _read_counter(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kb("VmHWM") or rss_bytes()
+
+    def _reset_counter(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif not self._sample_rss:
+            _reset_hwm()
+
+    def _fold(self) -> None:
+        if not self._sample_rss:
+            peak = self._read_counter()
+            with self._lock:
+                self.peak_bytes = max(self.peak_bytes, peak)
+
+    def _sample_now(self, target: _Peaks) -> None:
+        """One last sample into ``target`` (and the whole), so a peak at the very end counts."""
+        live = live_heap_bytes() if self.peak_live_bytes is not None else None
+        rss = rss_bytes() if self._sample_rss else None
+        with self._lock:
+            for p in (self,) if target is self else (self, target):
+                if live is not None and p.peak_live_bytes is not None:
+                    p.peak_live_bytes = max(p.peak_live_bytes, live)
+                if rss is not None:
+                    p.peak_bytes = max(p.peak_bytes, rss)
 
     def _sample(self) -> None:
         live = self.peak_live_bytes is not None
         tick = 0
         while not self._stop.wait(0.001):
             tick += 1
-            if live:
-                self.peak_live_bytes = max(self.peak_live_bytes, live_heap_bytes())
-            if self._sample_rss and tick % 10 == 0:
-                self.peak_bytes = max(self.peak_bytes, rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            return
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        if self.peak_live_bytes is not None:
-            self.peak_live_bytes = max(self.peak_live_bytes, live_heap_bytes())
-        if self._sample_rss:
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
-        else:
-            self.peak_bytes = _status_kb("VmHWM") or rss_bytes()
-
-    def to_dict(self) -> dict:
-        return {
-            "bytes": self.peak_bytes,
-            "live_bytes": self.peak_live_bytes,
-            "live_bytes_at_start": self.start_live_bytes,
-            "how": self.method,
-        }
+            now_live = live_heap_bytes() if live else None
+            now_rss = rss_bytes() if self._sample_rss and tick % 10 == 0 else None
+            with self._lock:
+                for p in (self, self._phase):
+                    if p is None:
+                        continue
+                    if now_live is not None and p.peak_live_bytes is not None:
+                        p.peak_live_bytes = max(p.peak_live_bytes, now_live)
+                    if now_rss is not None:
+                        p.peak_bytes = max(p.peak_bytes, now_rss)
 
 
 def own_weights(model: nn.Module) -> None:

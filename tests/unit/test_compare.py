@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peftlab.bench import claims, measure, report, runner
+from peftlab.bench.spec import CompareConfig
 from peftlab.core.config import ConfigError
 
 # ---------------------------------------------------------------- statistics
@@ -304,19 +305,21 @@ def test_report_is_self_contained(tmp_path):
 # ---------------------------------------------------------------- runner bookkeeping
 
 
+def plan(*args, **kwargs):
+    return runner.plan(CompareConfig(*args, **kwargs))
+
+
 def test_plan_validates_its_inputs(tmp_path):
     with pytest.raises(ConfigError, match="seeds must be at least 1"):
-        runner.plan(["lora"], model="smollm2-135m", seeds=0, out=tmp_path)
+        plan(["lora"], model="smollm2-135m", seeds=0, out=tmp_path)
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
-        runner.plan(["nope"], model="smollm2-135m", out=tmp_path)
+        plan(["nope"], model="smollm2-135m", out=tmp_path)
     with pytest.raises(ConfigError, match="no built-in classification task"):
-        runner.plan(["lora"], model="minilm-l6", out=tmp_path)
+        plan(["lora"], model="minilm-l6", out=tmp_path)
     with pytest.raises(ConfigError, match="r=0"):  # before any run starts
-        runner.plan(["lora"], model="smollm2-135m", method_args={"lora": {"r": 0}}, out=tmp_path)
+        plan(["lora"], model="smollm2-135m", method_args={"lora": {"r": 0}}, out=tmp_path)
     with pytest.raises(ConfigError, match="no_such_key"):
-        runner.plan(
-            ["lora"], model="smollm2-135m", train_overrides={"no_such_key": 1}, out=tmp_path
-        )
+        plan(["lora"], model="smollm2-135m", train_overrides={"no_such_key": 1}, out=tmp_path)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         runner._train_overrides(["data_size"])
     with pytest.raises(ConfigError, match="METHOD.OPTION=VALUE"):
@@ -327,24 +330,24 @@ def test_plan_validates_its_inputs(tmp_path):
 
 
 def test_plan_gives_every_method_the_same_budget(tmp_path):
-    specs = runner.plan(["lora", "full"], model="smollm2-135m", seeds=2, out=tmp_path, quick=True)
-    assert [s["name"] for s in specs] == ["lora-seed0", "lora-seed1", "full-seed0", "full-seed1"]
+    specs = plan(["lora", "full"], model="smollm2-135m", seeds=2, out=tmp_path, quick=True)
+    assert [s.name for s in specs] == ["lora-seed0", "lora-seed1", "full-seed0", "full-seed1"]
     for key in ("steps", "batch_size", "max_length", "data", "inference", "train_overrides"):
-        assert len({json.dumps(s[key]) for s in specs}) == 1, key
-    assert {s["lr"] for s in specs if s["method"] == "full"} == {5e-5}
-    assert len({s["fingerprint"] for s in specs}) == 4
+        assert len({json.dumps(s.to_json()[key]) for s in specs}) == 1, key
+    assert {s.lr for s in specs if s.method == "full"} == {5e-5}
+    assert len({s.fingerprint for s in specs}) == 4
 
 
 def test_resume_skips_done_runs_and_refuses_other_settings(tmp_path, monkeypatch):
     calls = []
 
     def fake_run_one(spec, timeout=None):
-        calls.append(spec["name"])
-        res = fake_result(spec["method"], 5, 1000, 10)
-        res["run_info"]["fingerprint"] = spec["fingerprint"]
-        if spec["method"] == "dora":
+        calls.append(spec.name)
+        res = fake_result(spec.method, 5, 1000, 10)
+        res["run_info"]["fingerprint"] = spec.fingerprint
+        if spec.method == "dora":
             res["train_info"] = {"status": "failed", "error": "boom"}
-        (tmp_path / f"{spec['name']}.json").write_text(json.dumps(res))
+        (tmp_path / f"{spec.name}.json").write_text(json.dumps(res))
         return res
 
     monkeypatch.setattr(runner, "run_one", fake_run_one)
