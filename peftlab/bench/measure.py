@@ -5,14 +5,41 @@ on synthetic inputs and the same code measures every method.
 
 Definitions (the report quotes them):
 
-- **Peak memory** — GPU: ``torch.cuda.max_memory_allocated`` over training. CPU: the process's
-  peak resident set size during training (Linux ``VmHWM``, reset right before training through
-  ``/proc/self/clear_refs``; elsewhere a 10 ms psutil sampler) minus the RSS right after the
-  model loaded. ``total`` is the peak minus the RSS before the model loaded: the model and
-  everything training needs (a 4-bit base counts as what it really occupies, including any
-  transient copy made while quantizing).
-- **Loss spike** — a logged training loss more than :data:`SPIKE_RATIO` × the median of the
-  :data:`SPIKE_WINDOW` losses logged before it (only counted once that many exist).
+- **Peak memory** — one :class:`PeakMemory` per worker, entered right after the model loaded
+  (its weights copied into the heap by :func:`own_weights`) and left when
+  :func:`peftlab.train.train` returns, so it spans data loading and encoding, ``apply``
+  (QLoRA's quantization and its transient float copies included), the training loop, the final
+  evaluation and saving the adapter. Its counter is ``torch.cuda.max_memory_allocated`` on a
+  GPU; on the CPU the kernel's peak RSS (Linux ``VmHWM``, reset on entering through
+  ``/proc/self/clear_refs``; elsewhere RSS sampled every 10 ms by psutil). Entering resets
+  that process-wide counter, so measurements do not nest: entering a second one raises
+  RuntimeError. In ``train_info.peak_memory``:
+
+  - ``peak_process_bytes``: the counter's peak over the whole measurement.
+  - ``total_bytes``: CPU: ``peak_process_bytes`` minus the RSS before the model loaded (torch
+    and transformers imported) — the model and everything training it needs (a 4-bit base
+    counts as what it really occupies, including the transient of quantizing it); GPU: the
+    peak allocated bytes themselves (nothing was on the device before the model).
+  - ``bytes``: CPU: the peak minus the RSS right after the model loaded; GPU: as ``total``.
+  - ``loop``: the training loop alone (first step to the end of the last evaluation,
+    checkpoints included; setup not), measured by the bench's
+    :class:`~peftlab.bench.probe.LoopProbe` callback as the phase ``"loop"`` of the same
+    measurement (:meth:`PeakMemory.phase`): before resetting the counter for the phase, the
+    measurement reads the peak so far into its own figure, so the whole's peak still covers
+    everything before the loop. ``bytes``: the counter's peak over the loop (CUDA allocated
+    bytes or RSS); ``live_bytes``: the peak of :func:`live_heap_bytes` over the loop (CPU
+    with glibc, sampled every millisecond; RSS also counts freed memory glibc keeps);
+    ``live_bytes_at_start``: live heap bytes when the loop began; ``model_tensor_bytes``:
+    the model's own tensors then (:func:`tensor_bytes`); ``longest_batch``: the longest
+    padded micro-batch.
+  - ``prediction.measured_bytes`` (what the estimator is checked against): the loop's peak
+    (GPU: ``loop.bytes``; CPU: ``loop.live_bytes``) minus what was live at the loop's start
+    that is not model tensors (``live_bytes_at_start − model_tensor_bytes``).
+- **Step time** — per optimizer step, the trainer's host time (building the batches through
+  the update) plus, on a GPU, the wait for the device to finish the step (the probe
+  synchronizes at each step's end; the trainer itself never does).
+- **Loss spike** — a training loss (one per optimizer step) more than :data:`SPIKE_RATIO` ×
+  the median of the :data:`SPIKE_WINDOW` losses before it (only counted once that many exist).
 - **Loss variability** — the standard deviation of step-to-step changes of log-loss,
   ``std(log l_t − log l_{t−1})``: 0 for a smooth curve, ~0.1 for ±10% jitter.
 """
@@ -25,7 +52,6 @@ import os
 import re
 import statistics
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -390,87 +416,3 @@ def tensor_bytes(model: nn.Module) -> dict:
 def dir_bytes(path: str | os.PathLike) -> int:
     """Total size of the regular files under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-# ---------------------------------------------------------------- inference
-
-
-@torch.no_grad()
-def time_inference(
-    models: dict[str, nn.Module], batch: dict, new_tokens: int = 16, repeats: int = 3
-) -> dict:
-    """Prefill latency and decode throughput of each model on ``batch`` (tokenized prompts).
-
-    The models are timed in turn within each of ``repeats`` rounds (after one warm-up round)
-    and each figure is the median over rounds, so a load change on a shared machine hits all
-    of them alike instead of whichever happened to run then.
-
-    Prefill: seconds of one forward over the prompts. Decode: greedy ``generate`` of
-    ``new_tokens`` minus ``generate`` of 1 token, so prompt processing cancels out; tokens/s is
-    ``batch × (new_tokens − 1)`` over that difference. Models without ``generate`` (encoders
-    with a classification head) report prefill only.
-
-    Returns:
-        name → ``{"prefill_s", "decode_tokens_per_s"}``.
-    """
-    rows = batch["input_ids"].shape[0]
-    states = {name: m.training for name, m in models.items()}
-
-    def gen(model: nn.Module, n: int):
-        pad = getattr(model.generation_config, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(model.generation_config, "eos_token_id", None)
-        pad = pad[0] if isinstance(pad, list) else pad
-        return model.generate(
-            **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
-        )
-
-    def one_round(model: nn.Module) -> tuple[float, float | None]:
-        t0 = time.perf_counter()
-        model(**batch)
-        prefill = time.perf_counter() - t0
-        if new_tokens <= 1 or not getattr(model, "can_generate", lambda: False)():
-            return prefill, None
-        t0 = time.perf_counter()
-        gen(model, new_tokens)
-        t_full = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        gen(model, 1)
-        t_one = time.perf_counter() - t0
-        return prefill, rows * (new_tokens - 1) / max(t_full - t_one, 1e-9)
-
-    try:
-        for m in models.values():
-            m.eval()
-            one_round(m)  # warm-up: first calls pay for allocation and lazy init
-        times: dict[str, list] = {name: [] for name in models}
-        for _ in range(repeats):
-            for name, m in models.items():
-                times[name].append(one_round(m))
-    finally:
-        for name, m in models.items():
-            m.train(states[name])
-    out = {}
-    for name, ts in times.items():
-        decode = [d for _, d in ts if d is not None]
-        out[name] = {
-            "prefill_s": statistics.median(p for p, _ in ts),
-            "decode_tokens_per_s": statistics.median(decode) if decode else None,
-        }
-    return out
-
-
-def overhead_ratios(base: dict, other: dict | None) -> dict | None:
-    """``other`` relative to ``base``: prefill latency ratio (>1 slower), decode speed ratio (<1 slower)."""
-    if other is None:
-        return None
-
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    return {
-        "prefill_latency_ratio": ratio(other["prefill_s"], base["prefill_s"]),
-        "decode_speed_ratio": ratio(
-            other.get("decode_tokens_per_s"), base.get("decode_tokens_per_s")
-        ),
-    }

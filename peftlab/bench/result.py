@@ -186,7 +186,7 @@ class RunResult:
 
     run_info: RunInfo
     train_info: TrainInfo
-    meta_info: MetaInfo
+    meta_info: MetaInfo = dataclasses.field(default_factory=MetaInfo)
 
     @property
     def method(self) -> str | None:

@@ -98,7 +98,7 @@ class CompareConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceSettings:
-    """How a run times inference (see :func:`peftlab.bench.measure.time_inference`)."""
+    """How a run times inference (see :func:`peftlab.bench.inference.time_inference`)."""
 
     new_tokens: int
     repeats: int

@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from peftlab.bench import measure
+from peftlab.bench.inference import overhead_ratios, time_inference
 from peftlab.bench.result import (
     InferenceInfo,
     LoopMemory,
@@ -264,23 +265,20 @@ def _train_info(
 
 def _time_inference(spec: RunSpec, base, model, prompts: dict) -> InferenceInfo:
     """Time a fresh copy of the base model and the adapted one in the same rounds (see
-    :func:`measure.time_inference`): unmerged, and merged where the method merges."""
+    :func:`~peftlab.bench.inference.time_inference`): unmerged, and merged where the method
+    merges."""
     import peftlab
     from peftlab.core.model import adapter_configs
 
     inf = spec.inference
     new_tokens = inf.new_tokens if spec.kind == "causal-lm" else 0
     measure.own_weights(base)  # like the adapted model's weights: same kind of memory
-    timed = measure.time_inference(
-        {"base": base, "unmerged": model}, prompts, new_tokens, inf.repeats
-    )
+    timed = time_inference({"base": base, "unmerged": model}, prompts, new_tokens, inf.repeats)
     base_speed, unmerged = timed["base"], timed["unmerged"]
     merged = merged_base = None
     if type(next(iter(adapter_configs(model).values()))).mergeable:
         peftlab.merge(model)
-        timed = measure.time_inference(
-            {"base": base, "merged": model}, prompts, new_tokens, inf.repeats
-        )
+        timed = time_inference({"base": base, "merged": model}, prompts, new_tokens, inf.repeats)
         merged_base, merged = timed["base"], timed["merged"]
         peftlab.unmerge(model)
     return InferenceInfo(
@@ -291,8 +289,8 @@ def _time_inference(spec: RunSpec, base, model, prompts: dict) -> InferenceInfo:
         unmerged=unmerged,
         merged=merged,
         base_in_merged_round=merged_base,
-        unmerged_vs_base=measure.overhead_ratios(base_speed, unmerged),
-        merged_vs_base=measure.overhead_ratios(merged_base, merged) if merged else None,
+        unmerged_vs_base=overhead_ratios(base_speed, unmerged),
+        merged_vs_base=overhead_ratios(merged_base, merged) if merged else None,
         how=f"median of {inf.repeats} rounds, each timing a fresh base model and the "
         "adapted one in turn on the same prompts, after a warm-up round",
     )
