@@ -246,6 +246,7 @@ class PeakMemory(_Peaks):
                 "entering one resets the process's peak counter, erasing that one's peak; "
                 "measure a part of it with its .phase(name) instead"
             )
+        self._stop.clear()
         if self.device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated"
             self._reset_counter()

@@ -184,7 +184,7 @@ def run(spec: RunSpec) -> RunResult:
         # weights": safetensors pages the weights in lazily, so RSS after load undercounts them.
         total_bytes=peak.peak_bytes - (rss_start if cpu else 0),
         loaded_weights_bytes=loaded_weights,
-        how=peak.method + ("" if not cpu else " minus RSS after model load"),
+        how=peak.method + (" minus RSS after model load" if cpu else ""),
         peak_process_bytes=peak.peak_bytes,
         prediction=memory_prediction(spec, config, model, loop, device),
         loop=loop,
