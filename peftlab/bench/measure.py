@@ -27,7 +27,8 @@ Definitions (the report quotes them):
     measurement (:meth:`PeakMemory.phase`): before resetting the counter for the phase, the
     measurement reads the peak so far into its own figure, so the whole's peak still covers
     everything before the loop. ``bytes``: the counter's peak over the loop (CUDA allocated
-    bytes or RSS); ``live_bytes``: the peak of :func:`live_heap_bytes` over the loop (CPU
+    bytes or RSS); ``before_bytes``: the measurement's peak before the loop began (data
+    encoding, ``apply`` and QLoRA's quantization transient); ``live_bytes``: the peak of :func:`live_heap_bytes` over the loop (CPU
     with glibc, sampled every millisecond; RSS also counts freed memory glibc keeps);
     ``live_bytes_at_start``: live heap bytes when the loop began; ``model_tensor_bytes``:
     the model's own tensors then (:func:`tensor_bytes`); ``longest_batch``: the longest
@@ -205,10 +206,13 @@ class _Peaks:
         """Live heap bytes when the interval began (CPU with glibc), else None."""
         self.method = method
         """How ``peak_bytes`` was measured."""
+        self.before_bytes: int | None = None
+        """A phase: the whole measurement's peak before the phase began (same units)."""
 
     def to_dict(self) -> dict:
         return {
             "bytes": self.peak_bytes,
+            "before_bytes": self.before_bytes,
             "live_bytes": self.peak_live_bytes,
             "live_bytes_at_start": self.start_live_bytes,
             "how": self.method,
@@ -297,6 +301,7 @@ class PeakMemory(_Peaks):
             )
         self._fold()  # the whole's peak so far, read before the reset erases it
         part = _Peaks(self.method, name)
+        part.before_bytes = self.peak_bytes
         self._reset_counter()
         if self._sample_rss:
             part.peak_bytes = rss_bytes()

@@ -76,6 +76,8 @@ class LoopMemory:
     :mod:`peftlab.bench.measure`)."""
 
     bytes: int | None = None
+    before_bytes: int | None = None
+    """The measurement's peak before the loop: data, ``apply`` and QLoRA's quantization."""
     live_bytes: int | None = None
     live_bytes_at_start: int | None = None
     how: str | None = None

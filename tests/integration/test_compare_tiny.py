@@ -134,7 +134,7 @@ def check_ok_result(r: dict, method: str, tiny: str) -> None:
         pm["peak_process_bytes"] >= loop["bytes"] > 0
         and loop["how"] == pm["how"].split(" minus")[0]
     )
-    assert loop["model_tensor_bytes"] > 0
+    assert loop["model_tensor_bytes"] > 0 and pm["peak_process_bytes"] >= loop["before_bytes"] > 0
     assert loop["longest_batch"] == ti["train_summary"]["longest_batch"] > 0
     assert "peak_memory" not in ti["train_summary"]  # the trainer measures nothing
     if pred["measured_bytes"] is not None:  # glibc: live heap bytes were sampled

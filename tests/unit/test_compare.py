@@ -431,6 +431,7 @@ def test_outer_peak_keeps_an_allocation_made_before_the_loop_phase():
     mib = 2**20
     assert r["peak"] - r["start"] > 190 * mib, r  # the 200 MiB made before the phase counts
     assert r["loop"]["bytes"] - r["start"] < 100 * mib, r  # the loop's own peak does not
+    assert r["loop"]["before_bytes"] - r["start"] > 190 * mib, r  # it came before the loop
     if r["live0"] is not None:  # glibc: live heap bytes, the estimator's figure
         assert r["live_peak"] - r["live0"] >= 200 * mib
         loop_live = r["loop"]["live_bytes"] - r["loop"]["live_bytes_at_start"]
