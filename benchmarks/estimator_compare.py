@@ -41,6 +41,11 @@ def rows_of(out: Path, batch: int) -> list[dict]:
             continue  # plan.json, summary.json
         info = result["train_info"]
         pred = info.get("peak_memory", {}).get("prediction", {})
+        # The loop's own peak: train_info.peak_memory.loop (results written before the
+        # trainer stopped measuring kept it in train_summary.peak_memory).
+        loop = info.get("peak_memory", {}).get("loop") or (info.get("train_summary") or {}).get(
+            "peak_memory", {}
+        )
         rows.append(
             {
                 "method": result["run_info"]["method"],
@@ -51,9 +56,7 @@ def rows_of(out: Path, batch: int) -> list[dict]:
                 "measured_bytes": pred.get("measured_bytes"),
                 "error": pred.get("error_ratio"),
                 "other_bytes": pred.get("other_live_bytes"),
-                "rss_peak_bytes": info.get("train_summary", {}).get("peak_memory", {}).get("bytes")
-                if info.get("train_summary")
-                else None,
+                "rss_peak_bytes": loop.get("bytes"),
             }
         )
     return rows

@@ -3,23 +3,8 @@ measurement.
 
 The table (section "方法对比分析 / 参数量与显存对比" of the document) rates each method on
 trainable parameters, memory (显存占用), inference overhead (推理开销) and training stability
-(训练稳定性). Its words become levels here; each level has a measured criterion:
-
-- **Trainable parameters**: the stated % range, inclusive (DoRA's "+ weight dimension" also
-  requires DoRA to train more parameters than LoRA with the same rank and targets).
-- **Memory** — ``train_info.peak_memory.total_bytes`` (peak process memory during training
-  minus the process's memory before the model loaded) as a ratio ``q`` to full fine-tuning's: high ``q ≥ 0.9``;
-  medium ``0.5 ≤ q < 0.9``; low ``q < 0.5``; very low: low *and* within 5% of the smallest
-  of all methods measured. Needs ``full`` in the comparison.
-- **Inference overhead** of the form one would deploy (merged where the method merges,
-  otherwise unmerged): slowdown ``o = max(prefill latency ratio, 1 / decode speed ratio) − 1``
-  against the base model timed in the same process on the same prompts. none/very low
-  ``o ≤ 5%`` (the timing noise floor on a shared CPU); low ``5% < o ≤ 15%``; medium
-  ``15% < o ≤ 50%``; high ``o > 50%``.
-- **Training stability**: high = no loss spike, step-to-step log-loss variability at most
-  1.5× the median of all methods in the comparison, and (with several seeds) a final-loss
-  coefficient of variation across seeds ≤ 10%; low = a non-finite loss or ≥ 3 spikes;
-  medium otherwise.
+(训练稳定性). Its words become levels here; :data:`CRITERIA` gives each level its measured
+criterion (every report quotes it). Quality is not judged: the table makes no quality claim.
 
 A claim *held* when the measured level equals the stated one; otherwise it is "better than
 claimed" or "worse than claimed" (lower memory/overhead, higher stability count as better), or
@@ -29,6 +14,26 @@ for trainable parameters "above/below the range".
 from __future__ import annotations
 
 import statistics
+
+CRITERIA = (
+    '**Trainable parameters**: the stated % range, inclusive (DoRA\'s "+ weight dimension" '
+    "also requires DoRA to train more parameters than LoRA with the same rank and targets).",
+    "**Memory**: `train_info.peak_memory.total_bytes` (the process's peak from right after the "
+    "model loaded through training, data loading, `apply` and QLoRA's quantization included, "
+    "minus the process's memory before the model loaded) as a ratio `q` to full "
+    "fine-tuning's: high `q ≥ 0.9`; medium `0.5 ≤ q < 0.9`; low `q < 0.5`; very low: low *and* "
+    "within 5% of the smallest of all methods measured. Needs `full` in the comparison.",
+    "**Inference overhead** of the form one would deploy (merged where the method merges, "
+    "otherwise unmerged): slowdown `o = max(prefill latency ratio, 1 / decode speed ratio) − 1` "
+    "against the base model timed in the same process on the same prompts. none/very low "
+    "`o ≤ 5%` (the timing noise floor on a shared CPU); low `5% < o ≤ 15%`; medium "
+    "`15% < o ≤ 50%`; high `o > 50%`.",
+    "**Training stability**: high = no loss spike, step-to-step log-loss variability at most "
+    "1.5× the median of all methods in the comparison, and (with several seeds) a final-loss "
+    "coefficient of variation across seeds ≤ 10%; low = a non-finite loss or ≥ 3 spikes; "
+    "medium otherwise.",
+)
+"""Each column's measured criterion, in Markdown; the report prints them under its table."""
 
 # Document row → (registry name, trainable % range, memory, inference overhead, stability,
 # method whose trainable count this one must exceed: DoRA's "0.1–1% + 权重维度" = LoRA's + m).
@@ -96,119 +101,103 @@ def verdict(measured: str, claimed: str, order: list[str]) -> str:
 
 
 def check_claims(summary: dict[str, dict]) -> list[dict]:
-    """One row per claim of the document's table: claimed, measured, verdict.
+    """One row per claim of the document's table: claimed, measured, verdict, criterion.
 
     ``summary`` maps method → aggregated figures from :func:`peftlab.bench.report.summarize`
     (keys ``trainable_percent``, ``trainable_params``, ``memory_total_bytes``, ``deploy_overhead``,
-    ``stability``, ``seed_cv``).
+    ``deploy_form``, ``stability``, ``seed_cv``).
     """
-    rows: list[dict] = []
     ok = {m: s for m, s in summary.items() if s.get("status") == "ok"}
-    full = ok.get("full")
     totals = [s["memory_total_bytes"] for s in ok.values() if s.get("memory_total_bytes")]
     variabilities = [s["stability"].get("loss_variability") for s in ok.values()]
     variabilities = [v for v in variabilities if v is not None]
     median_var = statistics.median(variabilities) if variabilities else None
-
-    def row(doc_name, method, column, claimed, measured, result, criterion):
-        rows.append(
-            {
-                "method": method,
-                "document_row": doc_name,
-                "column": column,
-                "claimed": claimed,
-                "measured": measured,
-                "verdict": result,
-                "criterion": criterion,
-            }
-        )
-
+    rows: list[dict] = []
     for doc_name, method, (lo, hi), mem, ovh, stab, exceeds in DOCUMENT_TABLE:
-        s = ok.get(method)
         claimed_pct = f"{lo:g}–{hi:g}%" if lo != hi else f"{lo:g}%"
         if exceeds:
             claimed_pct += " + weight dimension"
+        claimed = {
+            "trainable params": claimed_pct,
+            "memory": mem,
+            "inference overhead": ovh,
+            "training stability": stab,
+        }
+        s = ok.get(method)
         if s is None:
             why = "not in this comparison" if method not in summary else "run failed"
-            for col, claim in (
-                ("trainable params", claimed_pct),
-                ("memory", mem),
-                ("inference overhead", ovh),
-                ("training stability", stab),
-            ):
-                row(doc_name, method, col, claim, why, "not measured", "")
-            continue
-        pct = s["trainable_percent"]
-        held = lo <= round(pct, 6) <= hi
-        extra = ""
-        if exceeds and exceeds in ok:
-            more = s["trainable_params"] - ok[exceeds]["trainable_params"]
-            held = held and more > 0
-            extra = f"; {more:+,} vs {exceeds}"
-        # More or fewer trainable parameters is neither better nor worse in itself.
-        result = "held" if held else "below the range" if pct < lo else "above the range"
-        row(
-            doc_name,
-            method,
-            "trainable params",
-            claimed_pct,
-            f"{pct:.4g}%{extra}",
-            result,
-            "measured % inside the stated range",
-        )
-
-        if full is None or not totals:
-            row(
-                doc_name,
-                method,
-                "memory",
-                mem,
-                "needs full fine-tuning as reference",
-                "not measured",
-                "",
-            )
+            judged = {column: (why, "not measured", "") for column in claimed}
         else:
-            q = s["memory_total_bytes"] / full["memory_total_bytes"]
-            level = memory_level(s["memory_total_bytes"], full["memory_total_bytes"], min(totals))
-            row(
-                doc_name,
-                method,
-                "memory",
-                mem,
-                f"{level} ({q:.2f}× full)",
-                verdict(level, mem, MEMORY_ORDER),
-                "total training memory / full's: high ≥0.9, medium ≥0.5, low <0.5, very low = low and smallest",
+            judged = {
+                "trainable params": _judge_params(s, lo, hi, exceeds, ok),
+                "memory": _judge_memory(s, mem, ok.get("full"), totals),
+                "inference overhead": _judge_overhead(s, ovh),
+                "training stability": _judge_stability(s, stab, median_var),
+            }
+        for column, (measured, result, criterion) in judged.items():
+            rows.append(
+                {
+                    "method": method,
+                    "document_row": doc_name,
+                    "column": column,
+                    "claimed": claimed[column],
+                    "measured": measured,
+                    "verdict": result,
+                    "criterion": criterion,
+                }
             )
-
-        o = s.get("deploy_overhead")
-        if o is None:
-            row(doc_name, method, "inference overhead", ovh, "not timed", "not measured", "")
-        else:
-            level = overhead_level(o)
-            row(
-                doc_name,
-                method,
-                "inference overhead",
-                ovh,
-                f"{level} ({100 * o:+.1f}%, {s['deploy_form']})",
-                verdict(level, ovh, OVERHEAD_ORDER),
-                "slowdown vs base: ≤5% very low, ≤15% low, ≤50% medium",
-            )
-
-        level = stability_level(s["stability"], median_var, s.get("seed_cv"))
-        var = s["stability"].get("loss_variability")
-        desc = (
-            f"{level} ({s['stability'].get('loss_spikes', 0)} spikes, variability {var:.3f})"
-            if var is not None
-            else f"{level} ({s['stability'].get('loss_spikes', 0)} spikes)"
-        )
-        row(
-            doc_name,
-            method,
-            "training stability",
-            stab,
-            desc,
-            verdict(level, stab, STABILITY_ORDER),
-            "high: 0 spikes, variability ≤1.5× median of methods, seed CV ≤10%; low: ≥3 spikes or non-finite",
-        )
     return rows
+
+
+# Each judge returns (measured, verdict, criterion) for one cell of a measured method.
+
+
+def _judge_params(s: dict, lo: float, hi: float, exceeds: str | None, ok: dict) -> tuple:
+    pct = s["trainable_percent"]
+    held = lo <= round(pct, 6) <= hi
+    extra = ""
+    if exceeds and exceeds in ok:
+        more = s["trainable_params"] - ok[exceeds]["trainable_params"]
+        held = held and more > 0
+        extra = f"; {more:+,} vs {exceeds}"
+    # More or fewer trainable parameters is neither better nor worse in itself.
+    result = "held" if held else "below the range" if pct < lo else "above the range"
+    return f"{pct:.4g}%{extra}", result, "measured % inside the stated range"
+
+
+def _judge_memory(s: dict, claimed: str, full: dict | None, totals: list[float]) -> tuple:
+    if full is None or not totals:
+        return "needs full fine-tuning as reference", "not measured", ""
+    q = s["memory_total_bytes"] / full["memory_total_bytes"]
+    level = memory_level(s["memory_total_bytes"], full["memory_total_bytes"], min(totals))
+    return (
+        f"{level} ({q:.2f}× full)",
+        verdict(level, claimed, MEMORY_ORDER),
+        "total training memory / full's: high ≥0.9, medium ≥0.5, low <0.5, very low = low and "
+        "smallest",
+    )
+
+
+def _judge_overhead(s: dict, claimed: str) -> tuple:
+    o = s.get("deploy_overhead")
+    if o is None:
+        return "not timed", "not measured", ""
+    level = overhead_level(o)
+    return (
+        f"{level} ({100 * o:+.1f}%, {s['deploy_form']})",
+        verdict(level, claimed, OVERHEAD_ORDER),
+        "slowdown vs base: ≤5% very low, ≤15% low, ≤50% medium",
+    )
+
+
+def _judge_stability(s: dict, claimed: str, median_var: float | None) -> tuple:
+    stab = s["stability"]
+    level = stability_level(stab, median_var, s.get("seed_cv"))
+    var = stab.get("loss_variability")
+    spikes = f"{stab.get('loss_spikes', 0)} spikes"
+    return (
+        f"{level} ({spikes}, variability {var:.3f})" if var is not None else f"{level} ({spikes})",
+        verdict(level, claimed, STABILITY_ORDER),
+        "high: 0 spikes, variability ≤1.5× median of methods, seed CV ≤10%; low: ≥3 spikes or "
+        "non-finite",
+    )

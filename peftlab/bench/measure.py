@@ -5,27 +5,55 @@ on synthetic inputs and the same code measures every method.
 
 Definitions (the report quotes them):
 
-- **Peak memory** — GPU: ``torch.cuda.max_memory_allocated`` over training. CPU: the process's
-  peak resident set size during training (Linux ``VmHWM``, reset right before training through
-  ``/proc/self/clear_refs``; elsewhere a 10 ms psutil sampler) minus the RSS right after the
-  model loaded. ``total`` is the peak minus the RSS before the model loaded: the model and
-  everything training needs (a 4-bit base counts as what it really occupies, including any
-  transient copy made while quantizing).
-- **Loss spike** — a logged training loss more than :data:`SPIKE_RATIO` × the median of the
-  :data:`SPIKE_WINDOW` losses logged before it (only counted once that many exist).
+- **Peak memory** — one :class:`PeakMemory` per worker, entered right after the model loaded
+  (its weights copied into the heap by :func:`own_weights`) and left when
+  :func:`peftlab.train.train` returns, so it spans data loading and encoding, ``apply``
+  (QLoRA's quantization and its transient float copies included), the training loop, the final
+  evaluation and saving the adapter. Its counter is ``torch.cuda.max_memory_allocated`` on a
+  GPU; on the CPU the kernel's peak RSS (Linux ``VmHWM``, reset on entering through
+  ``/proc/self/clear_refs``; elsewhere RSS sampled every 10 ms by psutil). Entering resets
+  that process-wide counter, so measurements do not nest: entering a second one raises
+  RuntimeError. In ``train_info.peak_memory``:
+
+  - ``peak_process_bytes``: the counter's peak over the whole measurement.
+  - ``total_bytes``: CPU: ``peak_process_bytes`` minus the RSS before the model loaded (torch
+    and transformers imported) — the model and everything training it needs (a 4-bit base
+    counts as what it really occupies, including the transient of quantizing it); GPU: the
+    peak allocated bytes themselves (nothing was on the device before the model).
+  - ``bytes``: CPU: the peak minus the RSS right after the model loaded; GPU: as ``total``.
+  - ``loop``: the training loop alone (first step to the end of the last evaluation,
+    checkpoints included; setup not), measured by the bench's
+    :class:`~peftlab.bench.probe.LoopProbe` callback as the phase ``"loop"`` of the same
+    measurement (:meth:`PeakMemory.phase`): before resetting the counter for the phase, the
+    measurement reads the peak so far into its own figure, so the whole's peak still covers
+    everything before the loop. ``bytes``: the counter's peak over the loop (CUDA allocated
+    bytes or RSS); ``before_bytes``: the measurement's peak before the loop began (data
+    encoding, ``apply`` and QLoRA's quantization transient); ``live_bytes``: the peak of :func:`live_heap_bytes` over the loop (CPU
+    with glibc, sampled every millisecond; RSS also counts freed memory glibc keeps);
+    ``live_bytes_at_start``: live heap bytes when the loop began; ``model_tensor_bytes``:
+    the model's own tensors then (:func:`tensor_bytes`); ``longest_batch``: the longest
+    padded micro-batch.
+  - ``prediction.measured_bytes`` (what the estimator is checked against): the loop's peak
+    (GPU: ``loop.bytes``; CPU: ``loop.live_bytes``) minus what was live at the loop's start
+    that is not model tensors (``live_bytes_at_start − model_tensor_bytes``).
+- **Step time** — per optimizer step, the trainer's host time (building the batches through
+  the update) plus, on a GPU, the wait for the device to finish the step (the probe
+  synchronizes at each step's end; the trainer itself never does).
+- **Loss spike** — a training loss (one per optimizer step) more than :data:`SPIKE_RATIO` ×
+  the median of the :data:`SPIKE_WINDOW` losses before it (only counted once that many exist).
 - **Loss variability** — the standard deviation of step-to-step changes of log-loss,
   ``std(log l_t − log l_{t−1})``: 0 for a smooth curve, ~0.1 for ±10% jitter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import statistics
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -161,31 +189,72 @@ def live_heap_bytes() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
-class PeakMemory:
+_ACTIVE: PeakMemory | None = None
+"""The measurement running in this process, if any: there can be only one (see PeakMemory)."""
+
+
+class _Peaks:
+    """The figures of one measured interval (a whole :class:`PeakMemory` or one phase)."""
+
+    def __init__(self, method: str = "", name: str = "") -> None:
+        self.name = name
+        self.peak_bytes = 0
+        """Absolute peak over the interval: CUDA allocated bytes, or the process's RSS."""
+        self.peak_live_bytes: int | None = None
+        """Peak of :func:`live_heap_bytes` (CPU with glibc, sampled every millisecond), else None."""
+        self.start_live_bytes: int | None = None
+        """Live heap bytes when the interval began (CPU with glibc), else None."""
+        self.method = method
+        """How ``peak_bytes`` was measured."""
+        self.before_bytes: int | None = None
+        """A phase: the whole measurement's peak before the phase began (same units)."""
+
+    def to_dict(self) -> dict:
+        return {
+            "bytes": self.peak_bytes,
+            "before_bytes": self.before_bytes,
+            "live_bytes": self.peak_live_bytes,
+            "live_bytes_at_start": self.start_live_bytes,
+            "how": self.method,
+        }
+
+
+class PeakMemory(_Peaks):
     """Peak memory of a block: CUDA allocator peak, or CPU peak RSS and peak live heap bytes.
 
-    Use as ``with PeakMemory(device) as pm: ...`` then read ``pm.peak_bytes`` (the absolute
-    peak during the block: CUDA allocated bytes, or RSS), ``pm.peak_live_bytes`` (CPU with
-    glibc: the peak of :func:`live_heap_bytes`, sampled every millisecond; else None) and
-    ``pm.method`` (how ``peak_bytes`` was measured).
+    Use as ``with PeakMemory(device) as pm: ...`` then read ``pm.peak_bytes``,
+    ``pm.peak_live_bytes``, ``pm.start_live_bytes`` and ``pm.method`` (see :class:`_Peaks`).
+
+    Entering resets the process's peak counter, so one measurement runs at a time: entering a
+    second one while this one is active raises RuntimeError (the reset would erase this
+    one's peak). A part of the block is measured with :meth:`phase`, which keeps the whole's
+    peak: it folds the counter's peak so far into ``pm`` before resetting it for the part.
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__()
         self.device = torch.device(device)
-        self.peak_bytes = 0
-        self.peak_live_bytes: int | None = None
-        self.start_live_bytes: int | None = None
-        """Live heap bytes on entering the block (CPU with glibc), else None."""
-        self.method = ""
+        self.phases: dict[str, _Peaks] = {}
+        """Each finished or open :meth:`phase` by name."""
+        self._phase: _Peaks | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._sample_rss = False
 
     def __enter__(self) -> PeakMemory:
+        global _ACTIVE
+        if _ACTIVE is not None:
+            raise RuntimeError(
+                "PeakMemory cannot nest: another measurement is running in this process and "
+                "entering one resets the process's peak counter, erasing that one's peak; "
+                "measure a part of it with its .phase(name) instead"
+            )
+        self._stop.clear()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "torch.cuda.max_memory_allocated"
+            self._reset_counter()
+            _ACTIVE = self
             return self
         if _reset_hwm():
             self.method = "VmHWM (peak RSS, reset via /proc/self/clear_refs)"
@@ -197,40 +266,111 @@ class PeakMemory:
         if self._sample_rss or self.peak_live_bytes is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
+        _ACTIVE = self
         return self
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE
+        try:
+            if self._phase is not None:
+                self.end_phase()
+            self._fold()
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join()
+            self._sample_now(self)
+        finally:
+            _ACTIVE = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[_Peaks]:
+        """Measure a part of the block on its own: ``with pm.phase("loop") as loop: ...``."""
+        part = self.begin_phase(name)
+        try:
+            yield part
+        finally:
+            self.end_phase()
+
+    def begin_phase(self, name: str) -> _Peaks:
+        """Start measuring the part ``name`` (phases do not overlap); see :meth:`phase`."""
+        if _ACTIVE is not self:
+            raise RuntimeError(f"phase {name!r}: this PeakMemory is not running")
+        if self._phase is not None:
+            raise RuntimeError(
+                f"phase {name!r}: phase {self._phase.name!r} is still open; phases do not nest"
+            )
+        self._fold()  # the whole's peak so far, read before the reset erases it
+        part = _Peaks(self.method, name)
+        part.before_bytes = self.peak_bytes
+        self._reset_counter()
+        if self._sample_rss:
+            part.peak_bytes = rss_bytes()
+        if self.peak_live_bytes is not None:
+            part.peak_live_bytes = part.start_live_bytes = live_heap_bytes()
+        with self._lock:
+            self._phase = self.phases[name] = part
+        return part
+
+    def end_phase(self) -> _Peaks:
+        """Finish the open phase and return its figures."""
+        part = self._phase
+        if part is None:
+            raise RuntimeError("end_phase(): no phase is open")
+        if not self._sample_rss:
+            part.peak_bytes = self._read_counter()
+        self._sample_now(part)
+        with self._lock:
+            self._phase = None
+            self.peak_bytes = max(self.peak_bytes, part.peak_bytes)
+        return part
+
+    # The counter is the CUDA allocator's peak or the kernel's VmHWM; without either, RSS is
+    # sampled and there is nothing to reset.
+    def _read_counter(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kb("VmHWM") or rss_bytes()
+
+    def _reset_counter(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif not self._sample_rss:
+            _reset_hwm()
+
+    def _fold(self) -> None:
+        if not self._sample_rss:
+            peak = self._read_counter()
+            with self._lock:
+                self.peak_bytes = max(self.peak_bytes, peak)
+
+    def _sample_now(self, target: _Peaks) -> None:
+        """One last sample into ``target`` (and the whole), so a peak at the very end counts."""
+        live = live_heap_bytes() if self.peak_live_bytes is not None else None
+        rss = rss_bytes() if self._sample_rss else None
+        with self._lock:
+            for p in (self,) if target is self else (self, target):
+                if live is not None and p.peak_live_bytes is not None:
+                    p.peak_live_bytes = max(p.peak_live_bytes, live)
+                if rss is not None:
+                    p.peak_bytes = max(p.peak_bytes, rss)
 
     def _sample(self) -> None:
         live = self.peak_live_bytes is not None
         tick = 0
         while not self._stop.wait(0.001):
             tick += 1
-            if live:
-                self.peak_live_bytes = max(self.peak_live_bytes, live_heap_bytes())
-            if self._sample_rss and tick % 10 == 0:
-                self.peak_bytes = max(self.peak_bytes, rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            return
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        if self.peak_live_bytes is not None:
-            self.peak_live_bytes = max(self.peak_live_bytes, live_heap_bytes())
-        if self._sample_rss:
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
-        else:
-            self.peak_bytes = _status_kb("VmHWM") or rss_bytes()
-
-    def to_dict(self) -> dict:
-        return {
-            "bytes": self.peak_bytes,
-            "live_bytes": self.peak_live_bytes,
-            "live_bytes_at_start": self.start_live_bytes,
-            "how": self.method,
-        }
+            now_live = live_heap_bytes() if live else None
+            now_rss = rss_bytes() if self._sample_rss and tick % 10 == 0 else None
+            with self._lock:
+                for p in (self, self._phase):
+                    if p is None:
+                        continue
+                    if now_live is not None and p.peak_live_bytes is not None:
+                        p.peak_live_bytes = max(p.peak_live_bytes, now_live)
+                    if now_rss is not None:
+                        p.peak_bytes = max(p.peak_bytes, now_rss)
 
 
 def own_weights(model: nn.Module) -> None:
@@ -282,87 +422,3 @@ def tensor_bytes(model: nn.Module) -> dict:
 def dir_bytes(path: str | os.PathLike) -> int:
     """Total size of the regular files under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-# ---------------------------------------------------------------- inference
-
-
-@torch.no_grad()
-def time_inference(
-    models: dict[str, nn.Module], batch: dict, new_tokens: int = 16, repeats: int = 3
-) -> dict:
-    """Prefill latency and decode throughput of each model on ``batch`` (tokenized prompts).
-
-    The models are timed in turn within each of ``repeats`` rounds (after one warm-up round)
-    and each figure is the median over rounds, so a load change on a shared machine hits all
-    of them alike instead of whichever happened to run then.
-
-    Prefill: seconds of one forward over the prompts. Decode: greedy ``generate`` of
-    ``new_tokens`` minus ``generate`` of 1 token, so prompt processing cancels out; tokens/s is
-    ``batch × (new_tokens − 1)`` over that difference. Models without ``generate`` (encoders
-    with a classification head) report prefill only.
-
-    Returns:
-        name → ``{"prefill_s", "decode_tokens_per_s"}``.
-    """
-    rows = batch["input_ids"].shape[0]
-    states = {name: m.training for name, m in models.items()}
-
-    def gen(model: nn.Module, n: int):
-        pad = getattr(model.generation_config, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(model.generation_config, "eos_token_id", None)
-        pad = pad[0] if isinstance(pad, list) else pad
-        return model.generate(
-            **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad
-        )
-
-    def one_round(model: nn.Module) -> tuple[float, float | None]:
-        t0 = time.perf_counter()
-        model(**batch)
-        prefill = time.perf_counter() - t0
-        if new_tokens <= 1 or not getattr(model, "can_generate", lambda: False)():
-            return prefill, None
-        t0 = time.perf_counter()
-        gen(model, new_tokens)
-        t_full = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        gen(model, 1)
-        t_one = time.perf_counter() - t0
-        return prefill, rows * (new_tokens - 1) / max(t_full - t_one, 1e-9)
-
-    try:
-        for m in models.values():
-            m.eval()
-            one_round(m)  # warm-up: first calls pay for allocation and lazy init
-        times: dict[str, list] = {name: [] for name in models}
-        for _ in range(repeats):
-            for name, m in models.items():
-                times[name].append(one_round(m))
-    finally:
-        for name, m in models.items():
-            m.train(states[name])
-    out = {}
-    for name, ts in times.items():
-        decode = [d for _, d in ts if d is not None]
-        out[name] = {
-            "prefill_s": statistics.median(p for p, _ in ts),
-            "decode_tokens_per_s": statistics.median(decode) if decode else None,
-        }
-    return out
-
-
-def overhead_ratios(base: dict, other: dict | None) -> dict | None:
-    """``other`` relative to ``base``: prefill latency ratio (>1 slower), decode speed ratio (<1 slower)."""
-    if other is None:
-        return None
-
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    return {
-        "prefill_latency_ratio": ratio(other["prefill_s"], base["prefill_s"]),
-        "decode_speed_ratio": ratio(
-            other.get("decode_tokens_per_s"), base.get("decode_tokens_per_s")
-        ),
-    }

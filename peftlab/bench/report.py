@@ -8,10 +8,12 @@ import html
 import io
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from peftlab.bench import claims as claims_mod
 from peftlab.bench import measure
+from peftlab.bench.result import RunResult, quality
 
 COLUMNS = [
     "method",
@@ -25,85 +27,87 @@ COLUMNS = [
 ]
 
 
-def _metric(ev: dict) -> tuple[str | None, float | None]:
-    for key in ("eval_exact_match", "eval_accuracy"):
-        if ev.get(key) is not None:
-            return key[5:], ev[key]
-    return None, None
-
-
 def _median(values):
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
 
-def summarize(results: list[dict]) -> dict[str, dict]:
+def summarize(results: Sequence[RunResult | dict]) -> dict[str, dict]:
     """Method → figures aggregated over its seeds (medians of measurements, means of quality,
-    cross-seed spread of final loss and metric)."""
-    by_method: dict[str, list[dict]] = defaultdict(list)
-    for r in results:
-        by_method[r["run_info"]["method"]].append(r)
+    cross-seed spread of final loss and quality). ``metric_name``/``metric`` are the runs'
+    :func:`~peftlab.bench.result.quality`; :func:`~peftlab.bench.claims.check_claims` reads the
+    rest."""
+    by_method: dict[str, list[RunResult]] = defaultdict(list)
+    for r in map(RunResult.coerce, results):
+        by_method[r.method].append(r)
     out: dict[str, dict] = {}
     for method, runs in by_method.items():
-        ok = [r["train_info"] for r in runs if r["train_info"]["status"] == "ok"]
+        ok = [r for r in runs if r.ok]
         if not ok:
             out[method] = {
                 "status": "failed",
-                "error": runs[0]["train_info"].get("error"),
+                "error": runs[0].train_info.error,
                 "seeds": len(runs),
             }
             continue
-        first = ok[0]
-        metric_name, _ = _metric(first.get("eval", {}))
-        metrics = [_metric(t.get("eval", {}))[1] for t in ok]
-        finals = [t.get("eval", {}).get("eval_loss", t.get("final_loss")) for t in ok]
-        loss_spread = measure.spread(finals)
-        unmerged = [t["inference"]["unmerged_vs_base"] for t in ok]
-        merged = [t["inference"]["merged_vs_base"] for t in ok]
-        deploy_form = "merged" if first.get("mergeable") and merged[0] else "unmerged"
-        deploy = [
-            claims_mod.overhead_fraction(m if deploy_form == "merged" else u)
-            for u, m in zip(unmerged, merged)
-        ]
-        out[method] = {
-            "status": "ok" if len(ok) == len(runs) else "partly failed",
-            "seeds": len(runs),
-            "trainable_params": first["trainable_params"],
-            "total_params": first["total_params"],
-            "trainable_percent": first["trainable_percent"],
-            "adapter_bytes": first["adapter_bytes"],
-            "memory_bytes": _median(t["peak_memory"]["bytes"] for t in ok),
-            "memory_total_bytes": _median(t["peak_memory"]["total_bytes"] for t in ok),
-            "memory_predicted_bytes": _median(
-                t["peak_memory"].get("prediction", {}).get("predicted_bytes") for t in ok
-            ),
-            "memory_loop_bytes": _median(
-                t["peak_memory"].get("prediction", {}).get("measured_bytes") for t in ok
-            ),
-            "step_time_s": _median(t["step_time_median_s"] for t in ok),
-            "tokens_per_s": _median(t["tokens_per_s"] for t in ok),
-            "unmerged_overhead": _median(claims_mod.overhead_fraction(u) for u in unmerged),
-            "merged_overhead": _median(claims_mod.overhead_fraction(m) for m in merged),
-            "deploy_overhead": _median(deploy),
-            "deploy_form": deploy_form,
-            "stability": {
-                "loss_spikes": max(t["stability"]["loss_spikes"] for t in ok),
-                "loss_variability": _median(t["stability"]["loss_variability"] for t in ok),
-            },
-            "final_loss_spread": loss_spread,
-            "metric_spread": measure.spread(metrics),
-            "seed_cv": loss_spread["std"] / loss_spread["mean"]
-            if loss_spread and loss_spread["mean"]
-            else None,
-            "eval_loss": _median(t.get("eval", {}).get("eval_loss") for t in ok),
-            "eval_ppl": _median(t.get("eval", {}).get("eval_ppl") for t in ok),
-            "metric_name": metric_name,
-            "metric": statistics.fmean([m for m in metrics if m is not None])
-            if any(m is not None for m in metrics)
-            else None,
-            "loss_curves": [t["loss_curve"] for t in ok],
-        }
+        out[method] = _summarize_ok(ok, len(runs))
     return out
+
+
+def _summarize_ok(runs: list[RunResult], n_runs: int) -> dict:
+    """The figures of one method from its successful runs (of ``n_runs``)."""
+    infos = [r.train_info for r in runs]
+    first = infos[0]
+    qualities = [quality(r) for r in runs]
+    named = next((q for q in qualities if q is not None), None)
+    metrics = [q.value if q and named and q.name == named.name else None for q in qualities]
+    finals = [(t.eval or {}).get("eval_loss", t.final_loss) for t in infos]
+    loss_spread = measure.spread(finals)
+    unmerged = [t.inference.unmerged_vs_base for t in infos]
+    merged = [t.inference.merged_vs_base for t in infos]
+    deploy_form = "merged" if first.mergeable and merged[0] else "unmerged"
+    deploy = [
+        claims_mod.overhead_fraction(m if deploy_form == "merged" else u)
+        for u, m in zip(unmerged, merged)
+    ]
+    memory = [t.peak_memory for t in infos]
+    predictions = [m.prediction for m in memory if m.prediction is not None]
+    return {
+        "status": "ok" if len(runs) == n_runs else "partly failed",
+        "seeds": n_runs,
+        "trainable_params": first.trainable_params,
+        "total_params": first.total_params,
+        "trainable_percent": first.trainable_percent,
+        "adapter_bytes": first.adapter_bytes,
+        "memory_bytes": _median(m.bytes for m in memory),
+        "memory_total_bytes": _median(m.total_bytes for m in memory),
+        "memory_predicted_bytes": _median(p.predicted_bytes for p in predictions),
+        "memory_loop_bytes": _median(p.measured_bytes for p in predictions),
+        "step_time_s": _median(t.step_time_median_s for t in infos),
+        "tokens_per_s": _median(t.tokens_per_s for t in infos),
+        "unmerged_overhead": _median(claims_mod.overhead_fraction(u) for u in unmerged),
+        "merged_overhead": _median(claims_mod.overhead_fraction(m) for m in merged),
+        "deploy_overhead": _median(deploy),
+        "deploy_form": deploy_form,
+        "stability": {
+            "loss_spikes": max(t.stability.loss_spikes for t in infos),
+            "loss_variability": _median(t.stability.loss_variability for t in infos),
+        },
+        "final_loss_spread": loss_spread,
+        "metric_spread": measure.spread(metrics),
+        "seed_cv": loss_spread["std"] / loss_spread["mean"]
+        if loss_spread and loss_spread["mean"]
+        else None,
+        "eval_loss": _median((t.eval or {}).get("eval_loss") for t in infos),
+        "eval_ppl": _median((t.eval or {}).get("eval_ppl") for t in infos),
+        # The quality (see peftlab.bench.result.quality) averaged over seeds.
+        "metric_name": named.name if named else None,
+        "metric_higher_is_better": named.higher_is_better if named else None,
+        "metric": statistics.fmean([m for m in metrics if m is not None])
+        if any(m is not None for m in metrics)
+        else None,
+        "loss_curves": [t.loss_curve for t in infos],
+    }
 
 
 def _bytes(n) -> str:
@@ -140,7 +144,7 @@ def table_rows(summary: dict[str, dict]) -> list[list[str]]:
         if s["final_loss_spread"]:
             stab += f", seed std {s['final_loss_spread']['std']:.3f}"
         quality = f"loss {s['eval_loss']:.3f}" if s["eval_loss"] is not None else "–"
-        if s["metric"] is not None:
+        if s["metric"] is not None and s["metric_name"] != "loss":
             quality += f", {s['metric_name']} {s['metric']:.3f}"
         speed = (
             f"{s['step_time_s']:.2f} s/step, {s['tokens_per_s']:.0f} tok/s"
@@ -246,14 +250,14 @@ def figures(summary: dict[str, dict]) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(7, 4))
     key = next((s["metric_name"] for s in ok.values() if s["metric"] is not None), None)
     for m, s in ok.items():
-        y = s["metric"] if key else s["eval_loss"]
+        y = s["metric"] if s["metric_name"] == key else None
         if y is not None:
             ax.scatter(s["trainable_params"], y)
             ax.annotate(m, (s["trainable_params"], y), fontsize=8)
     ax.set(
         xscale="log",
         xlabel="trainable parameters",
-        ylabel=key or "eval loss",
+        ylabel="eval loss (lower is better)" if key == "loss" else key or "quality",
         title="Trainable parameters vs quality",
     )
     out["params_vs_quality"] = png(fig)
@@ -269,25 +273,19 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc])
 
 
-def _load_range(results: list[dict]) -> str:
-    loads = [
-        r["meta_info"]["load_average"][0] for r in results if r["meta_info"].get("load_average")
-    ]
+def _load_range(results: list[RunResult]) -> str:
+    loads = [r.meta_info.load_average[0] for r in results if r.meta_info.load_average]
     return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "not recorded"
 
 
-def _settings(results: list[dict]) -> list[str]:
-    ri = results[0]["run_info"]
-    meta = results[0]["meta_info"]
-    v = meta.get("versions", {})
-    seeds = sorted({r["run_info"]["seed"] for r in results})
+def _settings(results: list[RunResult]) -> list[str]:
+    ri, meta = results[0].run_info, results[0].meta_info
+    v = meta.versions or {}
+    seeds = sorted({r.run_info.seed for r in results if r.run_info.seed is not None})
     import datetime
 
-    stamps = [
-        (r["run_info"].get("start"), r["run_info"].get("end"))
-        for r in results
-        if r["run_info"].get("start") and r["run_info"].get("end")
-    ]
+    stamps = [(r.run_info.start, r.run_info.end) for r in results]
+    stamps = [(a, b) for a, b in stamps if a and b]
     span = ""
     if stamps:
         t0 = min(datetime.datetime.fromisoformat(a) for a, _ in stamps)
@@ -300,19 +298,19 @@ def _settings(results: list[dict]) -> list[str]:
         )
         span = f"runs from {t0:%Y-%m-%d %H:%M} to {t1:%H:%M} UTC, {runs_s / 60:.1f} min inside the workers"
     return [
-        f"model `{ri['model']}` ({ri['kind']}), data `{ri['data']}`, {ri['steps']} steps × batch "
-        f"{ri['batch_size']} (max length {ri['max_length']}), seeds {seeds}, device {ri.get('device')}",
-        f"machine: {meta.get('host')}, {meta.get('platform')}, {meta.get('cpu_count')} CPUs, "
-        f"{meta.get('cuda_device') or 'no GPU'}; 1-min load average at the runs' ends: {_load_range(results)}",
+        f"model `{ri.model}` ({ri.kind}), data `{ri.data}`, {ri.steps} steps × batch "
+        f"{ri.batch_size} (max length {ri.max_length}), seeds {seeds}, device {ri.device}",
+        f"machine: {meta.host}, {meta.platform}, {meta.cpu_count} CPUs, "
+        f"{meta.cuda_device or 'no GPU'}; 1-min load average at the runs' ends: {_load_range(results)}",
         f"versions: peftlab {v.get('peftlab')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"bitsandbytes {v.get('bitsandbytes')}",
     ] + ([span] if span else [])
 
 
 DEFINITIONS = [
-    "**memory**: total = peak process memory during training (which includes `apply` and the "
-    "trainer's data loading, the same for every method) minus the process's memory before the "
-    "model loaded; in brackets, the peak above the RSS right after the model loaded (CPU: Linux "
+    "**memory**: total = the process's peak memory from right after the model loaded through "
+    "training (data loading and `apply`, QLoRA's quantization included) minus the process's "
+    "memory before the model loaded; in brackets, the peak above the RSS right after the model loaded (CPU: Linux "
     "VmHWM peak RSS; GPU: `torch.cuda.max_memory_allocated`).",
     f"**train speed**: medians over the steps after the first {measure.WARMUP_STEPS}.",
     "**inference overhead**: slowdown against the base model timed in the same process on the same "
@@ -345,83 +343,26 @@ def prediction_rows(summary: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
-def write_report(out: str | Path, results: list[dict], echo: bool = True) -> dict:
+CLAIMS_HEADER = ["document row", "column", "claimed", "measured", "verdict"]
+
+
+def write_report(out: str | Path, results: Sequence[RunResult | dict], echo: bool = True) -> dict:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out``; returns their paths."""
+    import json
+
     out = Path(out)
+    results = [RunResult.coerce(r) for r in results]
     summary = summarize(results)
     if echo:
         print_table(summary)
-    rows = table_rows(summary)
     claim_rows = claims_mod.check_claims(summary)
-    claim_table = [
-        [
-            c["document_row"],
-            c["column"],
-            f"{c['claimed']} ({claims_mod.ORIGINAL_WORDS.get(c['claimed'], '')})"
-            if c["claimed"] in claims_mod.ORIGINAL_WORDS
-            else c["claimed"],
-            c["measured"],
-            c["verdict"],
-        ]
-        for c in claim_rows
-    ]
     figs = figures(summary)
     (out / "figures").mkdir(exist_ok=True)
     for name, data in figs.items():
         (out / "figures" / f"{name}.png").write_bytes(data)
-    failures = [(m, s["error"]) for m, s in summary.items() if s["status"] == "failed"]
-
-    md = ["# peftlab compare — report", ""] + [f"- {s}" for s in _settings(results)] + [""]
-    md += ["## Measured", "", _md_table(COLUMNS, rows), ""]
-    md += [
-        "## The document's table, checked",
-        "",
-        _md_table(["document row", "column", "claimed", "measured", "verdict"], claim_table),
-        "",
-        "Criteria (from `peftlab/bench/claims.py`):",
-        "",
-    ]
-    md += [f"- {line.strip()}" for line in claims_mod.__doc__.split("\n- ")[1:]] + [""]
-    predicted = prediction_rows(summary)
-    if predicted:
-        md += ["## Memory: predicted before the run vs measured", ""]
-        md += [_md_table(PREDICTION_HEADER, predicted), "", PREDICTION_NOTE, ""]
-    md += ["## Definitions", ""] + [f"- {d}" for d in DEFINITIONS] + [""]
-    if failures:
-        md += ["## Failed runs", ""] + [f"- `{m}`: {e}" for m, e in failures] + [""]
-    md += ["## Figures", ""] + [f"![{n}](figures/{n}.png)" for n in figs] + [""]
-    (out / "report.md").write_text("\n".join(md))
-
-    def h_table(header, body):
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-        trs = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>"
-
-    imgs = "".join(
-        f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
-        f"<figcaption>{n.replace('_', ' ')}</figcaption></figure>"
-        for n, d in figs.items()
-    )
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>peftlab compare — report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;font-size:90%}}th{{background:#eee}}figure{{display:inline-block;margin:1em}}</style>
-</head><body><h1>peftlab compare — report</h1>
-<ul>{"".join(f"<li>{html.escape(s)}</li>" for s in _settings(results))}</ul>
-<h2>Measured</h2>{h_table(COLUMNS, rows)}
-<h2>The document's table, checked</h2>{h_table(["document row", "column", "claimed", "measured", "verdict"], claim_table)}
-<pre>{html.escape(claims_mod.__doc__)}</pre>
-{f"<h2>Memory: predicted before the run vs measured</h2>{h_table(PREDICTION_HEADER, predicted)}<p>{html.escape(PREDICTION_NOTE)}</p>" if predicted else ""}
-<h2>Definitions</h2><ul>{"".join(f"<li>{html.escape(d)}</li>" for d in DEFINITIONS)}</ul>
-{"<h2>Failed runs</h2><ul>" + "".join(f"<li>{html.escape(m)}: {html.escape(str(e))}</li>" for m, e in failures) + "</ul>" if failures else ""}
-<h2>Figures</h2>{imgs}
-</body></html>
-"""
-    (out / "report.html").write_text(page)
-    import json
-
+    settings, sections = _settings(results), _sections(summary, claim_rows)
+    (out / "report.md").write_text(_markdown(settings, sections, figs))
+    (out / "report.html").write_text(_html(settings, sections, figs))
     (out / "summary.json").write_text(
         json.dumps({"methods": summary, "claims": claim_rows}, indent=2, default=str)
     )
@@ -431,3 +372,95 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:90%}}th{{background:#eee}
         "summary": summary,
         "claims": claim_rows,
     }
+
+
+def _sections(summary: dict[str, dict], claim_rows: list[dict]) -> list[tuple[str, list]]:
+    """The report's sections as ``(title, blocks)``; a block is ``("table", header, rows)``,
+    ``("list", items)`` or ``("text", paragraph)``, items and paragraphs in Markdown."""
+    words = claims_mod.ORIGINAL_WORDS
+    claim_table = [
+        [
+            c["document_row"],
+            c["column"],
+            f"{c['claimed']} ({words[c['claimed']]})" if c["claimed"] in words else c["claimed"],
+            c["measured"],
+            c["verdict"],
+        ]
+        for c in claim_rows
+    ]
+    sections = [
+        ("Measured", [("table", COLUMNS, table_rows(summary))]),
+        (
+            "The document's table, checked",
+            [
+                ("table", CLAIMS_HEADER, claim_table),
+                ("text", "Criteria (from `peftlab/bench/claims.py`):"),
+                ("list", list(claims_mod.CRITERIA)),
+            ],
+        ),
+    ]
+    predicted = prediction_rows(summary)
+    if predicted:
+        sections.append(
+            (
+                "Memory: predicted before the run vs measured",
+                [("table", PREDICTION_HEADER, predicted), ("text", PREDICTION_NOTE)],
+            )
+        )
+    sections.append(("Definitions", [("list", DEFINITIONS)]))
+    failures = [f"`{m}`: {s['error']}" for m, s in summary.items() if s["status"] == "failed"]
+    if failures:
+        sections.append(("Failed runs", [("list", failures)]))
+    return sections
+
+
+def _markdown(settings: list[str], sections: list[tuple[str, list]], figs: dict) -> str:
+    md = ["# peftlab compare — report", ""] + [f"- {s}" for s in settings] + [""]
+    for title, blocks in sections:
+        md += [f"## {title}", ""]
+        for kind, *body in blocks:
+            if kind == "table":
+                md += [_md_table(*body), ""]
+            elif kind == "list":
+                md += [f"- {item}" for item in body[0]] + [""]
+            else:
+                md += [body[0], ""]
+    md += ["## Figures", ""] + [f"![{n}](figures/{n}.png)" for n in figs] + [""]
+    return "\n".join(md)
+
+
+def _html(settings: list[str], sections: list[tuple[str, list]], figs: dict) -> str:
+    """A self-contained page: figures inline as base64 PNG, nothing fetched from elsewhere."""
+    esc = html.escape
+
+    def block(kind, *body) -> str:
+        if kind == "table":
+            head = "".join(f"<th>{esc(c)}</th>" for c in body[0])
+            trs = "".join(
+                "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in body[1]
+            )
+            return f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>"
+        if kind == "list":
+            return "<ul>" + "".join(f"<li>{esc(str(i))}</li>" for i in body[0]) + "</ul>"
+        return f"<p>{esc(body[0])}</p>"
+
+    parts = [block("list", settings)]
+    for title, blocks in sections:
+        parts.append(f"<h2>{esc(title)}</h2>" + "".join(block(*b) for b in blocks))
+    imgs = "".join(
+        f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
+        f"<figcaption>{n.replace('_', ' ')}</figcaption></figure>"
+        for n, d in figs.items()
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:80em}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:90%}th{background:#eee}"
+        "figure{display:inline-block;margin:1em}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>peftlab compare — report'
+        f"</title>\n<style>{style}</style>\n</head><body><h1>peftlab compare — report</h1>\n"
+        + "\n".join(parts)
+        + f"\n<h2>Figures</h2>{imgs}\n</body></html>\n"
+    )

@@ -1,6 +1,10 @@
 """``peftlab compare``: train every method on the same model, data, token budget, seed and
 evaluation, each in its own process, and write one JSON per run plus a report.
 
+:func:`plan` turns a :class:`~peftlab.bench.spec.CompareConfig` into one
+:class:`~peftlab.bench.spec.RunSpec` per method and seed; :func:`run_one` starts a worker for
+a spec and gets back its :class:`~peftlab.bench.result.RunResult`.
+
 The output directory is the comparison's state: ``plan.json`` (the settings), one
 ``<method>.json`` per run (``<method>-seed<k>.json`` with several seeds), written atomically by
 the worker, and ``runs/<run>/`` (training directory and worker log). Running the same command
@@ -10,86 +14,33 @@ a run that failed keeps its recorded error unless ``retry_failed``.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from peftlab.bench.worker import RUN_INFO_KEYS
+from peftlab.bench.result import RunResult
+from peftlab.bench.spec import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    FULL,
+    QUICK,
+    Budget,
+    CompareConfig,
+    InferenceSettings,
+    RunSpec,
+)
 from peftlab.core.config import ConfigError
 
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_DATA = {"causal-lm": "builtin:sort"}
-"""Default data per model kind; classification has no built-in task, so it needs ``data``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """Training budget shared by every method; the defaults are sized for a 2-core CPU."""
-
-    steps: int
-    batch_size: int
-    max_length: int
-    eval_size: int
-    new_tokens: int = 16
-    repeats: int = 3
-
-
-FULL = Budget(steps=25, batch_size=8, max_length=64, eval_size=32, new_tokens=12, repeats=3)
-"""`peftlab compare`: ≤ 20 min for every method on the bundled SmolLM2 on a 2-core CPU."""
-QUICK = Budget(steps=6, batch_size=4, max_length=64, eval_size=8, new_tokens=8, repeats=2)
-"""`peftlab compare --quick`: ≤ 5 min."""
-
-
-def default_methods(kind: str) -> list[str]:
-    """Every registered method that applies to models of ``kind``.
-
-    A config class may declare ``kinds`` (a ClassVar tuple of "causal-lm" /
-    "classification"); one that does not is taken to apply to both.
-    """
-    from peftlab.core.registry import get_method, methods
-
-    return [m for m in methods() if kind in getattr(get_method(m).config_cls, "kinds", (kind,))]
+__all__ = ["Budget", "CompareConfig", "DEFAULT_MODEL", "FULL", "QUICK", "compare", "plan"]
 
 
 def run_name(method: str, seed: int, seeds: list[int]) -> str:
     return method if len(seeds) == 1 else f"{method}-seed{seed}"
 
 
-def fingerprint(spec: dict) -> str:
-    """Hash of everything that decides a run's numbers (not paths), to refuse mixing settings."""
-    # The run_info fields (the hash itself aside) and what else sets the numbers.
-    keys = (
-        *(k for k in RUN_INFO_KEYS if k != "fingerprint"),
-        "inference",
-        "train_overrides",
-        "device",
-    )
-    blob = json.dumps({k: spec.get(k) for k in keys}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def plan(
-    methods: list[str] | None = None,
-    model: str = DEFAULT_MODEL,
-    data: str | None = None,
-    steps: int | None = None,
-    seeds: int = 1,
-    out: str | Path = "compare-out",
-    quick: bool = False,
-    batch_size: int | None = None,
-    max_length: int | None = None,
-    lr: float = 1e-3,
-    lr_full: float = 5e-5,
-    method_args: dict[str, dict] | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    train_overrides: dict | None = None,
-    threads: int | None = None,
-) -> list[dict]:
+def plan(config: CompareConfig) -> list[RunSpec]:
     """The worker specs of a comparison, one per method and seed (see :func:`compare`)."""
     import torch
 
@@ -97,103 +48,86 @@ def plan(
     from peftlab.core.registry import methods as registered
     from peftlab.models import model_kind
 
-    if seeds < 1:
-        raise ConfigError(f"seeds={seeds!r} is invalid: seeds must be at least 1")
-    if steps is not None and steps < 1:
-        raise ConfigError(f"steps={steps!r} is invalid: steps must be at least 1")
-    kind = model_kind(model)
-    if data is None and kind not in DEFAULT_DATA:
+    kind = model_kind(config.model)
+    if config.data is None and kind not in DEFAULT_DATA:
         raise ConfigError(
-            f"model {model!r} is a {kind} model and peftlab has no built-in {kind} task; pass "
-            f"data (--data), e.g. a .tsv with text and label columns such as ../shared/data/sst2/train.tsv"
+            f"model {config.model!r} is a {kind} model and peftlab has no built-in {kind} task; "
+            f"pass data (--data), e.g. a .tsv with text and label columns such as "
+            f"../shared/data/sst2/train.tsv"
         )
-    methods = list(methods) if methods else default_methods(kind)
+    # Every method applies to both model kinds, so the default is every registered one.
+    methods = list(config.methods) if config.methods else registered()
     for m in methods:
         get_method(m)  # unknown name → error listing the registered ones
-    unknown = sorted(set(method_args or {}) - set(registered()))
+    unknown = sorted(set(config.method_args) - set(registered()))
     if unknown:
         raise ConfigError(
             f"method_args names unknown method(s) {unknown}; registered: {registered()}"
         )
-    budget = QUICK if quick else FULL
-    budget = dataclasses.replace(
-        budget,
-        steps=steps or budget.steps,
-        batch_size=batch_size or budget.batch_size,
-        max_length=max_length or budget.max_length,
-    )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(out).resolve()
-    seed_list = [seed + k for k in range(seeds)]
+    budget = config.budget()
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(config.out).resolve()
+    seed_list = [config.seed + k for k in range(config.seeds)]
     specs = []
     for m in methods:
         trains_base = not get_method(m).param_prefix
         for s in seed_list:
             name = run_name(m, s, seed_list)
-            spec = {
-                "name": name,
-                "method": m,
-                "method_args": dict((method_args or {}).get(m, {})),
-                "model": model,
-                "kind": kind,
-                "data": data or DEFAULT_DATA[kind],
-                "seed": s,
-                "steps": budget.steps,
-                "batch_size": budget.batch_size,
-                "max_length": budget.max_length,
+            spec = RunSpec(
+                name=name,
+                method=m,
+                method_args=dict(config.method_args.get(m, {})),
+                model=config.model,
+                kind=kind,
+                data=config.data or DEFAULT_DATA[kind],
+                seed=s,
+                steps=budget.steps,
+                batch_size=budget.batch_size,
+                max_length=budget.max_length,
                 # Full fine-tuning moves every weight, so it needs a far smaller step size.
-                "lr": lr_full if trains_base else lr,
-                "device": device,
-                "threads": threads,
-                "inference": {
-                    "new_tokens": budget.new_tokens,
-                    "repeats": budget.repeats,
-                    "max_prompt_length": budget.max_length,
-                },
+                lr=config.lr_full if trains_base else config.lr,
+                device=device,
+                threads=config.threads,
+                inference=InferenceSettings(
+                    new_tokens=budget.new_tokens,
+                    repeats=budget.repeats,
+                    max_prompt_length=budget.max_length,
+                ),
                 # One evaluation, after the last step, on the same held-out examples for every
                 # method; no checkpoints: a run is the unit a resumed comparison redoes.
-                "train_overrides": {
+                train_overrides={
                     "eval_size": budget.eval_size,
                     "eval_every": 0,
                     "eval_before": False,
                     "save_every": 0,
                     "progress": False,
-                    **(train_overrides or {}),
+                    **config.train_overrides,
                 },
-                "run_dir": str(out / "runs" / name),
-                "result_path": str(out / f"{name}.json"),
-            }
-            spec["fingerprint"] = fingerprint(spec)
-            specs.append(spec)
+                run_dir=str(out / "runs" / name),
+                result_path=str(out / f"{name}.json"),
+            )
+            specs.append(spec.fingerprinted())
     # Bad keys or option values fail here, before any run starts, not once per method.
-    from peftlab.bench.worker import train_config
     from peftlab.train.config import TrainConfig
 
     for spec in specs:
-        TrainConfig.from_dict(train_config(spec)).method_config()
+        TrainConfig.from_dict(spec.train_config()).method_config()
     return specs
 
 
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def run_one(spec: dict, timeout: float | None = None) -> dict:
+def run_one(spec: RunSpec, timeout: float | None = None) -> RunResult:
     """Run one worker process for ``spec``; a crash with no JSON is recorded as a failure."""
     from peftlab.bench.worker import failure, write_json_atomic
 
-    run_dir = Path(spec["run_dir"])
+    run_dir = Path(spec.run_dir)
     if run_dir.exists():  # leftovers of a run killed before it wrote its result
         import shutil
 
         shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    spec_path = run_dir.parent / f"{spec['name']}.spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    log_path = run_dir.parent / f"{spec['name']}.log"
+    spec_path = run_dir.parent / f"{spec.name}.spec.json"
+    spec_path.write_text(json.dumps(spec.to_json(), indent=2))
+    log_path = run_dir.parent / f"{spec.name}.log"
     start = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(log_path, "w") as log:
         try:
@@ -206,7 +140,7 @@ def run_one(spec: dict, timeout: float | None = None) -> dict:
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    result = _load(Path(spec["result_path"]))
+    result = RunResult.load(spec.result_path)
     if result is None:
         tail = log_path.read_text()[-4000:] if log_path.exists() else ""
         why = (
@@ -215,12 +149,12 @@ def run_one(spec: dict, timeout: float | None = None) -> dict:
             else f"worker exited with code {rc}"
         )
         result = failure(spec, f"{why} and wrote no result (see {log_path})", tail, start)
-        write_json_atomic(spec["result_path"], result)
+        write_json_atomic(spec.result_path, result.to_json())
     return result
 
 
 def compare(
-    methods: list[str] | None = None,
+    methods: list[str] | CompareConfig | None = None,
     model: str = DEFAULT_MODEL,
     data: str | None = None,
     steps: int | None = None,
@@ -234,92 +168,112 @@ def compare(
     report_only: bool = False,
     **settings,
 ) -> dict:
-    """Compare PEFT methods on one model and dataset; returns ``{"results": [...], "out": dir}``.
+    """Compare PEFT methods on one model and dataset; returns ``{"results": [...], "out": dir}``
+    (each result the JSON object of its ``<run>.json``; see :class:`~peftlab.bench.result.RunResult`).
 
     Args:
-        methods: registry names; default every registered method that applies to the model.
+        methods: registry names; default every registered method. Or a whole
+            :class:`~peftlab.bench.spec.CompareConfig`, which then replaces ``model`` …
+            ``quick`` and ``settings``.
         model: bundled name, HF directory or GGUF path.
         data: ``builtin:<task>`` or a data file; default a built-in task for the model's kind.
-        steps: optimizer steps per run (default 40; 10 with ``quick``).
+        steps: optimizer steps per run (default 25, :data:`~peftlab.bench.spec.FULL`; 6 with
+            ``quick``, :data:`~peftlab.bench.spec.QUICK`).
         seeds: runs per method with seeds ``seed``, ``seed+1``, …
         out: output directory; rerunning with the same ``out`` resumes.
-        quick: the small budget (`--quick`, a few minutes on a 2-core CPU).
+        quick: the small budget (`--quick`, a few minutes on a 2-core CPU): batch 4 instead of
+            8, 8 held-out examples instead of 32.
         retry_failed: rerun runs whose recorded result is a failure.
         timeout: seconds after which one run is stopped and recorded as failed.
         report: write ``report.md`` / ``report.html`` and print the summary table.
         echo: print progress lines.
         report_only: run nothing; rewrite the report from the results already in ``out``
             (a comparison still in progress, or one stopped part-way).
-        **settings: further :func:`plan` keywords (``batch_size``, ``max_length``, ``lr``,
-            ``lr_full``, ``method_args``, ``seed``, ``device``, ``train_overrides``, ``threads``).
+        **settings: further :class:`~peftlab.bench.spec.CompareConfig` fields (``batch_size``,
+            ``max_length``, ``lr``, ``lr_full``, ``method_args``, ``seed``, ``device``,
+            ``train_overrides``, ``threads``).
     """
-    specs = plan(methods, model, data, steps, seeds, out, quick, **settings)
-    out = Path(out).resolve()
+    if isinstance(methods, CompareConfig):
+        config = methods
+    else:
+        config = CompareConfig(
+            methods=methods,
+            model=model,
+            data=data,
+            steps=steps,
+            seeds=seeds,
+            out=out,
+            quick=quick,
+            **settings,
+        )
+    specs = plan(config)
+    out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, specs)
     results = []
     for i, spec in enumerate(specs, 1):
-        path = Path(spec["result_path"])
-        done = _load(path)
-        if report_only:
-            if done is not None:
-                results.append(done)
-            elif echo:
-                print(f"[{i}/{len(specs)}] {spec['name']}: not run yet, left out of the report")
-            continue
-        if done is not None and (done["train_info"]["status"] == "ok" or not retry_failed):
-            if echo:
-                print(
-                    f"[{i}/{len(specs)}] {spec['name']}: already done ({done['train_info']['status']}), skipped"
-                )
-            results.append(done)
-            continue
-        if echo:
-            print(
-                f"[{i}/{len(specs)}] {spec['name']}: training {spec['steps']} steps …", flush=True
-            )
-        t0 = time.perf_counter()
-        result = run_one(spec, timeout)
-        results.append(result)
-        if echo:
-            ti = result["train_info"]
-            what = (
-                f"ok, final loss {ti['final_loss']:.3f}"
-                if ti["status"] == "ok" and ti.get("final_loss") is not None
-                else ti["status"]
-                if ti["status"] == "ok"
-                else f"FAILED: {ti['error']}"
-            )
-            print(
-                f"[{i}/{len(specs)}] {spec['name']}: {what} ({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+        result = _run_or_reuse(
+            spec, f"[{i}/{len(specs)}]", retry_failed, timeout, echo, report_only
+        )
+        if result is not None:
+            results.append(result)
     if report_only and not results:
         raise ConfigError(
             f"{out} holds no results of this comparison yet; run it without --report-only"
         )
+    paths = {}
     if report and results:
         from peftlab.bench.report import write_report
 
         paths = write_report(out, results, echo=echo)
+    return {"results": [r.to_json() for r in results], "out": str(out), **paths}
+
+
+def _run_or_reuse(
+    spec: RunSpec,
+    counter: str,
+    retry_failed: bool,
+    timeout: float | None,
+    echo: bool,
+    report_only: bool,
+) -> RunResult | None:
+    """The result of ``spec``: the recorded one if there is one to keep, else a new run
+    (none with ``report_only``)."""
+    say = print if echo else (lambda *a, **k: None)
+    head = f"{counter} {spec.name}:"
+    done = RunResult.load(spec.result_path)
+    if report_only:
+        if done is None:
+            say(f"{head} not run yet, left out of the report")
+        return done
+    if done is not None and (done.ok or not retry_failed):
+        say(f"{head} already done ({done.train_info.status}), skipped")
+        return done
+    say(f"{head} training {spec.steps} steps …", flush=True)
+    t0 = time.perf_counter()
+    result = RunResult.coerce(run_one(spec, timeout))
+    ti = result.train_info
+    if not result.ok:
+        what = f"FAILED: {ti.error}"
+    elif ti.final_loss is not None:
+        what = f"ok, final loss {ti.final_loss:.3f}"
     else:
-        paths = {}
-    return {"results": results, "out": str(out), **paths}
+        what = "ok"
+    say(f"{head} {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return result
 
 
-def _check_resumable(out: Path, specs: list[dict]) -> None:
+def _check_resumable(out: Path, specs: list[RunSpec]) -> None:
     """Refuse to mix results of different settings in one directory."""
-    plan_path = out / "plan.json"
     for spec in specs:
-        done = _load(Path(spec["result_path"]))
-        if done is not None and done["run_info"].get("fingerprint") != spec["fingerprint"]:
+        done = RunResult.load(spec.result_path)
+        if done is not None and done.run_info.fingerprint != spec.fingerprint:
             raise ConfigError(
-                f"{spec['result_path']} holds a run made with different settings than this comparison "
+                f"{spec.result_path} holds a run made with different settings than this comparison "
                 f"(model, data, steps, batch, lr or method options differ); pass another --out, or "
                 f"delete that file to rerun it"
             )
     from peftlab.bench.worker import write_json_atomic
 
-    write_json_atomic(
-        plan_path, {"runs": [{k: v for k, v in s.items() if k != "threads"} for s in specs]}
-    )
+    runs = [{k: v for k, v in s.to_json().items() if k != "threads"} for s in specs]
+    write_json_atomic(plan_path, {"runs": runs})

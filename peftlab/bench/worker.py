@@ -2,11 +2,14 @@
 
 The runner writes a JSON spec (see :func:`peftlab.bench.runner.plan`) and starts this module
 once per method and seed, so every run starts from a fresh interpreter and its memory figure is
-its own. The worker loads the model, times the base model's inference, trains through
-:func:`peftlab.train.train`, then measures the adapted model (unmerged and, where the method is
-mergeable, merged) on the same prompts, and writes ``<method>.json`` atomically. Any exception
-is recorded in that JSON with ``status: "failed"``; the runner records crashes that leave no
-JSON (a killed or segfaulting process).
+its own. The worker loads the model, trains it through :func:`peftlab.train.train` inside one
+:class:`~peftlab.bench.measure.PeakMemory` (data, ``apply`` with QLoRA's quantization, the
+loop; a :class:`~peftlab.bench.probe.LoopProbe` callback measures the loop as a phase of it),
+then times the adapted model (unmerged and, where the method is mergeable, merged) against a
+fresh base model on the same prompts, and writes ``<method>.json``
+(:class:`~peftlab.bench.result.RunResult`) atomically. Any exception is recorded in that JSON
+with ``status: "failed"``; the runner records crashes that leave no JSON (a killed or
+segfaulting process).
 """
 
 from __future__ import annotations
@@ -21,6 +24,20 @@ import time
 import traceback
 from pathlib import Path
 
+from peftlab.bench import measure
+from peftlab.bench.inference import overhead_ratios, time_inference
+from peftlab.bench.result import (
+    InferenceInfo,
+    LoopMemory,
+    MemoryPrediction,
+    MetaInfo,
+    PeakMemoryInfo,
+    RunInfo,
+    RunResult,
+    Stability,
+    TrainInfo,
+)
+from peftlab.bench.spec import RunSpec
 from peftlab.core.fileio import atomic_write_json
 
 CAUSAL_PROMPTS = [
@@ -35,12 +52,6 @@ CLASSIFICATION_PROMPTS = [
     "an uneven but often charming comedy",
     "i would not recommend it to anyone",
 ]
-
-# The spec fields every result JSON repeats in its run_info, succeeded or failed.
-RUN_INFO_KEYS = (
-    "method", "method_args", "model", "kind", "data", "seed", "steps", "batch_size",
-    "max_length", "lr", "fingerprint",
-)  # fmt: skip
 
 
 def now() -> str:
@@ -104,250 +115,240 @@ def prompt_batch(tokenizer, kind: str, max_length: int) -> dict:
     return dict(enc)
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """``(training records, evaluation records)`` from the run's ``metrics.jsonl``."""
-    train, evals = [], []
+def read_evals(run_dir: Path) -> list[dict]:
+    """The evaluation records of the run's ``metrics.jsonl``."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return train, evals
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if any(k.startswith("eval_") for k in rec):
-            evals.append(rec)
-        if "loss" in rec:
-            train.append(rec)
-    return train, evals
-
-
-def train_config(spec: dict) -> dict:
-    """The :func:`peftlab.train.train` config of a run: the shared budget plus its method."""
-    return {
-        "model": spec["model"],
-        "method": spec["method"],
-        "method_args": spec["method_args"],
-        "data": spec["data"],
-        "max_steps": spec["steps"],
-        "batch_size": spec["batch_size"],
-        "lr": spec["lr"],
-        "seed": spec["seed"],
-        "max_length": spec["max_length"],
-        "output_dir": spec["run_dir"],
-        **spec.get("train_overrides", {}),
-    }
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if any(k.startswith("eval_") for k in r)]
 
 
 def _num_labels(model) -> int:
     return int(getattr(model.config, "num_labels", 2) or 2)
 
 
-def run(spec: dict) -> dict:
-    """Train and measure one method as ``spec`` says; returns the result JSON object."""
+def run(spec: RunSpec) -> RunResult:
+    """Train and measure one method as ``spec`` says."""
     import torch
 
     import peftlab
-    from peftlab.bench import measure
+    from peftlab.bench.probe import LoopProbe
     from peftlab.core.model import adapter_configs
-    from peftlab.core.registry import get_method
     from peftlab.models import load_model, load_tokenizer
     from peftlab.train import train
 
-    run_info = {k: spec[k] for k in RUN_INFO_KEYS}
-    run_info.update(start=now(), device=spec.get("device", "cpu"), argv=sys.argv)
-    torch.manual_seed(spec["seed"])
-    device = torch.device(spec.get("device", "cpu"))
+    run_info = RunInfo(**spec.run_info(), start=now(), device=spec.device, argv=sys.argv)
+    torch.manual_seed(spec.seed)
+    device = torch.device(spec.device)
     rss_start = measure.rss_bytes()
     t0 = time.perf_counter()
-    model = load_model(spec["model"], kind=spec["kind"]).to(device)
+    model = load_model(spec.model, kind=spec.kind).to(device)
     measure.own_weights(model)  # resident and counted from the start (see own_weights)
-    tokenizer = load_tokenizer(spec["model"])
+    tokenizer = load_tokenizer(spec.model)
     load_s = time.perf_counter() - t0
     rss_loaded = measure.rss_bytes()
     loaded_weights = measure.tensor_bytes(model)["weights_bytes"]
-
-    inf = spec["inference"]
+    inf = spec.inference
     prompts = {
         k: v.to(device)
-        for k, v in prompt_batch(tokenizer, spec["kind"], inf["max_prompt_length"]).items()
+        for k, v in prompt_batch(tokenizer, spec.kind, inf.max_prompt_length).items()
     }
-    new_tokens = inf["new_tokens"] if spec["kind"] == "causal-lm" else 0
 
-    run_dir = Path(spec["run_dir"])
-    config = train_config(spec)
+    config = spec.train_config()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    # One measurement over everything training needs: the data, apply (QLoRA's quantization
+    # and its transient copies), the loop; the probe measures the loop as a phase of it.
     with measure.PeakMemory(device) as peak:
+        probe = LoopProbe(peak)
         t_train = time.perf_counter()
-        summary = train(config, model=model, tokenizer=tokenizer)
+        summary = train(config, model=model, tokenizer=tokenizer, callbacks=[probe])
         train_s = time.perf_counter() - t_train
     if not adapter_configs(model):
         raise RuntimeError(
             "peftlab.train returned without applying the method to the model it was given"
         )
 
+    cpu = device.type == "cpu"
+    loop = probe.memory()
+    memory = PeakMemoryInfo(
+        bytes=peak.peak_bytes - (rss_loaded if cpu else 0),
+        # Peak minus the process's RSS before the model loaded (torch and transformers
+        # imported): the model and everything training it needs. Not "RSS after load minus
+        # weights": safetensors pages the weights in lazily, so RSS after load undercounts them.
+        total_bytes=peak.peak_bytes - (rss_start if cpu else 0),
+        loaded_weights_bytes=loaded_weights,
+        how=peak.method + (" minus RSS after model load" if cpu else ""),
+        peak_process_bytes=peak.peak_bytes,
+        prediction=memory_prediction(spec, config, model, loop, device),
+        loop=loop,
+        rss_before_load_bytes=rss_start if cpu else None,
+        rss_after_load_bytes=rss_loaded if cpu else None,
+        **measure.tensor_bytes(model),
+    )
+    adapter_dir = Path(spec.run_dir) / "adapter"
+    if not adapter_dir.is_dir():
+        peftlab.save_adapter(model, adapter_dir)
+    base = load_model(spec.model, kind=spec.kind, num_labels=_num_labels(model)).to(device)
+    inference = _time_inference(spec, base, model, prompts)
+    del base
+    train_info = _train_info(spec, model, summary, probe.records, memory, inference)
+    train_info.train_seconds, train_info.model_load_seconds = train_s, load_s
+    train_info.adapter_bytes = measure.dir_bytes(adapter_dir)
+    run_info.end = now()
+    run_info.model_config = {
+        k: v for k, v in model.config.to_dict().items() if isinstance(v, int | float | str | bool)
+    }
+    run_info.model_class = type(model).__name__
+    if spec.kind == "classification":
+        run_info.num_labels = getattr(model.config, "num_labels", None)
+    return RunResult(run_info, train_info, MetaInfo(**meta_info()))
+
+
+def _train_info(
+    spec: RunSpec,
+    model,
+    summary: dict,
+    records: list[dict],
+    memory: PeakMemoryInfo,
+    inference: InferenceInfo,
+) -> TrainInfo:
+    """The measurements of a finished run (its times and adapter size aside)."""
+    import peftlab
+    from peftlab.core.model import adapter_configs
+    from peftlab.core.registry import get_method
+
     # Counted by the trainer right after apply, i.e. what trained (a prefix's reparameterization
     # MLP included, even if the method folds it into a table afterwards).
     trainable, total = peftlab.trainable_parameters(model)
     after = {"trainable_params": trainable, "total_params": total}
-    if isinstance(summary, dict) and summary.get("trainable_params") is not None:
+    if summary.get("trainable_params") is not None:
         trainable, total = summary["trainable_params"], summary["total_params"]
-    weights = measure.tensor_bytes(model)
-    base_rss = rss_loaded if device.type == "cpu" else 0
-    peak_above_load = peak.peak_bytes - base_rss
-    records, evals = read_metrics(run_dir)
-    losses = [r["loss"] for r in records]
-    adapter_dir = run_dir / "adapter"
-    if not adapter_dir.is_dir():
-        peftlab.save_adapter(model, adapter_dir)
-
-    # A fresh copy of the base model, timed in the same rounds as the adapted one (see
-    # measure.time_inference): the ratios compare like with like on a machine whose load drifts.
-    base = load_model(spec["model"], kind=spec["kind"], num_labels=_num_labels(model)).to(device)
-    measure.own_weights(base)  # like the adapted model's weights: same kind of memory
-    timed = measure.time_inference(
-        {"base": base, "unmerged": model}, prompts, new_tokens, inf["repeats"]
-    )
-    base_speed, unmerged = timed["base"], timed["unmerged"]
-    merged = merged_base = None
     cfg = next(iter(adapter_configs(model).values()))
-    if type(cfg).mergeable:
-        peftlab.merge(model)
-        timed = measure.time_inference(
-            {"base": base, "merged": model}, prompts, new_tokens, inf["repeats"]
-        )
-        merged_base, merged = timed["base"], timed["merged"]
-        peftlab.unmerge(model)
-    del base
-
-    final_eval = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
-    train_info = {
-        "status": "ok",
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "params_after_training": after,
-        "adapter_bytes": measure.dir_bytes(adapter_dir),
-        "peak_memory": {
-            "bytes": peak_above_load,
-            # Peak minus the process's RSS before the model loaded (torch and transformers
-            # imported): the model and everything training it needs. Not "RSS after load minus
-            # weights": safetensors pages the weights in lazily, so RSS after load undercounts them.
-            "total_bytes": peak.peak_bytes - (rss_start if device.type == "cpu" else 0),
-            "loaded_weights_bytes": loaded_weights,
-            "how": peak.method + ("" if device.type == "cuda" else " minus RSS after model load"),
-            "peak_process_bytes": peak.peak_bytes,
-            "prediction": memory_prediction(spec, config, model, summary, device),
-            "rss_before_load_bytes": rss_start if device.type == "cpu" else None,
-            "rss_after_load_bytes": rss_loaded if device.type == "cpu" else None,
-            **weights,
-        },
+    losses = [r["loss"] for r in records]
+    evals = read_evals(Path(spec.run_dir))
+    return TrainInfo(
+        status="ok",
+        trainable_params=trainable,
+        total_params=total,
+        trainable_percent=100.0 * trainable / total,
+        params_after_training=after,
+        peak_memory=memory,
         **measure.speed(records),
-        "train_seconds": train_s,
-        "model_load_seconds": load_s,
-        "loss_curve": [[r["step"], r["loss"]] for r in records],
-        "eval_curve": [
+        loss_curve=[[r["step"], r["loss"]] for r in records],
+        eval_curve=[
             {"step": e.get("step"), **{k: v for k, v in e.items() if k.startswith("eval_")}}
             for e in evals
         ],
-        "final_loss": losses[-1] if losses else None,
-        "stability": {
-            "loss_spikes": measure.loss_spikes(losses),
-            "loss_variability": measure.loss_variability(losses),
-            "definition": f"spike: loss > {measure.SPIKE_RATIO} x median of the previous {measure.SPIKE_WINDOW} "
-            "logged losses; variability: std of step-to-step change of log-loss",
-        },
-        "eval": final_eval,
-        "inference": {
-            "prompts": len(prompts["input_ids"]),
-            "prompt_tokens": int(prompts["input_ids"].shape[1]),
-            "new_tokens": new_tokens,
-            "base": base_speed,
-            "unmerged": unmerged,
-            "merged": merged,
-            "base_in_merged_round": merged_base,
-            "unmerged_vs_base": measure.overhead_ratios(base_speed, unmerged),
-            "merged_vs_base": measure.overhead_ratios(merged_base, merged) if merged else None,
-            "how": f"median of {inf['repeats']} rounds, each timing a fresh base model and the "
-            "adapted one in turn on the same prompts, after a warm-up round",
-        },
-        "mergeable": type(cfg).mergeable,
-        "trains_base": not get_method(spec["method"]).param_prefix,
-        "method_config": cfg.to_dict(),
-        "train_summary": summary if isinstance(summary, dict) else None,
-    }
-    run_info["end"] = now()
-    run_info["model_config"] = {
-        k: v for k, v in model.config.to_dict().items() if isinstance(v, int | float | str | bool)
-    }
-    run_info["model_class"] = type(model).__name__
-    run_info["num_labels"] = (
-        getattr(model.config, "num_labels", None) if spec["kind"] == "classification" else None
+        final_loss=losses[-1] if losses else None,
+        stability=Stability(
+            loss_spikes=measure.loss_spikes(losses),
+            loss_variability=measure.loss_variability(losses),
+            definition=f"spike: loss > {measure.SPIKE_RATIO} x median of the previous "
+            f"{measure.SPIKE_WINDOW} step losses; variability: std of step-to-step change of "
+            "log-loss",
+        ),
+        eval={k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")},
+        inference=inference,
+        mergeable=type(cfg).mergeable,
+        trains_base=not get_method(spec.method).param_prefix,
+        method_config=cfg.to_dict(),
+        train_summary=summary,
     )
-    return {"run_info": run_info, "train_info": train_info, "meta_info": meta_info()}
 
 
-def memory_prediction(spec, config, model, summary, device) -> dict:
+def _time_inference(spec: RunSpec, base, model, prompts: dict) -> InferenceInfo:
+    """Time a fresh copy of the base model and the adapted one in the same rounds (see
+    :func:`~peftlab.bench.inference.time_inference`): unmerged, and merged where the method
+    merges."""
+    import peftlab
+    from peftlab.core.model import adapter_configs
+
+    inf = spec.inference
+    new_tokens = inf.new_tokens if spec.kind == "causal-lm" else 0
+    measure.own_weights(base)  # like the adapted model's weights: same kind of memory
+    timed = time_inference({"base": base, "unmerged": model}, prompts, new_tokens, inf.repeats)
+    base_speed, unmerged = timed["base"], timed["unmerged"]
+    merged = merged_base = None
+    if type(next(iter(adapter_configs(model).values()))).mergeable:
+        peftlab.merge(model)
+        timed = time_inference({"base": base, "merged": model}, prompts, new_tokens, inf.repeats)
+        merged_base, merged = timed["base"], timed["merged"]
+        peftlab.unmerge(model)
+    return InferenceInfo(
+        prompts=len(prompts["input_ids"]),
+        prompt_tokens=int(prompts["input_ids"].shape[1]),
+        new_tokens=new_tokens,
+        base=base_speed,
+        unmerged=unmerged,
+        merged=merged,
+        base_in_merged_round=merged_base,
+        unmerged_vs_base=overhead_ratios(base_speed, unmerged),
+        merged_vs_base=overhead_ratios(merged_base, merged) if merged else None,
+        how=f"median of {inf.repeats} rounds, each timing a fresh base model and the "
+        "adapted one in turn on the same prompts, after a warm-up round",
+    )
+
+
+def memory_prediction(
+    spec: RunSpec, config: dict, model, loop: LoopMemory | None, device
+) -> MemoryPrediction:
     """The estimator's predicted training peak for this very run, next to the measured one.
 
-    Measured: the training loop's peak (``summary["peak_memory"]``: CUDA allocated bytes, or
-    on the CPU the heap's live bytes) minus what was live when the loop started that is not
-    the model's tensors (the runtime, loader leftovers, tokenizer and tokenized data: tens of
-    MB, reported as ``other_live_bytes``) — so the weights, gradients, optimizer state,
-    activations and workspace, which is what the estimator predicts.
+    Measured: the training loop's peak (``loop``: CUDA allocated bytes, or on the CPU the
+    heap's live bytes) minus what was live when the loop started that is not the model's
+    tensors (the runtime, loader leftovers, tokenizer and tokenized data: tens of MB, reported
+    as ``other_live_bytes``) — so the weights, gradients, optimizer state, activations and
+    workspace, which is what the estimator predicts.
     Predicted: :func:`peftlab.estimate_memory` for the run's model, method config, batch size,
     longest padded batch, dtype, optimizer and checkpointing.
     """
     from peftlab.select.estimator import estimate_memory
 
-    loop = (summary or {}).get("peak_memory") or {}
-    live, start = loop.get("live_bytes"), loop.get("live_bytes_at_start")
-    live_other = start - loop["model_tensor_bytes"] if start is not None else None
+    loop = loop or LoopMemory()
+    live, start = loop.live_bytes, loop.live_bytes_at_start
+    live_other = start - loop.model_tensor_bytes if start is not None else None
     if device.type == "cuda":
-        measured = loop.get("bytes")
+        measured = loop.bytes
     else:
         measured = live - live_other if live is not None else None
-    out = {
-        "measured_bytes": measured,
-        "other_live_bytes": live_other,
-        "how": "training-loop peak of "
+    out = MemoryPrediction(
+        measured_bytes=measured,
+        other_live_bytes=live_other,
+        how="training-loop peak of "
         + ("CUDA allocated bytes" if device.type == "cuda" else "live heap bytes (mallinfo2)")
         + ", less what was live at the loop's start that is not model tensors",
-    }
+    )
     try:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         est = estimate_memory(
-            spec["model"],
-            {"method": spec["method"], **spec["method_args"]},
-            batch_size=spec["batch_size"],
-            seq_len=int((summary or {}).get("longest_batch") or spec["max_length"]),
+            spec.model,
+            {"method": spec.method, **spec.method_args},
+            batch_size=spec.batch_size,
+            seq_len=int(loop.longest_batch or spec.max_length),
             dtype="float32" if dtype not in ("bfloat16", "float16") else dtype,
             optimizer=config.get("optimizer", "adamw"),
             gradient_checkpointing=bool(config.get("gradient_checkpointing", False)),
             device=device.type,
         )
     except Exception as e:  # noqa: BLE001 — a model the estimator cannot read: say so, go on
-        out["error"] = f"{type(e).__name__}: {e}"
+        out.error = f"{type(e).__name__}: {e}"
         return out
-    out.update(predicted_bytes=est.peak, seq_len=est.seq_len, parts=est.to_dict())
+    out.predicted_bytes, out.seq_len, out.parts = est.peak, est.seq_len, est.to_dict()
     if measured:
-        out["error_ratio"] = est.peak / measured - 1
+        out.error_ratio = est.peak / measured - 1
     return out
 
 
-def failure(spec: dict, error: str, tb: str, start: str | None = None) -> dict:
-    """The result JSON of a run that failed: its spec, the error, and the traceback's tail."""
-    run_info = {k: spec.get(k) for k in RUN_INFO_KEYS}
-    run_info.update(start=start, end=now())
+def failure(spec: RunSpec, error: str, tb: str, start: str | None = None) -> RunResult:
+    """The result of a run that failed: its spec, the error, and the traceback's tail."""
+    run_info = RunInfo(**spec.run_info(), start=start, end=now())
     try:
-        meta = meta_info()
+        meta = MetaInfo(**meta_info())
     except Exception:  # noqa: BLE001 — a broken environment must still leave a record
-        meta = {"host": socket.gethostname()}
-    return {
-        "run_info": run_info,
-        "train_info": {"status": "failed", "error": error, "traceback": tb[-4000:]},
-        "meta_info": meta,
-    }
+        meta = MetaInfo(host=socket.gethostname())
+    return RunResult(run_info, TrainInfo(status="failed", error=error, traceback=tb[-4000:]), meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,21 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m peftlab.bench.worker SPEC.json", file=sys.stderr)
         return 2
-    spec = json.loads(Path(argv[0]).read_text())
+    spec = RunSpec.from_json(json.loads(Path(argv[0]).read_text()))
     import torch
 
-    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    torch.set_num_threads(spec.threads or torch.get_num_threads())
     start = now()
     try:
         result = run(spec)
     except Exception as e:  # noqa: BLE001 — recorded, so the comparison goes on
         traceback.print_exc()
-        write_json_atomic(
-            spec["result_path"],
-            failure(spec, f"{type(e).__name__}: {e}", traceback.format_exc(), start),
-        )
+        result = failure(spec, f"{type(e).__name__}: {e}", traceback.format_exc(), start)
+        write_json_atomic(spec.result_path, result.to_json())
         return 1
-    write_json_atomic(spec["result_path"], result)
+    write_json_atomic(spec.result_path, result.to_json())
     return 0
 
 

@@ -10,8 +10,9 @@ whose *predicted* peak (:func:`peftlab.select.estimator.estimate_memory`) fits i
 with ``w_q`` = 0.85 / 0.65 / 0.45 for ``--quality highest / high / balanced``. Quality and
 speed are priors from the papers (each method's ``MethodProfile`` in
 :data:`peftlab.select.models.MODELS`; sources in docs/estimator.md) unless
-``--results DIR`` points at a ``peftlab compare`` output, whose measured tokens/s, final eval
-metric and inference latency ratios replace them.
+``--results DIR`` points at a ``peftlab compare`` output, whose measured tokens/s, quality
+(the ``quality`` recorded in each result, relative to the best measured method) and inference
+latency ratios replace them.
 """
 
 from __future__ import annotations
@@ -88,12 +89,13 @@ def _plan_method(name, arch, budget, seq, batch, dtype, optimizer, device, quali
 
 
 def _measured(results: str | Path | None, known: set[str]) -> dict[str, dict]:
-    """Per method from a ``peftlab compare`` directory: ``tokens_per_s``, a quality value and an
-    inference latency ratio. Fields read (missing ones are skipped): ``run_info.method``,
-    ``train_info.tokens_per_s``, ``train_info.eval`` (first of eval_accuracy / eval_exact_match /
-    any accuracy-like key; else eval_loss, lower is better), ``train_info.inference.
-    merged_vs_base.prefill_latency_ratio`` (else ``unmerged_vs_base``). Methods not in ``known``
-    are skipped."""
+    """Per method from a ``peftlab compare`` directory (every ``*.json`` below it that is a
+    :class:`~peftlab.bench.result.RunResult` of a successful run of a method in ``known``):
+    ``tokens_per_s`` (``train_info.tokens_per_s``), ``quality``
+    (:func:`peftlab.bench.result.quality`: accuracy, else exact match, else eval loss) and
+    ``latency_ratio`` (``train_info.inference``: merged against base, else unmerged)."""
+    from peftlab.bench.result import RunResult, quality
+
     if not results:
         return {}
     root = Path(results)
@@ -103,41 +105,39 @@ def _measured(results: str | Path | None, known: set[str]) -> dict[str, dict]:
         )
     found: dict[str, dict] = {}
     for path in sorted(root.rglob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
+        r = RunResult.load(path)
+        if r is None or r.method not in known or not r.ok:
             continue
-        if not isinstance(data, dict):
-            continue
-        run, train = data.get("run_info") or {}, data.get("train_info") or {}
-        method = run.get("method")
-        if method not in known or train.get("status", "ok") != "ok":
-            continue
-        ev = train.get("eval") or {}
-        acc = next(
-            (
-                v
-                for k, v in ev.items()
-                if isinstance(v, int | float) and ("accuracy" in k or "exact_match" in k)
-            ),
-            None,
-        )
-        loss = ev.get("eval_loss")
-        inf = train.get("inference") or {}
-        ratio = (inf.get("merged_vs_base") or inf.get("unmerged_vs_base") or {}).get(
-            "prefill_latency_ratio"
-        )
-        found[method] = {
-            "tokens_per_s": train.get("tokens_per_s"),
-            "accuracy": acc,
-            "loss": loss,
-            "latency_ratio": ratio,
+        inf = r.train_info.inference
+        ratios = (inf.merged_vs_base or inf.unmerged_vs_base or {}) if inf else {}
+        found[r.method] = {
+            "tokens_per_s": r.train_info.tokens_per_s,
+            "quality": quality(r),
+            "latency_ratio": ratios.get("prefill_latency_ratio"),
         }
     if not found:
         raise ConfigError(
             f"--results {root} holds no peftlab compare result (<method>.json with run_info/train_info)"
         )
     return found
+
+
+def _relative_quality(measured: dict[str, dict]) -> dict[str, float]:
+    """Each measured method's quality relative to the best of those measured alike, in (0, 1]:
+    ``value / best`` for a score (accuracy, exact match; a best of 0 says nothing and is
+    skipped), ``exp(best − value)`` for the eval loss."""
+    qualities = {m: v["quality"] for m, v in measured.items() if v["quality"] is not None}
+    best: dict[str, float] = {}
+    for q in qualities.values():
+        pick = max if q.higher_is_better else min
+        best[q.name] = pick(best.get(q.name, q.value), q.value)
+    out = {}
+    for method, q in qualities.items():
+        if not q.higher_is_better:
+            out[method] = math.exp(best[q.name] - q.value)
+        elif best[q.name] > 0:
+            out[method] = q.value / best[q.name]
+    return out
 
 
 def recommend(
@@ -184,8 +184,7 @@ def recommend(
     names = ranked_methods()
     measured = _measured(results, set(names))
     best_speed = max((m["tokens_per_s"] or 0) for m in measured.values()) if measured else 0
-    accs = [m["accuracy"] for m in measured.values() if m["accuracy"] is not None]
-    losses = [m["loss"] for m in measured.values() if m["loss"] is not None]
+    measured_quality = _relative_quality(measured)
     recs = []
     overheads: dict[str, float] = {}
     w = QUALITY_WEIGHT[quality]
@@ -201,10 +200,7 @@ def recommend(
             source = "measured"
             if m["tokens_per_s"] and best_speed:
                 speed = m["tokens_per_s"] / best_speed
-            if m["accuracy"] is not None and accs and max(accs) > 0:
-                q = m["accuracy"] / max(accs)
-            elif m["loss"] is not None and losses:
-                q = math.exp(min(losses) - m["loss"])
+            q = measured_quality.get(method, q)
             if m["latency_ratio"]:
                 overhead = max(0.0, m["latency_ratio"] - 1)
         if ckpt and fits:

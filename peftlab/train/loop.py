@@ -9,8 +9,10 @@ the divergence stop) → save the adapter → ``_summary``.
 ``accelerate`` places the model on the device, applies mixed precision and, under
 ``accelerate launch`` / ``torchrun``, wraps it in DistributedDataParallel.
 
-Measurement (memory, time) wraps :func:`train` from outside; it can pass a model it loaded
-itself.
+Measurement (memory, time) wraps :func:`train` from outside: it passes
+:class:`~peftlab.train.callbacks.TrainCallback` hooks, which receive the model before the first
+step and a :class:`~peftlab.train.callbacks.StepRecord` after every step, and it can pass a
+model it loaded itself. The trainer never synchronizes the device to time a step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from peftlab.core.config import ConfigError
 from peftlab.data import DataError, collate, load_task_data
 from peftlab.train import checkpoint, lock, rundir, signals
 from peftlab.train import resume as resuming
+from peftlab.train.callbacks import StepRecord, TrainCallback
 from peftlab.train.config import TrainConfig, apply_overrides
 from peftlab.train.evaluate import evaluate, loss_sum
 
@@ -51,6 +55,7 @@ def train(
     model=None,
     tokenizer=None,
     resume: bool = False,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> dict:
     """Train as ``config`` says and return the run's summary (also written to summary.json).
 
@@ -63,10 +68,13 @@ def train(
             applied here).
         resume: continue from the newest checkpoint in output_dir (see
             :mod:`peftlab.train.resume` for what may change and for finished runs).
+        callbacks: :class:`~peftlab.train.callbacks.TrainCallback` hooks called around the
+            loop and after every optimizer step (how memory and time are measured from outside).
 
     Returns:
         ``output_dir``, ``steps``, ``final_loss``, ``eval_before``/``eval_after``, ``tokens``,
-        ``loss_tokens``, ``truncated``, ``trainable_params``, ``wall_time`` and more.
+        ``loss_tokens``, ``truncated``, ``trainable_params``, ``wall_time``,
+        ``longest_batch`` and more.
     """
     from accelerate.utils import set_seed
 
@@ -96,7 +104,7 @@ def train(
             f"{accelerator.num_processes} process(es), {accelerator.device}"
         )
     try:
-        loop = _loop(run)
+        loop = _loop(run, list(callbacks))
         resuming.end_of_training(run)  # finite weights; the final checkpoint
     except checkpoint.NonFiniteWeights as e:  # stop as diverged, naming a good checkpoint
         _diverged(accelerator, out, cfg, e.step + 1, math.nan, None, run.state, str(e))
@@ -305,17 +313,13 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
 @dataclasses.dataclass
 class _LoopResult:
     eval_after: dict | None
-    peak_memory: Any  # peftlab.bench.measure.PeakMemory
-    model_bytes_at_start: int
     longest_batch: int  # the longest padded micro-batch: it sets the activation memory peak
 
 
-def _loop(run: _Run) -> _LoopResult:
+def _loop(run: _Run, callbacks: list[TrainCallback]) -> _LoopResult:
     """Train from ``run.state['step']`` to ``run.total_steps``: log, evaluate and checkpoint
-    on schedule. The memory peak is the loop's own (evaluation and checkpoints included)."""
+    on schedule, and hand every step's record to ``callbacks``."""
     from tqdm.auto import tqdm
-
-    from peftlab.bench.measure import PeakMemory, tensor_bytes
 
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     bar = tqdm(
@@ -328,61 +332,79 @@ def _loop(run: _Run) -> _LoopResult:
     wall_before = state["wall_time"]
     run.model.train()
     longest, eval_after = 0, None
-    model_bytes_at_start = tensor_bytes(run.unwrapped)["weights_bytes"]
-    with PeakMemory(accelerator.device) as peak_memory:
-        while state["step"] < run.total_steps:
-            signals.check(run)  # SIGTERM / Ctrl-C: checkpoint, adapter and exit, between steps
-            t0 = time.perf_counter()
-            step = state["step"] + 1
-            batches = [run.micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
-            longest = max(longest, *(b["input_ids"].shape[1] for b in batches))
-            loss, grad_norm, lr, tokens, loss_tokens = _step(run, step, batches)
-            step_time = time.perf_counter() - t0
-            state.update(
-                step=step,
-                micro_batch=state["micro_batch"] + cfg.grad_accum,
-                last_loss=loss,
-                tokens=state["tokens"] + tokens,
-                loss_tokens=state["loss_tokens"] + loss_tokens,
-                wall_time=wall_before + time.perf_counter() - session_start,
+    for cb in callbacks:
+        cb.on_train_start(run.unwrapped)
+    while state["step"] < run.total_steps:
+        signals.check(run)  # SIGTERM / Ctrl-C: checkpoint, adapter and exit, between steps
+        t0 = time.perf_counter()
+        step = state["step"] + 1
+        batches = [run.micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
+        loss, grad_norm, lr, tokens, loss_tokens = _step(run, step, batches)
+        rec = StepRecord(
+            step=step,
+            loss=loss,
+            lr=lr,
+            tokens=tokens,
+            loss_tokens=loss_tokens,
+            step_time=time.perf_counter() - t0,
+            grad_norm=grad_norm,
+            batch_length=max(b["input_ids"].shape[1] for b in batches),
+        )
+        longest = max(longest, rec.batch_length)
+        state.update(
+            step=step,
+            micro_batch=state["micro_batch"] + cfg.grad_accum,
+            last_loss=loss,
+            tokens=state["tokens"] + tokens,
+            loss_tokens=state["loss_tokens"] + loss_tokens,
+            wall_time=wall_before + time.perf_counter() - session_start,
+        )
+        for cb in callbacks:
+            cb.on_step_end(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / rec.step_time:.0f}")
+        if step % cfg.log_every == 0 or step == run.total_steps:
+            _log_step(run, rec)
+        if cfg.eval_size and (
+            step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+        ):
+            metrics = run.evaluate(step)
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if step == run.total_steps:
+                eval_after = metrics
+            run.model.train()
+        if cfg.save_every and step % cfg.save_every == 0:
+            checkpoint.save(
+                accelerator,
+                run.out,
+                step,
+                run.unwrapped,
+                run.optimizer,
+                run.scheduler,
+                state,
+                cfg.keep_checkpoints,
             )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / step_time:.0f}")
-            if step % cfg.log_every == 0 or step == run.total_steps:
-                line = {
-                    "step": step,
-                    "epoch": round(state["micro_batch"] / run.micro_per_epoch, 4),
-                    "loss": loss,
-                    "lr": lr,
-                    "tokens": tokens,
-                    "loss_tokens": loss_tokens,
-                    "step_time": step_time,
-                    "tokens_per_s": tokens / step_time,
-                }
-                if grad_norm is not None:
-                    line["grad_norm"] = grad_norm
-                rundir.log(accelerator, run.out, line, cfg.tensorboard)
-            if cfg.eval_size and (
-                step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-            ):
-                metrics = run.evaluate(step)
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                if step == run.total_steps:
-                    eval_after = metrics
-                run.model.train()
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint.save(
-                    accelerator,
-                    run.out,
-                    step,
-                    run.unwrapped,
-                    run.optimizer,
-                    run.scheduler,
-                    state,
-                    cfg.keep_checkpoints,
-                )
-        bar.close()
-    return _LoopResult(eval_after, peak_memory, model_bytes_at_start, longest)
+    bar.close()
+    for cb in callbacks:
+        cb.on_train_end(run.unwrapped)
+    return _LoopResult(eval_after, longest)
+
+
+def _log_step(run: _Run, rec: StepRecord) -> None:
+    """The step's line in metrics.jsonl (and TensorBoard)."""
+    line = {
+        "step": rec.step,
+        "epoch": round(run.state["micro_batch"] / run.micro_per_epoch, 4),
+        "loss": rec.loss,
+        "lr": rec.lr,
+        "tokens": rec.tokens,
+        "loss_tokens": rec.loss_tokens,
+        "step_time": rec.step_time,
+        "tokens_per_s": rec.tokens / rec.step_time,
+    }
+    if rec.grad_norm is not None:
+        line["grad_norm"] = rec.grad_norm
+    rundir.log(run.accelerator, run.out, line, run.cfg.tensorboard)
 
 
 def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | None, float, int, int]:
@@ -420,8 +442,6 @@ def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | Non
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
     return loss, grad_norm, lr, tokens, loss_tokens
 
 
@@ -448,14 +468,7 @@ def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _Loop
         "device": str(run.accelerator.device),
         "wall_time": state["wall_time"],
         "resumed_from": ckpt.name if ckpt else None,
-        # Peak over this session's training loop (evaluation and checkpointing included, setup
-        # not): "bytes" is CUDA-allocated bytes or process RSS, "live_bytes" the CPU heap's
-        # live bytes (peftlab.bench.measure.live_heap_bytes); see "how".
-        "peak_memory": {
-            **loop.peak_memory.to_dict(),
-            # the model's own tensors (4-bit constants included) when the loop started
-            "model_tensor_bytes": loop.model_bytes_at_start,
-        },
+        # this session's longest padded micro-batch (tokens per row)
         "longest_batch": loop.longest_batch,
     }
 

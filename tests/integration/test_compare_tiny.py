@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import peftlab
+from peftlab.bench.result import RunResult
 from tests.tiny_lm import save_tiny_lm
 from tests.unit.test_compare import assert_self_contained
 
@@ -127,10 +128,19 @@ def check_ok_result(r: dict, method: str, tiny: str) -> None:
     assert pm["weights_bytes"] == pm["trainable_bytes"] + pm["frozen_bytes"] + pm["buffer_bytes"]
     pred = pm["prediction"]  # the estimator beside the measurement, for the run's own settings
     assert pred["predicted_bytes"] > pm["weights_bytes"] and pred["seq_len"] > 0, pred
+    # The loop is a phase of the worker's one measurement, whose peak covers it and setup.
+    loop = pm["loop"]
+    assert (
+        pm["peak_process_bytes"] >= loop["bytes"] > 0
+        and loop["how"] == pm["how"].split(" minus")[0]
+    )
+    assert loop["model_tensor_bytes"] > 0 and pm["peak_process_bytes"] >= loop["before_bytes"] > 0
+    assert loop["longest_batch"] == ti["train_summary"]["longest_batch"] > 0
+    assert "peak_memory" not in ti["train_summary"]  # the trainer measures nothing
     if pred["measured_bytes"] is not None:  # glibc: live heap bytes were sampled
         assert pred["measured_bytes"] > 0 and "error_ratio" in pred
-        loop = ti["train_summary"]["peak_memory"]
         assert loop["live_bytes"] >= loop["live_bytes_at_start"] > 0
+    assert RunResult.from_json(r).to_json() == r  # the typed result is the JSON, key for key
     assert ti["step_time_median_s"] > 0 and ti["tokens_per_s"] > 0 and ti["train_seconds"] > 0
     assert [s for s, _ in ti["loss_curve"]] == [1, 2, 3] and ti["final_loss"] == ti["loss_curve"][
         -1

@@ -7,13 +7,18 @@ import base64
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from peftlab.bench import claims, measure, report, runner
+from peftlab.bench import claims, inference, measure, report, runner
+from peftlab.bench.result import Quality, RunResult, quality
+from peftlab.bench.spec import FULL, QUICK, CompareConfig, RunSpec
 from peftlab.cli import compare as compare_cli
 from peftlab.core.config import ConfigError
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 # ---------------------------------------------------------------- statistics
 
@@ -124,11 +129,13 @@ def test_time_inference_on_tiny_models():
         "input_ids": torch.randint(0, 128, (2, 6)),
         "attention_mask": torch.ones(2, 6, dtype=torch.long),
     }
-    timed = measure.time_inference({"a": model, "b": tiny_llama(1)}, batch, new_tokens=4, repeats=1)
+    timed = inference.time_inference(
+        {"a": model, "b": tiny_llama(1)}, batch, new_tokens=4, repeats=1
+    )
     assert set(timed) == {"a", "b"}
     s = timed["a"]
     assert s["prefill_s"] > 0 and s["decode_tokens_per_s"] > 0
-    r = measure.overhead_ratios(
+    r = inference.overhead_ratios(
         s, {"prefill_s": 2 * s["prefill_s"], "decode_tokens_per_s": s["decode_tokens_per_s"] / 4}
     )
     assert r["prefill_latency_ratio"] == pytest.approx(2.0)
@@ -197,8 +204,8 @@ def fake_result(
                 "base": base,
                 "unmerged": slowed,
                 "merged": base if mergeable else None,
-                "unmerged_vs_base": measure.overhead_ratios(base, slowed),
-                "merged_vs_base": measure.overhead_ratios(base, base) if mergeable else None,
+                "unmerged_vs_base": inference.overhead_ratios(base, slowed),
+                "merged_vs_base": inference.overhead_ratios(base, base) if mergeable else None,
             },
             "mergeable": mergeable,
         },
@@ -305,19 +312,21 @@ def test_report_is_self_contained(tmp_path):
 # ---------------------------------------------------------------- runner bookkeeping
 
 
+def plan(*args, **kwargs):
+    return runner.plan(CompareConfig(*args, **kwargs))
+
+
 def test_plan_validates_its_inputs(tmp_path):
     with pytest.raises(ConfigError, match="seeds must be at least 1"):
-        runner.plan(["lora"], model="smollm2-135m", seeds=0, out=tmp_path)
+        plan(["lora"], model="smollm2-135m", seeds=0, out=tmp_path)
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
-        runner.plan(["nope"], model="smollm2-135m", out=tmp_path)
+        plan(["nope"], model="smollm2-135m", out=tmp_path)
     with pytest.raises(ConfigError, match="no built-in classification task"):
-        runner.plan(["lora"], model="minilm-l6", out=tmp_path)
+        plan(["lora"], model="minilm-l6", out=tmp_path)
     with pytest.raises(ConfigError, match="r=0"):  # before any run starts
-        runner.plan(["lora"], model="smollm2-135m", method_args={"lora": {"r": 0}}, out=tmp_path)
+        plan(["lora"], model="smollm2-135m", method_args={"lora": {"r": 0}}, out=tmp_path)
     with pytest.raises(ConfigError, match="no_such_key"):
-        runner.plan(
-            ["lora"], model="smollm2-135m", train_overrides={"no_such_key": 1}, out=tmp_path
-        )
+        plan(["lora"], model="smollm2-135m", train_overrides={"no_such_key": 1}, out=tmp_path)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         compare_cli._train_overrides(["data_size"])
     with pytest.raises(ConfigError, match="METHOD.OPTION=VALUE"):
@@ -328,24 +337,24 @@ def test_plan_validates_its_inputs(tmp_path):
 
 
 def test_plan_gives_every_method_the_same_budget(tmp_path):
-    specs = runner.plan(["lora", "full"], model="smollm2-135m", seeds=2, out=tmp_path, quick=True)
-    assert [s["name"] for s in specs] == ["lora-seed0", "lora-seed1", "full-seed0", "full-seed1"]
+    specs = plan(["lora", "full"], model="smollm2-135m", seeds=2, out=tmp_path, quick=True)
+    assert [s.name for s in specs] == ["lora-seed0", "lora-seed1", "full-seed0", "full-seed1"]
     for key in ("steps", "batch_size", "max_length", "data", "inference", "train_overrides"):
-        assert len({json.dumps(s[key]) for s in specs}) == 1, key
-    assert {s["lr"] for s in specs if s["method"] == "full"} == {5e-5}
-    assert len({s["fingerprint"] for s in specs}) == 4
+        assert len({json.dumps(s.to_json()[key]) for s in specs}) == 1, key
+    assert {s.lr for s in specs if s.method == "full"} == {5e-5}
+    assert len({s.fingerprint for s in specs}) == 4
 
 
 def test_resume_skips_done_runs_and_refuses_other_settings(tmp_path, monkeypatch):
     calls = []
 
     def fake_run_one(spec, timeout=None):
-        calls.append(spec["name"])
-        res = fake_result(spec["method"], 5, 1000, 10)
-        res["run_info"]["fingerprint"] = spec["fingerprint"]
-        if spec["method"] == "dora":
+        calls.append(spec.name)
+        res = fake_result(spec.method, 5, 1000, 10)
+        res["run_info"]["fingerprint"] = spec.fingerprint
+        if spec.method == "dora":
             res["train_info"] = {"status": "failed", "error": "boom"}
-        (tmp_path / f"{spec['name']}.json").write_text(json.dumps(res))
+        (tmp_path / f"{spec.name}.json").write_text(json.dumps(res))
         return res
 
     monkeypatch.setattr(runner, "run_one", fake_run_one)
@@ -367,3 +376,165 @@ def test_resume_skips_done_runs_and_refuses_other_settings(tmp_path, monkeypatch
     runner.compare(["lora"], **kw)
     with pytest.raises(ConfigError, match="different settings"):
         runner.compare(["lora"], steps=3, **kw)
+
+
+# ---------------------------------------------------------------- one memory measurement
+
+
+def test_peak_memory_refuses_to_nest_and_phases_do_not_overlap():
+    with measure.PeakMemory("cpu") as pm:
+        with pytest.raises(RuntimeError, match="cannot nest"), measure.PeakMemory("cpu"):
+            pass
+        with pm.phase("a"), pytest.raises(RuntimeError, match="phases do not nest"):
+            pm.begin_phase("b")
+        assert set(pm.phases) == {"a"}
+    with pytest.raises(RuntimeError, match="not running"):
+        pm.begin_phase("late")
+    with measure.PeakMemory("cpu"):  # the refused one left nothing behind
+        pass
+
+
+_NEST_PROBE = """
+import json
+import torch
+from peftlab.bench import measure
+with measure.PeakMemory("cpu") as pm:
+    start, live0 = measure.rss_bytes(), measure.live_heap_bytes()
+    x = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched, freed before the loop phase
+    x += 1
+    del x
+    try:
+        with measure.PeakMemory("cpu"):
+            nested = "entered"
+    except RuntimeError as e:
+        nested = str(e)
+    with pm.phase("loop") as loop:
+        y = torch.ones(16 * 2**20 // 4)
+        y += 1
+        del y
+print(json.dumps({"start": start, "live0": live0, "peak": pm.peak_bytes,
+                  "live_peak": pm.peak_live_bytes, "loop": loop.to_dict(), "nested": nested}))
+"""
+
+
+def test_outer_peak_keeps_an_allocation_made_before_the_loop_phase():
+    # The compare worker's one measurement spans apply (QLoRA's quantization transient) and
+    # the loop, which is a phase of it: the phase's counter reset must not erase what came
+    # before. A fresh process, so memory freed by other tests does not hide the allocation.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _NEST_PROBE], capture_output=True, text=True, check=True
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "cannot nest" in r["nested"]
+    mib = 2**20
+    assert r["peak"] - r["start"] > 190 * mib, r  # the 200 MiB made before the phase counts
+    assert r["loop"]["bytes"] - r["start"] < 100 * mib, r  # the loop's own peak does not
+    assert r["loop"]["before_bytes"] - r["start"] > 190 * mib, r  # it came before the loop
+    if r["live0"] is not None:  # glibc: live heap bytes, the estimator's figure
+        assert r["live_peak"] - r["live0"] >= 200 * mib
+        loop_live = r["loop"]["live_bytes"] - r["loop"]["live_bytes_at_start"]
+        assert 16 * mib <= loop_live < 100 * mib
+
+
+# ---------------------------------------------------------------- typed spec and result
+
+
+def test_spec_keeps_the_json_layout_and_fingerprint_of_earlier_versions(tmp_path):
+    # Fingerprints computed by peftlab fe141dd (spec dicts): old output directories resume.
+    specs = plan(["lora", "full"], model="smollm2-135m", seeds=2, out=tmp_path, quick=True,
+                 device="cpu")  # fmt: skip
+    assert [s.fingerprint for s in specs] == [
+        "a4a22a8b0930deb0", "2ae5425dc6fcc88c", "f2fa9cafc0a7eb9b", "415dee61de779b24",
+    ]  # fmt: skip
+    (spec,) = plan(["qlora"], model="smollm2-135m", out=tmp_path, device="cpu", threads=1,
+                   method_args={"qlora": {"r": 4}}, train_overrides={"data_size": 100})  # fmt: skip
+    assert spec.fingerprint == "f720e1b351a4a39f"
+    data = spec.to_json()
+    assert list(data) == [
+        "name", "method", "method_args", "model", "kind", "data", "seed", "steps", "batch_size",
+        "max_length", "lr", "device", "threads", "inference", "train_overrides", "run_dir",
+        "result_path", "fingerprint",
+    ]  # fmt: skip
+    assert data["inference"] == {"new_tokens": 12, "repeats": 3, "max_prompt_length": 64}
+    assert RunSpec.from_json(json.loads(json.dumps(data))) == spec
+    assert spec.train_config()["max_steps"] == 25 and spec.train_config()["data_size"] == 100
+
+
+def test_plan_defaults_to_every_registered_method(tmp_path):
+    from peftlab.core.registry import methods
+
+    assert [s.method for s in plan(model="smollm2-135m", out=tmp_path, quick=True)] == methods()
+
+
+def test_compare_docstring_states_the_real_budgets():
+    doc = " ".join(runner.compare.__doc__.split())
+    assert f"default {FULL.steps}" in doc and f"{QUICK.steps} with ``quick``" in doc
+    assert f"batch {QUICK.batch_size} instead of {FULL.batch_size}" in doc
+
+
+def test_result_round_trips_and_failed_results_stay_small():
+    r = RunResult.from_json(fake_result("lora", 5, 1000, 10))
+    assert r.method == "lora" and r.ok and r.train_info.peak_memory.total_bytes == 10
+    again = RunResult.from_json(json.loads(json.dumps(r.to_json())))
+    assert again == r
+    failed = {"run_info": {"method": "x"}, "train_info": {"status": "failed", "error": "e"}}
+    assert RunResult.from_json(failed).to_json()["train_info"] == failed["train_info"]
+    with pytest.raises(ValueError, match="not a peftlab compare result"):
+        RunResult.from_json({"runs": []})  # plan.json
+
+
+def test_quality_is_accuracy_else_exact_match_else_eval_loss():
+    r = fake_result("lora", 5, 1000, 10, acc=0.8)
+    assert quality(r) == Quality("exact_match", 0.8, True)
+    r["train_info"]["eval"]["eval_accuracy"] = 0.7
+    assert quality(r) == Quality("accuracy", 0.7, True)
+    r["train_info"]["eval"] = {"eval_loss": 1.5, "eval_ppl": math.exp(1.5)}
+    assert quality(r) == Quality("loss", 1.5, False)
+    r["train_info"]["eval"] = {}
+    assert quality(r) is None
+    assert quality({"run_info": {}, "train_info": {"status": "failed"}}) is None
+
+
+def test_report_and_recommend_read_the_same_quality(tmp_path):
+    import peftlab
+
+    losses = {"lora": 0.5, "prompt": 1.0}
+    results = []
+    for method, loss in losses.items():
+        r = fake_result(method, 5, 1000, 10)
+        r["train_info"]["eval"] = {"eval_loss": loss}  # no score: the loss is the quality
+        results.append(r)
+        (tmp_path / f"{method}.json").write_text(json.dumps(r))
+    summary = report.summarize(results)
+    assert summary["lora"]["metric_name"] == "loss" and summary["prompt"]["metric"] == 1.0
+    recs = {
+        r.method: r for r in peftlab.recommend("smollm2-135m", 8, results=tmp_path, device="cpu")
+    }
+    assert recs["lora"].quality == 1.0
+    assert recs["prompt"].quality == pytest.approx(math.exp(0.5 - 1.0), abs=1e-3)
+
+
+def test_report_quotes_the_claims_criteria():
+    summary = report.summarize(study())
+    md = report._markdown([], report._sections(summary, claims.check_claims(summary)), {})
+    assert all(f"- {c}" in md for c in claims.CRITERIA) and len(claims.CRITERIA) == 4
+    assert "**Memory**" in md and "QLoRA's quantization included" in md
+
+
+@pytest.mark.parametrize("run_dir", sorted(RESULTS.glob("compare-*")), ids=lambda p: p.name)
+def test_published_results_load_and_summarize_as_before(run_dir):
+    # Results written before the typed RunResult existed: the summary is unchanged, except
+    # that a run scored by no metric now takes its eval loss as quality (quality()).
+    results = [r for p in sorted(run_dir.glob("*.json")) if (r := RunResult.load(p))]
+    published = json.loads((run_dir / "summary.json").read_text())["methods"]
+    summary = json.loads(json.dumps(report.summarize(results), default=str))
+    assert set(summary) == set(published)
+    for method, old in published.items():
+        new = summary[method]
+        if old.get("status") != "failed" and old["metric_name"] is None:
+            assert (new["metric_name"], new["metric"]) == ("loss", old["eval_loss"])
+            old = {k: v for k, v in old.items() if k not in ("metric_name", "metric")}
+        assert {k: new[k] for k in old} == old, method

@@ -3,8 +3,10 @@ accumulation, metrics and run layout, NaN stop, classification, and transformers
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +268,84 @@ def test_overrides_are_typed_and_a_bad_one_is_named(tmp_path):
         TrainConfig.load(path, ["max_steps.x=1"])
     with pytest.raises(ConfigError, match=r"override 'method_args\.r=\[4': the value '\[4' is not"):
         TrainConfig.load(path, ["method_args.r=[4"])
+
+
+class _Recorder:
+    """A TrainCallback that keeps what it was told, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, model):
+        self.events.append(("start", model))
+
+    def on_step_end(self, record):
+        self.events.append(("step", record))
+
+    def on_train_end(self, model):
+        self.events.append(("end", model))
+
+
+def test_callbacks_get_the_model_and_one_record_per_step(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.train.callbacks import StepRecord, TrainCallback
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    rec = _Recorder()
+    assert isinstance(rec, TrainCallback)
+    out = tmp_path / "run"
+    summary = train(
+        _cfg(tiny_dir, out, max_steps=3, batch_size=2, grad_accum=2, eval_size=0),
+        model=model,
+        callbacks=[rec],
+    )
+    assert [kind for kind, _ in rec.events] == ["start", "step", "step", "step", "end"]
+    assert rec.events[0][1] is model and rec.events[-1][1] is model
+    records = [r for kind, r in rec.events if kind == "step"]
+    assert all(isinstance(r, StepRecord) for r in records)
+    logged = [m for m in _metrics(out) if "loss" in m]
+    for r, m in zip(records, logged, strict=True):  # the log is the records, field for field
+        assert (r.step, r.loss, r.lr, r.tokens, r.loss_tokens, r.step_time, r.grad_norm) == (
+            m["step"], m["loss"], m["lr"], m["tokens"], m["loss_tokens"], m["step_time"],
+            m["grad_norm"],
+        )  # fmt: skip
+        assert r.tokens > r.loss_tokens > 0 and r.batch_length > 0
+    assert sum(r.tokens for r in records) == summary["tokens"]
+    assert summary["longest_batch"] == max(r.batch_length for r in records)
+    assert "peak_memory" not in summary  # measuring is the bench's, from outside
+
+
+def _imported_modules(tree, package: str) -> set[str]:
+    """Every module an ``import`` or ``from … import`` names, at any depth (function bodies
+    included), relative imports resolved against ``package``."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_trainer_imports_nothing_from_the_bench_and_never_synchronizes():
+    import peftlab.train
+
+    files = sorted(Path(peftlab.train.__file__).parent.glob("*.py"))
+    assert any(f.name == "loop.py" for f in files)
+    for path in files:
+        tree = ast.parse(path.read_text())
+        modules = _imported_modules(tree, "peftlab.train")
+        bench = sorted(m for m in modules if m == "peftlab.bench" or m.startswith("peftlab.bench."))
+        assert not bench, f"{path.name} imports {bench}"
+        syncs = [
+            n.lineno
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call)
+            and getattr(n.func, "attr", getattr(n.func, "id", None)) == "synchronize"
+        ]
+        assert not syncs, f"{path.name} synchronizes the device at lines {syncs}"
