@@ -276,4 +276,4 @@ def _check_resumable(out: Path, specs: list[RunSpec]) -> None:
     from peftlab.bench.worker import write_json_atomic
 
     runs = [{k: v for k, v in s.to_json().items() if k != "threads"} for s in specs]
-    write_json_atomic(plan_path, {"runs": runs})
+    write_json_atomic(out / "plan.json", {"runs": runs})
