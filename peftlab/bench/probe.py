@@ -16,7 +16,7 @@ import time
 import torch
 
 from peftlab.bench.measure import PeakMemory, tensor_bytes
-from peftlab.bench.result import LoopMemory
+from peftlab.results import LoopMemory
 from peftlab.train.callbacks import StepRecord
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peftlab.bench import claims as claims_mod
 from peftlab.bench import measure
-from peftlab.bench.result import RunResult, quality
+from peftlab.results import RunResult, quality
 
 COLUMNS = [
     "method",
@@ -35,7 +35,7 @@ def _median(values):
 def summarize(results: Sequence[RunResult | dict]) -> dict[str, dict]:
     """Method → figures aggregated over its seeds (medians of measurements, means of quality,
     cross-seed spread of final loss and quality). ``metric_name``/``metric`` are the runs'
-    :func:`~peftlab.bench.result.quality`; :func:`~peftlab.bench.claims.check_claims` reads the
+    :func:`~peftlab.results.quality`; :func:`~peftlab.bench.claims.check_claims` reads the
     rest."""
     by_method: dict[str, list[RunResult]] = defaultdict(list)
     for r in map(RunResult.coerce, results):
@@ -100,7 +100,7 @@ def _summarize_ok(runs: list[RunResult], n_runs: int) -> dict:
         else None,
         "eval_loss": _median((t.eval or {}).get("eval_loss") for t in infos),
         "eval_ppl": _median((t.eval or {}).get("eval_ppl") for t in infos),
-        # The quality (see peftlab.bench.result.quality) averaged over seeds.
+        # The quality (see peftlab.results.quality) averaged over seeds.
         "metric_name": named.name if named else None,
         "metric_higher_is_better": named.higher_is_better if named else None,
         "metric": statistics.fmean([m for m in metrics if m is not None])

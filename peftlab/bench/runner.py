@@ -3,7 +3,7 @@ evaluation, each in its own process, and write one JSON per run plus a report.
 
 :func:`plan` turns a :class:`~peftlab.bench.spec.CompareConfig` into one
 :class:`~peftlab.bench.spec.RunSpec` per method and seed; :func:`run_one` starts a worker for
-a spec and gets back its :class:`~peftlab.bench.result.RunResult`.
+a spec and gets back its :class:`~peftlab.results.RunResult`.
 
 The output directory is the comparison's state: ``plan.json`` (the settings), one
 ``<method>.json`` per run (``<method>-seed<k>.json`` with several seeds), written atomically by
@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-from peftlab.bench.result import RunResult
 from peftlab.bench.spec import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
@@ -32,6 +31,7 @@ from peftlab.bench.spec import (
     RunSpec,
 )
 from peftlab.core.config import ConfigError
+from peftlab.results import RunResult
 
 __all__ = ["Budget", "CompareConfig", "DEFAULT_MODEL", "FULL", "QUICK", "compare", "plan"]
 
@@ -169,7 +169,7 @@ def compare(
     **settings,
 ) -> dict:
     """Compare PEFT methods on one model and dataset; returns ``{"results": [...], "out": dir}``
-    (each result the JSON object of its ``<run>.json``; see :class:`~peftlab.bench.result.RunResult`).
+    (each result the JSON object of its ``<run>.json``; see :class:`~peftlab.results.RunResult`).
 
     Args:
         methods: registry names; default every registered method. Or a whole

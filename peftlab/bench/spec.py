@@ -144,7 +144,7 @@ class RunSpec:
     run_dir: str
     """The run's training directory."""
     result_path: str
-    """Where the worker writes the run's :class:`~peftlab.bench.result.RunResult` JSON."""
+    """Where the worker writes the run's :class:`~peftlab.results.RunResult` JSON."""
     fingerprint: str = ""
     """:meth:`fingerprint_of` this spec: refuses mixing settings in one output directory."""
 

@@ -7,7 +7,7 @@ its own. The worker loads the model, trains it through :func:`peftlab.train.trai
 loop; a :class:`~peftlab.bench.probe.LoopProbe` callback measures the loop as a phase of it),
 then times the adapted model (unmerged and, where the method is mergeable, merged) against a
 fresh base model on the same prompts, and writes ``<method>.json``
-(:class:`~peftlab.bench.result.RunResult`) atomically. Any exception is recorded in that JSON
+(:class:`~peftlab.results.RunResult`) atomically. Any exception is recorded in that JSON
 with ``status: "failed"``; the runner records crashes that leave no JSON (a killed or
 segfaulting process).
 """
@@ -26,7 +26,9 @@ from pathlib import Path
 
 from peftlab.bench import measure
 from peftlab.bench.inference import overhead_ratios, time_inference
-from peftlab.bench.result import (
+from peftlab.bench.spec import RunSpec
+from peftlab.core.fileio import atomic_write_json
+from peftlab.results import (
     InferenceInfo,
     LoopMemory,
     MemoryPrediction,
@@ -37,8 +39,6 @@ from peftlab.bench.result import (
     Stability,
     TrainInfo,
 )
-from peftlab.bench.spec import RunSpec
-from peftlab.core.fileio import atomic_write_json
 
 CAUSAL_PROMPTS = [
     "Sort these numbers in ascending order: 42 7 19 3",

@@ -90,11 +90,11 @@ def _plan_method(name, arch, budget, seq, batch, dtype, optimizer, device, quali
 
 def _measured(results: str | Path | None, known: set[str]) -> dict[str, dict]:
     """Per method from a ``peftlab compare`` directory (every ``*.json`` below it that is a
-    :class:`~peftlab.bench.result.RunResult` of a successful run of a method in ``known``):
+    :class:`~peftlab.results.RunResult` of a successful run of a method in ``known``):
     ``tokens_per_s`` (``train_info.tokens_per_s``), ``quality``
-    (:func:`peftlab.bench.result.quality`: accuracy, else exact match, else eval loss) and
+    (:func:`peftlab.results.quality`: accuracy, else exact match, else eval loss) and
     ``latency_ratio`` (``train_info.inference``: merged against base, else unmerged)."""
-    from peftlab.bench.result import RunResult, quality
+    from peftlab.results import RunResult, quality
 
     if not results:
         return {}

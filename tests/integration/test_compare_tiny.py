@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import peftlab
-from peftlab.bench.result import RunResult
+from peftlab.results import RunResult
 from tests.tiny_lm import save_tiny_lm
 from tests.unit.test_compare import assert_self_contained
 

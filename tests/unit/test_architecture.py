@@ -24,6 +24,9 @@ FORBIDDEN = {
     "select": {"bench", "cli", "train"},
     "bench": {"cli"},
     "export": {"bench", "cli", "select"},
+    # The compare results' schema: read by bench (which writes it) and by select (which reads
+    # measured results), so it depends on nothing of peftlab's.
+    "results": {"core", "methods", "data", "models", "train", "bench", "select", "cli", "export"},
 }
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from peftlab.bench import claims, inference, measure, report, runner
-from peftlab.bench.result import Quality, RunResult, quality
 from peftlab.bench.spec import FULL, QUICK, CompareConfig, RunSpec
 from peftlab.cli import compare as compare_cli
 from peftlab.core.config import ConfigError
+from peftlab.results import Quality, RunResult, quality
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
