@@ -117,7 +117,7 @@ def test_output_dir_under_a_file(tiny, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"model": tiny, "method": "lora", "max_steps": 1}))
     target = tmp_path / "afile" / "run"
     assert main(["train", str(cfg), f"output_dir={target}"]) == 2
-    assert "Not a directory" in _one_error_line(capsys.readouterr().err, "train")
+    assert "not a directory" in _one_error_line(capsys.readouterr().err, "train").lower()
     assert main(["compare", "--model", tiny, "--methods", "lora", "--out", str(target)]) == 2
     line = _one_error_line(capsys.readouterr().err, "compare")
     assert "Not a directory" in line and str(target) in line
