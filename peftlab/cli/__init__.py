@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # Modules that add one subcommand each (recommend adds recommend and estimate), in help order.
 SUBCOMMANDS = [
@@ -58,7 +60,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _one_line(e: BaseException) -> str:
     """The message on one line (a library's OSError may span several)."""
-    return " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
+    text = _path_error(e) if isinstance(e, OSError) else None
+    text = text or str(e)
+    return " ".join(s.strip() for s in text.splitlines() if s.strip()) or type(e).__name__
+
+
+def _path_error(e: OSError) -> str | None:
+    """An OSError about a path, said as the path, the problem and its cause on the disk: the
+    file that stands where a directory is needed, the directory that cannot be written. None
+    for one that names no path (its own message is the clearest then)."""
+    if not e.filename or not e.strerror:
+        return None
+    path = Path(e.filename)
+    said = f"{path}: {e.strerror}"
+    if isinstance(e, NotADirectoryError | FileExistsError):
+        # Creating a directory (mkdir, the output directories) where a file already stands.
+        blocker = next((p for p in [path, *path.parents] if p.is_file()), None)
+        if blocker == path:
+            return f"{path} is a file, not a directory; give a directory"
+        if blocker is not None:
+            return f"{said}: its parent {blocker} is a file"
+    if isinstance(e, PermissionError):
+        near = next((p for p in path.parents if p.exists()), None)
+        if near is not None and not os.access(near, os.W_OK | os.X_OK):
+            return f"{said}: the directory {near} is not writable by this user"
+    return said
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,11 @@ def _cli(args: argparse.Namespace) -> int:
         if args.config:  # `train --resume DIR k=v`: argparse put the first override in `config`
             overrides.insert(0, args.config)
         source = args.resume
+        if os.path.isfile(source):  # the library reads a YAML path here; the CLI says OUTPUT_DIR
+            raise ConfigError(
+                f"--resume {source} is a file, not a run directory; give the run's output_dir "
+                f"(it holds config.yaml), or start a run from a config with: peftlab train {source}"
+            )
     elif args.config:
         source = args.config
     else:

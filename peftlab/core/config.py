@@ -6,10 +6,18 @@ message that says what was wrong and what is allowed.
 
 Configs are frozen: ``replace()`` returns a new one, so a config passed to ``apply`` is never
 changed behind the caller's back. Every field is type-checked against its annotation by
-:meth:`MethodConfig.__post_init__` (a subclass's own ``__post_init__`` calls it first and then
-checks values): ``bool`` takes only true/false, ``int`` only integers (not booleans), ``float``
-only finite numbers, ``str`` only strings, ``list[str]`` only lists of strings (kept as a tuple
-inside, written back as a list by ``to_dict``), and ``None`` only where the annotation allows it.
+:func:`check_fields`, which :meth:`MethodConfig.__post_init__` calls (a subclass's own
+``__post_init__`` calls it first and then checks values) and so does the training config
+(:class:`peftlab.train.TrainConfig`): ``bool`` takes only true/false, ``int`` only integers
+(not booleans), ``float`` only finite numbers, ``str`` only strings, ``dict`` only mappings,
+``list[str]`` only lists of strings (a method config keeps it as a tuple inside, written back
+as a list by ``to_dict``), and ``None`` only where the annotation allows it.
+
+One string is read as a number: for a ``float``, a string in exponent form without a dot
+(``"1e-3"``, ``"2E+4"``). PyYAML follows YAML 1.1, which reads ``lr: 1e-3`` as the string
+``"1e-3"``; YAML 1.2 (and peftlab's ``key=value`` overrides, :mod:`peftlab.core.overrides`)
+read it as the number, and so does this check. Every other string for a number (``"0.1"``,
+``"8"``, ``"abc"``) is refused: in a YAML file it can only have been quoted.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import dataclasses
 import inspect
 import json
 import math
+import re
 import textwrap
 import types
 import typing
@@ -43,6 +52,10 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin in (list, tuple):
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     return {
         bool: "true or false",
         int: "an integer",
@@ -59,7 +72,9 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, float) and not math.isfinite(value):
-        return "not finite"
+        return "NaN" if math.isnan(value) else "infinite"
+    if isinstance(value, dict):
+        return "a mapping"
     return {int: "an integer", float: "a number", str: "a string"}.get(
         type(value), f"a {type(value).__name__}"
     )
@@ -68,29 +83,51 @@ def _kind(value: Any) -> str:
 _NO = object()
 """:func:`_conform`'s answer for a value that does not fit the type."""
 
+YAML11_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+"""Floats that YAML 1.1 (PyYAML) leaves as strings and YAML 1.2 reads as numbers: ``1e-3``."""
 
-def _conform(value: Any, hint: Any) -> Any:
-    """``value`` if it is of type ``hint`` (a list as a tuple), else :data:`_NO`.
+
+def _conform(value: Any, hint: Any, tuples: bool = True) -> Any:
+    """``value`` if it is of type ``hint``, else :data:`_NO`. A list comes back as a tuple when
+    ``tuples``; a :data:`YAML11_FLOAT` string for a ``float`` comes back as the number.
 
     Types it does not know (none of peftlab's configs use others) accept any value.
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for arm in args:
-            out = _conform(value, arm)
+            out = _conform(value, arm, tuples)
             if out is not _NO:
                 return out
         return _NO
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             return _NO
-        items = [_conform(v, args[0]) for v in value]
-        return _NO if any(v is _NO for v in items) else tuple(items)
+        items = [_conform(v, args[0], tuples) for v in value]
+        if any(v is _NO for v in items):
+            return _NO
+        if tuples:
+            return tuple(items)
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if origin is dict and args:
+        if not isinstance(value, dict):
+            return _NO
+        pairs = [
+            (_conform(k, args[0], tuples), _conform(v, args[1], tuples)) for k, v in value.items()
+        ]
+        if any(x is _NO for p in pairs for x in p):
+            return _NO
+        same = all(a is k and b is v for (a, b), (k, v) in zip(pairs, value.items()))
+        return value if same else dict(pairs)
+    if origin is typing.Literal:
+        return value if any(value == a and type(value) is type(a) for a in args) else _NO
     if hint is bool:
         return value if isinstance(value, bool) else _NO
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _NO
     if hint is float:
+        if isinstance(value, str) and YAML11_FLOAT.match(value):
+            value = float(value.replace("_", ""))
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return value if ok and math.isfinite(value) else _NO
     if hint is type(None):
@@ -98,6 +135,30 @@ def _conform(value: Any, hint: Any) -> Any:
     if isinstance(hint, type) and hint in (str, dict):
         return value if isinstance(value, hint) else _NO
     return value
+
+
+def check_fields(obj: Any, *, tuples: bool = True) -> None:
+    """Check every field of the dataclass ``obj`` against its annotation (see the module
+    docstring) and store the values :func:`_conform` normalised.
+
+    Args:
+        obj: a dataclass instance, frozen or not.
+        tuples: keep lists as tuples (frozen, hashable configs); False keeps them lists.
+
+    Raises:
+        ConfigError: the first field whose value does not fit, naming the key, the value, what
+            is allowed and what was given ("r=True is invalid: r must be an integer, not a
+            boolean.").
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out = _conform(value, hints[f.name], tuples)
+        if out is _NO:
+            allowed = _describe(hints[f.name])
+            check(False, f.name, value, f"{allowed}, not {_kind(value)}")
+        if out is not value:
+            object.__setattr__(obj, f.name, out)  # setattr refuses on a frozen dataclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +179,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         """Check every field against its annotation (see the module docstring)."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out = _conform(value, hints[f.name])
-            if out is _NO:
-                allowed = _describe(hints[f.name])
-                check(False, f.name, value, f"{allowed}, not {_kind(value)}")
-            if out is not value:
-                object.__setattr__(self, f.name, out)  # frozen: lists are kept as tuples
+        check_fields(self)  # lists are kept as tuples: the config is frozen and hashable
 
     def with_tokenizer(self, tokenizer: Any) -> MethodConfig:
         """This config with whatever it needs from the tokenizer resolved (a virtual-token

@@ -10,19 +10,30 @@ where to write (``output_dir``, ``overwrite``) and the runtime (``gradient_check
 help text; ``configs/<method>.yaml`` are example files with every knob commented. An unknown
 key is an error that lists the known ones. Overrides follow :mod:`peftlab.core.overrides`
 (``method_args.r=8``).
+
+Every bad value is a one-line :class:`ConfigError` naming the key, the value and what is
+allowed, and nothing is silently replaced. First each key's type is checked against its
+annotation by :func:`peftlab.core.config.check_fields`, the same check as method configs: a
+list where a number belongs, a boolean for an integer, NaN or infinity, null for a key that
+needs a value are refused. The one string read as a number is a float in exponent form without
+a dot: PyYAML (YAML 1.1) reads ``lr: 1e-3`` as the string ``"1e-3"``, which is taken as
+``1e-3`` as YAML 1.2 and the overrides read it; ``lr: "0.001"`` or ``batch_size: "8"`` are
+refused. Then the values: counts that must be positive (``max_steps``, ``batch_size``,
+``grad_accum``, ...), counts where 0 means "off" (``eval_every``, ``save_every``, ...), names
+that may not be empty, and the allowed ``lr_schedule``, ``optimizer`` and ``mixed_precision``.
+An empty config file is refused (it would train the default model on the default task).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from peftlab.core import overrides
-from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
+from peftlab.core.config import ConfigError, MethodConfig, check, check_fields, config_from_dict
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 
@@ -108,37 +119,22 @@ class TrainConfig:
     """Show a progress bar with loss, lr and tokens/s."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # YAML reads "2e-4" as a string; accept it
-            v = getattr(self, f.name)
-            if isinstance(v, str) and ("float" in str(f.type) or "int" in str(f.type)):
-                try:
-                    num = float(v)
-                    setattr(
-                        self, f.name, int(num) if "int" in str(f.type) and num.is_integer() else num
-                    )
-                except ValueError:
-                    pass
-        pos_int = "a positive integer"
-        for key in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
+        """Check every key: its type (from the annotation, :func:`check_fields`), then its value.
+
+        Raises:
+            ConfigError: the first bad key, on one line naming the key, the value and what is
+                allowed. A value that cannot work is refused, never replaced.
+        """
+        check_fields(self, tuples=False)  # lists stay lists: the config is written as YAML
+        for key in _POSITIVE:
             v = getattr(self, key)
-            check(isinstance(v, int) and v > 0, key, v, pos_int)
-        for key in ("eval_every", "save_every", "eval_size", "seed"):
+            check(v is None or v > 0, key, v, f"{_NULL_OR[key]}a positive integer")
+        for key in _NON_NEGATIVE:
             v = getattr(self, key)
-            check(isinstance(v, int) and v >= 0, key, v, "a non-negative integer")
-        check(
-            self.data_size is None or (isinstance(self.data_size, int) and self.data_size > 0),
-            "data_size",
-            self.data_size,
-            "null (all the data; builtin tasks: 2000) or a positive integer",
-        )
-        for key in ("max_steps", "warmup_steps", "eval_batch_size"):
+            check(v is None or v >= 0, key, v, f"{_NULL_OR[key]}a non-negative integer")
+        for key in _NON_EMPTY:
             v = getattr(self, key)
-            check(
-                v is None or (isinstance(v, int) and v >= 0),
-                key,
-                v,
-                "null or a non-negative integer",
-            )
+            check(v is None or v.strip() != "", key, v, f"{_NULL_OR[key]}a non-empty string")
         check(
             self.max_steps is None or self.epochs is None,
             "max_steps",
@@ -147,24 +143,9 @@ class TrainConfig:
         )
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1.0
-        check(
-            self.epochs is None or (isinstance(self.epochs, int | float) and self.epochs > 0),
-            "epochs",
-            self.epochs,
-            "a positive number",
-        )
-        check(
-            isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0,
-            "lr",
-            self.lr,
-            "a positive number, e.g. 2.0e-4",
-        )
-        check(
-            self.lr_schedule in ("cosine", "linear", "constant"),
-            "lr_schedule",
-            self.lr_schedule,
-            '"cosine", "linear" or "constant"',
-        )
+        check(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "a positive number")
+        check(self.lr > 0, "lr", self.lr, "a positive number, e.g. 2.0e-4")
+        _one_of("lr_schedule", self.lr_schedule, _SCHEDULES)
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "non-negative")
@@ -172,27 +153,10 @@ class TrainConfig:
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "max_grad_norm",
             self.max_grad_norm,
-            "null or a positive number",
+            "null (no clipping) or a positive number",
         )
-        check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
-        check(
-            self.mixed_precision in ("no", "bf16", "fp16"),
-            "mixed_precision",
-            self.mixed_precision,
-            '"no", "bf16" or "fp16"',
-        )
-        check(
-            isinstance(self.method_args, dict),
-            "method_args",
-            self.method_args,
-            "a mapping of the method's options, e.g. {r: 8}",
-        )
-        check(
-            isinstance(self.data, str) and bool(self.data),
-            "data",
-            self.data,
-            "builtin:<task> or a data file path",
-        )
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("mixed_precision", self.mixed_precision, _PRECISIONS)
         self.method_config()  # unknown method / bad method option: fail before loading anything
 
     def method_config(self) -> MethodConfig:
@@ -216,22 +180,89 @@ class TrainConfig:
                 f"a training config must be a mapping of keys to values, got {type(d).__name__}"
             )
         known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
+        unknown = sorted(set(d) - set(known), key=str)  # YAML keys may be numbers, not names
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(known)}")
         return cls(**d)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        """Read a YAML file and apply ``key=value`` overrides."""
+        """Read a YAML file and apply ``key=value`` overrides.
+
+        Raises:
+            ConfigError: ``path`` is missing or a directory, is not UTF-8 YAML, is not a
+                mapping, or is empty (an empty file would train the default model on the
+                default task; an override ``model=...`` makes it a config again).
+        """
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"{path} is a directory; give a YAML config file, or use --resume {path} to "
+                f"continue the run in it"
+            )
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        data = path.read_bytes()
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = yaml.safe_load(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it "
+                f"as UTF-8"
+            ) from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        return cls.from_dict(apply_overrides(d, overrides or []))
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+        overrides = overrides or []
+        if d is None or d == {}:
+            if not any(o.partition("=")[0].strip() == "model" for o in overrides):
+                raise ConfigError(
+                    f"config file {path} is empty; write at least `model: NAME` (and the "
+                    f"method, data and length), e.g. starting from configs/lora.yaml"
+                )
+            d = {}
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"{path}: a training config must be a mapping of keys to values "
+                f"(`model: smollm2-135m`), not a {type(d).__name__}"
+            )
+        return cls.from_dict(apply_overrides(d, overrides))
+
+
+_SCHEDULES = ("cosine", "linear", "constant")
+_PRECISIONS = ("no", "bf16", "fp16")
+_POSITIVE = (
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "log_every",
+    "keep_checkpoints",
+    "max_steps",
+    "data_size",
+    "eval_batch_size",
+)
+"""Integer keys that must be positive (or null, where the annotation allows it)."""
+_NON_NEGATIVE = ("eval_every", "save_every", "eval_size", "seed", "warmup_steps")
+"""Integer keys where 0 means "none" or "off" (see each key's docstring)."""
+_NON_EMPTY = ("model", "method", "data", "eval_data", "text_column", "label_column", "output_dir")
+"""String keys that name something; an empty one names nothing (``output_dir: ""`` would be
+the current directory)."""
+_NULL_OR = {
+    f.name: "null or " if "None" in str(f.type) else "" for f in dataclasses.fields(TrainConfig)
+}
+"""How the messages of keys that may be null begin."""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, on one line."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    check(value in allowed, key, value, "one of " + ", ".join(repr(a) for a in allowed))
 
 
 def apply_overrides(d: dict[str, Any], items: list[str]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def acquire(accelerator, out: Path) -> None:
     if accelerator.is_main_process:
         try:
             _held.append(_take(Path(out)))
-        except (RunDirLocked, ConfigError) as e:
+        except (ConfigError, OSError) as e:  # OSError: an unwritable directory, say
             error = e
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -87,7 +87,12 @@ def _take(out: Path) -> _Lock:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory") from None
+        if out.is_file():
+            raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory") from None
+        parent = next((p for p in out.parents if p.is_file()), out.parent)
+        raise ConfigError(
+            f"output_dir={str(out)!r}: Not a directory: its parent {parent} is a file"
+        ) from None
     path = out / LOCK_FILE
     record = {
         "pid": os.getpid(),
