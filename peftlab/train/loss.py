@@ -176,6 +176,11 @@ def _parts(model: nn.Module) -> tuple[nn.Module, _Head]:
             f"the output head of {name} is {type(linear).__name__}, not a plain nn.Linear; the "
             f"chunked loss needs one (an adapted or quantized head: use the plain loss)"
         )
+    if _hooked(linear):
+        raise ChunkedLossUnsupported(
+            f"the output head of {name} has forward hooks (or a replaced forward), which the "
+            f"chunked loss would bypass: it reads the head's weight directly"
+        )
     body = getattr(model, "base_model", None)
     if not isinstance(body, nn.Module) or body is model:
         raise ChunkedLossUnsupported(f"{name} has no transformer body (base_model) to call")
@@ -190,6 +195,16 @@ def _parts(model: nn.Module) -> tuple[nn.Module, _Head]:
         scale /= float(text.logits_scaling)
     softcap = getattr(text, "final_logit_softcapping", None)  # Gemma 2/3
     return body, _Head(linear, scale, float(softcap) if softcap else None)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
 
 
 def _last_hidden(output) -> torch.Tensor:

@@ -185,6 +185,16 @@ def test_an_adapted_head_is_refused_and_the_trainer_falls_back():
         _assert_same(model, _batch(), chunked=True)
 
 
+def test_a_hooked_head_is_refused():
+    """A forward hook on the head (accelerate's offloading, a user's probe) would be bypassed
+    by reading the weight directly."""
+    model = tiny_llama().train()
+    chunked_loss_sum(model, **_batch())
+    model.lm_head.register_forward_hook(lambda m, a, out: out * 2)
+    with pytest.raises(ChunkedLossUnsupported, match="has forward hooks"):
+        chunked_loss_sum(model, **_batch())
+
+
 class _Largest(TorchDispatchMode):
     """Records the element count of the largest new tensor (not a view) any operation makes."""
 
