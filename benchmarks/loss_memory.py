@@ -10,6 +10,9 @@ same random batch (labels = inputs: every token carries loss, the chunked loss's
 favourable case), with the trainer's own loss (``peftlab.train.evaluate.loss_sum``) and AdamW
 over the LoRA parameters; ``--warmup`` steps, then ``--steps`` timed ones (median).
 
+Time: ``step_s`` is wall-clock, ``cpu_s`` the process's CPU time per step (steadier than the
+wall clock on a shared machine, where other processes take turns on the cores).
+
 Memory: ``peak_gb`` is the peak over the steps (warm-up included, so the optimizer state
 counts) of the live heap on CPU (glibc ``mallinfo2``, sampled every millisecond, see
 ``peftlab.bench.measure.PeakMemory``) or ``torch.cuda.max_memory_allocated`` on GPU;
@@ -68,15 +71,16 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(total.detach() / count)
 
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     with PeakMemory(device) as peak:
         for i in range(args.warmup + args.steps):
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             losses.append(step())
             _sync(device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
     if device.type == "cuda":
         start, top = 0, peak.peak_bytes
     else:
@@ -84,6 +88,7 @@ def worker(args) -> dict:
     return {
         "config": args.config,
         "step_s": statistics.median(times),
+        "cpu_s": statistics.median(cpu),
         "peak_gb": top / 1e9 if top is not None else None,
         "extra_gb": (top - start) / 1e9 if top is not None and start is not None else None,
         "memory": "cuda max allocated" if device.type == "cuda" else "live heap (mallinfo2)",
@@ -100,22 +105,26 @@ def _sync(device: torch.device) -> None:
 
 def report(med: dict, raw: dict | None = None, out=print) -> list:
     """Print the table and the ratios to the plain loss."""
-    out(f"\n{'config':<14} {'step s':>8} {'peak GB':>8} {'extra GB':>9} {'loss0':>8}  n")
+    out(
+        f"\n{'config':<14} {'step s':>8} {'cpu s':>8} {'peak GB':>8} {'extra GB':>9} "
+        f"{'loss0':>8}  n"
+    )
     for name, m in med.items():
         out(
-            f"{name:<14} {fmt(m.get('step_s'), '.2f'):>8} {fmt(m.get('peak_gb')):>8} "
+            f"{name:<14} {fmt(m.get('step_s'), '.2f'):>8} {fmt(m.get('cpu_s'), '.2f'):>8} "
+            f"{fmt(m.get('peak_gb')):>8} "
             f"{fmt(m.get('extra_gb')):>9} {fmt(m.get('first_loss'), '.4f'):>8}  {m.get('n')}"
             + (f"  {m['error']}" if m.get("error") else "")
         )
     rows = []
     base = med.get("plain", {})
-    out(f"\n{'vs plain':<14} {'time':>8} {'peak':>8} {'extra':>9}")
+    out(f"\n{'vs plain':<14} {'time':>8} {'cpu':>8} {'peak':>8} {'extra':>9}")
     for name, m in med.items():
         if name == "plain":
             continue
-        r = [ratio(m, base, k) for k in ("step_s", "peak_gb", "extra_gb")]
+        r = [ratio(m, base, k) for k in ("step_s", "cpu_s", "peak_gb", "extra_gb")]
         rows.append((name, *r))
-        out(f"{name:<14} {fmt(r[0]):>8} {fmt(r[1]):>8} {fmt(r[2]):>9}")
+        out(f"{name:<14} {fmt(r[0]):>8} {fmt(r[1]):>8} {fmt(r[2]):>8} {fmt(r[3]):>9}")
     return rows
 
 

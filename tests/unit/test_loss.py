@@ -286,3 +286,18 @@ def test_trainer_losses_equal_with_and_without_chunking(tmp_path):
         )
     with pytest.raises(peftlab.ConfigError, match="chunked_loss='yes' is invalid"):
         TrainConfig(chunked_loss="yes")
+
+
+def test_loss_memory_benchmark_worker_runs():
+    from benchmarks import loss_memory
+
+    tiny = ["--model", "tiny", "--batch", "2", "--seq", "16", "--warmup", "0", "--steps", "1"]
+    runs = {
+        c: loss_memory.worker(loss_memory.parse_args(["--config", c, *tiny]))
+        for c in ("plain", "chunked+ckpt")
+    }
+    assert runs["plain"]["first_loss"] == pytest.approx(runs["chunked+ckpt"]["first_loss"])
+    assert all(r["step_s"] > 0 and r["peak_gb"] > 0 for r in runs.values())
+    lines: list[str] = []
+    loss_memory.report({c: {**r, "n": 1} for c, r in runs.items()}, out=lines.append)
+    assert "chunked+ckpt" in "\n".join(lines)
