@@ -34,6 +34,7 @@ from peftlab.methods.ptuning_v2 import PTuningV2Config
 from peftlab.methods.qlora import QLoRAConfig
 from peftlab.select.estimator import estimate_memory
 from peftlab.select.recommend import recommend
+from peftlab.train.loss import chunked_lm_loss
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "PromptTuningConfig",
     "QLoRAConfig",
     "apply",
+    "chunked_lm_loss",
     "compare",
     "config_from_dict",
     "disable_adapters",

@@ -6,9 +6,9 @@ The keys, in groups: what to train (``model``, ``method``, ``method_args``), on 
 ``grad_accum``, ``lr`` and its schedule, ``weight_decay``, ``max_grad_norm``, ``optimizer``,
 ``seed``), when to evaluate, save and log (``eval_every``, ``save_every``, ``log_every``, ...),
 where to write (``output_dir``, ``overwrite``) and the runtime (``gradient_checkpointing``,
-``mixed_precision``, ``tensorboard``, ``progress``). Each attribute's docstring below is its
-help text; ``configs/<method>.yaml`` are example files with every knob commented. An unknown
-key is an error that lists the known ones. Overrides follow :mod:`peftlab.core.overrides`
+``chunked_loss``, ``mixed_precision``, ``tensorboard``, ``progress``). Each attribute's
+docstring below is its help text; ``configs/<method>.yaml`` are example files with every knob
+commented. An unknown key is an error that lists the known ones. Overrides follow :mod:`peftlab.core.overrides`
 (``method_args.r=8``).
 
 Every bad value is a one-line :class:`ConfigError` naming the key, the value and what is
@@ -34,6 +34,7 @@ import yaml
 
 from peftlab.core import overrides
 from peftlab.core.config import ConfigError, MethodConfig, check, check_fields, config_from_dict
+from peftlab.train.checkpointing import check_spec as check_checkpointing
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 
@@ -109,8 +110,14 @@ class TrainConfig:
     overwrite: bool = False
     """Replace a run already in output_dir (otherwise that is an error)."""
 
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, ~30% more compute."""
+    gradient_checkpointing: bool | list | dict = False
+    """Recompute activations in backward (less memory, up to ~30% more compute): false, true
+    (every layer), [layer indices], {every: k} (layers 0, k, 2k, ...), optionally with
+    offload: true (checkpointed inputs kept in CPU memory; GPU only), e.g.
+    {every: 2, offload: true}. See peftlab/train/checkpointing.py."""
+    chunked_loss: bool = True
+    """Causal LMs: compute the output head and the loss over chunks of tokens, never the whole
+    [batch, length, vocabulary] logits (same loss and gradients); false: the plain loss."""
     mixed_precision: str = "no"
     """"no", "bf16" (CPU or recent GPU) or "fp16" (CUDA only; loss scaling by accelerate)."""
     tensorboard: bool = False
@@ -157,6 +164,10 @@ class TrainConfig:
         )
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("mixed_precision", self.mixed_precision, _PRECISIONS)
+        check(
+            isinstance(self.chunked_loss, bool), "chunked_loss", self.chunked_loss, "true or false"
+        )
+        check_checkpointing(self.gradient_checkpointing)
         self.method_config()  # unknown method / bad method option: fail before loading anything
 
     def method_config(self) -> MethodConfig:

@@ -10,6 +10,8 @@ before dividing; :func:`evaluate` does the dividing.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -18,18 +20,28 @@ from torch import nn
 
 from peftlab.data.encode import IGNORE, TaskData, collate
 from peftlab.train import metrics as M
+from peftlab.train.loss import ChunkedLossUnsupported, chunked_loss_sum
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of per-token losses, number of tokens)`` for a batch; differentiable.
 
     Causal LMs: cross-entropy of each response token given the tokens before it (labels
     ``[B, T]``, -100 skipped). Classification: cross-entropy of each example (labels ``[B]``).
     Summing (not averaging) lets the caller normalize by the token count of a whole
-    accumulated, multi-process batch.
+    accumulated, multi-process batch. With ``chunked`` a causal LM's loss is computed by
+    :func:`peftlab.train.loss.chunked_loss_sum` (the same value without the full logits); a
+    model it cannot serve gets the plain loss, with a warning once per model.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
+    if chunked and labels.dim() == 2:
+        try:
+            return chunked_loss_sum(model, batch["input_ids"], labels, batch["attention_mask"])
+        except ChunkedLossUnsupported as e:
+            _warn_plain(model, e)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if labels.dim() == 1:  # classification: logits [B, C]
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.new_tensor(
             labels.numel()
@@ -47,6 +59,15 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return total, (shift_labels != IGNORE).sum()
 
 
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _warn_plain(model: nn.Module, error: Exception) -> None:
+    if model not in _WARNED:
+        _WARNED.add(model)
+        warnings.warn(f"chunked loss unavailable, using the plain loss: {error}", stacklevel=3)
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -54,13 +75,18 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def loss_sums(
-    model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device
+    model: nn.Module,
+    examples: list[dict],
+    pad_id: int,
+    batch_size: int,
+    device,
+    chunked: bool = True,
 ) -> tuple[float, int]:
     """Summed token loss and token count over ``examples``."""
     total, count = 0.0, 0
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        s, n = loss_sum(model, batch)
+        s, n = loss_sum(model, batch, chunked)
         total, count = total + s.item(), count + int(n)
     return total, count
 
@@ -148,6 +174,7 @@ def evaluate(
     shard: tuple[int, int] = (0, 1),
     reduce: Callable[[list[float]], list[float]] | None = None,
     extractor: str = "exact",
+    chunked: bool = True,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``data.eval``.
 
@@ -155,6 +182,7 @@ def evaluate(
     ``exact_match`` (answers compared after ``extractor``); ``eval_accuracy``,
     ``eval_macro_f1`` and ``eval_mcc`` for classification. With ``shard=(rank, world)`` each
     process takes every world-th example and ``reduce`` sums the per-process counts.
+    ``chunked``: the token loss without the full logits (:func:`loss_sum`).
     """
     device = device or next(model.parameters()).device
     rank, world = shard
@@ -163,7 +191,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        sums = list(loss_sums(model, examples, pad, batch_size, device))
+        sums = list(loss_sums(model, examples, pad, batch_size, device, chunked))
         if data.kind == "classification":
             classes = max(2, len(data.label_names))
             sums += confusion_counts(model, examples, pad, batch_size, device, classes)

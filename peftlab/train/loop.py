@@ -34,7 +34,7 @@ import yaml
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.data import DataError, collate, load_task_data
-from peftlab.train import checkpoint, lock, rundir, signals
+from peftlab.train import checkpoint, checkpointing, lock, rundir, signals
 from peftlab.train import resume as resuming
 from peftlab.train.callbacks import StepRecord, TrainCallback
 from peftlab.train.config import TrainConfig, apply_overrides
@@ -232,6 +232,7 @@ class _Run:
             accelerator.device,
             (accelerator.process_index, accelerator.num_processes),
             reduce=lambda xs: _reduce_sum(accelerator, xs),
+            chunked=cfg.chunked_loss,
         )
         rundir.log(accelerator, self.out, {"step": step, **metrics}, cfg.tensorboard)
         return metrics
@@ -265,8 +266,8 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
         model.to(accelerator.device)
     method_config = cfg.method_config().with_tokenizer(tokenizer)
     peftlab.apply(model, method_config)  # a classification model's new head trains (core rule)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # peftlab's per-layer checkpointing (train/checkpointing.py)
+        checkpointing.enable(model, cfg.gradient_checkpointing)
     trainable, total = peftlab.trainable_parameters(model)
     optimizer = _make_optimizer(model, cfg)
 
@@ -425,7 +426,7 @@ def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | Non
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            s, _ = loss_sum(model, batch)
+            s, _ = loss_sum(model, batch, cfg.chunked_loss)
             accelerator.backward(s * scale)
         loss_total += s.detach().float()
     loss = _reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)

@@ -1,0 +1,159 @@
+"""Training memory and step time of the plain loss, the chunked loss, and the chunked loss
+with activation checkpointing, side by side, one process per configuration.
+
+    python -m benchmarks.loss_memory                          # batch 8 × 512, 3 repeats
+    python -m benchmarks.loss_memory --batch 2 --steps 2 --repeats 1
+    python -m benchmarks.loss_memory --config chunked         # one worker, prints RESULT json
+
+Every configuration trains SmolLM2-135M with peftlab LoRA (r 16, all linear layers) on the
+same random batch (labels = inputs: every token carries loss, the chunked loss's least
+favourable case), with the trainer's own loss (``peftlab.train.evaluate.loss_sum``) and AdamW
+over the LoRA parameters; ``--warmup`` steps, then ``--steps`` timed ones (median).
+
+Time: ``step_s`` is wall-clock, ``cpu_s`` the process's CPU time per step (steadier than the
+wall clock on a shared machine, where other processes take turns on the cores).
+
+Memory: ``peak_gb`` is the peak over the steps (warm-up included, so the optimizer state
+counts) of the live heap on CPU (glibc ``mallinfo2``, sampled every millisecond, see
+``peftlab.bench.measure.PeakMemory``) or ``torch.cuda.max_memory_allocated`` on GPU;
+``extra_gb`` is that peak less what was live before the first step (weights, the batch).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks import harness, loading
+from benchmarks.harness import fmt, ratio
+
+CONFIGS = {  # name → (chunked loss, gradient_checkpointing)
+    "plain": (False, False),
+    "chunked": (True, False),
+    "chunked+ckpt": (True, True),
+    "plain+ckpt": (False, True),
+}
+DEFAULT = "plain,chunked,chunked+ckpt"
+
+
+def worker(args) -> dict:
+    """Build one configuration, train it, and return its measurements."""
+    import peftlab
+    from peftlab.bench.measure import PeakMemory
+    from peftlab.train import checkpointing
+    from peftlab.train.evaluate import loss_sum
+    from peftlab.train.optim import make_optimizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    chunked, ckpt = CONFIGS[args.config]
+    model = loading.load(args)
+    peftlab.apply(model, peftlab.LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+    if ckpt:
+        checkpointing.enable(model, {"every": args.every, "offload": args.offload})
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, "adamw", lr=1e-4)
+
+    def step() -> float:
+        total, count = loss_sum(model, batch, chunked)
+        (total / count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(total.detach() / count)
+
+    times, cpu, losses = [], [], []
+    with PeakMemory(device) as peak:
+        for i in range(args.warmup + args.steps):
+            _sync(device)
+            t, c = time.perf_counter(), time.process_time()
+            losses.append(step())
+            _sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+    if device.type == "cuda":
+        start, top = 0, peak.peak_bytes
+    else:
+        start, top = peak.start_live_bytes, peak.peak_live_bytes
+    return {
+        "config": args.config,
+        "step_s": statistics.median(times),
+        "cpu_s": statistics.median(cpu),
+        "peak_gb": top / 1e9 if top is not None else None,
+        "extra_gb": (top - start) / 1e9 if top is not None and start is not None else None,
+        "memory": "cuda max allocated" if device.type == "cuda" else "live heap (mallinfo2)",
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "tokens": args.batch * args.seq,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def report(med: dict, raw: dict | None = None, out=print) -> list:
+    """Print the table and the ratios to the plain loss."""
+    out(
+        f"\n{'config':<14} {'step s':>8} {'cpu s':>8} {'peak GB':>8} {'extra GB':>9} "
+        f"{'loss0':>8}  n"
+    )
+    for name, m in med.items():
+        out(
+            f"{name:<14} {fmt(m.get('step_s'), '.2f'):>8} {fmt(m.get('cpu_s'), '.2f'):>8} "
+            f"{fmt(m.get('peak_gb')):>8} "
+            f"{fmt(m.get('extra_gb')):>9} {fmt(m.get('first_loss'), '.4f'):>8}  {m.get('n')}"
+            + (f"  {m['error']}" if m.get("error") else "")
+        )
+    rows = []
+    base = med.get("plain", {})
+    out(f"\n{'vs plain':<14} {'time':>8} {'cpu':>8} {'peak':>8} {'extra':>9}")
+    for name, m in med.items():
+        if name == "plain":
+            continue
+        r = [ratio(m, base, k) for k in ("step_s", "cpu_s", "peak_gb", "extra_gb")]
+        rows.append((name, *r))
+        out(f"{name:<14} {fmt(r[0]):>8} {fmt(r[1]):>8} {fmt(r[2]):>8} {fmt(r[3]):>9}")
+    return rows
+
+
+def parse_args(argv=None):
+    p = harness.arg_parser(__doc__, DEFAULT.split(","), batch=8, dtypes=["fp32", "bf16"])
+    p.set_defaults(seq=512)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--every", type=int, default=1, help="checkpoint every k-th layer")
+    p.add_argument("--offload", action="store_true", help="offload checkpointed inputs (GPU)")
+    return p.parse_args(argv)
+
+
+def worker_args(args) -> list[str]:
+    keys = ("model", "device", "dtype", "batch", "seq", "warmup", "steps", "threads", "every")
+    out = [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
+    return out + (["--offload"] if args.offload else [])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.config:
+        if args.config not in CONFIGS:
+            print(f"unknown --config {args.config!r}; choose from {', '.join(CONFIGS)}")
+            return 2
+        print(harness.RESULT_TAG + json.dumps(worker(args)), flush=True)
+        return 0
+    return harness.run_driver("loss_memory", args, list(CONFIGS), worker_args(args), report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
