@@ -52,6 +52,7 @@ WRONG = {
     "list[str] | None": ["a", 1, [1], ["a", None]],
     "dict[str, str]": [None, "a", ["a"], {"a": 1}],
     "dict[str, str] | None": ["a", ["a"], {"a": 1}],
+    "bool | list | dict": [1, "true", 2.5, "every=2"],  # null: off, as false
 }
 
 
