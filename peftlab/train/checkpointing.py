@@ -74,7 +74,9 @@ class CheckpointPlan:
             return cls()
         if isinstance(spec, list | tuple):
             return cls(layers=_indices(spec, spec))
-        check(isinstance(spec, dict), KEY, spec, f"{ALLOWED.rstrip('.')}, not {type(spec).__name__}")
+        check(
+            isinstance(spec, dict), KEY, spec, f"{ALLOWED.rstrip('.')}, not {type(spec).__name__}"
+        )
         unknown = sorted(set(spec) - {"every", "layers", "offload"})
         check(not unknown, KEY, spec, f"{ALLOWED}; unknown key(s) {unknown}")
         check(

@@ -1,13 +1,14 @@
-"""The training loop and ``peftlab train``.
+"""The training loop (the ``peftlab train`` command is :mod:`peftlab.cli.train`).
 
-:func:`train` reads top to bottom: ``_accelerator`` (device, mixed precision) and the run
-directory's lock → ``_setup`` (data, model, method, optimizer, schedule; a ``_Run``) → the
-checkpoint a resume continues from, then ``_prepare_output_dir`` (nothing is written before
-everything is checked; :mod:`peftlab.train.resume`) → ``_loop`` (logging, periodic evaluation and checkpoints), whose ``_step`` is one
-optimizer step (token-normalized loss over accumulated micro-batches and processes, clipping,
-the divergence stop) → save the adapter → ``_summary``.
-``accelerate`` places the model on the device, applies mixed precision and, under
-``accelerate launch`` / ``torchrun``, wraps it in DistributedDataParallel.
+:func:`train` reads top to bottom: ``make_accelerator`` (device, mixed precision;
+:mod:`peftlab.train.distributed`) and the run directory's lock → ``_setup`` (data, model,
+method, optimizer, schedule; a ``_Run``) → the checkpoint a resume continues from, then
+``_prepare_output_dir`` (nothing is written before everything is checked;
+:mod:`peftlab.train.resume`) → ``_loop`` (logging, periodic evaluation and checkpoints), whose
+``_step`` is one optimizer step (token-normalized loss over accumulated micro-batches and
+processes, clipping, the divergence stop of :mod:`peftlab.train.divergence`) → save the
+adapter → ``_summary``. ``accelerate`` places the model on the device, applies mixed precision
+and, under ``accelerate launch`` / ``torchrun``, wraps it in DistributedDataParallel.
 
 Measurement (memory, time) wraps :func:`train` from outside: it passes
 :class:`~peftlab.train.callbacks.TrainCallback` hooks, which receive the model before the first
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
@@ -32,19 +32,17 @@ import torch
 import yaml
 
 import peftlab
-from peftlab.core.config import ConfigError
 from peftlab.data import DataError, collate, load_task_data
 from peftlab.train import checkpoint, checkpointing, lock, rundir, signals
 from peftlab.train import resume as resuming
 from peftlab.train.callbacks import StepRecord, TrainCallback
 from peftlab.train.config import TrainConfig, apply_overrides
+from peftlab.train.distributed import make_accelerator, reduce_sum
+from peftlab.train.divergence import TrainingDiverged, diverged
 from peftlab.train.evaluate import evaluate, loss_sum
+from peftlab.train.optim import lr_schedule, optimizer_for
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite; training stopped."""
 
 
 @lock.releasing  # the run directory's lock is released however train() exits
@@ -80,7 +78,7 @@ def train(
 
     cfg = _resolve(config, overrides, resume)
     out = Path(cfg.output_dir)
-    accelerator = _accelerator(cfg, out)
+    accelerator = make_accelerator(cfg, out)
     lock.acquire(accelerator, out)  # one writer per run directory (peftlab.train.lock)
     if not resume:
         rundir.check_output_dir(out, cfg.overwrite)
@@ -107,7 +105,7 @@ def train(
         loop = _loop(run, list(callbacks))
         resuming.end_of_training(run)  # finite weights; the final checkpoint
     except checkpoint.NonFiniteWeights as e:  # stop as diverged, naming a good checkpoint
-        _diverged(accelerator, out, cfg, e.step + 1, math.nan, None, run.state, str(e))
+        diverged(accelerator, out, cfg, e.step + 1, math.nan, None, run.state, str(e))
 
     if accelerator.is_main_process:
         rundir.save_adapter(run.unwrapped, out / "adapter")
@@ -125,30 +123,6 @@ def train(
 
 
 # ---- setup -----------------------------------------------------------------------------------
-
-
-def _accelerator(cfg: TrainConfig, out: Path):
-    """accelerate's Accelerator for this run, after the checks that need to know the device."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one process-wide state; drop it (keeping the process group) so that a
-    # second train() in the same process may use another mixed_precision.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU.
-        cpu=_no_accelerator(),
-        mixed_precision=cfg.mixed_precision,
-        log_with="tensorboard" if cfg.tensorboard else None,
-        project_dir=str(out),
-    )
-    if cfg.tensorboard and not any(
-        importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
-    ):
-        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard")
-    if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        raise ConfigError("mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
-    return accelerator
 
 
 def _prepare_output_dir(
@@ -231,7 +205,7 @@ class _Run:
             exact,
             accelerator.device,
             (accelerator.process_index, accelerator.num_processes),
-            reduce=lambda xs: _reduce_sum(accelerator, xs),
+            reduce=lambda xs: reduce_sum(accelerator, xs),
             chunked=cfg.chunked_loss,
         )
         rundir.log(accelerator, self.out, {"step": step, **metrics}, cfg.tensorboard)
@@ -269,7 +243,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if cfg.gradient_checkpointing:  # peftlab's per-layer checkpointing (train/checkpointing.py)
         checkpointing.enable(model, cfg.gradient_checkpointing)
     trainable, total = peftlab.trainable_parameters(model)
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = optimizer_for(model, cfg)
 
     global_batch = cfg.batch_size * accelerator.num_processes
     micro_per_epoch = len(data.train) // global_batch  # the last, partial micro-batch is dropped
@@ -287,7 +261,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     warmup = (
         cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, warmup, total_steps))
     # The scheduler is not given to prepare(): accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(
@@ -420,7 +394,7 @@ def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | Non
         sum(_loss_count(b) for b in batches),
         sum(int(b["attention_mask"].sum()) for b in batches),
     ]
-    loss_tokens, tokens = (int(x) for x in _reduce_sum(accelerator, local))
+    loss_tokens, tokens = (int(x) for x in reduce_sum(accelerator, local))
     scale = world / max(loss_tokens, 1)  # DDP averages gradients over processes
     loss_total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
@@ -429,7 +403,7 @@ def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | Non
             s, _ = loss_sum(model, batch, cfg.chunked_loss)
             accelerator.backward(s * scale)
         loss_total += s.detach().float()
-    loss = _reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)
+    loss = reduce_sum(accelerator, [loss_total.item()])[0] / max(loss_tokens, 1)
     grad_norm = None
     if cfg.max_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
@@ -438,7 +412,7 @@ def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | Non
     )
     if not math.isfinite(loss) or bad_norm:
         # fp16's loss scaler skips steps with inf gradients itself; anything else is fatal.
-        _diverged(accelerator, run.out, cfg, step, loss, grad_norm, run.state)
+        diverged(accelerator, run.out, cfg, step, loss, grad_norm, run.state)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
@@ -494,89 +468,6 @@ def _ckpt_step(ckpt: Path | None) -> int:
     return int(ckpt.name.split("-")[1]) if ckpt else 0
 
 
-def _reduce_sum(accelerator, values: list[float]) -> list[float]:
-    if accelerator.num_processes == 1:
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(t, reduction="sum").tolist()
-
-
-def _no_accelerator() -> bool:
-    acc = getattr(torch, "accelerator", None)
-    return not (acc.is_available() if acc is not None else torch.cuda.is_available())
-
-
 def _loss_count(batch: dict[str, torch.Tensor]) -> int:
     labels = batch["labels"]
     return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
-
-
-def _make_optimizer(model, cfg: TrainConfig):
-    """AdamW over the trainable parameters; matrices decay, vectors (biases, norms, DoRA
-    magnitudes) do not."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    from peftlab.train.optim import make_optimizer  # torch AdamW or bitsandbytes 8-bit / paged
-
-    return make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay)
-
-
-def _schedule(cfg: TrainConfig, warmup: int, total: int):
-    """LR multiplier at optimizer step s (0-based): linear warmup, then cosine/linear decay."""
-
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (s - warmup) / max(1, total - warmup))
-        decay = (
-            0.5 * (1 + math.cos(math.pi * progress))
-            if cfg.lr_schedule == "cosine"
-            else 1 - progress
-        )
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
-
-    return factor
-
-
-def _diverged(
-    accelerator,
-    out: Path,
-    cfg: TrainConfig,
-    step: int,
-    loss: float,
-    grad_norm,
-    state: dict,
-    why: str | None = None,
-):
-    # The loss of `step` came from the weights after step - 1: checkpoints from there on were
-    # never confirmed by a finite loss, so they are set aside and the newest earlier one named.
-    last, moved = checkpoint.quarantine(out, step - 1, rename=accelerator.is_main_process)
-    aside = f" ({', '.join(p.name for p in moved)} set aside: not confirmed good)" if moved else ""
-    why = (
-        why
-        or f"loss={loss} (grad_norm={grad_norm}) at step {step}: training stopped before the update"
-    )
-    msg = (
-        f"{why}. Nothing was overwritten: the last good checkpoint is "
-        f"{last if last else 'none (no checkpoint written yet)'}{aside}, and {out / 'adapter'} "
-        f"was not written. Lower lr (now {cfg.lr}) in a new run, keep max_grad_norm set, or use "
-        f"mixed_precision=no/bf16."
-    )
-    if accelerator.is_main_process:
-        summary = {
-            "status": "diverged",
-            "error": msg,
-            "output_dir": str(out),
-            "steps": state["step"],
-            "final_loss": state["last_loss"],
-            "method": cfg.method,
-            "model": cfg.model,
-        }
-        rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    raise TrainingDiverged(msg)

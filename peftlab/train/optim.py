@@ -12,14 +12,19 @@ blockwise 8 bits (~75% less optimizer memory) and runs on the CPU too.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from peftlab.core.config import ConfigError
 from peftlab.core.optimizers import OPTIMIZERS as _TABLE
 from peftlab.core.optimizers import get_optimizer, optimizer_used
+
+if TYPE_CHECKING:  # the config imports this module's names
+    from peftlab.train.config import TrainConfig
 
 OPTIMIZERS = tuple(_TABLE)
 """Names :func:`make_optimizer` accepts ("paged_adamw" is "paged_adamw_32bit")."""
@@ -82,3 +87,34 @@ def make_optimizer(
     import bitsandbytes as bnb
 
     return getattr(bnb.optim, used.bnb_class)(params, lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_for(model, cfg: TrainConfig):
+    """AdamW over the trainable parameters; matrices decay, vectors (biases, norms, DoRA
+    magnitudes) do not."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay)
+
+
+def lr_schedule(cfg: TrainConfig, warmup: int, total: int):
+    """LR multiplier at optimizer step s (0-based): linear warmup, then cosine/linear decay."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        decay = (
+            0.5 * (1 + math.cos(math.pi * progress))
+            if cfg.lr_schedule == "cosine"
+            else 1 - progress
+        )
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return factor

@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.train import TrainingDiverged, checkpoint, lock, rundir, train
-from peftlab.train.loop import _schedule
+from peftlab.train.optim import lr_schedule as _schedule
 from peftlab.train.signals import TrainingInterrupted
 from tests.tiny_lm import save_tiny_lm
 

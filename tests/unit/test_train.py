@@ -14,7 +14,7 @@ import torch
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.train import TrainConfig, TrainingDiverged, train
-from peftlab.train.loop import _schedule
+from peftlab.train.optim import lr_schedule as _schedule
 from tests.conftest import tiny_bert
 from tests.tiny_lm import char_tokenizer, save_tiny_lm
 
