@@ -2,12 +2,14 @@
 
 The prediction counts live tensor bytes, the quantity ``torch.cuda.max_memory_allocated``
 reports and the one a CPU process's RSS tracks when freed tensors go back to the OS (see
-docs/estimator.md for the CPU measurement conditions). Two moments compete for the peak:
+docs/estimator.md for the CPU measurement conditions). Three moments compete for the peak:
 
     backward start      = weights + optimizer states + activations + loss workspace
+    recomputing a block = weights + optimizer states + activations (the loss's freed, one
+                          checkpointed block's back) — only with activation checkpointing
     gradients complete  = weights + optimizer states + gradients + workspace (the end of
                           backward and the optimizer step)
-    peak                = max of the two (the estimate reports the parts of the larger one)
+    peak                = max of these (the estimate reports the parts of the largest one)
 
 - **weights**: every base parameter in ``dtype`` (4-bit ones at ``nf4_bits`` bits, QLoRA's
   other parameters upcast to float32 as peftlab's QLoRA does), plus the method's parameters.
@@ -193,13 +195,11 @@ def estimate_memory(
             4-bit weight. Offloading checkpointed inputs saves memory only on "cuda".
         runtime_bytes: memory the framework itself takes on the first training step (thread
             pools, kernel caches; on a GPU the CUDA context), measured once per machine
-            (the "other MB" column of ``benchmarks/estimator_compare.py`` bounds it from
-            above: it also holds the tokenizer and data); added to the workspace.
-        checkpointing: the same values as ``gradient_checkpointing`` (a keyword-only name for
-            it); give one of the two.
-        chunked_loss: a causal LM's loss is the trainer's chunked cross-entropy (its default);
-            False: the plain loss over the full logits. Ignored for a classifier, and where the
-            method replaces the output head (the trainer falls back to the plain loss there).
+            (``benchmarks/estimator_compare.py``'s "other MB" bounds it); added to the workspace.
+        checkpointing: ``gradient_checkpointing`` by a keyword-only name; give one of the two.
+        chunked_loss: a causal LM trains with the trainer's chunked cross-entropy (its
+            default); False: the plain loss. Ignored for a classifier and where the method
+            replaces the output head (the trainer falls back to the plain loss there).
         chunk_size: label tokens per chunk; None: the trainer's default
             (:func:`peftlab.select.activations.default_chunk`).
 
@@ -209,50 +209,69 @@ def estimate_memory(
     """
     _check_args(dtype, optimizer, device, attention, batch_size, seq_len, chunk_size)
     arch = resolve_architecture(model)
-    name, fields = method_fields(method)
     p = plan(arch, method)
     ckpt = _checkpointing(gradient_checkpointing, checkpointing, p, arch)
     chunk = None
     if chunked_loss and chunked_loss_applies(arch, p):
         chunk = chunk_size or default_chunk(arch.vocab)
-    b = DTYPE_BYTES[dtype]
+    run = _Run(batch_size, seq_len, dtype, optimizer, attention, device, runtime_bytes)
+    return _estimate(arch, method_fields(method), p, run, ckpt, chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The run an estimate is for (the arguments of :func:`estimate_memory`)."""
+
+    batch_size: int
+    seq_len: int
+    dtype: str
+    optimizer: str
+    attention: str
+    device: str
+    runtime_bytes: float
+
+
+def _estimate(arch, method: tuple[str, dict], p: MethodPlan, run: _Run, ckpt, chunk):
+    """The terms of the estimate, and the parts of its peak moment."""
+    (name, fields), b = method, DTYPE_BYTES[run.dtype]
     weights, method_params, fp = _weight_bytes(arch, p, b)
     train_bytes = 4 if p.upcast_non_quantized else b
-    opt = optimizer_used(optimizer, cuda=device == "cuda")
+    opt = optimizer_used(run.optimizer, cuda=run.device == "cuda")
     a = {"grads": p.trainable * train_bytes, "states": p.trainable * opt.state_bytes}
-    saved = saved_activation_bytes(
-        arch, p, batch_size, seq_len, attention, fp, ckpt, on_gpu=device == "cuda"
+    tokens = (run.batch_size, run.seq_len)
+    saved, a["recompute"], a["recompute_grads"] = saved_activation_bytes(
+        arch, p, *tokens, run.attention, fp, ckpt, run.device == "cuda", train_bytes
     )
-    loss_saved, a["loss_ws"] = loss_bytes(arch, p, batch_size, seq_len, fp, fp, chunk)
-    a["dequant"], quant_saved = _dequantized_bytes(arch, p, fields, device, ckpt)
+    loss_saved, a["loss_ws"] = loss_bytes(arch, p, *tokens, fp, fp, chunk)
+    a["dequant"], quant_saved = _dequantized_bytes(arch, p, fields, run.device, ckpt)
     a["acts"] = saved + loss_saved + quant_saved
+    a["recompute"] += quant_saved
     a["step_ws"] = _step_workspace(arch, p, opt, train_bytes)
-    a["runtime"] = runtime_bytes
-    parts = _peak_moment(a)
+    a["runtime"] = run.runtime_bytes
     est = MemoryEstimate(
         model=arch.name,
         method=name,
         config={"method": name, **fields},
-        batch_size=batch_size,
-        seq_len=seq_len,
-        dtype=dtype,
-        optimizer=optimizer,
+        batch_size=run.batch_size,
+        seq_len=run.seq_len,
+        dtype=run.dtype,
+        optimizer=run.optimizer,
         gradient_checkpointing=bool(ckpt.layers),
-        attention=attention,
+        attention=run.attention,
         trainable_params=p.trainable,
         total_params=arch.total_params() + method_params,
         weights=weights,
         optimizer_states=a["states"],
         loaded_weights=arch.total_params() * b,
-        inference=_inference_bytes(arch, p, batch_size, seq_len, b, weights, method_params),
+        inference=_inference_bytes(arch, p, *tokens, b, weights, method_params),
         chunked_loss=chunk is not None,
         chunk_size=chunk,
         checkpointed_layers=list(ckpt.layers),
         offload=ckpt.offload,
         checkpointing=ckpt.describe(arch.layers),
-        **parts,
+        **_peak_moment(a),
     )
-    est.detail = _detail(est, a, p, device, fp)
+    est.detail = _detail(est, a, p, run.device, fp)
     return est
 
 
@@ -345,15 +364,24 @@ def _step_workspace(arch: Architecture, p: MethodPlan, opt, train_bytes: int) ->
 
 
 def _peak_moment(a: dict) -> dict:
-    """The parts of the larger moment: backward start (activations and the loss and 4-bit
-    workspaces) or gradients complete (every gradient and the step's transients)."""
-    bwd = a["acts"] + a["loss_ws"] + a["dequant"] + a["runtime"]
-    step = a["grads"] + a["step_ws"] + a["runtime"]
-    a["bwd"], a["step"] = bwd, step
-    if bwd >= step:
+    """The parts of the largest moment: backward start (every saved activation, the loss's
+    and the 4-bit workspaces), recomputing a checkpointed block (the loss's tensors freed, one
+    block's saved tensors back), or gradients complete (every gradient, the step's
+    transients)."""
+    a["bwd"] = a["acts"] + a["loss_ws"] + a["dequant"] + a["runtime"]
+    a["recompute_moment"] = a["recompute"] + a["recompute_grads"] + a["dequant"] + a["runtime"]
+    a["step"] = a["grads"] + a["step_ws"] + a["runtime"]
+    if a["bwd"] >= a["recompute_moment"] and a["bwd"] >= a["step"]:
         workspace = a["loss_ws"] + a["dequant"] + a["runtime"]
         return dict(
             gradients=0.0, activations=a["acts"], workspace=workspace, phase="backward start"
+        )
+    if a["recompute_moment"] >= a["step"]:
+        return dict(
+            gradients=a["recompute_grads"],
+            activations=a["recompute"],
+            workspace=a["dequant"] + a["runtime"],
+            phase="recomputing a checkpointed block",
         )
     workspace = a["step_ws"] + a["runtime"]
     return dict(
@@ -374,7 +402,9 @@ def _detail(est: MemoryEstimate, a: dict, p: MethodPlan, device: str, fp: int) -
         "quant_bits": p.quant_bits,
         "device": device,
         "activation_bytes_per_element": fp,
+        "recompute_activations": a["recompute"],
         "backward_start_bytes": est.weights + est.optimizer_states + a["bwd"],
+        "recompute_bytes": est.weights + est.optimizer_states + a["recompute_moment"],
         "optimizer_step_bytes": est.weights + est.optimizer_states + a["step"],
     }
 
