@@ -2,12 +2,14 @@
 
 The prediction counts live tensor bytes, the quantity ``torch.cuda.max_memory_allocated``
 reports and the one a CPU process's RSS tracks when freed tensors go back to the OS (see
-docs/estimator.md for the CPU measurement conditions). Two moments compete for the peak:
+docs/estimator.md for the CPU measurement conditions). Three moments compete for the peak:
 
     backward start      = weights + optimizer states + activations + loss workspace
+    recomputing a block = weights + optimizer states + activations (the loss's freed, one
+                          checkpointed block's back) — only with activation checkpointing
     gradients complete  = weights + optimizer states + gradients + workspace (the end of
                           backward and the optimizer step)
-    peak                = max of the two (the estimate reports the parts of the larger one)
+    peak                = max of these (the estimate reports the parts of the largest one)
 
 - **weights**: every base parameter in ``dtype`` (4-bit ones at ``nf4_bits`` bits, QLoRA's
   other parameters upcast to float32 as peftlab's QLoRA does), plus the method's parameters.
@@ -17,11 +19,14 @@ docs/estimator.md for the CPU measurement conditions). Two moments compete for t
   float32 moments), 8-bit AdamW 2 + one float32 absmax per 256 per moment; the paged ones as
   their unpaged twins on CUDA and as torch AdamW elsewhere (where the trainer falls back to it).
 - **activations**: the tensors autograd saves for backward, listed per block from the block's
-  operations (:func:`block_saved_elements`), plus the float32 log-softmax the cross-entropy
-  saves (training loops keep only the loss, so the logits are freed before backward). With
-  gradient checkpointing: each block's input plus one block recomputed at a time.
-- **workspace**: the loss backward's two vocabulary-sized buffers (``∂loss/∂log-softmax`` and
-  ``∂loss/∂logits``), the dequantized copy of the largest 4-bit weight; at the end of backward
+  operations (:func:`peftlab.select.activations.block_saved_elements`), with per-layer
+  activation checkpointing (every layer, every k-th, a list) keeping only the checkpointed
+  blocks' inputs, plus what the loss saves: the plain cross-entropy's float32 log-softmax
+  (training loops keep only the loss, so the logits are freed before backward), or the
+  chunked loss's ``∂L/∂h`` (:mod:`peftlab.select.activations` has the formulas).
+- **workspace**: the plain loss backward's two vocabulary-sized buffers (``∂loss/∂log-softmax``
+  and ``∂loss/∂logits``) or the chunked loss's ``[chunk, V]`` buffers at the end of the
+  forward; the dequantized copy of the largest 4-bit weight; at the end of backward
   two embedding-sized gradient transients when a tied embedding trains (full fine-tuning);
   in the optimizer step of 8-bit AdamW one temporary the size of the largest trainable tensor
   (peftlab's AdamW is torch's fused one, ``peftlab.train.optim``, which updates in place).
@@ -36,6 +41,15 @@ from typing import Any
 
 from peftlab.core.config import ConfigError
 from peftlab.core.optimizers import OPTIMIZERS, get_optimizer, optimizer_used
+from peftlab.select.activations import (
+    QKV,
+    Checkpointing,
+    chunked_loss_applies,
+    default_chunk,
+    loss_bytes,
+    parse_checkpointing,
+    saved_activation_bytes,
+)
 from peftlab.select.models import method_fields, plan
 from peftlab.select.plans import MethodPlan
 from peftlab.select.presets import BERT, Architecture, resolve_architecture
@@ -46,17 +60,6 @@ OPTIMIZER_BYTES = {name: o.state_bytes for name, o in OPTIMIZERS.items()}
 """Optimizer state bytes per trainable parameter, read from the one optimizer table (on CUDA;
 elsewhere the paged ones cost what torch AdamW does)."""
 ATTENTION = ("sdpa", "eager")
-QKV = {
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-}
-O_PROJ = {"self_attn.o_proj", "attention.output.dense"}
-UP = {"mlp.gate_proj", "mlp.up_proj", "intermediate.dense"}
-DOWN = {"mlp.down_proj", "output.dense"}
 
 # The parts of an estimate, in the order reports list them.
 PARTS = (
@@ -97,6 +100,16 @@ class MemoryEstimate:
     inference: float
     """Serving: weights as served (merged when the method merges) + KV cache + one block's transient."""
     detail: dict = dataclasses.field(default_factory=dict)
+    chunked_loss: bool = False
+    """The loss is the chunked cross-entropy (a causal LM whose head the method leaves alone)."""
+    chunk_size: int | None = None
+    """Label tokens per chunk of the chunked loss (None: the plain loss)."""
+    checkpointed_layers: list[int] = dataclasses.field(default_factory=list)
+    """Blocks whose activations are recomputed in backward (0-based)."""
+    offload: bool = False
+    """Checkpointed inputs wait in CPU memory (saves device memory on "cuda" only)."""
+    checkpointing: str = "no checkpointing"
+    """The checkpointing in words ("checkpointing every 2nd layer")."""
 
     @property
     def peak(self) -> float:
@@ -122,11 +135,18 @@ class MemoryEstimate:
         d["gb"] = {k: round(d[k] / GB, 3) for k in PARTS}
         return d
 
+    def setup(self) -> str:
+        """The memory savers the estimate assumes, in words ("" for none): "chunked loss
+        (512-token chunks), checkpointing every 2nd layer"."""
+        parts = [f"chunked loss ({self.chunk_size}-token chunks)"] if self.chunked_loss else []
+        return ", ".join(parts + ([self.checkpointing] if self.checkpointed_layers else []))
+
     def table(self) -> str:
         rows = list(PARTS)
+        setup = self.setup()
         head = (
             f"{self.model} · {self.method} · batch {self.batch_size} × {self.seq_len} · {self.dtype} · "
-            f"{self.optimizer}{' · checkpointing' if self.gradient_checkpointing else ''} "
+            f"{self.optimizer}{' · ' + setup if setup else ''} "
             f"· trainable {self.trainable_params:,} of {self.total_params:,}"
         )
         return "\n".join(
@@ -136,139 +156,6 @@ class MemoryEstimate:
         )
 
 
-def _lowrank_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:
-    """Per token: each low-rank target saves A's output (r); DoRA also keeps
-    z = W0·x + s·B·A·x (out) for the magnitude's gradient (plus two ``(out,)`` vectors, counted
-    per block in :func:`_activation_bytes`)."""
-    shapes = arch.linear_shapes()
-    n = 0
-    for s in suffixes & set(p.targets):
-        n += p.targets[s]
-        if p.dora:
-            n += shapes[s][1]
-    return n
-
-
-def _adapter_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:
-    """Per token: an adapter saves its input (for the down-projection's weight gradient) and
-    its activation's saved tensors (width m)."""
-    return sum(
-        arch.hidden + p.adapter_act_saves * p.bottleneck for s in p.adapters if s in suffixes
-    )
-
-
-def block_saved_elements(
-    arch: Architecture,
-    p: MethodPlan,
-    seq: int,
-    attention: str,
-    grad_in: bool,
-    training: bool = True,
-) -> float:
-    """Elements per token that autograd keeps for one block's backward.
-
-    Derived from the block's operations (HF Llama/BERT code, PyTorch's autograd formulas): an
-    op saves an input only when the gradient it computes needs it, so a frozen linear layer
-    saves nothing (∂x = ∂y·W needs only W), a low-rank target saves its input and A's output,
-    an RMSNorm saves its input and 1/rms, SiLU its input, a product both factors.
-    Attention ("sdpa", the flash kernel used on CPU and GPU) saves q, k, v, the output and
-    one log-sum-exp per head; "eager" saves q, k and v repeated to every head and the
-    softmax probabilities (heads × key length); BERT with dropout in training runs the math
-    path: q, k, v, probabilities, dropout mask and dropped probabilities.
-    ``grad_in``: the block's input needs a gradient (false for block 0 unless the embeddings
-    or a soft prompt train).
-    """
-    h, i = arch.hidden, arch.intermediate
-    tk = seq + p.kv_extra
-    f = tk / seq
-    lin = set(p.targets)
-    attn_grad = grad_in or bool(lin & QKV) or p.kv_extra > 0
-    drop = arch.dropout > 0 and training
-    n = 0.0
-    if arch.family == BERT:
-        if lin & QKV:
-            n += h  # block input, read by the targeted q/k/v
-        if attn_grad:
-            if attention == "sdpa" and not drop:
-                n += 2 * h + 2 * h * f + arch.heads
-            else:
-                n += h + 2 * h * f + arch.heads * tk * (3 if drop else 1)
-                n += h if lin & O_PROJ else 0
-        elif lin & O_PROJ:
-            n += h
-        n += _lowrank_extra(p, arch, QKV | O_PROJ) + _adapter_extra(p, arch, O_PROJ)
-        n += (h if drop else 0) + h + 2  # dropout mask, LayerNorm input, mean and 1/std
-        n += h if lin & UP else 0
-        n += i + (i if lin & DOWN else 0)  # GELU input; its output for a trained down-projection
-        n += _lowrank_extra(p, arch, UP | DOWN) + _adapter_extra(p, arch, DOWN)
-        n += (h if drop else 0) + h + 2
-        return n
-    if grad_in:
-        n += h + 1  # RMSNorm input and 1/rms
-    if p.norms_trainable:
-        n += h  # normalized input, for the norm weight's gradient
-    n += h if lin & QKV else 0
-    if attn_grad:
-        if attention == "sdpa" and not p.kv_extra:
-            n += 2 * arch.q_dim + 2 * arch.kv_dim * f + arch.heads
-        elif attention == "sdpa":
-            # With a prefix, transformers passes a mask: k and v are repeated to every head and
-            # the float mask (key length per token) is saved too.
-            n += 2 * arch.q_dim + 2 * arch.q_dim * f + arch.heads + tk
-        else:
-            # q·kᵀ saves k only when q needs a gradient (not in block 0 without grad_in).
-            k = arch.q_dim * f if (grad_in or lin & QKV) else 0
-            n += (
-                arch.q_dim
-                + k
-                + arch.q_dim * f
-                + arch.heads * tk
-                + (arch.q_dim if lin & O_PROJ else 0)
-            )
-    elif lin & O_PROJ:
-        n += arch.q_dim
-    n += _lowrank_extra(p, arch, QKV | O_PROJ) + _adapter_extra(p, arch, O_PROJ)
-    n += h + 1 + (h if p.norms_trainable else 0)
-    n += h if lin & UP else 0
-    n += 3 * i + (i if lin & DOWN else 0)  # gate (SiLU input), up, SiLU output; their product
-    n += _lowrank_extra(p, arch, UP | DOWN) + _adapter_extra(p, arch, DOWN)
-    return n
-
-
-def _activation_bytes(arch, p, batch, seq, attention, act_bytes, checkpointing, training=True):
-    """(saved activation bytes, loss-backward workspace bytes)."""
-    s = seq + p.seq_extra
-    tokens = batch * s
-    grad0 = p.embeddings_trainable or p.seq_extra > 0 or checkpointing
-    blocks = [
-        block_saved_elements(arch, p, s, attention, grad_in=(k > 0 or grad0), training=training)
-        for k in range(arch.layers)
-    ]
-    if checkpointing:
-        # Each block keeps only its input; in backward one block at a time is recomputed.
-        per_token = arch.layers * arch.hidden + max(blocks)
-    else:
-        per_token = sum(blocks)
-    h = arch.hidden
-    if arch.family == BERT:
-        emb = (h + 2 + (h if arch.dropout else 0)) if grad0 else 0
-        head = (
-            4 * h * batch
-        )  # pooler input/tanh output, dropout mask, classifier input ([CLS] only)
-        saved = (per_token + emb) * tokens * act_bytes + head * act_bytes
-        return saved, 0.0
-    final = h + 1 + (h if p.norms_trainable else 0) + (h if p.head_trainable else 0)
-    saved = (per_token + final) * tokens * act_bytes
-    if p.prefix_mlp_hidden:  # the reparameterization MLP, run once per block
-        saved += arch.layers * p.kv_extra * 2 * p.prefix_mlp_hidden * act_bytes
-    # The loss runs in float32 (transformers' loss and peftlab.train upcast the logits).
-    # Training loops keep only the loss, so by backward the logits are gone; cross-entropy saved
-    # its log-softmax, and its backward makes two more vocabulary-sized tensors
-    # (∂/∂log-softmax, ∂/∂logits). The prompt's positions are cut before the head.
-    logits = batch * seq * arch.vocab * 4
-    return saved + logits, 2 * logits
-
-
 def estimate_memory(
     model: str | Architecture,
     method: Any = "lora",
@@ -276,10 +163,14 @@ def estimate_memory(
     seq_len: int = 512,
     dtype: str = "bfloat16",
     optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: Any = False,
     attention: str = "sdpa",
     device: str = "cuda",
     runtime_bytes: float = 0.0,
+    *,
+    checkpointing: Any = None,
+    chunked_loss: bool = True,
+    chunk_size: int | None = None,
 ) -> MemoryEstimate:
     """Predict training and inference memory of ``method`` on ``model``.
 
@@ -292,23 +183,100 @@ def estimate_memory(
         dtype: the dtype the model is loaded and trained in ("float32", "bfloat16", "float16").
         optimizer: a name in :data:`peftlab.core.optimizers.OPTIMIZERS` ("adamw", "adamw_8bit",
             the paged ones), the names the trainer accepts.
-        gradient_checkpointing: recompute activations in backward (QLoRA's own
-            ``gradient_checkpointing`` field turns it on too).
+        gradient_checkpointing: the training config's ``gradient_checkpointing``: False, True
+            (every layer), ``{"every": k}``, ``{"layers": [...]}`` or a list of layer indices,
+            a mapping optionally with ``"offload": True`` (QLoRA's own ``gradient_checkpointing``
+            field checkpoints every layer too).
         attention: "sdpa" (transformers' default) or "eager".
         device: "cuda" or "cpu". Matters for 4-bit layers: on the CPU, a layer whose input
             width is not a multiple of the blocksize goes through peftlab's dequantize-and-
             ``F.linear`` fallback, so autograd keeps its dequantized weight (in×out in the
             compute dtype) until backward; bitsandbytes' ``MatMul4Bit`` keeps only the packed
-            4-bit weight.
-
+            4-bit weight. Offloading checkpointed inputs saves memory only on "cuda".
         runtime_bytes: memory the framework itself takes on the first training step (thread
             pools, kernel caches; on a GPU the CUDA context), measured once per machine
-            (the "other MB" column of ``benchmarks/estimator_compare.py`` bounds it from
-            above: it also holds the tokenizer and data); added to the workspace.
+            (``benchmarks/estimator_compare.py``'s "other MB" bounds it); added to the workspace.
+        checkpointing: ``gradient_checkpointing`` by a keyword-only name; give one of the two.
+        chunked_loss: a causal LM trains with the trainer's chunked cross-entropy (its
+            default); False: the plain loss. Ignored for a classifier and where the method
+            replaces the output head (the trainer falls back to the plain loss there).
+        chunk_size: label tokens per chunk; None: the trainer's default
+            (:func:`peftlab.select.activations.default_chunk`).
 
     Raises:
-        ConfigError: an unknown model, method, dtype, optimizer or attention, or a non-positive size.
+        ConfigError: an unknown model, method, dtype, optimizer, attention or checkpointing
+            value, or a non-positive size.
     """
+    _check_args(dtype, optimizer, device, attention, batch_size, seq_len, chunk_size)
+    arch = resolve_architecture(model)
+    p = plan(arch, method)
+    ckpt = _checkpointing(gradient_checkpointing, checkpointing, p, arch)
+    chunk = None
+    if chunked_loss and chunked_loss_applies(arch, p):
+        chunk = chunk_size or default_chunk(arch.vocab)
+    run = _Run(batch_size, seq_len, dtype, optimizer, attention, device, runtime_bytes)
+    return _estimate(arch, method_fields(method), p, run, ckpt, chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The run an estimate is for (the arguments of :func:`estimate_memory`)."""
+
+    batch_size: int
+    seq_len: int
+    dtype: str
+    optimizer: str
+    attention: str
+    device: str
+    runtime_bytes: float
+
+
+def _estimate(arch, method: tuple[str, dict], p: MethodPlan, run: _Run, ckpt, chunk):
+    """The terms of the estimate, and the parts of its peak moment."""
+    (name, fields), b = method, DTYPE_BYTES[run.dtype]
+    weights, method_params, fp = _weight_bytes(arch, p, b)
+    train_bytes = 4 if p.upcast_non_quantized else b
+    opt = optimizer_used(run.optimizer, cuda=run.device == "cuda")
+    a = {"grads": p.trainable * train_bytes, "states": p.trainable * opt.state_bytes}
+    tokens = (run.batch_size, run.seq_len)
+    saved, a["recompute"], a["recompute_grads"] = saved_activation_bytes(
+        arch, p, *tokens, run.attention, fp, ckpt, run.device == "cuda", train_bytes
+    )
+    loss_saved, a["loss_ws"] = loss_bytes(arch, p, *tokens, fp, fp, chunk)
+    a["dequant"], quant_saved = _dequantized_bytes(arch, p, fields, run.device, ckpt)
+    a["acts"] = saved + loss_saved + quant_saved
+    a["recompute"] += quant_saved
+    a["step_ws"] = _step_workspace(arch, p, opt, train_bytes)
+    a["runtime"] = run.runtime_bytes
+    est = MemoryEstimate(
+        model=arch.name,
+        method=name,
+        config={"method": name, **fields},
+        batch_size=run.batch_size,
+        seq_len=run.seq_len,
+        dtype=run.dtype,
+        optimizer=run.optimizer,
+        gradient_checkpointing=bool(ckpt.layers),
+        attention=run.attention,
+        trainable_params=p.trainable,
+        total_params=arch.total_params() + method_params,
+        weights=weights,
+        optimizer_states=a["states"],
+        loaded_weights=arch.total_params() * b,
+        inference=_inference_bytes(arch, p, *tokens, b, weights, method_params),
+        chunked_loss=chunk is not None,
+        chunk_size=chunk,
+        checkpointed_layers=list(ckpt.layers),
+        offload=ckpt.offload,
+        checkpointing=ckpt.describe(arch.layers),
+        **_peak_moment(a),
+    )
+    est.detail = _detail(est, a, p, run.device, fp)
+    return est
+
+
+def _check_args(dtype, optimizer, device, attention, batch_size, seq_len, chunk_size) -> None:
+    """Raise :class:`ConfigError` naming the first invalid argument."""
     if dtype not in DTYPE_BYTES:
         raise ConfigError(
             f"dtype={dtype!r} is invalid: dtype must be one of {', '.join(DTYPE_BYTES)}."
@@ -320,46 +288,71 @@ def estimate_memory(
         raise ConfigError(
             f"attention={attention!r} is invalid: attention must be 'sdpa' or 'eager'."
         )
-    for key, v in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not isinstance(v, int) or v < 1:
+    for key, v in (("batch_size", batch_size), ("seq_len", seq_len), ("chunk_size", chunk_size)):
+        if key == "chunk_size" and v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{key}={v!r} is invalid: {key} must be a positive integer.")
-    arch = resolve_architecture(model)
-    name, fields = method_fields(method)
-    p = plan(arch, method)
-    ckpt = gradient_checkpointing or p.checkpointing
-    b = DTYPE_BYTES[dtype]
-    total = arch.total_params()
+
+
+def _checkpointing(gradient_checkpointing, checkpointing_, p: MethodPlan, arch) -> Checkpointing:
+    """The blocks checkpointed: the run's setting (either keyword), and every block when the
+    method turns transformers' checkpointing on itself (QLoRA's ``gradient_checkpointing``)."""
+    spec = gradient_checkpointing
+    if checkpointing_ is not None:
+        if gradient_checkpointing not in (False, None) and gradient_checkpointing != checkpointing_:
+            raise ConfigError(
+                f"checkpointing={checkpointing_!r} and gradient_checkpointing="
+                f"{gradient_checkpointing!r} disagree: give one of the two"
+            )
+        spec = checkpointing_
+    ckpt = parse_checkpointing(spec, arch.layers)
+    if p.checkpointing:
+        return Checkpointing(tuple(range(arch.layers)), ckpt.offload)
+    return ckpt
+
+
+def _weight_bytes(arch: Architecture, p: MethodPlan, b: int) -> tuple[float, int, int]:
+    """``(weight bytes, parameters the method adds, bytes per non-4-bit base element)``.
+
+    A trained classification head is the base model's own, not the method's; QLoRA upcasts
+    every 16-bit parameter outside its 4-bit layers (its own included) to float32."""
     fp = 4 if (p.upcast_non_quantized and b < 4) else b
-    act_bytes = fp
-    # Parameters the method adds (a trained classification head is the base model's own).
     head = arch.classifier_params() if p.head_trainable else 0
     method_params = 0 if p.trains_base else p.trainable - head
-    weights = (total - p.quantized) * fp + p.quantized * p.quant_bits / 8
+    weights = (arch.total_params() - p.quantized) * fp + p.quantized * p.quant_bits / 8
     weights += method_params * (4 if p.upcast_non_quantized else b)
-    train_bytes = 4 if p.upcast_non_quantized else b
-    grads = p.trainable * train_bytes
-    opt = optimizer_used(optimizer, cuda=device == "cuda")
-    states = p.trainable * opt.state_bytes
-    acts, loss_ws = _activation_bytes(arch, p, batch_size, seq_len, attention, act_bytes, ckpt)
+    return weights, method_params, fp
+
+
+def _dequantized_bytes(arch, p: MethodPlan, fields: dict, device: str, ckpt: Checkpointing):
+    """``(workspace, saved)`` bytes of 4-bit layers: the dequantized copy of the largest one
+    (in ``compute_dtype``), and on the CPU the dequantized weights autograd keeps.
+
+    peftlab's CPU fallback for widths bitsandbytes' kernel cannot block evenly
+    (``in_features % blocksize != 0``) dequantizes and calls ``F.linear``: autograd keeps the
+    dequantized weight. bitsandbytes' own ``MatMul4Bit`` keeps only the packed weight."""
+    if not p.quantized:
+        return 0.0, 0.0
     shapes = arch.linear_shapes()
-    if p.dora:  # ‖W0 + sBA‖ and m/‖·‖ per output row of every DoRA layer
-        acts += arch.layers * sum(2 * shapes[s][1] for s in p.targets) * act_bytes
-    dequant = 0.0
-    if p.quantized:
-        compute = DTYPE_BYTES.get(
-            str(fields.get("compute_dtype", "float32")).replace("torch.", ""), 4
-        )
-        dequant = max(i * o for i, o, _ in shapes.values()) * compute
-        if device == "cpu":
-            # peftlab's CPU fallback for widths bitsandbytes' kernel cannot block evenly
-            # (in_features % blocksize != 0) dequantizes and calls F.linear: autograd keeps the
-            # dequantized weight. bitsandbytes' own MatMul4Bit keeps only the packed weight.
-            bs = int(fields.get("blocksize", 64))
-            dense = [s for s in p.targets if shapes[s][0] % bs]
-            per_block = sum(shapes[s][0] * shapes[s][1] for s in dense)
-            qkv = sum(shapes[s][0] * shapes[s][1] for s in dense if s in QKV)
-            # Block 0's q/k/v inputs need no gradient (nothing before them trains).
-            acts += (per_block if ckpt else arch.layers * per_block - qkv) * compute
+    compute = DTYPE_BYTES.get(str(fields.get("compute_dtype", "float32")).replace("torch.", ""), 4)
+    dequant = max(i * o for i, o, _ in shapes.values()) * compute
+    if device != "cpu":
+        return dequant, 0.0
+    bs = int(fields.get("blocksize", 64))
+    dense = [s for s in p.targets if shapes[s][0] % bs]
+    per_block = sum(shapes[s][0] * shapes[s][1] for s in dense)
+    qkv = sum(shapes[s][0] * shapes[s][1] for s in dense if s in QKV)
+    # Every block not checkpointed keeps its own, the checkpointed ones one at a time (the
+    # block being recomputed); block 0's q/k/v inputs need no gradient unless it is
+    # checkpointed (nothing before them trains).
+    plain = arch.layers - len(ckpt.layers)
+    kept = plain * per_block + (per_block if ckpt.layers else 0) - (0 if 0 in ckpt.layers else qkv)
+    return dequant, kept * compute
+
+
+def _step_workspace(arch: Architecture, p: MethodPlan, opt, train_bytes: int) -> float:
+    """Transients at the end of backward and in the optimizer step."""
     largest = _largest_trainable(arch, p)
     step_ws = largest * train_bytes if opt.step_temporary else 0.0  # fused AdamW: none
     if p.embeddings_trainable and arch.tied_embeddings:
@@ -367,58 +360,53 @@ def estimate_memory(
         # then the embedding's dense one), summed into a third: two embedding-sized
         # transients on top of every other gradient at the end of backward.
         step_ws += 2 * arch.vocab * arch.hidden * train_bytes
-    bwd = acts + loss_ws + dequant + runtime_bytes
-    step = grads + step_ws + runtime_bytes
-    if bwd >= step:
-        gradients, activations, workspace, phase = (
-            0.0,
-            acts,
-            loss_ws + dequant + runtime_bytes,
-            "backward start",
+    return step_ws
+
+
+def _peak_moment(a: dict) -> dict:
+    """The parts of the largest moment: backward start (every saved activation, the loss's
+    and the 4-bit workspaces), recomputing a checkpointed block (the loss's tensors freed, one
+    block's saved tensors back), or gradients complete (every gradient, the step's
+    transients)."""
+    a["bwd"] = a["acts"] + a["loss_ws"] + a["dequant"] + a["runtime"]
+    a["recompute_moment"] = a["recompute"] + a["recompute_grads"] + a["dequant"] + a["runtime"]
+    a["step"] = a["grads"] + a["step_ws"] + a["runtime"]
+    if a["bwd"] >= a["recompute_moment"] and a["bwd"] >= a["step"]:
+        workspace = a["loss_ws"] + a["dequant"] + a["runtime"]
+        return dict(
+            gradients=0.0, activations=a["acts"], workspace=workspace, phase="backward start"
         )
-    else:
-        gradients, activations, workspace, phase = (
-            grads,
-            0.0,
-            step_ws + runtime_bytes,
-            "gradients complete",
+    if a["recompute_moment"] >= a["step"]:
+        return dict(
+            gradients=a["recompute_grads"],
+            activations=a["recompute"],
+            workspace=a["dequant"] + a["runtime"],
+            phase="recomputing a checkpointed block",
         )
-    inference = _inference_bytes(arch, p, batch_size, seq_len, b, weights, method_params)
-    return MemoryEstimate(
-        model=arch.name,
-        method=name,
-        config={"method": name, **fields},
-        batch_size=batch_size,
-        seq_len=seq_len,
-        dtype=dtype,
-        optimizer=optimizer,
-        gradient_checkpointing=ckpt,
-        attention=attention,
-        trainable_params=p.trainable,
-        total_params=total + method_params,
-        weights=weights,
-        gradients=gradients,
-        optimizer_states=states,
-        activations=activations,
-        workspace=workspace,
-        phase=phase,
-        loaded_weights=total * b,
-        inference=inference,
-        detail={
-            "saved_activations": acts,
-            "loss_workspace": loss_ws,
-            "dequant_workspace": dequant,
-            "all_gradients": grads,
-            "runtime_bytes": runtime_bytes,
-            "step_workspace": step_ws,
-            "quantized_params": p.quantized,
-            "quant_bits": p.quant_bits,
-            "device": device,
-            "activation_bytes_per_element": act_bytes,
-            "backward_start_bytes": weights + states + bwd,
-            "optimizer_step_bytes": weights + states + step,
-        },
+    workspace = a["step_ws"] + a["runtime"]
+    return dict(
+        gradients=a["grads"], activations=0.0, workspace=workspace, phase="gradients complete"
     )
+
+
+def _detail(est: MemoryEstimate, a: dict, p: MethodPlan, device: str, fp: int) -> dict:
+    """The terms behind the parts (``MemoryEstimate.detail``)."""
+    return {
+        "saved_activations": a["acts"],
+        "loss_workspace": a["loss_ws"],
+        "dequant_workspace": a["dequant"],
+        "all_gradients": a["grads"],
+        "runtime_bytes": a["runtime"],
+        "step_workspace": a["step_ws"],
+        "quantized_params": p.quantized,
+        "quant_bits": p.quant_bits,
+        "device": device,
+        "activation_bytes_per_element": fp,
+        "recompute_activations": a["recompute"],
+        "backward_start_bytes": est.weights + est.optimizer_states + a["bwd"],
+        "recompute_bytes": est.weights + est.optimizer_states + a["recompute_moment"],
+        "optimizer_step_bytes": est.weights + est.optimizer_states + a["step"],
+    }
 
 
 def _largest_trainable(arch: Architecture, p: MethodPlan) -> int:

@@ -84,6 +84,9 @@ class MethodPlan:
     largest trainable tensor is the largest base weight."""
     inference_extra_params: int = 0
     """Parameters still present at inference (adapters; folded prefix table; soft prompt)."""
+    head_adapted: bool = False
+    """The method replaces a causal LM's output head (LoRA/QLoRA/an adapter targeting
+    ``lm_head``), so the chunked loss cannot serve it and the trainer uses the plain loss."""
 
 
 def target_linears(arch: Architecture, target_modules: Any) -> dict[str, Shape]:
@@ -164,6 +167,11 @@ def trains_head(arch: Architecture, f: dict) -> bool:
     return matches_target(arch.classifier, [saved] if isinstance(saved, str) else list(saved))
 
 
+def adapts_head(names: Any) -> bool:
+    """Whether ``names`` (the layers a method replaces) include the model's output head."""
+    return any(is_head_name(n) for n in names)
+
+
 def trained_head_params(arch: Architecture, f: dict) -> int:
     """Parameters of the head :func:`trains_head` trains (0: none)."""
     return arch.classifier_params() if trains_head(arch, f) else 0
@@ -197,6 +205,7 @@ def lowrank_plan(name: str, arch: Architecture, f: dict, dora: bool = False) -> 
         dict.fromkeys(block_suffixes(arch, found), r),
         dora=dora,
         head_trainable=trains_head(arch, f),
+        head_adapted=adapts_head(found),
     )
 
 
@@ -233,6 +242,7 @@ def adapter_plan(arch: Architecture, f: dict) -> MethodPlan:
         # Autograd keeps ReLU's and Tanh's output; GELU and SiLU keep their input as well.
         adapter_act_saves=2 if f["activation"] in ("gelu", "swish", "silu") else 1,
         inference_extra_params=n,
+        head_adapted=adapts_head(sites),
     )
 
 

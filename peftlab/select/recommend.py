@@ -1,9 +1,10 @@
 """``peftlab recommend``: rank every method for a model, a memory budget and a task.
 
 For each method the recommender searches a small ladder of configurations (rank or size,
-targets, micro-batch with gradient accumulation, gradient checkpointing) for the best one
-whose *predicted* peak (:func:`peftlab.select.estimator.estimate_memory`) fits in
-``HEADROOM`` × the budget, then ranks the methods: those that fit first, then by a score
+targets, then activation checkpointing — none, every 4th layer, every 2nd, every layer — then
+micro-batch with gradient accumulation) for the best one whose *predicted* peak
+(:func:`peftlab.select.estimator.estimate_memory`) fits in ``HEADROOM`` × the budget, then
+ranks the methods: those that fit first, then by a score
 
     score = w_q · quality + (1 − w_q) · speed − (0.3 · inference overhead if latency-critical)
 
@@ -12,7 +13,10 @@ speed are priors from the papers (each method's ``MethodProfile`` in
 :data:`peftlab.select.models.MODELS`; sources in docs/estimator.md) unless
 ``--results DIR`` points at a ``peftlab compare`` output, whose measured tokens/s, quality
 (the ``quality`` recorded in each result, relative to the best measured method) and inference
-latency ratios replace them.
+latency ratios replace them. Checkpointing a share ``s`` of the layers costs one extra forward
+of them: speed × 3 / (3 + s) (a forward is about a third of a step). A causal LM's plans use
+the trainer's chunked loss (its default; exact, and about as fast as the plain loss), and a
+reason says so when the plain loss would not have fitted.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from typing import Any
 from peftlab.core.config import ConfigError
 from peftlab.core.optimizers import get_optimizer
 from peftlab.core.registry import get_method
-from peftlab.select.estimator import GB, estimate_memory
+from peftlab.select.activations import parse_checkpointing
+from peftlab.select.estimator import GB, MemoryEstimate, estimate_memory
 from peftlab.select.models import MODELS, modelled_methods
-from peftlab.select.presets import resolve_architecture
+from peftlab.select.presets import BERT, Architecture, resolve_architecture
 
 TASKS = ("generation", "classification", "multi-task")
 QUALITY_WEIGHT = {"highest": 0.85, "high": 0.65, "balanced": 0.45}
@@ -63,29 +68,100 @@ def ranked_methods() -> list[str]:
     return modelled_methods()
 
 
-def _plan_method(name, arch, budget, seq, batch, dtype, optimizer, device, quality):
-    """The first ladder setting that fits: (config, estimate, micro-batch, checkpointing) or the
-    smallest plan tried (with fits False)."""
-    micro_batches = [b for b in (batch, 8, 4, 2, 1) if b <= batch]
+CHECKPOINTING_LADDER = (False, {"every": 4}, {"every": 2}, True)
+"""Activation checkpointing the ladder tries, least recompute first (the training config's
+``gradient_checkpointing`` values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every plan of one ``recommend`` call shares."""
+
+    arch: Architecture
+    budget: float
+    """Bytes."""
+    seq_len: int
+    batch_size: int
+    dtype: str
+    optimizer: str
+    device: str
+    quality: str
+    chunked_loss: bool
+
+    def estimate(self, cfg: dict, micro: int, ckpt: Any, chunked: bool) -> MemoryEstimate:
+        return estimate_memory(
+            self.arch,
+            cfg,
+            micro,
+            self.seq_len,
+            self.dtype,
+            self.optimizer,
+            ckpt,
+            "sdpa",
+            self.device,
+            chunked_loss=chunked,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One method's configuration: the first on the ladder that fits, or the smallest tried."""
+
+    cfg: dict
+    est: MemoryEstimate
+    micro: int
+    ckpt: Any
+    """The ``gradient_checkpointing`` value (False, True or ``{"every": k}``)."""
+    fits: bool
+    needs_chunked: bool = False
+    """It fits with the chunked loss but would not with the plain one."""
+
+
+def _checkpointing_levels(arch: Architecture) -> list[Any]:
+    """:data:`CHECKPOINTING_LADDER` without the levels that pick the same layers as an earlier
+    one (every 4th and every 2nd are both layer 0 of a 2-layer model)."""
+    seen, levels = set(), []
+    for spec in CHECKPOINTING_LADDER:
+        layers = parse_checkpointing(spec, arch.layers).layers
+        if layers not in seen:
+            seen.add(layers)
+            levels.append(spec)
+    return levels
+
+
+def _candidates(name: str, run: _Run):
+    """``(config, micro-batch, checkpointing)`` in ladder order: settings (best quality first),
+    then checkpointing (least recompute first), then micro-batch (largest first)."""
+    micro_batches = dict.fromkeys(b for b in (run.batch_size, 8, 4, 2, 1) if b <= run.batch_size)
     prior = MODELS[name].profile
-    ladder = prior.ladder(arch, quality) if prior.ladder else [{}]
-    # A method with its own switches (QLoRA) gets the run's checkpointing and compute dtype.
+    ladder = prior.ladder(run.arch, run.quality) if prior.ladder else [{}]
+    # A method with its own switches (QLoRA) gets the run's checkpointing of every layer (its
+    # own field turns transformers' on) and compute dtype.
     own = {f.name for f in dataclasses.fields(get_method(name).config_cls)}
-    smallest = None
     for settings in ladder:
-        for ckpt in (False, True):
-            for micro in dict.fromkeys(micro_batches):
+        for ckpt in _checkpointing_levels(run.arch):
+            for micro in micro_batches:
                 cfg = {"method": name, **settings}
                 if "gradient_checkpointing" in own:
-                    cfg["gradient_checkpointing"] = ckpt
+                    cfg["gradient_checkpointing"] = ckpt is True
                 if "compute_dtype" in own:
-                    cfg["compute_dtype"] = "float32" if dtype in ("float32", "fp32") else "bfloat16"
-                est = estimate_memory(arch, cfg, micro, seq, dtype, optimizer, ckpt, "sdpa", device)
-                if smallest is None or est.peak < smallest[1].peak:
-                    smallest = (cfg, est, micro, ckpt)
-                if est.peak <= HEADROOM * budget:
-                    return cfg, est, micro, ckpt, True
-    return (*smallest, False)
+                    fp32 = run.dtype in ("float32", "fp32")
+                    cfg["compute_dtype"] = "float32" if fp32 else "bfloat16"
+                yield cfg, micro, ckpt
+
+
+def _plan_method(name: str, run: _Run) -> _Plan:
+    """The first candidate that fits in ``HEADROOM`` × the budget, else the smallest tried."""
+    limit = HEADROOM * run.budget
+    smallest = None
+    for cfg, micro, ckpt in _candidates(name, run):
+        est = run.estimate(cfg, micro, ckpt, run.chunked_loss)
+        if smallest is None or est.peak <= smallest.est.peak:  # ties: the later, smaller plan
+            smallest = _Plan(cfg, est, micro, ckpt, False)
+        if est.peak <= limit:
+            plain = run.estimate(cfg, micro, ckpt, False) if est.chunked_loss else est
+            return _Plan(cfg, est, micro, ckpt, True, needs_chunked=plain.peak > limit)
+    return smallest
 
 
 def _measured(results: str | Path | None, known: set[str]) -> dict[str, dict]:
@@ -152,6 +228,7 @@ def recommend(
     dtype: str = "bfloat16",
     optimizer: str = "adamw",
     device: str = "cuda",
+    chunked_loss: bool = True,
 ) -> list[Recommendation]:
     """Every method ranked for ``model`` in ``memory_gb`` of memory, best first.
 
@@ -164,10 +241,31 @@ def recommend(
         results: a ``peftlab compare`` output directory; its measured speed/quality replace priors.
         seq_len, batch_size: training sequence length and effective batch size.
         dtype, optimizer, device: as :func:`estimate_memory`.
+        chunked_loss: plan a causal LM with the trainer's chunked loss (its default); False:
+            with the plain loss over the full logits.
 
     Raises:
         ConfigError: an unknown model (lists the presets), task or quality, or a budget ≤ 0.
     """
+    _check_request(memory_gb, task, quality, optimizer)
+    arch = resolve_architecture(model)
+    run = _Run(
+        arch, memory_gb * GB, seq_len, batch_size, dtype, optimizer, device, quality, chunked_loss
+    )
+    names = ranked_methods()
+    measured = _measured(results, set(names))
+    priors = _Priors(task, measured)
+    ranked = [_recommendation(method, run, priors, latency_critical) for method in names]
+    overheads = {r.method: overhead for r, overhead in ranked}
+    recs = [r for r, _ in ranked]
+    # Equal scores (e.g. prefix and P-Tuning v2 on generation): less inference overhead first,
+    # then by name, so the order does not depend on the order methods were registered in.
+    recs.sort(key=lambda r: (not r.fits, not r.available, -r.score, overheads[r.method], r.method))
+    return recs
+
+
+def _check_request(memory_gb, task, quality, optimizer) -> None:
+    """Raise :class:`ConfigError` naming the first invalid argument of :func:`recommend`."""
     if not isinstance(memory_gb, int | float) or not math.isfinite(memory_gb) or memory_gb <= 0:
         raise ConfigError(
             f"memory_gb={memory_gb!r} is invalid: memory_gb must be a positive number of GB, e.g. 24."
@@ -179,104 +277,109 @@ def recommend(
             f"quality={quality!r} is invalid: quality must be one of {', '.join(QUALITY_WEIGHT)}."
         )
     get_optimizer(optimizer)  # an unknown name is a ConfigError that lists the known ones
-    arch = resolve_architecture(model)
-    budget = memory_gb * GB
-    names = ranked_methods()
-    measured = _measured(results, set(names))
-    best_speed = max((m["tokens_per_s"] or 0) for m in measured.values()) if measured else 0
-    measured_quality = _relative_quality(measured)
-    recs = []
-    overheads: dict[str, float] = {}
-    w = QUALITY_WEIGHT[quality]
-    for method in names:
-        prior = MODELS[method].profile
-        cfg, est, micro, ckpt, fits = _plan_method(
-            method, arch, budget, seq_len, batch_size, dtype, optimizer, device, quality
+
+
+class _Priors:
+    """Quality, speed and inference overhead of each method for one task: the priors, or what
+    ``--results`` measured."""
+
+    def __init__(self, task: str, measured: dict[str, dict]) -> None:
+        self.task = task
+        self.measured = measured
+        self.best_speed = (
+            max((m["tokens_per_s"] or 0) for m in measured.values()) if measured else 0
         )
-        q = prior.quality[task]
-        speed, overhead, source = prior.speed, prior.overhead, "priors"
-        m = measured.get(method)
+        self.quality = _relative_quality(measured)
+
+    def of(self, method: str) -> tuple[float, float, float, str]:
+        """``(quality, speed, overhead, source)``."""
+        prior = MODELS[method].profile
+        q, speed, overhead, source = prior.quality[self.task], prior.speed, prior.overhead, "priors"
+        m = self.measured.get(method)
         if m:
             source = "measured"
-            if m["tokens_per_s"] and best_speed:
-                speed = m["tokens_per_s"] / best_speed
-            q = measured_quality.get(method, q)
+            if m["tokens_per_s"] and self.best_speed:
+                speed = m["tokens_per_s"] / self.best_speed
+            q = self.quality.get(method, q)
             if m["latency_ratio"]:
                 overhead = max(0.0, m["latency_ratio"] - 1)
-        if ckpt and fits:
-            speed *= 0.75  # one extra forward per step: ~4/3 of the compute
-        score = (
-            w * q + (1 - w) * min(speed, 1.5) / 1.5 - (0.3 * overhead if latency_critical else 0.0)
-        )
-        settings = {k: v for k, v in cfg.items() if k != "method"}
-        config = {
-            "method_args": settings,
-            "micro_batch_size": micro,
-            "grad_accum": max(1, math.ceil(batch_size / micro)),
-            "gradient_checkpointing": ckpt,
-            "seq_len": seq_len,
-            "dtype": est.dtype,
-            "optimizer": optimizer,
-        }
-        overheads[method] = overhead
-        recs.append(
-            Recommendation(
-                method,
-                fits,
-                round(est.peak / GB, 2),
-                _reason(
-                    method,
-                    est,
-                    fits,
-                    budget,
-                    arch,
-                    settings,
-                    micro,
-                    ckpt,
-                    batch_size,
-                    prior,
-                    latency_critical,
-                ),
-                config,
-                round(q, 3),
-                round(speed, 3),
-                prior.inference,
-                round(score, 4),
-                source,
-                True,
-                {k: v for k, v in est.to_dict()["gb"].items()},
-            )
-        )
-    # Equal scores (e.g. prefix and P-Tuning v2 on generation): less inference overhead first,
-    # then by name, so the order does not depend on the order methods were registered in.
-    recs.sort(key=lambda r: (not r.fits, not r.available, -r.score, overheads[r.method], r.method))
-    return recs
+        return q, speed, overhead, source
 
 
-def _reason(method, est, fits, budget, arch, settings, micro, ckpt, batch, prior, latency) -> str:
-    gb = budget / GB
-    if not fits:
-        if est.weights > HEADROOM * budget:
+def _recommendation(
+    method: str, run: _Run, priors: _Priors, latency_critical: bool
+) -> tuple[Recommendation, float]:
+    """The method's plan, scored: ``(recommendation, inference overhead)``."""
+    plan = _plan_method(method, run)
+    est = plan.est
+    q, speed, overhead, source = priors.of(method)
+    if plan.fits and est.checkpointed_layers:
+        # One extra forward of the checkpointed layers (a forward is ~⅓ of a step).
+        speed = speed * 3 / (3 + len(est.checkpointed_layers) / run.arch.layers)
+    w = QUALITY_WEIGHT[run.quality]
+    score = w * q + (1 - w) * min(speed, 1.5) / 1.5 - (0.3 * overhead if latency_critical else 0.0)
+    settings = {k: v for k, v in plan.cfg.items() if k != "method"}
+    config = {
+        "method_args": settings,
+        "micro_batch_size": plan.micro,
+        "grad_accum": max(1, math.ceil(run.batch_size / plan.micro)),
+        "gradient_checkpointing": plan.ckpt,
+        "seq_len": run.seq_len,
+        "dtype": est.dtype,
+        "optimizer": run.optimizer,
+    }
+    if run.arch.family != BERT:
+        config["chunked_loss"] = est.chunked_loss
+    prior = MODELS[method].profile
+    rec = Recommendation(
+        method,
+        plan.fits,
+        round(est.peak / GB, 2),
+        _reason(method, plan, run, settings, prior, latency_critical),
+        config,
+        round(q, 3),
+        round(speed, 3),
+        prior.inference,
+        round(score, 4),
+        source,
+        True,
+        {k: v for k, v in est.to_dict()["gb"].items()},
+    )
+    return rec, overhead
+
+
+def _savers(est: MemoryEstimate, chunked: bool) -> str:
+    """ "chunked loss and checkpointing every 2nd layer" (what a plan relies on), or ""."""
+    parts = ["chunked loss"] if chunked else []
+    return " and ".join(parts + ([est.checkpointing] if est.checkpointed_layers else []))
+
+
+def _reason(method, plan: _Plan, run: _Run, settings, prior, latency) -> str:
+    est, gb = plan.est, run.budget / GB
+    if not plan.fits:
+        if est.weights > HEADROOM * run.budget:
             bits = "4-bit" if est.detail["quantized_params"] else est.dtype
             return (
                 f"does not fit: the {bits} weights alone take {est.weights / GB:.1f} GB of "
-                f"{gb:g} GB ({arch.total_params() / 1e9:.1f}B parameters)"
+                f"{gb:g} GB ({run.arch.total_params() / 1e9:.1f}B parameters)"
             )
         parts = ", ".join(
             f"{k} {v:.1f}"
             for k, v in est.to_dict()["gb"].items()
             if k not in ("peak", "inference") and v
         )
+        savers = _savers(est, est.chunked_loss)
         return (
-            f"does not fit: {est.peak / GB:.1f} GB at batch 1 with checkpointing "
-            f"({parts} GB) > {HEADROOM:.0%} of {gb:g} GB"
+            f"does not fit: {est.peak / GB:.1f} GB at batch {plan.micro}"
+            f"{' with ' + savers if savers else ''} ({parts} GB) > {HEADROOM:.0%} of {gb:g} GB"
         )
     knobs = ", ".join(
         f"{k}={v}"
         for k, v in settings.items()
         if k not in ("compute_dtype", "gradient_checkpointing")
     )
-    plan = f"{knobs + ', ' if knobs else ''}batch {micro}×{max(1, math.ceil(batch / micro))}{', checkpointing' if ckpt else ''}"
+    accum = max(1, math.ceil(run.batch_size / plan.micro))
+    needed = _savers(est, plan.needs_chunked)
     mergeable = get_method(method).config_cls.mergeable
     tail = (
         "merges into the base: no inference overhead"
@@ -285,7 +388,10 @@ def _reason(method, est, fits, budget, arch, settings, micro, ckpt, batch, prior
     )
     if latency and not mergeable:
         tail = f"latency-critical, but {prior.inference}"
-    return f"fits at {est.peak / GB:.1f} of {gb:g} GB ({plan}); {tail}"
+    return (
+        f"fits at {est.peak / GB:.1f} of {gb:g} GB{' with ' + needed if needed else ''} "
+        f"({knobs + ', ' if knobs else ''}batch {plan.micro}×{accum}); {tail}"
+    )
 
 
 def format_table(recs: list[Recommendation]) -> str:

@@ -191,3 +191,42 @@ def test_a_classification_model_plans_its_new_head_for_every_method():
         without = estimate_memory(arch, {**settings, "modules_to_save": []}, 1, 128)
         expected = 0 if r.method == "full" else arch.classifier_params()
         assert with_head - without.trainable_params == expected, r.method
+
+
+def _lora(budget, **kwargs):
+    args = {"seq_len": 2048, "batch_size": 1, "dtype": "float32", **kwargs}
+    return next(r for r in peftlab.recommend("smollm2-135m", budget, **args) if r.method == "lora")
+
+
+def test_a_plan_names_the_chunked_loss_and_the_checkpointing_it_needs():
+    """SmolLM2, LoRA, 1 × 2048 tokens, fp32: the ladder walks checkpointing none → every 4th →
+    every 2nd → every layer with the chunked loss, and the reason names what the plan needed."""
+    r = _lora(2.5)
+    assert r.fits and r.reason.startswith(
+        "fits at 2.1 of 2.5 GB with chunked loss and checkpointing every 2nd layer (r=16, "
+    )
+    assert r.config["gradient_checkpointing"] == {"every": 2} and r.config["chunked_loss"]
+    assert r.speed == pytest.approx(3 / 3.5, abs=1e-3)  # 15 of 30 layers run forward twice
+    # Without the chunked loss the same budget needs every layer checkpointed.
+    plain = _lora(2.5, chunked_loss=False)
+    assert plain.config["gradient_checkpointing"] is True and not plain.config["chunked_loss"]
+    assert "with checkpointing every layer" in plain.reason and "chunked" not in plain.reason
+    assert plain.speed == pytest.approx(0.75)
+    # More memory: the chunked loss alone, then nothing worth naming (the plain loss fits too).
+    alone = _lora(4)
+    assert alone.config["gradient_checkpointing"] is False
+    assert " with chunked loss (" in alone.reason
+    roomy = _lora(6)
+    assert roomy.reason.startswith("fits at 3.3 of 6 GB (r=16")
+    assert roomy.config["chunked_loss"]  # the trainer's default stays on
+
+
+def test_a_plan_that_does_not_fit_says_what_it_tried():
+    r = _lora(1.0)
+    assert not r.fits
+    assert "at batch 1 with chunked loss and checkpointing every layer (" in r.reason
+
+
+def test_classification_plans_have_no_chunked_loss():
+    for r in peftlab.recommend("minilm-l6", 4, task="classification", seq_len=128):
+        assert "chunked_loss" not in r.config and "chunked" not in r.reason
