@@ -46,6 +46,8 @@ WRONG = {
     "str | list[str]": [1, True, None, [1, 2], ["a", None]],
     "str | list[str] | None": [1, True, [1], {"q": 1}],
     "list[str] | None": ["classifier", 1, True, [1], [["a"]]],
+    "str | None": [1, True, ["x"], {"a": 1}],
+    "list[int] | None": ["1 2", 1, True, [1.5], [True], [None]],
 }
 
 
