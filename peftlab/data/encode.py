@@ -1,4 +1,5 @@
-"""From records to model inputs: prompt formatting, tokenization, train/eval split, collation.
+"""From records to model inputs: prompt formatting, tokenization, train/validation/test
+splits, collation.
 
 Generation records are rendered with the tokenizer's chat template when it has one (else a
 plain "### Instruction / ### Response" layout) and tokenized segment by segment, so labels
@@ -18,27 +19,50 @@ from peftlab.data import builtin
 from peftlab.data.readers import DataError, read_classification, read_generation
 
 IGNORE = -100  # label value cross-entropy skips
+BUILTIN_TEST = 500  # examples a built-in eval_data generates when test_size is not set
+
+
+SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass
 class TaskData:
-    """Encoded train and eval examples plus what the run reports about them."""
+    """Encoded train, validation and test examples plus what the run reports about them.
+
+    The validation split is what training looks at (periodic evaluation, choosing a
+    checkpoint or a setting); the test split is scored once, at the end, and reported apart.
+    Causal-LM validation and test examples also carry ``prompt_ids`` (the tokens generation
+    starts from) and ``answer`` (the reference text) for exact match.
+    """
 
     kind: str
     """"causal-lm" (labels per token) or "classification" (one label per example)."""
     train: list[dict]
-    eval: list[dict]
-    eval_prompts: list[list[int]]
-    """Token ids of each eval example's prompt, for generation (causal-lm only)."""
-    eval_answers: list[str]
-    """Reference answer of each eval example (causal-lm only)."""
+    validation: list[dict]
+    test: list[dict]
     label_names: list[str]
     """Class names by label id (classification only)."""
     truncated: int
-    """Examples cut at max_length (train and eval)."""
+    """Examples cut at max_length (every split)."""
     dropped: int
-    """Examples dropped: classification rows with an empty text (in data and eval_data,
-    before the split), and training examples that truncation left with no response token."""
+    """Examples dropped: classification rows with an empty text (every file, before the
+    split), and training examples that truncation left with no response token."""
+    counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    """Per split: ``read`` (records given to the encoder), ``truncated``, ``dropped``
+    (no response token left after truncation) and ``kept``."""
+
+    @property
+    def eval(self) -> list[dict]:
+        """The validation split (the name before test splits existed)."""
+        return self.validation
+
+    @property
+    def eval_prompts(self) -> list[list[int]]:
+        return [e["prompt_ids"] for e in self.validation]
+
+    @property
+    def eval_answers(self) -> list[str]:
+        return [e["answer"] for e in self.validation]
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -125,15 +149,30 @@ def load_task_data(
     seed: int = 0,
     text_column: str = "text",
     label_column: str = "label",
+    *,
+    validation_data: str | None = None,
+    test_size: int | None = None,
 ) -> TaskData:
-    """Read ``data``, split off ``eval_size`` examples (or read ``eval_data``) and encode them.
+    """Read ``data``, make the train / validation / test splits and encode them.
+
+    The splits are a pure function of the data and ``seed``: the data's records are shuffled
+    with ``seed`` (built-in tasks are generated in order from it), then the first
+    ``eval_size`` become the validation split (unless ``validation_data`` is given), the next
+    ``test_size`` the test split (unless ``eval_data`` is given), and the rest trains.
 
     Args:
         data: ``builtin:<task>`` or a path to .json/.jsonl (generation) or .csv/.tsv
             (classification).
         kind: the model's kind; it must match the data's.
+        eval_size: validation examples: held out from ``data``, or the first of
+            ``validation_data``.
+        eval_data: the test set, scored once after training (all of it, or its first
+            ``test_size`` examples).
         data_size: use at most this many training examples (built-in tasks: generate this
             many; default 2000).
+        validation_data: a separate validation file instead of holding examples out.
+        test_size: without ``eval_data``, hold out this many examples of ``data`` as the test
+            split (default none); with it, use its first ``test_size`` examples.
     """
     check(
         data_size is None or (isinstance(data_size, int) and data_size > 0),
@@ -142,10 +181,19 @@ def load_task_data(
         "null (all the data; builtin tasks: 2000) or a positive integer",
     )
     check(isinstance(eval_size, int) and eval_size >= 0, "eval_size", eval_size, "an integer >= 0")
+    check(
+        test_size is None or (isinstance(test_size, int) and test_size >= 0),
+        "test_size",
+        test_size,
+        "null (eval_data: all of it; otherwise no test split) or an integer >= 0",
+    )
 
-    def read(spec: str, n_builtin: int) -> tuple[str, list[dict]]:
+    def read(spec: str, n_builtin: int, stream: int = 0) -> tuple[str, list[dict]]:
         if spec.startswith("builtin:"):
-            return "causal-lm", builtin.generate(spec.split(":", 1)[1], n_builtin, seed)
+            # another stream of the generator for a separate validation/test spec, so that it
+            # does not repeat the training examples
+            task_seed = seed if not stream else seed + stream * 1_000_003
+            return "causal-lm", builtin.generate(spec.split(":", 1)[1], n_builtin, task_seed)
         suffix = Path(spec).suffix.lower()
         if suffix in (".json", ".jsonl"):
             return "causal-lm", read_generation(spec)
@@ -156,8 +204,22 @@ def load_task_data(
             f".json/.jsonl/.csv/.tsv file"
         )
 
+    def read_other(key: str, spec: str, n: int | None, size_key: str) -> tuple[list[dict], int]:
+        kind_, records = read(spec, BUILTIN_TEST if n is None else n, 1 + (key == "eval_data"))
+        if kind_ != kind:
+            raise DataError(f"{key}={spec!r} is {kind_} data, unlike data={data!r}")
+        records, empty = _drop_empty(spec, records, text_column)
+        if n is not None and n > len(records):
+            raise DataError(
+                f"{size_key}={n} is invalid: {key}={spec!r} holds {len(records)} examples; "
+                f"{size_key} must be at most {len(records)}"
+            )
+        return records[:n] if n is not None else records, empty
+
     n_train = 2000 if data_size is None else data_size
-    data_kind, records = read(data, n_train + (0 if eval_data else eval_size))
+    n_val = 0 if validation_data else eval_size
+    n_test = 0 if eval_data else (test_size or 0)
+    data_kind, records = read(data, n_train + n_val + n_test)
     if data_kind != kind:
         raise DataError(
             f"data={data!r} is {data_kind} data but the model is a {kind} model; use "
@@ -166,87 +228,98 @@ def load_task_data(
     records, empty = _drop_empty(data, records, text_column)
     if not data.startswith("builtin:"):
         random.Random(seed).shuffle(records)
+    if n_val + n_test >= len(records):
+        held = f"eval_size={n_val}" + (f" and test_size={n_test}" if n_test else "")
+        limit = "eval_size" + (" + test_size" if n_test else "")
+        raise DataError(
+            f"data={data!r}: no training examples left after holding out {held} of "
+            f"{len(records)}; {limit} must be less than {len(records)} (or add data, or set "
+            f"validation_data{'' if not n_test else ' or eval_data'})"
+        )
+    splits = {
+        "validation": records[:n_val],
+        "test": records[n_val : n_val + n_test],
+        "train": records[n_val + n_test :],
+    }
+    if data_size or data.startswith("builtin:"):
+        splits["train"] = splits["train"][:n_train]
+    if validation_data:
+        splits["validation"], e = read_other(
+            "validation_data", validation_data, eval_size, "eval_size"
+        )
+        empty += e
     if eval_data:
-        eval_kind, eval_records = read(eval_data, eval_size)
-        if eval_kind != kind:
-            raise DataError(f"eval_data={eval_data!r} is {eval_kind} data, unlike data={data!r}")
-        eval_records, eval_empty = _drop_empty(eval_data, eval_records, text_column)
-        empty += eval_empty
-        if eval_size > len(eval_records):
-            raise DataError(
-                f"eval_size={eval_size} is invalid: eval_data={eval_data!r} holds "
-                f"{len(eval_records)} examples; eval_size must be at most {len(eval_records)}"
-            )
-        eval_records, train_records = eval_records[:eval_size], records
-    else:
-        if eval_size >= len(records):
-            raise DataError(
-                f"data={data!r}: no training examples left after holding out "
-                f"eval_size={eval_size} of {len(records)}; eval_size must be less than "
-                f"{len(records)} (or add data, or set eval_data)"
-            )
-        eval_records, train_records = records[:eval_size], records[eval_size:]
-    train_records = (
-        train_records[:n_train] if data_size or data.startswith("builtin:") else train_records
-    )
+        splits["test"], e = read_other("eval_data", eval_data, test_size, "test_size")
+        empty += e
 
-    out = TaskData(kind, [], [], [], [], [], 0, empty)
+    out = TaskData(kind, [], [], [], [], 0, empty)
     encode = _encode_classification if kind == "classification" else _encode_generation
-    encode(out, tokenizer, train_records, eval_records, max_length, f"data={data!r}", label_column)
+    encode(out, tokenizer, splits, max_length, f"data={data!r}", label_column)
     return out
 
 
 def _encode_classification(
     out: TaskData,
     tokenizer,
-    train: list[dict],
-    eval_: list[dict],
+    splits: dict[str, list[dict]],
     max_length: int,
     where: str,
     label_column: str,
 ) -> None:
     """Fill ``out`` with token ids and class ids; the classes are the labels seen, sorted."""
-    out.label_names = sorted({r["label"] for r in train + eval_}, key=_int_or_str)
+    every = [r for name in SPLITS for r in splits[name]]
+    out.label_names = sorted({r["label"] for r in every}, key=_int_or_str)
     if len(out.label_names) < 2:
         raise DataError(
             f"{where}: label_column={label_column!r} holds the single value "
-            f"{out.label_names[0]!r} in all {len(train) + len(eval_)} examples; "
+            f"{out.label_names[0]!r} in all {len(every)} examples; "
             f"classification needs at least two classes"
         )
     index = {n: i for i, n in enumerate(out.label_names)}
-    for split, recs in ((out.train, train), (out.eval, eval_)):
+    for name in SPLITS:
+        recs, split, cut = splits[name], getattr(out, name), 0
         texts = [r["text"] for r in recs]
         for ids, r in zip(tokenizer(texts)["input_ids"] if texts else [], recs):
             if len(ids) > max_length:
-                out.truncated += 1
+                cut += 1
                 ids = ids[: max_length - 1] + ids[-1:]  # keep the closing [SEP]
             split.append({"input_ids": ids, "label": index[r["label"]]})
+        out.truncated += cut
+        out.counts[name] = {"read": len(recs), "truncated": cut, "dropped": 0, "kept": len(split)}
 
 
 def _encode_generation(
     out: TaskData,
     tokenizer,
-    train: list[dict],
-    eval_: list[dict],
+    splits: dict[str, list[dict]],
     max_length: int,
     where: str,
     label_column: str,
 ) -> None:
-    """Fill ``out`` with token ids and response-only labels, and the eval prompts/answers."""
-    for split, recs in ((out.train, train), (out.eval, eval_)):
+    """Fill ``out`` with token ids and response-only labels (and, for validation and test,
+    the prompt ids and reference answers)."""
+    for name in SPLITS:
+        recs, split, cut, lost = splits[name], getattr(out, name), 0, 0
         for r in recs:
             ids, labels, prompt = encode_messages(tokenizer, r["messages"])
             if len(ids) > max_length:
-                out.truncated += 1
+                cut += 1
                 ids, labels = ids[:max_length], labels[:max_length]
             if all(x == IGNORE for x in labels[1:]):  # the first label is never predicted
-                if split is out.train:
-                    out.dropped += 1
+                lost += 1
                 continue
-            split.append({"input_ids": ids, "labels": labels})
-            if split is out.eval:
-                out.eval_prompts.append(prompt)
-                out.eval_answers.append(r["messages"][-1]["content"])
+            example = {"input_ids": ids, "labels": labels}
+            if name != "train":
+                example.update(prompt_ids=prompt, answer=r["messages"][-1]["content"])
+            split.append(example)
+        out.truncated += cut
+        out.dropped += lost if name == "train" else 0
+        out.counts[name] = {
+            "read": len(recs),
+            "truncated": cut,
+            "dropped": lost,
+            "kept": len(split),
+        }
     if not out.train:
         raise DataError(
             f"{where}: every training example lost its response to truncation at "

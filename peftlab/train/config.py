@@ -31,9 +31,16 @@ class TrainConfig:
     data: str = "builtin:sort"
     """builtin:<task> (sort, reverse, arith, max, upper) or a .json/.jsonl/.csv/.tsv file."""
     eval_data: str | None = None
-    """A separate evaluation file; default: hold out eval_size examples of data."""
+    """The test set: a file scored once, after training, and reported apart (summary.json
+    "test", metrics.jsonl test_ keys); never used to choose anything during training."""
     eval_size: int = 64
-    """Number of evaluation examples (held out from data, or the first of eval_data)."""
+    """Validation examples, evaluated during training (eval_ keys): held out from data, or
+    the first of validation_data."""
+    validation_data: str | None = None
+    """A separate validation file; default: hold out eval_size examples of data."""
+    test_size: int | None = None
+    """Without eval_data: hold out this many examples of data as the test split (default:
+    no test split). With eval_data: use its first test_size examples (default: all)."""
     data_size: int | None = None
     """Use at most this many training examples (built-in tasks generate this many; default 2000)."""
     text_column: str = "text"
@@ -118,6 +125,12 @@ class TrainConfig:
             v = getattr(self, key)
             check(isinstance(v, int) and v >= 0, key, v, "a non-negative integer")
         check(
+            self.test_size is None or (isinstance(self.test_size, int) and self.test_size >= 0),
+            "test_size",
+            self.test_size,
+            "null (eval_data: all of it; otherwise no test split) or a non-negative integer",
+        )
+        check(
             self.data_size is None or (isinstance(self.data_size, int) and self.data_size > 0),
             "data_size",
             self.data_size,
@@ -196,6 +209,19 @@ class TrainConfig:
             raise ConfigError(f"{where}: {e}") from None
         except TypeError as e:
             raise ConfigError(f"method_args: {e}") from None
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`peftlab.data.load_task_data` this config sets."""
+        return {
+            "eval_size": self.eval_size,
+            "eval_data": self.eval_data,
+            "data_size": self.data_size,
+            "seed": self.seed,
+            "text_column": self.text_column,
+            "label_column": self.label_column,
+            "validation_data": self.validation_data,
+            "test_size": self.test_size,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

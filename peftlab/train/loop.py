@@ -90,12 +90,15 @@ def train(
     if accelerator.is_main_process:
         accelerator.print(
             f"{cfg.method} on {cfg.model}: {run.trainable:,} of {run.total:,} parameters train "
-            f"({100 * run.trainable / run.total:.3f}%); {len(run.data.train)} training examples, "
+            f"({100 * run.trainable / run.total:.3f}%); {len(run.data.train)} training, "
+            f"{len(run.data.validation)} validation, {len(run.data.test)} test examples"
+            f"{' (labels ' + ', '.join(run.data.label_names) + ')' if run.data.label_names else ''}, "
             f"{run.data.truncated} truncated at max_length={cfg.max_length}; {run.total_steps} "
             f"steps of {run.global_batch * cfg.grad_accum} examples on "
             f"{accelerator.num_processes} process(es), {accelerator.device}"
         )
     loop = _loop(run)
+    test = run.evaluate(run.state["step"], split="test") if run.data.test else None  # once
 
     if accelerator.is_main_process:
         rundir.save_adapter(run.unwrapped, out / "adapter")
@@ -103,7 +106,7 @@ def train(
         eval_before = (
             rundir.first_eval(out / "metrics.jsonl") if accelerator.is_main_process else None
         )
-    summary = _summary(run, ckpt, eval_before, loop)
+    summary = {**_summary(run, ckpt, eval_before, loop), "test": test}
     if accelerator.is_main_process:
         rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     if cfg.tensorboard:
@@ -203,8 +206,9 @@ class _Run:
         pad_id = self.tokenizer.pad_token_id
         return {k: v.to(self.accelerator.device) for k, v in collate(chunk, pad_id).items()}
 
-    def evaluate(self, step: int) -> dict:
-        """Evaluate on the held-out set (shared among processes) and log the metrics."""
+    def evaluate(self, step: int, split: str = "validation") -> dict:
+        """Evaluate on the validation (eval_ keys) or test (test_ keys) split, shared among
+        processes, and log the metrics."""
         cfg, accelerator = self.cfg, self.accelerator
         exact = (
             cfg.eval_exact_match
@@ -220,6 +224,7 @@ class _Run:
             accelerator.device,
             (accelerator.process_index, accelerator.num_processes),
             reduce=lambda xs: _reduce_sum(accelerator, xs),
+            split=split,
         )
         rundir.log(accelerator, self.out, {"step": step, **metrics}, cfg.tensorboard)
         return metrics
@@ -235,18 +240,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kind = _kind(model) if model is not None else model_kind(cfg.model)
-    data = load_task_data(
-        tokenizer,
-        cfg.data,
-        kind,
-        cfg.max_length,
-        cfg.eval_size,
-        cfg.eval_data,
-        cfg.data_size,
-        cfg.seed,
-        cfg.text_column,
-        cfg.label_column,
-    )
+    data = load_task_data(tokenizer, cfg.data, kind, cfg.max_length, **cfg.data_kwargs())
     if model is None:
         model = load_model(cfg.model, kind, num_labels=max(2, len(data.label_names)))
     if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
@@ -437,6 +431,9 @@ def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _Loop
         "tokens": state["tokens"],
         "loss_tokens": state["loss_tokens"],
         "train_examples": len(run.data.train),
+        "validation_examples": len(run.data.validation),
+        "test_examples": len(run.data.test),
+        "label_names": run.data.label_names,
         "truncated": run.data.truncated,
         "dropped": run.data.dropped,
         "trainable_params": run.trainable,
@@ -611,6 +608,6 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"peftlab train: {e}", flush=True)
         return 3
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
-        keys = ("output_dir", "steps", "final_loss", "eval_before", "eval_after")
+        keys = ("output_dir", "steps", "final_loss", "eval_before", "eval_after", "test")
         print(json.dumps({k: summary[k] for k in keys}))
     return 0
