@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
+from peftlab.data.sources import parse_sources
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 
@@ -28,15 +29,23 @@ class TrainConfig:
     """A registered method name (see `peftlab methods`)."""
     method_args: dict = dataclasses.field(default_factory=dict)
     """Options of the method's config, e.g. {r: 16, alpha: 32, target_modules: all-linear}."""
-    data: str = "builtin:sort"
-    """builtin:<task> (sort, reverse, arith, max, upper) or a .json/.jsonl/.csv/.tsv file."""
-    eval_data: str | None = None
+    data: str | list | dict = "builtin:sort"
+    """builtin:<task> (sort, reverse, arith, max, upper); a .json/.jsonl/.csv/.tsv/.parquet/
+    .arrow file, a glob of them, or a directory written by Dataset.save_to_disk; or a mixture:
+    a list of {path, weight, name, columns, column_names, split}."""
+    columns: dict | None = None
+    """Column roles, e.g. {prompt: question, response: answer} (also system, history,
+    messages) or {text: "#1 String", text_pair: "#2 String", label: Quality}; default:
+    recognised formats (Alpaca, messages, ShareGPT, prompt/completion, question/answer)."""
+    column_names: list | None = None
+    """Column names of headerless .csv/.tsv files, e.g. [source, label, mark, sentence]."""
+    eval_data: str | dict | None = None
     """The test set: a file scored once, after training, and reported apart (summary.json
     "test", metrics.jsonl test_ keys); never used to choose anything during training."""
     eval_size: int = 64
     """Validation examples, evaluated during training (eval_ keys): held out from data, or
     the first of validation_data."""
-    validation_data: str | None = None
+    validation_data: str | dict | None = None
     """A separate validation file; default: hold out eval_size examples of data."""
     test_size: int | None = None
     """Without eval_data: hold out this many examples of data as the test split (default:
@@ -44,9 +53,9 @@ class TrainConfig:
     data_size: int | None = None
     """Use at most this many training examples (built-in tasks generate this many; default 2000)."""
     text_column: str = "text"
-    """CSV/TSV column with the input text (classification)."""
+    """Column with the input text (classification); columns.text overrides it."""
     label_column: str = "label"
-    """CSV/TSV column with the class label (classification)."""
+    """Column with the class label (classification); columns.label overrides it."""
     max_length: int = 256
     """Examples longer than this many tokens are cut (and counted in the summary)."""
 
@@ -192,12 +201,11 @@ class TrainConfig:
             self.method_args,
             "a mapping of the method's options, e.g. {r: 8}",
         )
-        check(
-            isinstance(self.data, str) and bool(self.data),
-            "data",
-            self.data,
-            "builtin:<task> or a data file path",
-        )
+        # the structure of data, columns and column_names; the files are read by train()
+        parse_sources(self.data, "data", self.columns, self.column_names)
+        for key in ("validation_data", "eval_data"):
+            if getattr(self, key) is not None:
+                parse_sources(getattr(self, key), key, self.columns, self.column_names)
         self.method_config()  # unknown method / bad method option: fail before loading anything
 
     def method_config(self) -> MethodConfig:
@@ -221,7 +229,14 @@ class TrainConfig:
             "label_column": self.label_column,
             "validation_data": self.validation_data,
             "test_size": self.test_size,
+            "columns": self.columns,
+            "column_names": self.column_names,
         }
+
+    @property
+    def data_is_builtin(self) -> bool:
+        """Whether every training source is a built-in task (exact match is on by default)."""
+        return all(s.builtin for s in parse_sources(self.data))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -210,11 +210,7 @@ class _Run:
         """Evaluate on the validation (eval_ keys) or test (test_ keys) split, shared among
         processes, and log the metrics."""
         cfg, accelerator = self.cfg, self.accelerator
-        exact = (
-            cfg.eval_exact_match
-            if cfg.eval_exact_match is not None
-            else cfg.data.startswith("builtin:")
-        )
+        exact = cfg.eval_exact_match if cfg.eval_exact_match is not None else cfg.data_is_builtin
         metrics = evaluate(
             self.unwrapped,
             self.tokenizer,
@@ -434,6 +430,7 @@ def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _Loop
         "validation_examples": len(run.data.validation),
         "test_examples": len(run.data.test),
         "label_names": run.data.label_names,
+        "sources": run.data.sources,  # per source: weight and examples in each split
         "truncated": run.data.truncated,
         "dropped": run.data.dropped,
         "trainable_params": run.trainable,
