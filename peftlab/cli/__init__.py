@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "peftlab.cli.compare",
     "peftlab.cli.train",
     "peftlab.cli.recommend",
+    "peftlab.cli.data",
 ]
 
 

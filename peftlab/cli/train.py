@@ -51,6 +51,6 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"peftlab train: {e}", flush=True)
         return 3
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
-        keys = ("output_dir", "steps", "final_loss", "eval_before", "eval_after")
+        keys = ("output_dir", "steps", "final_loss", "eval_before", "eval_after", "test")
         print(json.dumps({k: summary[k] for k in keys}))
     return 0

@@ -1,8 +1,11 @@
-"""Data: readers (Alpaca JSON/JSONL, chat JSONL, CSV/TSV), built-in tasks, encoding, collation."""
+"""Data: sources (strict readers, ``datasets``), record formats and column mapping, splits and
+mixtures, built-in tasks, encoding, collation, and inspection."""
 
 from peftlab.data.builtin import TASKS, generate
-from peftlab.data.encode import IGNORE, TaskData, collate, encode_messages, load_task_data, render
-from peftlab.data.readers import DataError, read_classification, read_generation
+from peftlab.data.encode import IGNORE, TaskData, collate, encode_messages, render
+from peftlab.data.formats import read_classification, read_generation
+from peftlab.data.load import load_task_data
+from peftlab.data.readers import DataError
 
 __all__ = [
     "IGNORE",

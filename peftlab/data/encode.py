@@ -1,44 +1,85 @@
-"""From records to model inputs: prompt formatting, tokenization, train/eval split, collation.
+"""From examples to model inputs: prompt formatting, tokenization (cached), collation.
 
-Generation records are rendered with the tokenizer's chat template when it has one (else a
+Generation examples are rendered with the tokenizer's chat template when it has one (else a
 plain "### Instruction / ### Response" layout) and tokenized segment by segment, so labels
 are -100 everywhere except on the assistant turns: the loss covers response tokens only.
+An example longer than ``max_length`` is cut to its first ``max_length`` tokens; one left
+with no response token is dropped and counted.
+
+Classification examples are ``text`` or a pair ``(text, text_pair)``: a tokenizer with a
+separator token (BERT-style encoders) encodes the pair natively (``[CLS] a [SEP] b [SEP]``,
+the longer text cut first); one without (a decoder's) sees :func:`peftlab.data.formats.pair_prompt`.
+
+Tokenization runs as one batched function. Over ``CACHE_MIN`` examples it runs through
+``datasets.Dataset.map`` with a cache file in ``$PEFTLAB_CACHE/tokenized`` named by the
+``datasets`` fingerprint (``Hasher``) of the examples and of the function, whose closure holds
+the tokenizer (vocabulary, chat template, special tokens), ``max_length`` and the label ids,
+and of this module's source: change any of them and the cache misses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 
 import torch
 
-from peftlab.core.config import check
-from peftlab.data import builtin
-from peftlab.data.readers import DataError, read_classification, read_generation
+from peftlab.data.formats import pair_prompt
+from peftlab.data.readers import DataError
 
 IGNORE = -100  # label value cross-entropy skips
+CACHE_MIN = 2000  # tokenize through datasets.map (and its cache) from this many examples
+_BATCH = 1000
+SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass
 class TaskData:
-    """Encoded train and eval examples plus what the run reports about them."""
+    """Encoded train, validation and test examples plus what the run reports about them.
+
+    The validation split is what training looks at (periodic evaluation, choosing a
+    checkpoint or a setting); the test split is scored once, at the end, and reported apart.
+    Every example carries its ``source`` (a name of :attr:`sources`); causal-LM validation
+    and test examples also carry ``prompt_ids`` (the tokens generation starts from) and
+    ``answer`` (the reference text) for exact match.
+    """
 
     kind: str
     """"causal-lm" (labels per token) or "classification" (one label per example)."""
     train: list[dict]
-    eval: list[dict]
-    eval_prompts: list[list[int]]
-    """Token ids of each eval example's prompt, for generation (causal-lm only)."""
-    eval_answers: list[str]
-    """Reference answer of each eval example (causal-lm only)."""
+    validation: list[dict]
+    test: list[dict]
     label_names: list[str]
-    """Class names by label id (classification only)."""
-    truncated: int
-    """Examples cut at max_length (train and eval)."""
-    dropped: int
-    """Examples dropped: classification rows with an empty text (in data and eval_data,
-    before the split), and training examples that truncation left with no response token."""
+    """Class names by label id (classification; for a causal LM, the distinct responses of a
+    classification set mapped with columns {text, label})."""
+    truncated: int = 0
+    """Examples cut at max_length (every split)."""
+    dropped: int = 0
+    """Examples dropped: classification texts that were empty (every source), and training
+    examples that truncation left with no response token."""
+    counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    """Per split: ``read`` (examples given to the encoder), ``truncated``, ``dropped``
+    (no response token left after truncation) and ``kept``."""
+    lengths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """Per split: the token count of every example read, before truncation."""
+    sources: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Per source (its name): weight, examples per split, unique training examples, and
+    empty texts dropped."""
+    empty: int = 0
+    """Classification texts that were empty (dropped; part of ``dropped``)."""
+
+    @property
+    def eval(self) -> list[dict]:
+        """The validation split (the name before test splits existed)."""
+        return self.validation
+
+    @property
+    def eval_prompts(self) -> list[list[int]]:
+        return [e["prompt_ids"] for e in self.validation]
+
+    @property
+    def eval_answers(self) -> list[str]:
+        return [e["answer"] for e in self.validation]
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -96,162 +137,132 @@ def encode_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[in
     return ids, labels, prompt_ids
 
 
-def _drop_empty(spec: str, records: list[dict], text_column: str) -> tuple[list[dict], int]:
-    """Classification records whose text is not empty, and how many were dropped."""
-    kept = [r for r in records if "text" not in r or r["text"]]
-    if records and not kept:
-        raise DataError(
-            f"{spec}: every one of the {len(records)} rows has an empty {text_column!r} "
-            f"(text_column); nothing to learn from"
-        )
-    return kept, len(records) - len(kept)
-
-
-def _int_or_str(s: str):
-    try:
-        return (0, int(s), s)
-    except ValueError:
-        return (1, 0, s)
-
-
-def load_task_data(
-    tokenizer,
-    data: str,
-    kind: str,
-    max_length: int,
-    eval_size: int = 64,
-    eval_data: str | None = None,
-    data_size: int | None = None,
-    seed: int = 0,
-    text_column: str = "text",
-    label_column: str = "label",
-) -> TaskData:
-    """Read ``data``, split off ``eval_size`` examples (or read ``eval_data``) and encode them.
-
-    Args:
-        data: ``builtin:<task>`` or a path to .json/.jsonl (generation) or .csv/.tsv
-            (classification).
-        kind: the model's kind; it must match the data's.
-        data_size: use at most this many training examples (built-in tasks: generate this
-            many; default 2000).
-    """
-    check(
-        data_size is None or (isinstance(data_size, int) and data_size > 0),
-        "data_size",
-        data_size,
-        "null (all the data; builtin tasks: 2000) or a positive integer",
-    )
-    check(isinstance(eval_size, int) and eval_size >= 0, "eval_size", eval_size, "an integer >= 0")
-
-    def read(spec: str, n_builtin: int) -> tuple[str, list[dict]]:
-        if spec.startswith("builtin:"):
-            return "causal-lm", builtin.generate(spec.split(":", 1)[1], n_builtin, seed)
-        suffix = Path(spec).suffix.lower()
-        if suffix in (".json", ".jsonl"):
-            return "causal-lm", read_generation(spec)
-        if suffix in (".csv", ".tsv"):
-            return "classification", read_classification(spec, text_column, label_column)
-        raise DataError(
-            f"data={spec!r}: expected builtin:<task> ({', '.join(builtin.TASKS)}) or a "
-            f".json/.jsonl/.csv/.tsv file"
-        )
-
-    n_train = 2000 if data_size is None else data_size
-    data_kind, records = read(data, n_train + (0 if eval_data else eval_size))
-    if data_kind != kind:
-        raise DataError(
-            f"data={data!r} is {data_kind} data but the model is a {kind} model; use "
-            f"{'a .csv/.tsv file' if kind == 'classification' else 'builtin:<task> or .json/.jsonl'}"
-        )
-    records, empty = _drop_empty(data, records, text_column)
-    if not data.startswith("builtin:"):
-        random.Random(seed).shuffle(records)
-    if eval_data:
-        eval_kind, eval_records = read(eval_data, eval_size)
-        if eval_kind != kind:
-            raise DataError(f"eval_data={eval_data!r} is {eval_kind} data, unlike data={data!r}")
-        eval_records, eval_empty = _drop_empty(eval_data, eval_records, text_column)
-        empty += eval_empty
-        if eval_size > len(eval_records):
-            raise DataError(
-                f"eval_size={eval_size} is invalid: eval_data={eval_data!r} holds "
-                f"{len(eval_records)} examples; eval_size must be at most {len(eval_records)}"
-            )
-        eval_records, train_records = eval_records[:eval_size], records
+def encode_splits(
+    out: TaskData, tokenizer, splits: dict[str, list[dict]], max_length: int, where: str
+) -> None:
+    """Tokenize every split's examples into ``out`` (which holds the kind and label names),
+    counting what truncation cut and dropped."""
+    if out.kind == "classification":
+        fn = classification_fn(tokenizer, max_length, {n: i for i, n in enumerate(out.label_names)})
     else:
-        if eval_size >= len(records):
-            raise DataError(
-                f"data={data!r}: no training examples left after holding out "
-                f"eval_size={eval_size} of {len(records)}; eval_size must be less than "
-                f"{len(records)} (or add data, or set eval_data)"
-            )
-        eval_records, train_records = records[:eval_size], records[eval_size:]
-    train_records = (
-        train_records[:n_train] if data_size or data.startswith("builtin:") else train_records
-    )
-
-    out = TaskData(kind, [], [], [], [], [], 0, empty)
-    encode = _encode_classification if kind == "classification" else _encode_generation
-    encode(out, tokenizer, train_records, eval_records, max_length, f"data={data!r}", label_column)
-    return out
-
-
-def _encode_classification(
-    out: TaskData,
-    tokenizer,
-    train: list[dict],
-    eval_: list[dict],
-    max_length: int,
-    where: str,
-    label_column: str,
-) -> None:
-    """Fill ``out`` with token ids and class ids; the classes are the labels seen, sorted."""
-    out.label_names = sorted({r["label"] for r in train + eval_}, key=_int_or_str)
-    if len(out.label_names) < 2:
-        raise DataError(
-            f"{where}: label_column={label_column!r} holds the single value "
-            f"{out.label_names[0]!r} in all {len(train) + len(eval_)} examples; "
-            f"classification needs at least two classes"
-        )
-    index = {n: i for i, n in enumerate(out.label_names)}
-    for split, recs in ((out.train, train), (out.eval, eval_)):
-        texts = [r["text"] for r in recs]
-        for ids, r in zip(tokenizer(texts)["input_ids"] if texts else [], recs):
-            if len(ids) > max_length:
-                out.truncated += 1
-                ids = ids[: max_length - 1] + ids[-1:]  # keep the closing [SEP]
-            split.append({"input_ids": ids, "label": index[r["label"]]})
-
-
-def _encode_generation(
-    out: TaskData,
-    tokenizer,
-    train: list[dict],
-    eval_: list[dict],
-    max_length: int,
-    where: str,
-    label_column: str,
-) -> None:
-    """Fill ``out`` with token ids and response-only labels, and the eval prompts/answers."""
-    for split, recs in ((out.train, train), (out.eval, eval_)):
-        for r in recs:
-            ids, labels, prompt = encode_messages(tokenizer, r["messages"])
-            if len(ids) > max_length:
-                out.truncated += 1
-                ids, labels = ids[:max_length], labels[:max_length]
-            if all(x == IGNORE for x in labels[1:]):  # the first label is never predicted
-                if split is out.train:
-                    out.dropped += 1
+        fn = generation_fn(tokenizer, max_length)
+    every = [ex for name in SPLITS for ex in splits[name]]
+    encoded = tokenize([{k: v for k, v in ex.items() if k != "source"} for ex in every], fn)
+    at = 0
+    for name in SPLITS:
+        examples, split = splits[name], getattr(out, name)
+        chunk, at = encoded[at : at + len(examples)], at + len(examples)
+        cut = sum(e["length"] > max_length for e in chunk)
+        for ex, e in zip(examples, chunk):
+            if not e["keep"]:
                 continue
-            split.append({"input_ids": ids, "labels": labels})
-            if split is out.eval:
-                out.eval_prompts.append(prompt)
-                out.eval_answers.append(r["messages"][-1]["content"])
+            kept = {k: e[k] for k in ("input_ids", "labels", "label") if k in e}
+            if name != "train" and out.kind != "classification":
+                kept.update(prompt_ids=e["prompt_ids"], answer=e["answer"])
+            split.append({**kept, "source": ex.get("source", "")})
+        lost = len(examples) - len(split)
+        out.truncated += cut
+        out.dropped += lost if name == "train" else 0
+        out.lengths[name] = [e["length"] for e in chunk]
+        out.counts[name] = {
+            "read": len(examples),
+            "truncated": cut,
+            "dropped": lost,
+            "kept": len(split),
+        }
     if not out.train:
         raise DataError(
             f"{where}: every training example lost its response to truncation at "
             f"max_length={max_length}; raise max_length"
         )
+
+
+def classification_fn(tokenizer, max_length: int, index: dict[str, int]):
+    """The batched encoder of ``{text, text_pair, label}`` examples."""
+    native_pairs = tokenizer.sep_token_id is not None
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts, pairs = batch["text"], batch.get("text_pair") or [None] * len(batch["text"])
+        if not native_pairs:
+            texts, pairs = [pair_prompt(t, p) for t, p in zip(texts, pairs)], [None] * len(texts)
+        ids: list[list[int]] = [[] for _ in texts]
+        single = [i for i, p in enumerate(pairs) if p is None]
+        paired = [i for i, p in enumerate(pairs) if p is not None]
+        if single:
+            for i, x in zip(single, tokenizer([texts[i] for i in single])["input_ids"]):
+                ids[i] = x
+        if paired:
+            both = ([texts[i] for i in paired], [pairs[i] for i in paired])
+            for i, x in zip(paired, tokenizer(*both)["input_ids"]):
+                ids[i] = x
+        lengths = [len(x) for x in ids]
+        for i, x in enumerate(ids):
+            if len(x) <= max_length:
+                continue
+            if pairs[i] is None:
+                ids[i] = x[: max_length - 1] + x[-1:]  # keep the closing [SEP]
+            else:  # cut the longer text first, keep both separators
+                kw = {"truncation": "longest_first", "max_length": max_length}
+                ids[i] = tokenizer(texts[i], pairs[i], **kw)["input_ids"]
+        labels = [index[y] for y in batch["label"]]
+        return {"input_ids": ids, "label": labels, "length": lengths, "keep": [True] * len(ids)}
+
+    return encode
+
+
+def generation_fn(tokenizer, max_length: int):
+    """The batched encoder of ``{messages}`` examples: response-only labels, prompt ids and
+    reference answers; ``keep`` is false when truncation left no response token."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_ids", "answer")}
+        out.update(length=[], keep=[])
+        for messages in batch["messages"]:
+            ids, labels, prompt = encode_messages(tokenizer, messages)
+            out["length"].append(len(ids))
+            ids, labels = ids[:max_length], labels[:max_length]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["prompt_ids"].append(prompt)
+            out["answer"].append(messages[-1]["content"])
+            out["keep"].append(any(x != IGNORE for x in labels[1:]))  # label 0 is never predicted
+        return out
+
+    return encode
+
+
+def tokenize(examples: list[dict], fn) -> list[dict]:
+    """``fn`` (a batched encoder) over ``examples``; through ``datasets.map`` and its cache
+    from ``CACHE_MIN`` examples on."""
+    if not examples:
+        return []
+    if len(examples) < CACHE_MIN:
+        out: list[dict] = []
+        for i in range(0, len(examples), _BATCH):
+            chunk = examples[i : i + _BATCH]
+            cols = fn({k: [ex[k] for ex in chunk] for k in chunk[0]})
+            out += [dict(zip(cols, row)) for row in zip(*cols.values())]
+        return out
+    from datasets import Dataset
+    from datasets.fingerprint import Hasher
+
+    from peftlab.data.sources import _quiet
+    from peftlab.models import cache_dir
+
+    key = Hasher.hash([Path(__file__).read_bytes(), examples, fn])
+    path = cache_dir() / "tokenized" / f"{key}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        ds = Dataset.from_list(examples).map(
+            fn,
+            batched=True,
+            batch_size=_BATCH,
+            remove_columns=list(examples[0]),
+            cache_file_name=str(path),
+            new_fingerprint=key,
+            load_from_cache_file=True,
+        )
+    return ds.to_list()
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,11 +1,9 @@
-"""Dataset readers: Alpaca JSON/JSONL, chat-messages JSONL, CSV/TSV for classification.
+"""Strict readers for text data files: JSON / JSON Lines records and CSV / TSV tables.
 
-Every reader returns plain records in one of two shapes:
-
-- generation: ``{"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", ...}]}``
-  (an Alpaca record becomes one user turn and one assistant turn);
-- classification: ``{"text": str, "label": str}``; ``text`` may be ``""`` (the caller drops
-  and counts such rows).
+They return raw records, ``(where, record)`` pairs, where ``where`` names the file and the
+line (or record) for error messages; :mod:`peftlab.data.formats` turns records into
+examples. Tables come back as ``{column: value}`` dicts; a headerless file gets its column
+names from ``column_names``.
 
 Files are UTF-8; a leading byte-order mark is skipped (GLUE's MRPC TSVs start with one). CSV
 follows RFC 4180 (``"`` quotes a field, ``""`` is a literal quote); TSV quotes nothing, as the
@@ -72,10 +70,10 @@ def read_text(path: str | Path) -> str:
         ) from None
 
 
-def read_generation(path: str | Path) -> list[dict]:
-    """Read Alpaca (``instruction``/``input``/``output``) or chat (``messages``) records.
+def read_json_records(path: str | Path) -> list[tuple[str, object]]:
+    """``(where, value)`` of each record of a JSON Lines file or a JSON array.
 
-    ``.jsonl`` files hold one JSON object per line; ``.json`` files hold a JSON array of
+    ``.jsonl`` files hold one JSON value per line; ``.json`` files hold a JSON array of
     objects (as ``alpaca_data.json``) or, failing that, one object per line.
     """
     path = Path(path)
@@ -99,9 +97,7 @@ def read_generation(path: str | Path) -> list[dict]:
                 ) from None
     if not records:
         raise DataError(f"{path} holds no examples (the file is empty)")
-    first = records[0][1]
-    chat = isinstance(first, dict) and "messages" in first
-    return [_chat_record(w, r) if chat else _alpaca_record(w, r) for w, r in records]
+    return records
 
 
 def _objects_per_line(path: Path, text: str) -> bool:
@@ -135,74 +131,14 @@ def _json_array(path: Path, text: str) -> list[tuple[str, object]]:
     return [(f"{path}: record {i}", r) for i, r in enumerate(items)]
 
 
-def _alpaca_record(where: str, r: object) -> dict:
-    if not isinstance(r, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_json_type(r)}")
-    for key in ("instruction", "output"):
-        if key not in r:
-            raise DataError(
-                f"{where}: missing field {key!r}; Alpaca records need 'instruction' and "
-                f"'output' ('input' is optional), chat records need 'messages'"
-            )
-        if not isinstance(r[key], str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {_json_type(r[key])}")
-    extra = r.get("input")
-    if extra is not None and not isinstance(extra, str):
-        raise DataError(
-            f"{where}: field 'input' must be a string (or absent, or null), got {_json_type(extra)}"
-        )
-    prompt = r["instruction"]
-    if extra:
-        prompt += "\n\n" + extra
-    return {
-        "messages": [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": r["output"]},
-        ]
-    }
+def read_table(
+    path: str | Path, column_names: list[str] | None = None
+) -> tuple[list[str], list[tuple[str, dict]]]:
+    """``(columns, rows)`` of a CSV (``,``) or TSV (``.tsv``, tab) file.
 
-
-def _chat_record(where: str, r: object) -> dict:
-    if not isinstance(r, dict):
-        raise DataError(f"{where}: expected a JSON object with 'messages', got {_json_type(r)}")
-    if "messages" not in r:
-        raise DataError(
-            f"{where}: missing field 'messages' (the file's first record is a chat record)"
-        )
-    msgs = r["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(
-            f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got "
-            f"{'an empty array' if msgs == [] else _json_type(msgs)}"
-        )
-    for i, m in enumerate(msgs):
-        turn = f"{where}: messages[{i}]"
-        if not isinstance(m, dict):
-            raise DataError(f"{turn} must be a {{role, content}} object, got {_json_type(m)}")
-        for key in ("role", "content"):
-            if key not in m:
-                raise DataError(f"{turn} has no {key!r}; each turn is a {{role, content}} object")
-        role = m["role"]
-        if not isinstance(role, str) or role not in ROLES:
-            raise DataError(f"{turn}.role={role!r} is invalid: role must be one of {ROLES}")
-        if not isinstance(m["content"], str):
-            value = m["content"]
-            shown = f" ({json.dumps(value)[:40]})" if value is not None else ""
-            raise DataError(
-                f"{turn} (role {role!r}): content must be a string, got {_json_type(value)}{shown}"
-            )
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(
-            f"{where}: the last message must have role 'assistant' (the response to learn)"
-        )
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
-
-
-def read_classification(path: str | Path, text_column: str, label_column: str) -> list[dict]:
-    """Read a CSV (``,``) or TSV (``.tsv``, tab) file with a header row.
-
-    Every row must have as many fields as the header and a non-empty label; a row whose text is
-    empty is returned with ``text == ""`` for the caller to drop and count.
+    The first row is the header, unless ``column_names`` names the columns of a headerless
+    file. Every row must have one field per column; values are stripped of surrounding
+    whitespace. Each row is ``(where, {column: value})``.
     """
     path = Path(path)
     text = read_text(path)
@@ -215,40 +151,40 @@ def read_classification(path: str | Path, text_column: str, label_column: str) -
         strict=True,
     )
     rows = _rows(path, reader, tsv)
-    if not rows:
+    if not rows and column_names is None:
         raise DataError(
             f"{path} is empty; a {'TSV' if tsv else 'CSV'} data file needs a header row naming "
             f"its columns, then one example per line"
         )
-    _, header = rows[0]
+    header, named_by = (column_names, "column_names") if column_names else (rows[0][1], "header")
     dups = sorted(name for name, n in Counter(header).items() if n > 1)
     if dups:
         raise DataError(
-            f"{path}: the header names column(s) {dups} more than once, so a value cannot be "
+            f"{path}: the {named_by} names column(s) {dups} more than once, so a value cannot be "
             f"looked up by name; rename the columns so every name is unique"
         )
-    for key, col in (("text_column", text_column), ("label_column", label_column)):
-        if col not in header:
-            close = difflib.get_close_matches(col, header, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise DataError(
-                f"{path}: no column {col!r} (set by {key}); the header has columns {header}{hint}"
-            )
-    t, y = header.index(text_column), header.index(label_column)
     out = []
-    for lineno, row in rows[1:]:
+    for lineno, row in rows if column_names else rows[1:]:
         if len(row) != len(header):
             sep = "a tab" if tsv else "a comma (quote such fields)"
             raise DataError(
-                f"{path}: line {lineno}: {len(row)} field(s) but the header has {len(header)}; "
-                f"every row needs one value per column (a text containing {sep} splits it)"
+                f"{path}: line {lineno}: {len(row)} field(s) but the {named_by} has "
+                f"{len(header)}; every row needs one value per column (a text containing {sep} "
+                f"splits it)"
             )
-        if not row[y].strip():
-            raise DataError(f"{path}: line {lineno}: empty value for {label_column!r} (the label)")
-        out.append({"text": row[t].strip(), "label": row[y].strip()})
+        out.append((f"{path}: line {lineno}", {k: v.strip() for k, v in zip(header, row)}))
     if not out:
-        raise DataError(f"{path} holds no examples (only a header)")
-    return out
+        what = "the file is empty" if column_names else "only a header"
+        raise DataError(f"{path} holds no examples ({what})")
+    return list(header), out
+
+
+def missing_column(source: object, column: str, key: str, columns: list[str], table: bool):
+    """The error for a mapped column that the data does not have; lists the columns."""
+    close = difflib.get_close_matches(column, [str(c) for c in columns], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    has = "the header has columns" if table else "its columns are"
+    return DataError(f"{source}: no column {column!r} (set by {key}); {has} {columns}{hint}")
 
 
 def _rows(path: Path, reader, tsv: bool) -> list[tuple[int, list[str]]]:

@@ -34,6 +34,7 @@ import yaml
 
 from peftlab.core import overrides
 from peftlab.core.config import ConfigError, MethodConfig, check, check_fields, config_from_dict
+from peftlab.data.sources import parse_sources
 from peftlab.train.checkpointing import check_spec as check_checkpointing
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
@@ -48,18 +49,33 @@ class TrainConfig:
     """A registered method name (see `peftlab methods`)."""
     method_args: dict = dataclasses.field(default_factory=dict)
     """Options of the method's config, e.g. {r: 16, alpha: 32, target_modules: all-linear}."""
-    data: str = "builtin:sort"
-    """builtin:<task> (sort, reverse, arith, max, upper) or a .json/.jsonl/.csv/.tsv file."""
-    eval_data: str | None = None
-    """A separate evaluation file; default: hold out eval_size examples of data."""
+    data: str | list | dict = "builtin:sort"
+    """builtin:<task> (sort, reverse, arith, max, upper); a .json/.jsonl/.csv/.tsv/.parquet/
+    .arrow file, a glob of them, or a directory written by Dataset.save_to_disk; or a mixture:
+    a list of {path, weight, name, columns, column_names, split}."""
+    columns: dict | None = None
+    """Column roles, e.g. {prompt: question, response: answer} (also system, history,
+    messages) or {text: "#1 String", text_pair: "#2 String", label: Quality}; default:
+    recognised formats (Alpaca, messages, ShareGPT, prompt/completion, question/answer)."""
+    column_names: list | None = None
+    """Column names of headerless .csv/.tsv files, e.g. [source, label, mark, sentence]."""
+    eval_data: str | dict | None = None
+    """The test set: a file scored once, after training, and reported apart (summary.json
+    "test", metrics.jsonl test_ keys); never used to choose anything during training."""
     eval_size: int = 64
-    """Number of evaluation examples (held out from data, or the first of eval_data)."""
+    """Validation examples, evaluated during training (eval_ keys): held out from data, or
+    the first of validation_data."""
+    validation_data: str | dict | None = None
+    """A separate validation file; default: hold out eval_size examples of data."""
+    test_size: int | None = None
+    """Without eval_data: hold out this many examples of data as the test split (default:
+    no test split). With eval_data: use its first test_size examples (default: all)."""
     data_size: int | None = None
     """Use at most this many training examples (built-in tasks generate this many; default 2000)."""
     text_column: str = "text"
-    """CSV/TSV column with the input text (classification)."""
+    """Column with the input text (classification); columns.text overrides it."""
     label_column: str = "label"
-    """CSV/TSV column with the class label (classification)."""
+    """Column with the class label (classification); columns.label overrides it."""
     max_length: int = 256
     """Examples longer than this many tokens are cut (and counted in the summary)."""
 
@@ -139,9 +155,20 @@ class TrainConfig:
         for key in _NON_NEGATIVE:
             v = getattr(self, key)
             check(v is None or v >= 0, key, v, f"{_NULL_OR[key]}a non-negative integer")
+        check(
+            self.test_size is None or self.test_size >= 0,
+            "test_size",
+            self.test_size,
+            "null (eval_data: all of it; otherwise no test split) or a non-negative integer",
+        )
         for key in _NON_EMPTY:
             v = getattr(self, key)
-            check(v is None or v.strip() != "", key, v, f"{_NULL_OR[key]}a non-empty string")
+            check(
+                not isinstance(v, str) or v.strip() != "",
+                key,
+                v,
+                f"{_NULL_OR[key]}a non-empty string",
+            )
         check(
             self.max_steps is None or self.epochs is None,
             "max_steps",
@@ -168,6 +195,11 @@ class TrainConfig:
             isinstance(self.chunked_loss, bool), "chunked_loss", self.chunked_loss, "true or false"
         )
         check_checkpointing(self.gradient_checkpointing)
+        # the structure of data, columns and column_names; the files are read by train()
+        parse_sources(self.data, "data", self.columns, self.column_names)
+        for key in ("validation_data", "eval_data"):
+            if getattr(self, key) is not None:
+                parse_sources(getattr(self, key), key, self.columns, self.column_names)
         self.method_config()  # unknown method / bad method option: fail before loading anything
 
     def method_config(self) -> MethodConfig:
@@ -179,6 +211,26 @@ class TrainConfig:
             raise ConfigError(f"{where}: {e}") from None
         except TypeError as e:
             raise ConfigError(f"method_args: {e}") from None
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`peftlab.data.load_task_data` this config sets."""
+        return {
+            "eval_size": self.eval_size,
+            "eval_data": self.eval_data,
+            "data_size": self.data_size,
+            "seed": self.seed,
+            "text_column": self.text_column,
+            "label_column": self.label_column,
+            "validation_data": self.validation_data,
+            "test_size": self.test_size,
+            "columns": self.columns,
+            "column_names": self.column_names,
+        }
+
+    @property
+    def data_is_builtin(self) -> bool:
+        """Whether every training source is a built-in task (exact match is on by default)."""
+        return all(s.builtin for s in parse_sources(self.data))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -175,18 +175,24 @@ def evaluate(
     reduce: Callable[[list[float]], list[float]] | None = None,
     extractor: str = "exact",
     chunked: bool = True,
+    split: str = "validation",
 ) -> dict[str, float]:
-    """Evaluate ``model`` on ``data.eval``.
+    """Evaluate ``model`` on one split of ``data`` ("validation" or "test").
 
-    Returns ``eval_loss`` and (causal LMs) ``eval_ppl``; ``eval_exact_match`` when
-    ``exact_match`` (answers compared after ``extractor``); ``eval_accuracy``,
-    ``eval_macro_f1`` and ``eval_mcc`` for classification. With ``shard=(rank, world)`` each
-    process takes every world-th example and ``reduce`` sums the per-process counts.
+    Returns ``<p>_loss`` and (causal LMs) ``<p>_ppl``; ``<p>_exact_match`` when
+    ``exact_match`` (answers compared after ``extractor``); ``<p>_accuracy``,
+    ``<p>_macro_f1`` and ``<p>_mcc`` for classification. The prefix ``<p>`` is ``eval`` for
+    the validation split (what is watched during training) and ``test`` for the test split.
+    With ``shard=(rank, world)`` each process takes every world-th example and ``reduce``
+    sums the per-process counts.
     ``chunked``: the token loss without the full logits (:func:`loss_sum`).
     """
+    if split not in ("validation", "test"):
+        raise ValueError(f"split={split!r} must be 'validation' or 'test'")
+    prefix = "eval" if split == "validation" else "test"
     device = device or next(model.parameters()).device
     rank, world = shard
-    examples = data.eval[rank::world]
+    examples = getattr(data, split)[rank::world]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
@@ -199,8 +205,8 @@ def evaluate(
             sums += exact_match_counts(
                 model,
                 tokenizer,
-                data.eval_prompts[rank::world],
-                data.eval_answers[rank::world],
+                [e["prompt_ids"] for e in examples],
+                [e["answer"] for e in examples],
                 batch_size,
                 device,
                 extractor,
@@ -210,13 +216,13 @@ def evaluate(
     if reduce is not None:
         sums = reduce([float(s) for s in sums])
     loss = sums[0] / max(sums[1], 1)
-    out = {"eval_loss": loss}
+    out = {"loss": loss}
     if data.kind == "classification":
         k = max(2, len(data.label_names))
         matrix = [sums[2 + i * k : 2 + (i + 1) * k] for i in range(k)]
-        out.update({f"eval_{name}": v for name, v in M.classification_metrics(matrix).items()})
+        out.update(M.classification_metrics(matrix))
     else:
-        out["eval_ppl"] = math.exp(min(loss, 50.0))
+        out["ppl"] = math.exp(min(loss, 50.0))
         if exact_match:
-            out["eval_exact_match"] = sums[2] / max(sums[3], 1)
-    return out
+            out["exact_match"] = sums[2] / max(sums[3], 1)
+    return {f"{prefix}_{k}": v for k, v in out.items()}

@@ -96,7 +96,9 @@ def train(
     if accelerator.is_main_process:
         accelerator.print(
             f"{cfg.method} on {cfg.model}: {run.trainable:,} of {run.total:,} parameters train "
-            f"({100 * run.trainable / run.total:.3f}%); {len(run.data.train)} training examples, "
+            f"({100 * run.trainable / run.total:.3f}%); {len(run.data.train)} training, "
+            f"{len(run.data.validation)} validation, {len(run.data.test)} test examples"
+            f"{' (labels ' + ', '.join(run.data.label_names) + ')' if run.data.label_names else ''}, "
             f"{run.data.truncated} truncated at max_length={cfg.max_length}; {run.total_steps} "
             f"steps of {run.global_batch * cfg.grad_accum} examples on "
             f"{accelerator.num_processes} process(es), {accelerator.device}"
@@ -106,6 +108,7 @@ def train(
         resuming.end_of_training(run)  # finite weights; the final checkpoint
     except checkpoint.NonFiniteWeights as e:  # stop as diverged, naming a good checkpoint
         diverged(accelerator, out, cfg, e.step + 1, math.nan, None, run.state, str(e))
+    test = run.evaluate(run.state["step"], split="test") if run.data.test else None  # once
 
     if accelerator.is_main_process:
         rundir.save_adapter(run.unwrapped, out / "adapter")
@@ -113,7 +116,7 @@ def train(
         eval_before = (
             rundir.first_eval(out / "metrics.jsonl") if accelerator.is_main_process else None
         )
-    summary = _summary(run, ckpt, eval_before, loop)
+    summary = {**_summary(run, ckpt, eval_before, loop), "test": test}
     if accelerator.is_main_process:
         rundir.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     if cfg.tensorboard:
@@ -189,14 +192,11 @@ class _Run:
         pad_id = self.tokenizer.pad_token_id
         return {k: v.to(self.accelerator.device) for k, v in collate(chunk, pad_id).items()}
 
-    def evaluate(self, step: int) -> dict:
-        """Evaluate on the held-out set (shared among processes) and log the metrics."""
+    def evaluate(self, step: int, split: str = "validation") -> dict:
+        """Evaluate on the validation (eval_ keys) or test (test_ keys) split, shared among
+        processes, and log the metrics."""
         cfg, accelerator = self.cfg, self.accelerator
-        exact = (
-            cfg.eval_exact_match
-            if cfg.eval_exact_match is not None
-            else cfg.data.startswith("builtin:")
-        )
+        exact = cfg.eval_exact_match if cfg.eval_exact_match is not None else cfg.data_is_builtin
         metrics = evaluate(
             self.unwrapped,
             self.tokenizer,
@@ -207,6 +207,7 @@ class _Run:
             (accelerator.process_index, accelerator.num_processes),
             reduce=lambda xs: reduce_sum(accelerator, xs),
             chunked=cfg.chunked_loss,
+            split=split,
         )
         rundir.log(accelerator, self.out, {"step": step, **metrics}, cfg.tensorboard)
         return metrics
@@ -222,18 +223,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kind = model_kind(model if model is not None else cfg.model)
-    data = load_task_data(
-        tokenizer,
-        cfg.data,
-        kind,
-        cfg.max_length,
-        cfg.eval_size,
-        cfg.eval_data,
-        cfg.data_size,
-        cfg.seed,
-        cfg.text_column,
-        cfg.label_column,
-    )
+    data = load_task_data(tokenizer, cfg.data, kind, cfg.max_length, **cfg.data_kwargs())
     if model is None:
         model = load_model(cfg.model, kind, num_labels=max(2, len(data.label_names)))
     if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
@@ -435,6 +425,10 @@ def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _Loop
         "tokens": state["tokens"],
         "loss_tokens": state["loss_tokens"],
         "train_examples": len(run.data.train),
+        "validation_examples": len(run.data.validation),
+        "test_examples": len(run.data.test),
+        "label_names": run.data.label_names,
+        "sources": run.data.sources,  # per source: weight and examples in each split
         "truncated": run.data.truncated,
         "dropped": run.data.dropped,
         "trainable_params": run.trainable,

@@ -276,10 +276,10 @@ def test_data_size_and_eval_size_must_be_usable(tmp_path, tok):
     small = _lines(tmp_path / "e.csv", _rows(3))
     with pytest.raises(
         DataError,
-        match=r"eval_size=5 is invalid: eval_data='.*e\.csv' holds 3 examples; eval_size must be at most 3",
+        match=r"eval_size=5 is invalid: validation_data='.*e\.csv' holds 3 examples; eval_size must be at most 3",
     ):
-        load_task_data(tok, str(data), "classification", 32, eval_size=5, eval_data=str(small))
-    d = load_task_data(tok, str(data), "classification", 32, eval_size=3, eval_data=str(small))
+        load_task_data(tok, str(data), "classification", 32, eval_size=5, validation_data=str(small))  # fmt: skip
+    d = load_task_data(tok, str(data), "classification", 32, eval_size=3, validation_data=str(small))  # fmt: skip
     assert len(d.eval) == 3 and len(d.train) == 10
 
 
