@@ -81,8 +81,8 @@ def parse_sources(
             item = {"path": item}
         if not isinstance(item, dict):
             raise ConfigError(
-                f"{where}={item!r} is invalid: builtin:<task>, a file, a glob or a directory, "
-                f"or a mapping {{path: ..., weight: ...}}"
+                f"{where}={item!r} is invalid: {where} must be builtin:<task>, a file, a glob or "
+                f"a directory, or a mapping {{path: ..., weight: ...}}, not {type(item).__name__}"
             )
         unknown = sorted(set(item) - set(SOURCE_KEYS))
         if unknown:
@@ -118,7 +118,12 @@ def check_column_names(names: object, key: str = "column_names") -> None:
     if names is None:
         return
     ok = isinstance(names, list) and bool(names) and all(isinstance(n, str) and n for n in names)
-    check(ok, key, names, "a list of column names for a headerless .csv/.tsv file")
+    check(
+        ok,
+        key,
+        names,
+        f"a list of column names for a headerless .csv/.tsv file, not {type(names).__name__}",
+    )
     dups = sorted({n for n in names if names.count(n) > 1})
     check(not dups, key, names, f"a list of distinct names ({dups} repeated)")
 

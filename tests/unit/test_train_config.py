@@ -53,6 +53,10 @@ WRONG = {
     "dict[str, str]": [None, "a", ["a"], {"a": 1}],
     "dict[str, str] | None": ["a", ["a"], {"a": 1}],
     "bool | list | dict": [1, "true", 2.5, "every=2"],  # null: off, as false
+    "str | list | dict": [None, 1, 2.5, True],
+    "dict | None": ["a", 1, ["a"], True],
+    "list | None": ["a", 1, {"a": 1}, True],
+    "str | dict | None": [1, 2.5, True, ["a"]],
 }
 
 
