@@ -18,6 +18,7 @@ from torch import nn
 
 from peftlab.data.encode import IGNORE, TaskData, collate
 from peftlab.train import metrics as M
+from peftlab.train.taskdata import num_labels
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +166,7 @@ def evaluate(
     try:
         sums = list(loss_sums(model, examples, pad, batch_size, device))
         if data.kind == "classification":
-            classes = max(2, len(data.label_names))
+            classes = num_labels(data)
             sums += confusion_counts(model, examples, pad, batch_size, device, classes)
         elif exact_match:
             sums += exact_match_counts(
@@ -184,7 +185,7 @@ def evaluate(
     loss = sums[0] / max(sums[1], 1)
     out = {"eval_loss": loss}
     if data.kind == "classification":
-        k = max(2, len(data.label_names))
+        k = num_labels(data)
         matrix = [sums[2 + i * k : 2 + (i + 1) * k] for i in range(k)]
         out.update({f"eval_{name}": v for name, v in M.classification_metrics(matrix).items()})
     else:
