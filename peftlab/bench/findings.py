@@ -79,6 +79,13 @@ def _timing_lines(summary: dict[str, dict]) -> list[tuple[str, list]]:
     ]
 
 
+def _setting(candidate: dict) -> str:
+    """``lr=0.001, r=8``."""
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in candidate.items()
+    )
+
+
 def _tuning_blocks(summary: dict[str, dict]) -> list[tuple[str, list]]:
     notes, rows = [], []
     for m, s in summary.items():
@@ -91,12 +98,11 @@ def _tuning_blocks(summary: dict[str, dict]) -> list[tuple[str, list]]:
         elif chosen is None:
             notes.append(f"{m}: {t.get('note')}")
         else:
-            setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in chosen.items())  # fmt: skip
+            setting = _setting(chosen)
             notes.append(f"{m}: chose {setting} ({t.get('note')}; score: {t.get('score')})")
         for tr in (t.get("search") or {}).get("trials", []):
             score = f"{tr['score']:.4f}" if tr.get("score") is not None else "–"
-            rows.append([m, tr["rung"], tr["steps"], tr["candidate"], score,
+            rows.append([m, tr["rung"], tr["steps"], _setting(tr["candidate"]), score,
                          "yes" if tr["kept"] else "", tr.get("error") or ""])  # fmt: skip
     if not notes:
         return []

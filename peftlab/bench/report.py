@@ -56,6 +56,8 @@ def _iv(s: dict, key: str, fmt: str = ".3f", scale: float = 1.0, unit: str = "")
     d = (s.get("intervals") or {}).get(key)
     if not d:
         return None
+    if d["n"] == 1:  # one seed: the settings line says there are no intervals
+        return format(d["mean"] * scale, fmt) + unit
     return Interval(d["mean"], d["ci95"], d["n"]).format(fmt, scale, unit)
 
 
@@ -208,6 +210,8 @@ def _settings(results: list[RunResult], comparison: dict | None = None) -> list[
     ]
     if split:
         lines.append(f"quality is measured on {where[split]}")
+    if len(seeds) < 2:
+        lines.append("one seed per method: no intervals and no method is separated from another")
     return lines + [
         f"machine: {meta.host}, {meta.platform}, {meta.cpu_count} CPUs, "
         f"{meta.cuda_device or 'no GPU'}; 1-min load average at the runs' ends: "

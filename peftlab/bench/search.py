@@ -11,7 +11,8 @@ One search worker per method (``python -m peftlab.bench.worker --search SEARCH.j
 :func:`~peftlab.bench.tune.successive_halving` in one process: each trial trains a fresh copy
 of the model for its rung's steps with the comparison's first seed and scores the final
 evaluation of the *validation* split with :func:`peftlab.results.quality` (higher is better;
-a loss is negated). It writes ``compare-runs/search/<method>.json``: the chosen setting and
+a loss is negated; an accuracy or exact match less :data:`TIE_BREAK` × the validation loss, so
+that a small split's ties go to the better-fitting candidate). It writes ``compare-runs/search/<method>.json``: the chosen setting and
 every trial (:meth:`~peftlab.bench.tune.SearchResult.to_dict`). The chosen setting then runs
 at the full budget with every seed; each of those results carries the search table in
 ``train_info.tuning``. A search whose candidates all fail makes the method fail with the
@@ -33,6 +34,10 @@ from peftlab.core.config import ConfigError
 
 MIN_STEPS = 2
 """Fewest steps a candidate trains at the first rung: one step says nothing of a setting."""
+TIE_BREAK = 1e-4
+"""Weight of the validation loss subtracted from a score (accuracy, exact match): it orders
+candidates a small validation split scores alike, and is too small to reverse a difference of
+one example in up to a thousand (loss differences between candidates stay well below 10)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +203,15 @@ def run_search(search: SearchSpec) -> dict:
             summary = train(spec.train_config(), model=model, tokenizer=tokenizer)
         finally:
             shutil.rmtree(spec.run_dir, ignore_errors=True)  # its adapter is never used
-        q = quality_of(summary.get("eval_after"), "eval", "validation")
+        metrics = summary.get("eval_after") or {}
+        q = quality_of(metrics, "eval", "validation")
         if q is None:
             raise ValueError("the trial's validation evaluation holds no quality figure")
-        scored["score"] = f"validation {q.name}" + ("" if q.higher_is_better else ", negated")
-        return q.score
+        if q.name == "loss":
+            scored["score"] = "validation loss, negated"
+            return q.score
+        scored["score"] = f"validation {q.name}, ties broken by validation loss"
+        return q.score - TIE_BREAK * float(metrics.get("eval_loss", 0.0))
 
     result = tune.successive_halving(search.candidates, search.budget, score, search.min_steps)
     return {
