@@ -44,8 +44,8 @@ class OutDir:
         self.plan: dict = {"runs": [], "files": []}
 
     def open(self) -> OutDir:
-        """Read ``plan.json`` and claim ``compare-runs/``; ConfigError for either if it is not
-        compare's."""
+        """Read ``plan.json`` and check ``compare-runs/``; ConfigError for either if it is not
+        compare's. Nothing is written yet."""
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--out {self.root} is a file, not a directory")
         if self.plan_path.exists():
@@ -67,9 +67,14 @@ class OutDir:
                 f"{self.runs} exists and was not created by peftlab compare; compare will not "
                 f"write into it: pass another --out"
             )
-        self.runs.mkdir(parents=True, exist_ok=True)
-        (self.runs / MARKER).write_text("created by peftlab compare; it may remove what is here\n")
         return self
+
+    def prepare(self) -> None:
+        """Create ``compare-runs/`` with its marker (once every check has passed)."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        marker = self.runs / MARKER
+        if not marker.is_file():
+            marker.write_text("created by peftlab compare; it may remove what is here\n")
 
     def name(self, path: str | Path) -> str:
         return Path(path).resolve().relative_to(self.root).as_posix()

@@ -278,23 +278,12 @@ def compare(
     written += [outdir.root / f for f in REPORT_FILES] if report else []
     outdir.check(written)  # nothing of the user's is overwritten, checked before any run
     _check_resumable([s for s in specs if s.method not in searches])
+    outdir.prepare()
     outdir.claim(written)
     runs = {s.name: s for s in specs}
     outdir.set_runs(_plan_runs(runs.values(), config))
     ctx = _Context(config, outdir, retry_failed, timeout, echo, report_only, len(specs))
-    results = []
-    for method in dict.fromkeys(s.method for s in specs):
-        mine = [s for s in specs if s.method == method]
-        mine, tuning = _tuned(method, mine, searches.get(method), ctx)
-        if tuning is not None and tuning.get("chosen") is None and method in searches:
-            results += _failed_search(mine, tuning, ctx)
-            continue
-        runs.update({s.name: s for s in mine})
-        outdir.set_runs(_plan_runs(runs.values(), config))
-        for spec in mine:
-            result = _run_or_reuse(spec, tuning, ctx)
-            if result is not None:
-                results.append(result)
+    results = _run_methods(specs, searches, runs, ctx)
     if report_only and not results:
         raise ConfigError(
             f"{outdir.root} holds no results of this comparison yet; run it without --report-only"
@@ -323,6 +312,24 @@ class _Context:
     def say(self, *args, **kwargs) -> None:
         if self.echo:
             print(*args, **kwargs)
+
+
+def _run_methods(specs: list[RunSpec], searches: dict, runs: dict, ctx: _Context) -> list:
+    """Each method in turn: its search (with ``tune``), then its runs; the results."""
+    results = []
+    for method in dict.fromkeys(s.method for s in specs):
+        mine = [s for s in specs if s.method == method]
+        mine, tuning = _tuned(method, mine, searches.get(method), ctx)
+        if tuning is not None and tuning.get("chosen") is None and method in searches:
+            results += _failed_search(mine, tuning, ctx)
+            continue
+        runs.update({s.name: s for s in mine})  # plan.json records the tuned settings
+        ctx.outdir.set_runs(_plan_runs(runs.values(), ctx.config))
+        for spec in mine:
+            result = _run_or_reuse(spec, tuning, ctx)
+            if result is not None:
+                results.append(result)
+    return results
 
 
 def _plan_runs(specs, config: CompareConfig) -> list[dict]:

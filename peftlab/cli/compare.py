@@ -33,14 +33,41 @@ def _tune_keys(text: str | None) -> tuple[str, ...]:
     return keys
 
 
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """Budget sizes, learning rates and the search."""
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="one learning rate for every method (default: each method's own prior: "
+        "low-rank 1e-3, virtual tokens 1e-2, full fine-tuning 5e-5)",
+    )
+    p.add_argument(
+        "--lr-full",
+        type=float,
+        help="learning rate of methods that train the base weights (full fine-tuning), over "
+        "--lr and the prior",
+    )
+    p.add_argument(
+        "--tune",
+        metavar="KEYS",
+        help="search each method's own grid for these comma-separated keys on the validation "
+        "split (successive halving, ~2-3x one run), then measure the chosen setting: lr, r, "
+        "bottleneck, num_virtual_tokens, ... (a method without a key is tuned on the others)",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="train every method on the same model and data, measure, and write a report",
         description="Train each method in its own process on the same model, data, token budget "
-        "and seed; measure trainable parameters, adapter size, peak memory, speed, inference "
-        "overhead, stability and quality; write <method>.json per run, report.md and report.html. "
-        "Rerun the same command to resume.",
+        "and seeds, each at its own learning rate (or its own tuned setting with --tune); "
+        "measure trainable parameters, adapter size, peak memory, speed, inference overhead, "
+        "stability and quality (mean ± 95%% interval over seeds, against the majority class and "
+        "the untrained model); write <method>.json per run, report.md and report.html. Compare "
+        "writes only its own files and compare-runs/ in --out. Rerun the same command to resume.",
     )
     p.add_argument(
         "--methods", help="comma-separated registry names (default: all that apply to the model)"
@@ -64,27 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick", action="store_true", help="small budget: a few minutes on a 2-core CPU"
     )
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument(
-        "--lr",
-        type=float,
-        help="one learning rate for every method (default: each method's own prior: "
-        "low-rank 1e-3, virtual tokens 1e-2, full fine-tuning 5e-5)",
-    )
-    p.add_argument(
-        "--lr-full",
-        type=float,
-        help="learning rate of methods that train the base weights (full fine-tuning), over "
-        "--lr and the prior",
-    )
-    p.add_argument(
-        "--tune",
-        metavar="KEYS",
-        help="search each method's own grid for these comma-separated keys on the validation "
-        "split (successive halving, ~2-3x one run), then measure the chosen setting: lr, r, "
-        "bottleneck, num_virtual_tokens, ... (a method without a key is tuned on the others)",
-    )
+    _add_settings(p)
     p.add_argument(
         "--set",
         action="append",

@@ -161,7 +161,7 @@ def test_compare_refuses_to_overwrite_what_it_did_not_write(
     with pytest.raises(ConfigError, match=match):
         run_compare(tmp_path)
     assert p.read_text() == content
-    assert not (tmp_path / "compare-runs" / "lora").exists()  # refused before any run
+    assert not (tmp_path / "compare-runs" / ".peftlab-compare").exists()  # refused at once
 
 
 def test_a_rerun_owns_what_the_first_run_wrote(tmp_path, no_workers):
@@ -287,7 +287,9 @@ def test_claims_build_no_verdict_on_noise_or_a_busy_machine():
             r for r in rows if r["method"] == method and r["column"] == "inference overhead"
         )
 
-    assert cell("full")["verdict"] == "held" and "inside the noise floor" in cell("full")["measured"]
+    assert (
+        cell("full")["verdict"] == "held" and "inside the noise floor" in cell("full")["measured"]
+    )
     assert cell("dora")["verdict"] == "not separated from noise"
     assert cell("adapter")["verdict"] == "better than claimed"  # +3% > noise: very low, beyond
     assert cell("lora")["verdict"] == "not judged" and "machine busy" in cell("lora")["measured"]
@@ -355,7 +357,9 @@ def test_a_method_whose_search_failed_is_reported_failed_and_the_others_go_on(
     res = runner.compare(["lora", "prompt"], model=MODEL, out=tmp_path, quick=True,
                          tune=("lr",), echo=False)  # fmt: skip
     lora, prompt = (r["train_info"] for r in res["results"])
-    assert lora["status"] == "failed" and "tuning failed" in lora["error"] and "nope" in lora["error"]
+    assert (
+        lora["status"] == "failed" and "tuning failed" in lora["error"] and "nope" in lora["error"]
+    )
     assert lora["tuning"]["search"]["trials"][0]["error"] == "ValueError: nope"
     assert prompt["status"] == "ok" and prompt["tuning"]["chosen"] == {"lr": 3e-3}
     assert res["results"][1]["run_info"]["lr"] == 3e-3
