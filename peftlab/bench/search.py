@@ -8,8 +8,10 @@ learning rate; every other key is a method option (``r``, ``bottleneck``,
 ``num_virtual_tokens``, …).
 
 One search worker per method (``python -m peftlab.bench.worker --search SEARCH.json``) runs
-:func:`~peftlab.bench.tune.successive_halving` in one process: each trial trains a fresh copy
-of the model for its rung's steps with the comparison's first seed and scores the final
+:func:`~peftlab.bench.tune.successive_halving` in one process, its rungs stretched so the
+search costs about :data:`SEARCH_RUNS` measured runs (:func:`search_budget`): each trial
+trains a fresh copy of the model for its rung's steps with the comparison's first seed (a
+setting already trained for as many steps is not trained again) and scores the final
 evaluation of the *validation* split with :func:`peftlab.results.quality` (higher is better;
 a loss is negated; an accuracy or exact match less :data:`TIE_BREAK` × the validation loss, so
 that a small split's ties go to the better-fitting candidate). It writes ``compare-runs/search/<method>.json``: the chosen setting and
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ from peftlab.core.config import ConfigError
 
 MIN_STEPS = 2
 """Fewest steps a candidate trains at the first rung: one step says nothing of a setting."""
+SEARCH_RUNS = 3.0
+"""A search costs about this many measured runs: the rungs are stretched up to it."""
 TIE_BREAK = 1e-4
 """Weight of the validation loss subtracted from a score (accuracy, exact match): it orders
 candidates a small validation split scores alike, and is too small to reverse a difference of
@@ -51,7 +56,8 @@ class SearchSpec:
     """Requested keys this method has no grid for (not searched for it)."""
     candidates: list[dict[str, Any]]
     budget: int
-    """Steps of one measured run; the rungs train ``budget / 2^k``."""
+    """What the rungs are scaled from (:func:`search_budget`): rung ``k`` of ``R`` trains
+    ``budget / 2^(R−k)`` steps."""
     min_steps: int
     base: RunSpec
     """The method's first-seed run, untuned; a trial replaces its setting, steps and dir."""
@@ -67,6 +73,31 @@ class SearchSpec:
 
     def rungs(self) -> list[int]:
         return tune.rung_steps(len(self.candidates), self.budget, self.min_steps)
+
+
+def search_cost(n: int, budget: int, min_steps: int) -> int:
+    """Steps successive halving trains in all for ``n`` candidates: Σ over rungs of the
+    candidates left (``n``, ``⌈n/2⌉``, …) × the rung's steps."""
+    total, alive = 0, n
+    for steps in tune.rung_steps(n, budget, min_steps):
+        total, alive = total + alive * steps, math.ceil(alive / 2)
+    return total
+
+
+def search_budget(n: int, steps: int, min_steps: int) -> int:
+    """The budget the rungs are scaled from: a measured run's ``steps``, stretched as far as
+    the search stays within :data:`SEARCH_RUNS` runs and no rung trains longer than a run.
+
+    Why: the first rung must show a setting's effect. Plain halving of ``steps`` gives four
+    learning rates ``steps/4`` steps each, often too few for any of them to move the
+    validation score, and the search then keeps whichever did least. Four candidates cost
+    ``2·steps`` unstretched; stretched to ``3·steps`` their rungs train 3/8 and 3/4 of a run.
+    A larger grid (12 candidates already cost more than 3 runs) is not stretched.
+    """
+    budget = steps
+    while budget < 2 * steps and search_cost(n, budget + 1, min_steps) <= SEARCH_RUNS * steps:
+        budget += 1
+    return budget
 
 
 def apply_candidate(spec: RunSpec, candidate: dict[str, Any]) -> RunSpec:
@@ -125,13 +156,15 @@ def plan_searches(
             raise ConfigError(
                 "--tune scores candidates on the validation split: eval_size must be > 0"
             )
+        candidates = tune.grid(grids[m], mine, m)
+        least = min(MIN_STEPS, base.steps)
         search = SearchSpec(
             method=m,
             keys=mine,
             skipped=[k for k in keys if k not in mine],
-            candidates=tune.grid(grids[m], mine, m),
-            budget=base.steps,
-            min_steps=min(MIN_STEPS, base.steps),
+            candidates=candidates,
+            budget=search_budget(len(candidates), base.steps, least),
+            min_steps=least,
             base=dataclasses.replace(base, name=f"search-{m}", run_dir=str(runs_dir / m)),
             result_path=str(runs_dir / f"{m}.json"),
         )
@@ -166,7 +199,8 @@ def tuning_record(search: SearchSpec, found: dict) -> dict:
         "error": found["search"]["error"],
         "score": found.get("score"),
         "rungs": search.rungs(),
-        "budget": search.budget,
+        "steps": search.base.steps,
+        "search_steps": search_cost(len(search.candidates), search.budget, search.min_steps),
         "note": note,
         "search": found["search"],
     }
@@ -190,8 +224,16 @@ def run_search(search: SearchSpec) -> dict:
     labels = num_labels(load_data(TrainConfig.from_dict(base.train_config()), tokenizer, base.kind))
     count = iter(range(10**6))
     scored: dict[str, str] = {}
+    done: dict[str, float] = {}
 
     def score(candidate: dict, steps: int) -> float:
+        key = json.dumps([candidate, steps], sort_keys=True)
+        if key in done:  # same setting, steps and seed: the same run (rungs of equal length)
+            return done[key]
+        done[key] = value = _trial(candidate, steps)
+        return value
+
+    def _trial(candidate: dict, steps: int) -> float:
         spec = dataclasses.replace(
             apply_candidate(base, candidate),
             steps=steps,

@@ -11,7 +11,7 @@ Quality is scored on the first 200 sentences of the GLUE dev set (the test split
 trainer has one; until then the validation split, which the search also chose on). With one
 seed, "beats" means the lower end of the Wilson 95% interval over those 200 sentences lies
 above the majority class's accuracy (0.495 on them). Budget: 64 steps of 16 sentences per
-measured run; the search trains 4 candidates for 16 steps and the better 2 for 32.
+measured run; the search trains 4 candidates for 24 steps and the better 2 for 48.
 """
 
 from __future__ import annotations

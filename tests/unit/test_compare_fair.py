@@ -75,6 +75,17 @@ def test_tune_plans_each_method_on_its_own_grid(tmp_path):
     assert (tuned.lr, tuned.method_args["r"]) == (3e-4, 16)
 
 
+def test_search_rungs_are_stretched_to_about_three_runs_never_beyond_one():
+    from peftlab.bench.tune import rung_steps
+
+    # Four learning rates on a 64-step run: halving alone gives 16 then 32 steps (2 runs of
+    # cost), too few for a setting to show; stretched: 24 then 48 steps, 3 runs of cost.
+    assert rung_steps(4, search.search_budget(4, 64, 2), 2) == [24, 48]
+    assert search.search_cost(4, search.search_budget(4, 64, 2), 2) <= 3 * 64
+    assert search.search_budget(12, 64, 2) == 64  # lr × r: already over 3 runs, not stretched
+    assert rung_steps(2, search.search_budget(2, 10, 2), 2) == [10]  # never longer than a run
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
