@@ -129,6 +129,10 @@ class InferenceInfo:
     unmerged_vs_base: dict | None = None
     merged_vs_base: dict | None = None
     how: str | None = None
+    base_again: dict | None = _opt()
+    """The base model timed in the second phase (with the merged model, or alone)."""
+    noise_floor: float | None = _opt()
+    """:func:`peftlab.bench.timing.noise_floor` of the two phases' base timings."""
 
 
 @dataclasses.dataclass
@@ -160,6 +164,18 @@ class TrainInfo:
     """The final evaluation: ``eval_loss``, ``eval_ppl`` and ``eval_accuracy`` or
     ``eval_exact_match``."""
     inference: InferenceInfo | None = _opt()
+    test: dict[str, float] | None = _opt()
+    """The test split's metrics (``test_loss``, ``test_accuracy``, …), scored once after
+    training, when the data has a test split; ``eval`` is then the validation split."""
+    baselines: dict | None = _opt()
+    """What every method must beat, on the split the quality is reported on: ``split``,
+    ``examples``, ``majority`` (classification: always the training set's most frequent
+    class) and ``base_model`` (the untrained model's metrics, keys without their prefix)."""
+    timing: dict | None = _opt()
+    """Whether this run's timings can be stated as findings: ``reliable``, ``why``, the noise
+    floor and each form's :func:`~peftlab.bench.stats.timing_verdict`."""
+    tuning: dict | None = _opt()
+    """With ``--tune``: the keys searched, the chosen setting and the whole search table."""
     mergeable: bool | None = _opt()
     trains_base: bool | None = _opt()
     method_config: dict | None = _opt()
@@ -180,6 +196,9 @@ class MetaInfo:
     """1-, 5- and 15-minute load averages when the run ended."""
     cuda_device: str | None = None
     versions: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    load: dict | None = _opt()
+    """Machine load (:func:`peftlab.bench.load.snapshot`) before the run, between its phases
+    and after it, and the threads the run used and why."""
 
 
 @dataclasses.dataclass
@@ -253,28 +272,59 @@ def _encode(obj: Any) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Quality:
-    """How well a run learned its task: one figure of its final evaluation."""
+    """How well a run learned its task: one figure of one evaluation split."""
 
     name: str
     """"accuracy", "exact_match" or "loss"."""
     value: float
     higher_is_better: bool
+    split: str = "validation"
+    """"test" (scored once, after training) or "validation" (what tuning looked at)."""
+
+    @property
+    def score(self) -> float:
+        """Higher is better: the value, or the loss negated (what tuning maximizes)."""
+        return self.value if self.higher_is_better else -self.value
 
 
 QUALITY_ORDER = (("accuracy", True), ("exact_match", True), ("loss", False))
 """The figures :func:`quality` takes, first present wins."""
 
 
-def quality(result: RunResult | dict) -> Quality | None:
-    """The run's quality: eval accuracy (classification), else eval exact match (generation
-    tasks that score it: the built-in tasks, or ``eval_exact_match=true``), else eval loss
-    (lower is better; perplexity is its exponential, so it ranks the same). None when the run
-    failed or did not evaluate."""
+def quality_of(metrics: dict | None, prefix: str = "eval", split: str = "validation"):
+    """The :class:`Quality` in one evaluation's metrics (``<prefix>_accuracy``, else
+    ``<prefix>_exact_match``, else ``<prefix>_loss``), or None when it holds none of them."""
+    for name, higher in QUALITY_ORDER:
+        v = (metrics or {}).get(f"{prefix}_{name}")
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            return Quality(name, float(v), higher, split)
+    return None
+
+
+def final_test_metrics(result: RunResult | dict) -> dict | None:
+    """The run's test-split metrics (``test_`` keys), or None when its data had no test split."""
+    ti = RunResult.coerce(result).train_info
+    test = ti.test if ti.test is not None else (ti.train_summary or {}).get("test")
+    return test if isinstance(test, dict) and test else None
+
+
+def quality(result: RunResult | dict, split: str | None = None) -> Quality | None:
+    """The run's quality: accuracy (classification), else exact match (generation tasks that
+    score it: the built-in tasks, or ``eval_exact_match=true``), else loss (lower is better;
+    perplexity is its exponential, so it ranks the same). None when the run failed or did not
+    evaluate.
+
+    ``split``: "test" (the test split's metrics, scored once after training), "validation"
+    (the final evaluation during training, ``eval_`` keys: what tuning scores), or None (the
+    headline: test when the data had a test split, else validation).
+    """
     r = RunResult.coerce(result)
     if not r.ok:
         return None
-    for name, higher in QUALITY_ORDER:
-        v = (r.train_info.eval or {}).get(f"eval_{name}")
-        if isinstance(v, int | float) and math.isfinite(v):
-            return Quality(name, float(v), higher)
-    return None
+    if split not in (None, "test", "validation"):
+        raise ValueError(f"split={split!r} must be None, 'test' or 'validation'")
+    if split in (None, "test"):
+        found = quality_of(final_test_metrics(r), "test", "test")
+        if found is not None or split == "test":
+            return found
+    return quality_of(r.train_info.eval, "eval", "validation")

@@ -18,6 +18,9 @@ from peftlab.core.config import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = {"causal-lm": "builtin:sort"}
+DEFAULT_SEEDS = 3
+"""Runs per method of a non-quick comparison: the fewest that give a 95% interval worth
+reading (t(0.975, 2) = 4.3)."""
 """Default data per model kind; classification has no built-in task, so it needs ``data``."""
 
 
@@ -56,13 +59,20 @@ class CompareConfig:
     max_length: int | None = None
     quick: bool = False
     """Take the small budget :data:`QUICK` instead of :data:`FULL`."""
-    seeds: int = 1
-    """Runs per method, with seeds ``seed``, ``seed+1``, …"""
+    seeds: int | None = None
+    """Runs per method, with seeds ``seed``, ``seed+1``, …; None: :data:`DEFAULT_SEEDS` (3,
+    so every figure has a 95% interval), 1 with ``quick``."""
     seed: int = 0
-    lr: float = 1e-3
-    """Learning rate of the PEFT methods."""
-    lr_full: float = 5e-5
-    """Learning rate of methods that train the base weights (full fine-tuning)."""
+    lr: float | None = None
+    """One learning rate for every method; None: each method's own prior
+    (``MethodSpec.tuning.lr``: low-rank 1e-3, virtual tokens 1e-2, full fine-tuning 5e-5)."""
+    lr_full: float | None = None
+    """Learning rate of the methods that train the base weights (full fine-tuning), over
+    ``lr`` and the prior; None: ``lr`` if given, else the method's prior."""
+    tune: tuple[str, ...] = ()
+    """Keys searched per method (``lr``, ``r``, ``num_virtual_tokens``, …; see
+    :mod:`peftlab.bench.tune`) on the validation split before the measured runs; empty: no
+    search."""
     method_args: dict[str, dict] = dataclasses.field(default_factory=dict)
     """Method name → options, e.g. ``{"lora": {"r": 16}}``."""
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -70,13 +80,26 @@ class CompareConfig:
     device: str | None = None
     """None: cuda when available, else cpu."""
     threads: int | None = None
-    """Torch threads per run; None: torch's choice."""
+    """Torch threads per run; None: chosen from the machine's load before each run
+    (:func:`peftlab.bench.load.choose_threads`)."""
     out: str | Path = "compare-out"
     """Output directory; rerunning with the same one resumes."""
 
     def __post_init__(self) -> None:
-        if self.seeds < 1:
+        if self.seeds is None:
+            object.__setattr__(self, "seeds", 1 if self.quick else DEFAULT_SEEDS)
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
             raise ConfigError(f"seeds={self.seeds!r} is invalid: seeds must be at least 1")
+        for key in ("lr", "lr_full"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, int | float) and 0 < v < float("inf")):
+                raise ConfigError(f"{key}={v!r} is invalid: a learning rate is a finite number > 0")
+        tune = (self.tune,) if isinstance(self.tune, str) else tuple(self.tune or ())
+        if any(not isinstance(k, str) or not k for k in tune) or len(set(tune)) != len(tune):
+            raise ConfigError(
+                f"tune={list(tune)!r} is invalid: give distinct key names, e.g. --tune lr,r"
+            )
+        object.__setattr__(self, "tune", tune)
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} is invalid: steps must be at least 1")
         # Lists and None are accepted for convenience and stored in one form.

@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from peftlab.bench import measure
+from peftlab.bench import baselines, measure, timing
 from peftlab.bench.inference import overhead_ratios, time_inference
 from peftlab.bench.spec import RunSpec
 from peftlab.core.fileio import atomic_write_json
@@ -124,28 +124,33 @@ def read_evals(run_dir: Path) -> list[dict]:
     return [r for r in records if any(k.startswith("eval_") for k in r)]
 
 
-def _num_labels(model) -> int:
-    return int(getattr(model.config, "num_labels", 2) or 2)
-
-
 def run(spec: RunSpec) -> RunResult:
     """Train and measure one method as ``spec`` says."""
     import torch
 
     import peftlab
+    from peftlab.bench.load import snapshot
     from peftlab.bench.probe import LoopProbe
     from peftlab.core.model import adapter_configs
     from peftlab.models import load_model, load_tokenizer
     from peftlab.train import train
+    from peftlab.train.config import TrainConfig
+    from peftlab.train.taskdata import load_data, num_labels
 
+    loads = {"start": snapshot().to_dict()}
     run_info = RunInfo(**spec.run_info(), start=now(), device=spec.device, argv=sys.argv)
-    torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
+    config = spec.train_config()
+    tokenizer = load_tokenizer(spec.model)
+    # The splits train() will make (one place decides them and the label set), read before
+    # the model so its head has the data's classes; kept for the baselines.
+    data = load_data(TrainConfig.from_dict(config), tokenizer, spec.kind)
+    labels = num_labels(data)
+    torch.manual_seed(spec.seed)
     rss_start = measure.rss_bytes()
     t0 = time.perf_counter()
-    model = load_model(spec.model, kind=spec.kind).to(device)
+    model = load_model(spec.model, kind=spec.kind, num_labels=labels).to(device)
     measure.own_weights(model)  # resident and counted from the start (see own_weights)
-    tokenizer = load_tokenizer(spec.model)
     load_s = time.perf_counter() - t0
     rss_loaded = measure.rss_bytes()
     loaded_weights = measure.tensor_bytes(model)["weights_bytes"]
@@ -155,7 +160,6 @@ def run(spec: RunSpec) -> RunResult:
         for k, v in prompt_batch(tokenizer, spec.kind, inf.max_prompt_length).items()
     }
 
-    config = spec.train_config()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     # One measurement over everything training needs: the data, apply (QLoRA's quantization
@@ -165,20 +169,54 @@ def run(spec: RunSpec) -> RunResult:
         t_train = time.perf_counter()
         summary = train(config, model=model, tokenizer=tokenizer, callbacks=[probe])
         train_s = time.perf_counter() - t_train
+    loads["after_train"] = snapshot().to_dict()
     if not adapter_configs(model):
         raise RuntimeError(
             "peftlab.train returned without applying the method to the model it was given"
         )
 
+    memory = _memory(spec, config, model, probe, peak, device, (rss_start, rss_loaded))
+    memory.loaded_weights_bytes = loaded_weights
+    adapter_dir = Path(spec.run_dir) / "adapter"
+    if not adapter_dir.is_dir():
+        peftlab.save_adapter(model, adapter_dir)
+    torch.manual_seed(spec.seed)  # the base model's new head (classification), reproducibly
+    base = load_model(spec.model, kind=spec.kind, num_labels=labels).to(device)
+    inference = _time_inference(spec, base, model, prompts)
+    loads["after_inference"] = snapshot().to_dict()
+    exact = "eval_exact_match" in (summary.get("eval_after") or {})
+    base_metrics = baselines.base_model(
+        base, tokenizer, data, spec.batch_size, device, exact
+    )  # fmt: skip
+    del base
+    train_info = _train_info(spec, model, summary, probe.records, memory, inference)
+    train_info.train_seconds, train_info.model_load_seconds = train_s, load_s
+    train_info.adapter_bytes = measure.dir_bytes(adapter_dir)
+    train_info.test = summary.get("test") or None
+    train_info.baselines = baselines.record(data, base_metrics)
+    train_info.timing = _timing(inference, loads, train_info.trains_base)
+    run_info.end = now()
+    run_info.model_config = {
+        k: v for k, v in model.config.to_dict().items() if isinstance(v, int | float | str | bool)
+    }
+    run_info.model_class = type(model).__name__
+    if spec.kind == "classification":
+        run_info.num_labels = getattr(model.config, "num_labels", None)
+    return RunResult(run_info, train_info, MetaInfo(**meta_info(), load=loads))
+
+
+def _memory(spec, config, model, probe, peak, device, rss: tuple[int, int]) -> PeakMemoryInfo:
+    """``train_info.peak_memory`` from the worker's one measurement (see
+    :mod:`peftlab.bench.measure`); ``rss``: RSS before and after the model loaded."""
+    rss_start, rss_loaded = rss
     cpu = device.type == "cpu"
     loop = probe.memory()
-    memory = PeakMemoryInfo(
+    return PeakMemoryInfo(
         bytes=peak.peak_bytes - (rss_loaded if cpu else 0),
         # Peak minus the process's RSS before the model loaded (torch and transformers
         # imported): the model and everything training it needs. Not "RSS after load minus
         # weights": safetensors pages the weights in lazily, so RSS after load undercounts them.
         total_bytes=peak.peak_bytes - (rss_start if cpu else 0),
-        loaded_weights_bytes=loaded_weights,
         how=peak.method + (" minus RSS after model load" if cpu else ""),
         peak_process_bytes=peak.peak_bytes,
         prediction=memory_prediction(spec, config, model, loop, device),
@@ -187,23 +225,19 @@ def run(spec: RunSpec) -> RunResult:
         rss_after_load_bytes=rss_loaded if cpu else None,
         **measure.tensor_bytes(model),
     )
-    adapter_dir = Path(spec.run_dir) / "adapter"
-    if not adapter_dir.is_dir():
-        peftlab.save_adapter(model, adapter_dir)
-    base = load_model(spec.model, kind=spec.kind, num_labels=_num_labels(model)).to(device)
-    inference = _time_inference(spec, base, model, prompts)
-    del base
-    train_info = _train_info(spec, model, summary, probe.records, memory, inference)
-    train_info.train_seconds, train_info.model_load_seconds = train_s, load_s
-    train_info.adapter_bytes = measure.dir_bytes(adapter_dir)
-    run_info.end = now()
-    run_info.model_config = {
-        k: v for k, v in model.config.to_dict().items() if isinstance(v, int | float | str | bool)
-    }
-    run_info.model_class = type(model).__name__
-    if spec.kind == "classification":
-        run_info.num_labels = getattr(model.config, "num_labels", None)
-    return RunResult(run_info, train_info, MetaInfo(**meta_info()))
+
+
+def _timing(inference: InferenceInfo, loads: dict, trains_base: bool) -> dict:
+    """``train_info.timing``: reliability from the load readings, the noise floor and each
+    form's finding (:mod:`peftlab.bench.timing`)."""
+    return {
+        **timing.reliability(loads),
+        "noise_floor": inference.noise_floor,
+        "findings": timing.findings(
+            inference.unmerged_vs_base, inference.merged_vs_base, inference.noise_floor,
+            trains_base,
+        ),
+    }  # fmt: skip
 
 
 def _train_info(
@@ -260,8 +294,9 @@ def _train_info(
 
 def _time_inference(spec: RunSpec, base, model, prompts: dict) -> InferenceInfo:
     """Time a fresh copy of the base model and the adapted one in the same rounds (see
-    :func:`~peftlab.bench.inference.time_inference`): unmerged, and merged where the method
-    merges."""
+    :func:`~peftlab.bench.inference.time_inference`) in two phases: unmerged, then merged
+    where the method merges (else the base alone). The base model timed in both phases gives
+    the run's noise floor (:func:`peftlab.bench.timing.noise_floor`)."""
     import peftlab
     from peftlab.core.model import adapter_configs
 
@@ -276,6 +311,9 @@ def _time_inference(spec: RunSpec, base, model, prompts: dict) -> InferenceInfo:
         timed = time_inference({"base": base, "merged": model}, prompts, new_tokens, inf.repeats)
         merged_base, merged = timed["base"], timed["merged"]
         peftlab.unmerge(model)
+        base_again = merged_base
+    else:
+        base_again = time_inference({"base": base}, prompts, new_tokens, inf.repeats)["base"]
     return InferenceInfo(
         prompts=len(prompts["input_ids"]),
         prompt_tokens=int(prompts["input_ids"].shape[1]),
@@ -286,8 +324,11 @@ def _time_inference(spec: RunSpec, base, model, prompts: dict) -> InferenceInfo:
         base_in_merged_round=merged_base,
         unmerged_vs_base=overhead_ratios(base_speed, unmerged),
         merged_vs_base=overhead_ratios(merged_base, merged) if merged else None,
+        base_again=base_again,
+        noise_floor=timing.noise_floor(base_speed, base_again),
         how=f"median of {inf.repeats} rounds, each timing a fresh base model and the "
-        "adapted one in turn on the same prompts, after a warm-up round",
+        "adapted one in turn on the same prompts, after a warm-up round; the base model is "
+        "timed again in a second phase (with the merged model, or alone) for the noise floor",
     )
 
 
@@ -353,8 +394,10 @@ def failure(spec: RunSpec, error: str, tb: str, start: str | None = None) -> Run
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--search":
+        return _search_main(Path(argv[1]))
     if len(argv) != 1:
-        print("usage: python -m peftlab.bench.worker SPEC.json", file=sys.stderr)
+        print("usage: python -m peftlab.bench.worker [--search] SPEC.json", file=sys.stderr)
         return 2
     spec = RunSpec.from_json(json.loads(Path(argv[0]).read_text()))
     import torch
@@ -370,6 +413,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     write_json_atomic(spec.result_path, result.to_json())
     return 0
+
+
+def _search_main(path: Path) -> int:
+    """One method's search (:mod:`peftlab.bench.search`); a failing trial is recorded in the
+    search table, a failure of the whole search in the JSON's ``search.error``."""
+    import torch
+
+    from peftlab.bench.search import SearchSpec, run_search
+
+    search = SearchSpec.from_json(json.loads(path.read_text()))
+    torch.set_num_threads(search.base.threads or torch.get_num_threads())
+    try:
+        found = run_search(search)
+    except Exception as e:  # noqa: BLE001 — recorded, so the comparison goes on
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+        found = {
+            "method": search.method,
+            "fingerprint": search.fingerprint,
+            "search": {"best": None, "error": error, "trials": []},
+        }
+    write_json_atomic(search.result_path, found)
+    return 0 if found["search"]["best"] is not None else 1
 
 
 if __name__ == "__main__":

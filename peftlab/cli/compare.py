@@ -1,11 +1,13 @@
-"""``peftlab compare``: every method on the same model, data, budget and seed; one JSON per run
-and a report. Exit status: 0 every run ok, 1 some run failed, 2 bad input."""
+"""``peftlab compare``: every method on the same model, data, budget and seeds, each at its own
+learning rate (or its own tuned setting with ``--tune``); one JSON per run and a report.
+Exit status: 0 every run ok, 1 some run failed, 2 bad input."""
 
 from __future__ import annotations
 
 import argparse
 
 from peftlab.bench.runner import DEFAULT_MODEL, FULL, QUICK, compare
+from peftlab.core.config import ConfigError
 from peftlab.core.overrides import parse_overrides
 
 
@@ -21,14 +23,51 @@ def _train_overrides(items: list[str]) -> dict:
     return parse_overrides(items, what="--train", form="KEY=VALUE", example="data_size=2000")
 
 
+def _tune_keys(text: str | None) -> tuple[str, ...]:
+    """``"lr,r"`` → ``("lr", "r")``; an empty key is an error."""
+    if text is None:
+        return ()
+    keys = tuple(k.strip() for k in text.split(","))
+    if not all(keys):
+        raise ConfigError(f"--tune {text!r} is invalid: give comma-separated keys, e.g. lr,r")
+    return keys
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """Budget sizes, learning rates and the search."""
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="one learning rate for every method (default: each method's own prior: "
+        "low-rank 1e-3, virtual tokens 1e-2, full fine-tuning 5e-5)",
+    )
+    p.add_argument(
+        "--lr-full",
+        type=float,
+        help="learning rate of methods that train the base weights (full fine-tuning), over "
+        "--lr and the prior",
+    )
+    p.add_argument(
+        "--tune",
+        metavar="KEYS",
+        help="search each method's own grid for these comma-separated keys on the validation "
+        "split (successive halving, ~2-3x one run), then measure the chosen setting: lr, r, "
+        "bottleneck, num_virtual_tokens, ... (a method without a key is tuned on the others)",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="train every method on the same model and data, measure, and write a report",
         description="Train each method in its own process on the same model, data, token budget "
-        "and seed; measure trainable parameters, adapter size, peak memory, speed, inference "
-        "overhead, stability and quality; write <method>.json per run, report.md and report.html. "
-        "Rerun the same command to resume.",
+        "and seeds, each at its own learning rate (or its own tuned setting with --tune); "
+        "measure trainable parameters, adapter size, peak memory, speed, inference overhead, "
+        "stability and quality (mean ± 95%% interval over seeds, against the majority class and "
+        "the untrained model); write <method>.json per run, report.md and report.html. Compare "
+        "writes only its own files and compare-runs/ in --out. Rerun the same command to resume.",
     )
     p.add_argument(
         "--methods", help="comma-separated registry names (default: all that apply to the model)"
@@ -45,17 +84,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seeds",
         type=int,
-        default=1,
-        help="runs per method, seeds 0..K-1 (stability across seeds)",
+        help="runs per method, seeds 0..K-1: every figure is a mean ± 95%% interval over them "
+        "(default 3; 1 with --quick)",
     )
     p.add_argument("--out", default="compare-out", help="output directory; rerun to resume")
     p.add_argument(
         "--quick", action="store_true", help="small budget: a few minutes on a 2-core CPU"
     )
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the PEFT methods")
-    p.add_argument("--lr-full", type=float, default=5e-5, help="learning rate of full fine-tuning")
+    _add_settings(p)
     p.add_argument(
         "--set",
         action="append",
@@ -74,7 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        help="torch threads per run (default: torch's choice; 1 is faster on an oversubscribed machine)",
+        help="torch threads per run (default: the cores other work leaves free, read before "
+        "each run)",
     )
     p.add_argument(
         "--report-only",
@@ -105,6 +142,7 @@ def _cli(a: argparse.Namespace) -> int:
         max_length=a.max_length,
         lr=a.lr,
         lr_full=a.lr_full,
+        tune=_tune_keys(a.tune),
         method_args=_method_args(a.set),
         train_overrides=_train_overrides(a.train),
         threads=a.threads,

@@ -21,6 +21,7 @@ from torch import nn
 from peftlab.data.encode import IGNORE, TaskData, collate
 from peftlab.train import metrics as M
 from peftlab.train.loss import ChunkedLossUnsupported, chunked_loss_sum
+from peftlab.train.taskdata import num_labels
 
 
 def loss_sum(
@@ -199,7 +200,7 @@ def evaluate(
     try:
         sums = list(loss_sums(model, examples, pad, batch_size, device, chunked))
         if data.kind == "classification":
-            classes = max(2, len(data.label_names))
+            classes = num_labels(data)
             sums += confusion_counts(model, examples, pad, batch_size, device, classes)
         elif exact_match:
             sums += exact_match_counts(
@@ -218,7 +219,7 @@ def evaluate(
     loss = sums[0] / max(sums[1], 1)
     out = {"loss": loss}
     if data.kind == "classification":
-        k = max(2, len(data.label_names))
+        k = num_labels(data)
         matrix = [sums[2 + i * k : 2 + (i + 1) * k] for i in range(k)]
         out.update(M.classification_metrics(matrix))
     else:

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 import peftlab
-from peftlab.data import DataError, collate, load_task_data
+from peftlab.data import DataError, collate
 from peftlab.train import checkpoint, checkpointing, lock, rundir, signals
 from peftlab.train import resume as resuming
 from peftlab.train.callbacks import StepRecord, TrainCallback
@@ -41,6 +41,7 @@ from peftlab.train.distributed import make_accelerator, reduce_sum
 from peftlab.train.divergence import TrainingDiverged, diverged
 from peftlab.train.evaluate import evaluate, loss_sum
 from peftlab.train.optim import lr_schedule, optimizer_for
+from peftlab.train.taskdata import load_data, num_labels
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train"]
 
@@ -223,9 +224,9 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kind = model_kind(model if model is not None else cfg.model)
-    data = load_task_data(tokenizer, cfg.data, kind, cfg.max_length, **cfg.data_kwargs())
+    data = load_data(cfg, tokenizer, kind)  # the one place that decides data and labels
     if model is None:
-        model = load_model(cfg.model, kind, num_labels=max(2, len(data.label_names)))
+        model = load_model(cfg.model, kind, num_labels=num_labels(data))
     if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
         model.to(accelerator.device)
     method_config = cfg.method_config().with_tokenizer(tokenizer)

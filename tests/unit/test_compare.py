@@ -450,7 +450,8 @@ def test_spec_keeps_the_json_layout_and_fingerprint_of_earlier_versions(tmp_path
         "a4a22a8b0930deb0", "2ae5425dc6fcc88c", "f2fa9cafc0a7eb9b", "415dee61de779b24",
     ]  # fmt: skip
     (spec,) = plan(["qlora"], model="smollm2-135m", out=tmp_path, device="cpu", threads=1,
-                   method_args={"qlora": {"r": 4}}, train_overrides={"data_size": 100})  # fmt: skip
+                   seeds=1, method_args={"qlora": {"r": 4}},
+                   train_overrides={"data_size": 100})  # fmt: skip
     assert spec.fingerprint == "f720e1b351a4a39f"
     data = spec.to_json()
     assert list(data) == [
