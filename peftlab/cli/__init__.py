@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     ("peftlab.bench.runner", "add_parser"),
     ("peftlab.train.loop", "add_parser"),
     ("peftlab.select.recommend", "add_parsers"),
+    ("peftlab.cli.export", "add_parser"),
 ]
 
 
