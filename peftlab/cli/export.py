@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # Values are checked by peftlab.export (one-line errors naming what is allowed).
     p.add_argument("--format", required=True, help="hf (merged model), gguf or peft (adapter)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to create")
-    p.add_argument("--dtype", choices=("f32", "bf16", "f16"), help="hf weight dtype (default f32)")
+    p.add_argument("--dtype", help="hf weight dtype: f32 (default), bf16 or f16")
     p.add_argument(
         "--quant", metavar="TYPE", help="gguf tensor type: f32, f16 (default), bf16 or q8_0"
     )

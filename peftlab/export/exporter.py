@@ -240,7 +240,8 @@ def _verify(
         del model
         results = [checks.judge(name, figures, precision, tokenizer_judged)]
     out = {"checks": results, "passed": True, "verify_warnings": warnings}
-    if getattr(src.config, "quant_type", None):
+    peft_checked = any(not r["judged"] for r in results)  # peft on the float base: same figures
+    if getattr(src.config, "quant_type", None) and not peft_checked:
         # What a merge into the original float weights would have computed instead.
         float_base = sources.load_float_base(src)
         out["qlora_float_base_drift"] = checks.compare(reference, float_base, ids, new_tokens)

@@ -12,6 +12,7 @@ naming the key and the server, not refusals.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
@@ -67,10 +68,22 @@ def server_warnings(config: MethodConfig) -> list[str]:
 
 
 def write_peft(model: nn.Module, out: Path, base_name: str) -> dict:
-    """Write the adapter on ``model`` (as loaded from the source) to ``out``."""
+    """Write the adapter on ``model`` (as loaded from the source) to ``out``.
+
+    ``modules_to_save`` entries are written as qualified module names: peft matches them as
+    plain suffixes (``"norm"`` would also take every ``input_layernorm``), peftlab at a dot.
+    """
     import peftlab
+    from peftlab.core.fileio import atomic_write_json
+    from peftlab.core.io import CONFIG_NAME
+    from peftlab.core.model import active_adapter, adapter_configs, saved_module_names
 
     peftlab.save_adapter(model, out, base_model_name_or_path=base_name)
+    config = adapter_configs(model)[active_adapter(model)]
+    doc = json.loads((out / CONFIG_NAME).read_text())
+    if doc.get("modules_to_save"):
+        doc["modules_to_save"] = saved_module_names(model, config)
+        atomic_write_json(out / CONFIG_NAME, doc)
     return {"files": sorted(p.name for p in out.iterdir())}
 
 
