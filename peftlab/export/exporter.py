@@ -73,7 +73,7 @@ def refuse_early(src: sources.Source, format: str) -> None:
     if format == "peft":
         to_peft.check_representable(src.config)
     elif not src.config.mergeable:
-        alt = "" if to_peft_refusal(src) else "; --format peft writes the adapter for peft"
+        alt = "; --format peft writes the adapter for peft" if _peft_can_read(src) else ""
         raise ExportError(
             f"--format {format} needs the adapter merged into the base weights, and method "
             f"{src.method!r} cannot be merged (its computation is not a weight delta){alt}"
@@ -87,12 +87,12 @@ def refuse_early(src: sources.Source, format: str) -> None:
         to_gguf.check_architecture(sources.model_config(src.base))
 
 
-def to_peft_refusal(src: sources.Source) -> str | None:
+def _peft_can_read(src: sources.Source) -> bool:
     try:
         to_peft.check_representable(src.config)
-    except ExportError as e:
-        return str(e)
-    return None
+    except ExportError:
+        return False
+    return True
 
 
 def export(

@@ -65,8 +65,7 @@ def _looks_special(token: str) -> bool:
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
     """llama.cpp's name for the pre-tokenizer of a byte-level BPE ``tokenizer.json``."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    steps = _pre_steps(tokenizer_json)
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
@@ -91,7 +90,7 @@ def build_from_hf(
         raise ExportError(f"{model_dir} holds no tokenizer.json; the GGUF writer needs it")
     doc = json.loads(tok_file.read_text())
     model = doc.get("model") or {}
-    steps = _pre_steps(doc)
+    steps = [step.get("type") for step in _pre_steps(doc)]
     if model.get("type") != "BPE" or "ByteLevel" not in steps:
         raise ExportError(
             f"the GGUF writer embeds byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM); this "
@@ -117,10 +116,10 @@ def build_from_hf(
     return {"model": "gpt2", "pre": pre, "tokens": str(len(tokens))}
 
 
-def _pre_steps(doc: dict) -> list[str]:
+def _pre_steps(doc: dict) -> list[dict]:
+    """The pre-tokenizer steps of a ``tokenizer.json`` (a ``Sequence`` unrolled)."""
     pre = doc.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    return [s.get("type") for s in steps]
+    return pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
 
 
 def _tokens(tokenizer, vocab: dict[str, int], vocab_size: int) -> tuple[list[str], list[int]]:

@@ -321,6 +321,23 @@ def test_gguf_refuses_a_tokenizer_it_cannot_embed(root, tmp_path):
     assert not out.exists() and not _leftovers(out)
 
 
+def test_gguf_pre_tokenizer_is_named_as_llama_cpp_names_it_or_refused():
+    from peftlab.export.gguf_vocab import _LLAMA3_SPLIT, pre_tokenizer_name
+
+    def doc(*steps):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": list(steps)}}
+
+    byte_level = {"type": "ByteLevel", "use_regex": True}
+    assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name(doc(digits, byte_level)) == "smollm"
+    split = {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}}
+    assert pre_tokenizer_name(doc(split, {"type": "ByteLevel", "use_regex": False})) == "llama-bpe"
+    other = {"type": "Split", "pattern": {"Regex": r"\w+"}}
+    with pytest.raises(ExportError, match=r"pre-tokenizer \['Split', 'ByteLevel'\] is not one"):
+        pre_tokenizer_name(doc(other, byte_level))
+
+
 # ---- peft --------------------------------------------------------------------------------
 
 
