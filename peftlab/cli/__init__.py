@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "peftlab.cli.train",
     "peftlab.cli.recommend",
     "peftlab.cli.data",
+    "peftlab.cli.export",
 ]
 
 
