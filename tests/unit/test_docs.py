@@ -64,6 +64,9 @@ NOT_RUN = {
     "python benchmarks/": "benchmarks train the bundled model in many processes (minutes)",
     "python -m benchmarks.": "benchmarks train the bundled model in many processes (minutes)",
     "bash benchmarks/gpu.sh": "needs a CUDA GPU",
+    "peftlab export": "merges and writes the bundled model (minutes); tests/unit/test_export.py runs tiny ones",
+    "peftlab data inspect": "reads a config's data with the bundled tokenizer; the data tests run it on tiny ones",
+    "python scripts/": "fault injection: trains and SIGKILLs a run a dozen times (minutes)",
 }
 
 
