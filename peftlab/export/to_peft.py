@@ -76,13 +76,12 @@ def write_peft(model: nn.Module, out: Path, base_name: str) -> dict:
     import peftlab
     from peftlab.core.fileio import atomic_write_json
     from peftlab.core.io import CONFIG_NAME
-    from peftlab.core.model import active_adapter, adapter_configs, saved_module_names
+    from peftlab.core.state import active_adapter, saved_modules
 
     peftlab.save_adapter(model, out, base_model_name_or_path=base_name)
-    config = adapter_configs(model)[active_adapter(model)]
     doc = json.loads((out / CONFIG_NAME).read_text())
     if doc.get("modules_to_save"):
-        doc["modules_to_save"] = saved_module_names(model, config)
+        doc["modules_to_save"] = list(saved_modules(model, active_adapter(model)))
         atomic_write_json(out / CONFIG_NAME, doc)
     return {"files": sorted(p.name for p in out.iterdir())}
 
