@@ -40,6 +40,8 @@ from peftlab.export.errors import ExportVerificationError
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
+    """The bounds an export of one precision must stay within."""
+
     max_rel_logit_diff: float | None
     """Largest allowed max|ΔL|/max|L_ref| (None: not judged)."""
     min_top1_agreement: float
