@@ -40,11 +40,13 @@ def _baseline_lines(comparison: dict) -> list[tuple[str, list]]:
         undecided = [m for m, v in b["methods"].items() if v["beats"] is None]
         losers = [m for m, v in b["methods"].items() if v["beats"] is False]
         if b["all_beat"]:
+            end, side = ("lower", "above") if comparison["higher_is_better"] else ("upper", "below")
             text = (
-                f"Every method beats {what}: the lower end of each one's 95% interval is above it."
+                f"Every method beats {what}: the {end} end of each one's 95% interval is {side} it."
             )
         elif losers:
-            text = f"Not every method beats {what}: {', '.join(losers)} does not."
+            verb = "does" if len(losers) == 1 else "do"
+            text = f"Not every method beats {what}: {', '.join(losers)} {verb} not."
         else:
             text = f"Whether every method beats {what} cannot be told: no interval for "
             text += f"{', '.join(undecided)}."
@@ -101,7 +103,7 @@ def _tuning_blocks(summary: dict[str, dict]) -> list[tuple[str, list]]:
             setting = _setting(chosen)
             notes.append(f"{m}: chose {setting} ({t.get('note')}; score: {t.get('score')})")
         for tr in (t.get("search") or {}).get("trials", []):
-            score = f"{tr['score']:.4f}" if tr.get("score") is not None else "–"
+            score = f"{tr['score']:.3f}" if tr.get("score") is not None else "–"
             rows.append([m, tr["rung"], tr["steps"], _setting(tr["candidate"]), score,
                          "yes" if tr["kept"] else "", tr.get("error") or ""])  # fmt: skip
     if not notes:

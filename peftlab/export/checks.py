@@ -19,8 +19,8 @@ Tolerances, by the precision of the export (measured on SmolLM2-135M + LoRA, doc
 precision  max_rel_logit_diff ≤   top1_agreement ≥  why
 =========  =====================  ================  =========================================
 f32        1e-4                   0.99              a merge is exact up to float32 rounding
-f16        2e-2                   0.95              10-bit mantissa on weights and activations
-bf16       1e-1                   0.90              7-bit mantissa
+f16        5e-2                   0.95              10-bit mantissa on weights and activations
+bf16       2.5e-1                 0.90              7-bit mantissa; hf bf16 computes in bf16
 q8_0       —                      0.90              8-bit blocks of 32; judged on top-1 only
 =========  =====================  ================  =========================================
 
@@ -40,6 +40,8 @@ from peftlab.export.errors import ExportVerificationError
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
+    """The bounds an export of one precision must stay within."""
+
     max_rel_logit_diff: float | None
     """Largest allowed max|ΔL|/max|L_ref| (None: not judged)."""
     min_top1_agreement: float
@@ -47,8 +49,8 @@ class Tolerance:
 
 TOLERANCES = {
     "f32": Tolerance(1e-4, 0.99),
-    "f16": Tolerance(2e-2, 0.95),
-    "bf16": Tolerance(1e-1, 0.90),
+    "f16": Tolerance(5e-2, 0.95),
+    "bf16": Tolerance(2.5e-1, 0.90),
     "q8_0": Tolerance(None, 0.90),
 }
 
@@ -93,7 +95,7 @@ def greedy(model: nn.Module, ids: list[int], n: int) -> list[int]:
     out = model(input_ids=torch.tensor([ids]), use_cache=True)
     new = [int(out.logits[0, -1].argmax())]
     for _ in range(n - 1):
-        cache = out.get("cache", out.get("past_key_values"))
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
         out = model(input_ids=torch.tensor([[new[-1]]]), use_cache=True, **{key: cache})
         new.append(int(out.logits[0, -1].argmax()))
     return new

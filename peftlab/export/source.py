@@ -73,6 +73,7 @@ def resolve(source: str | Path, model: str | None = None, run: str | None = None
         base = model or _run_model(path / "config.yaml")
         return Source(adapter_dir, base, read_adapter_config(adapter_dir), run_dir=path)
     if (path / CONFIG_NAME).is_file():
+        config = read_adapter_config(path)  # a corrupt file is refused here, in one line
         doc = json.loads((path / CONFIG_NAME).read_text())
         base = model or doc.get("base_model_name_or_path")
         if not base:
@@ -80,7 +81,7 @@ def resolve(source: str | Path, model: str | None = None, run: str | None = None
                 f"{path / CONFIG_NAME} names no base_model_name_or_path; pass the base model "
                 f"(--model NAME_OR_PATH)"
             )
-        return Source(path, str(base), read_adapter_config(path))
+        return Source(path, str(base), config)
     raise ExportError(
         f"{path} is neither a run directory (config.yaml + adapter/), an adapter directory "
         f"({CONFIG_NAME}) nor a compare output (plan.json + runs/)"

@@ -460,12 +460,16 @@ def test_cli_bad_arguments_are_one_line_errors(lora_run, tmp_path, capsys, args,
     assert not out.exists()
 
 
-def test_cli_bad_sources_are_one_line_errors(root, tmp_path, capsys):
+def test_cli_bad_sources_are_one_line_errors(base, tmp_path, capsys):
     from peftlab.cli import main
 
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text("{not json")
     for source, message in [
         (tmp_path / "missing", "does not exist"),
-        (root / "base", "neither a run directory"),
+        (base, "neither a run directory"),
+        (corrupt, "is not valid JSON"),
     ]:
         assert main(["export", str(source), "--format", "hf", "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
