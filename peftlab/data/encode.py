@@ -246,13 +246,12 @@ def tokenize(examples: list[dict], fn) -> list[dict]:
     from datasets import Dataset
     from datasets.fingerprint import Hasher
 
-    from peftlab.data.sources import _quiet
-    from peftlab.models import cache_dir
+    from peftlab.data.sources import cache_dir, quiet_datasets
 
     key = Hasher.hash([Path(__file__).read_bytes(), examples, fn])
     path = cache_dir() / "tokenized" / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_datasets():
         ds = Dataset.from_list(examples).map(
             fn,
             batched=True,

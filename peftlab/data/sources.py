@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import os
 from pathlib import Path
 
 from peftlab.core.config import ConfigError, check
@@ -196,7 +197,7 @@ def open_source(source: Source) -> Table:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_datasets():
     """``datasets`` without progress bars (a run's own bar is the one to read)."""
     import datasets
 
@@ -209,10 +210,13 @@ def _quiet():
             datasets.enable_progress_bars()
 
 
-def _load_files(builder: str, files: list[str], spec: str):
-    from peftlab.models import cache_dir
+def cache_dir() -> Path:
+    """peftlab's cache (``$PEFTLAB_CACHE``, default ``~/.cache/peftlab``), as models.py uses."""
+    return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
 
-    with _quiet() as datasets:
+
+def _load_files(builder: str, files: list[str], spec: str):
+    with quiet_datasets() as datasets:
         try:
             if builder == "parquet" and not any(_parquet_rows(f) for f in files):
                 raise DataError(f"{spec} holds no examples (the file is empty)")
@@ -243,7 +247,7 @@ def _saved_dataset(source: Source) -> Table:
             f"(no state.json or dataset_dict.json); name a file or a glob such as "
             f"{source.path.rstrip('/')}/*.parquet"
         )
-    with _quiet() as datasets:
+    with quiet_datasets() as datasets:
         ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         split = source.split or "train"
