@@ -8,6 +8,7 @@ import json
 import pytest
 
 import peftlab
+from peftlab.results import quality
 from tests.tiny_classifier import save_tiny_bert, write_classes
 
 
@@ -16,25 +17,29 @@ def bert(tmp_path_factory):
     return str(save_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert"))
 
 
-@pytest.mark.parametrize("classes", [3, 5])
-def test_compare_sizes_the_head_from_the_data(bert, tmp_path, classes):
+@pytest.mark.parametrize("classes, test_size", [(3, None), (5, 10)])
+def test_compare_sizes_the_head_from_the_data(bert, tmp_path, classes, test_size):
     data = write_classes(tmp_path / f"c{classes}.csv", classes)
+    overrides = {"test_size": test_size} if test_size else {}
     res = peftlab.compare(
         ["lora"], model=bert, data=str(data), steps=2, quick=True, out=tmp_path / "out",
-        echo=False,
+        train_overrides=overrides, echo=False,
     )  # fmt: skip
     (r,) = res["results"]
     ti = r["train_info"]
     # Before: IndexError: Target 2 is out of bounds (the worker's model had two labels).
     assert ti["status"] == "ok", ti.get("error")
     assert r["run_info"]["num_labels"] == classes
+    # The headline quality and the baselines are on the test split when there is one.
+    split = "test" if test_size else "validation"
+    assert quality(r).split == split and (ti.get("test") is not None) == bool(test_size)
     base = ti["baselines"]
-    assert base["split"] == "validation" and base["examples"] == 8
+    assert base["split"] == split and base["examples"] == (test_size or 8)
     assert 0 <= base["majority"]["class"] < classes and "accuracy" in base["base_model"]
     assert set(ti["eval"]) == {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_mcc"}
     assert {"reliable", "why", "noise_floor", "findings"} <= set(ti["timing"])
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "beats the majority class" in md or "beat the majority class" in md
+    assert "beats the majority class" in md and f"{split} accuracy" in md
 
 
 def test_tune_picks_a_setting_per_method_and_a_failing_method_leaves_the_rest(bert, tmp_path):
