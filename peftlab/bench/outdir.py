@@ -47,7 +47,13 @@ class OutDir:
         """Read ``plan.json`` and check ``compare-runs/``; ConfigError for either if it is not
         compare's. Nothing is written yet."""
         if self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"--out {self.root} is a file, not a directory")
+            raise ConfigError(f"--out {self.root} is a file, not a directory; give a directory")
+        blocker = next((p for p in self.root.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError(
+                f"--out {self.root}: Not a directory: its parent {blocker} is a file; "
+                f"give a directory"
+            )
         if self.plan_path.exists():
             try:
                 plan = json.loads(self.plan_path.read_text())

@@ -29,7 +29,7 @@ def test_snapshot_sees_a_cpu_bound_neighbour():
     code = (
         "import subprocess, sys\n"
         "p = subprocess.Popen([sys.executable, '-c', "
-        "'import time\\nt=time.time()\\nwhile time.time()-t<8: pass'], start_new_session=True)\n"
+        "'import time\\nt=time.time()\\nwhile time.time()-t<8: pass'], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "print(p.pid)"
     )
     pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
