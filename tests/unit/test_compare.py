@@ -69,6 +69,7 @@ with measure.PeakMemory("cpu") as pm:
     start = measure.rss_bytes()
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     x += 1
+    time.sleep(0.1)  # the live-heap figure is sampled (1 ms): hold the block past a sample
     del x
 print(pm.peak_bytes - start, pm.method)
 """
@@ -396,12 +397,14 @@ def test_peak_memory_refuses_to_nest_and_phases_do_not_overlap():
 
 _NEST_PROBE = """
 import json
+import time
 import torch
 from peftlab.bench import measure
 with measure.PeakMemory("cpu") as pm:
     start, live0 = measure.rss_bytes(), measure.live_heap_bytes()
     x = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched, freed before the loop phase
     x += 1
+    time.sleep(0.1)  # the live-heap figure is sampled (1 ms): hold the block past a sample
     del x
     try:
         with measure.PeakMemory("cpu"):
@@ -411,6 +414,7 @@ with measure.PeakMemory("cpu") as pm:
     with pm.phase("loop") as loop:
         y = torch.ones(16 * 2**20 // 4)
         y += 1
+        time.sleep(0.1)
         del y
 print(json.dumps({"start": start, "live0": live0, "peak": pm.peak_bytes,
                   "live_peak": pm.peak_live_bytes, "loop": loop.to_dict(), "nested": nested}))
