@@ -17,7 +17,8 @@ positions 0, 1, ... as one more sequence, label -100, ``token_mask`` 0).
 a block-diagonal causal mask. The model gets ``position_ids`` and no attention mask:
 transformers (5.x) then derives exactly this mask from where the positions restart
 (``masking_utils.find_packed_sequence_indices``) for eager, sdpa and flex attention, and
-flash-attention takes the same positions as variable-length sequences, with no [T, T] mask.
+flash-attention takes the same positions as variable-length sequences, with no [T, T] mask
+(in a batch of one row only, so under flash-attention the rows run laid end to end as one).
 It does so only without a KV cache, so a packed forward passes ``use_cache=False``
 (:func:`model_inputs`); :func:`separates_examples` checks that a model honours it.
 
@@ -101,17 +102,23 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "token_mask": real}
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
-    """The keyword arguments a model is called with for ``batch`` (labels aside): a packed
-    batch's ``input_ids`` and ``position_ids`` with no attention mask and no cache, so that the
-    model builds the block-diagonal causal mask; otherwise ``input_ids`` and ``attention_mask``."""
-    if "position_ids" in batch:
-        return {
-            "input_ids": batch["input_ids"],
-            "position_ids": batch["position_ids"],
-            "use_cache": False,
-        }
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> dict:
+    """The keyword arguments ``model`` is called with for ``batch`` (labels aside).
+
+    A packed batch: ``input_ids`` and ``position_ids`` with no attention mask and no cache, so
+    that the model builds the block-diagonal causal mask. Under flash-attention, which finds
+    packed sequences in a batch of one row only, the rows are laid end to end as one row
+    ``[1, B·T]`` (the loss is unchanged: a row's first label is -100, as is padding; labels
+    are reshaped to match in :func:`peftlab.train.evaluate.loss_sum`). Otherwise
+    ``input_ids`` and ``attention_mask``.
+    """
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
+    if "flash" in str(getattr(config, "_attn_implementation", "")):
+        ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
+    return {"input_ids": ids, "position_ids": positions, "use_cache": False}
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -122,26 +129,26 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def separates_examples(model: torch.nn.Module) -> bool:
     """Whether ``model``, called as :func:`model_inputs` calls it on a packed batch, keeps
-    packed examples apart: the logits of a row's second example must not change when the
-    first example's tokens do. Runs two forwards of 8 tokens in eval mode."""
+    packed examples apart: in a batch of two rows, the logits of the first row's second
+    example must not change when its first example's tokens do. Two forwards of 2 × 8 tokens
+    in eval mode."""
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 32) or 32)
-    second = [(7 * k + 3) % vocab for k in range(4)]
-    rows = [[(5 * k + s) % vocab for k in range(4)] + second for s in (1, 2)]
-    positions = torch.tensor([[0, 1, 2, 3] * 2], device=device)
+
+    def example(a: int, b: int) -> dict:
+        ids = [(a * k + b) % vocab for k in range(4)]
+        return {"input_ids": ids, "labels": ids}
+
+    second, third = example(7, 3), example(3, 11)
     modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout: the two forwards must differ only by the first example
     try:
-        out = [
-            model(
-                **model_inputs(
-                    {"input_ids": torch.tensor([r], device=device), "position_ids": positions}
-                )
-            )
-            .logits[0, 4:]
-            .float()
-            for r in rows
-        ]
+        out = []
+        for first in (example(5, 1), example(5, 2)):
+            batch = collate_packed([[first, second], [third, second]], pad_id=0)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**model_inputs(batch, model)).logits
+            out.append(logits.reshape(2, 8, -1)[0, 4:].float())
     finally:
         for m, training in modes.items():
             m.training = training

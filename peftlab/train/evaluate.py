@@ -39,12 +39,14 @@ def loss_sum(
     the full logits); a model it cannot serve gets the plain loss, with a warning once per
     model.
     """
-    labels, inputs = batch["labels"], model_inputs(batch)
+    labels, inputs = batch["labels"], model_inputs(batch, model)
+    if labels.dim() == 2:  # a packed batch may run as one row
+        labels = labels.reshape(inputs["input_ids"].shape)
     if chunked and labels.dim() == 2:
         try:
             return chunked_loss_sum(
                 model,
-                batch["input_ids"],
+                inputs["input_ids"],
                 labels,
                 inputs.get("attention_mask"),
                 position_ids=inputs.get("position_ids"),

@@ -6,6 +6,7 @@ packed examples attend to each other), and the padding statistics in the summary
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,6 +149,36 @@ class _Leaky(nn.Module):
         return self.inner(input_ids=input_ids, use_cache=use_cache)
 
 
+class _OneRowOnly(nn.Module):
+    """Keeps packed examples apart in a batch of one row only, as transformers' flash-attention
+    path does; ``config._attn_implementation`` says which it claims to be."""
+
+    def __init__(self, attention: str):
+        super().__init__()
+        self.inner = tiny_llama()
+        self.config = SimpleNamespace(vocab_size=128, _attn_implementation=attention)
+
+    def forward(self, input_ids, position_ids=None, use_cache=None):
+        if input_ids.shape[0] > 1:
+            position_ids = None  # the rows' examples see each other
+        return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+
+
+def test_flash_attention_runs_the_rows_as_one():
+    rows = [[e] for e in _examples([5, 7])] + [_examples([4, 6], seed=1)]
+    batch = collate_packed(rows, pad_id=0)
+    assert not separates_examples(_OneRowOnly("sdpa"))  # a second row would be crossed
+    flash = _OneRowOnly("flash_attention_2")
+    assert separates_examples(flash)
+    inputs = model_inputs(batch, flash)
+    assert inputs["input_ids"].shape == (1, 3 * 10) and inputs["position_ids"].shape == (1, 30)
+    with torch.no_grad():
+        one_row = loss_sum(flash, batch, chunked=False)
+        rows_apart = loss_sum(flash.inner, batch, chunked=False)
+    assert int(one_row[1]) == int(rows_apart[1]) == _predicted([e for r in rows for e in r])
+    torch.testing.assert_close(one_row[0], rows_apart[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_that_lets_examples_attend_to_each_other_is_refused():
     assert not separates_examples(_Leaky())
     with pytest.raises(ConfigError) as e:
@@ -247,3 +278,30 @@ def test_packing_is_refused_for_classification_and_virtual_tokens(tmp_path):
         with pytest.raises(ConfigError, match=rf"packing=True is invalid: .*'{method}'.*virtual"):
             TrainConfig(method=method, packing=True)
     assert TrainConfig(packing=True).packing is True
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+
+def test_the_benchmark_worker_and_report(monkeypatch):
+    """benchmarks/packing.py on a tiny Llama for one timed step of each configuration (no
+    timing is asserted); its report prints the ratio and both padding fractions."""
+    from benchmarks import packing
+
+    if not packing.ALPACA.is_file():
+        pytest.skip(f"{packing.ALPACA} is not here")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    argv = ["--model", "tiny", "--batch", "2", "--seq", "256", "--warmup", "1", "--steps", "1"]
+    raw = {}
+    for config in ("padded", "packed"):
+        args = packing.parse_args(["--config", config, *argv, "--examples", "40"])
+        raw[config] = [packing.worker(args)]
+        assert raw[config][0]["tokens_per_s"] > 0
+    padded, packed = raw["padded"][0], raw["packed"][0]
+    assert packed["packed_rows"] < packed["train_examples"] and padded["packed_rows"] is None
+    assert packed["padding_fraction"] < padded["padding_fraction"]
+    lines: list[str] = []
+    packing.report({k: {**v[0], "n": 1} for k, v in raw.items()}, raw=raw, out=lines.append)
+    text = "\n".join(lines)
+    assert "packed / padded tokens/s" in text and "target ≥ 1.8×" in text
+    assert f"{packed['padding_fraction']:.1%}" in text
