@@ -6,10 +6,10 @@ The keys, in groups: what to train (``model``, ``method``, ``method_args``), on 
 ``grad_accum``, ``lr`` and its schedule, ``weight_decay``, ``max_grad_norm``, ``optimizer``,
 ``seed``), when to evaluate, save and log (``eval_every``, ``save_every``, ``log_every``, ...),
 where to write (``output_dir``, ``overwrite``) and the runtime (``gradient_checkpointing``,
-``chunked_loss``, ``mixed_precision``, ``tensorboard``, ``progress``). Each attribute's
-docstring below is its help text; ``configs/<method>.yaml`` are example files with every knob
-commented. An unknown key is an error that lists the known ones. Overrides follow :mod:`peftlab.core.overrides`
-(``method_args.r=8``).
+``chunked_loss``, ``packing``, ``mixed_precision``, ``tensorboard``, ``progress``). Each
+attribute's docstring below is its help text; ``configs/<method>.yaml`` are example files with
+every knob commented. An unknown key is an error that lists the known ones. Overrides follow
+:mod:`peftlab.core.overrides` (``method_args.r=8``).
 
 Every bad value is a one-line :class:`ConfigError` naming the key, the value and what is
 allowed, and nothing is silently replaced. First each key's type is checked against its
@@ -134,6 +134,12 @@ class TrainConfig:
     chunked_loss: bool = True
     """Causal LMs: compute the output head and the loss over chunks of tokens, never the whole
     [batch, length, vocabulary] logits (same loss and gradients); false: the plain loss."""
+    packing: bool = False
+    """Causal LMs: pack several training examples into each row of max_length tokens (each
+    with its own position ids, attention never crossing from one example to another, the
+    loss only on response tokens), so batches hold far less padding; batch_size then counts
+    rows. Evaluation stays unpacked. Not for classification models or virtual-token methods.
+    See peftlab/data/packing.py."""
     mixed_precision: str = "no"
     """"no", "bf16" (CPU or recent GPU) or "fp16" (CUDA only; loss scaling by accelerate)."""
     tensorboard: bool = False
@@ -200,7 +206,14 @@ class TrainConfig:
         for key in ("validation_data", "eval_data"):
             if getattr(self, key) is not None:
                 parse_sources(getattr(self, key), key, self.columns, self.column_names)
-        self.method_config()  # unknown method / bad method option: fail before loading anything
+        method = self.method_config()  # unknown method / bad option: fail before loading
+        check(
+            not (self.packing and hasattr(method, "num_virtual_tokens")),
+            "packing",
+            self.packing,
+            f"false with method {self.method!r}: its virtual tokens would lead only the first "
+            f"of the examples packed in a row",
+        )
 
     def method_config(self) -> MethodConfig:
         """The method's config built from ``method`` and ``method_args``."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data.encode import IGNORE, TaskData, collate
+from peftlab.data.packing import model_inputs
 from peftlab.train import metrics as M
 from peftlab.train.loss import ChunkedLossUnsupported, chunked_loss_sum
 from peftlab.train.taskdata import num_labels
@@ -32,17 +33,27 @@ def loss_sum(
     Causal LMs: cross-entropy of each response token given the tokens before it (labels
     ``[B, T]``, -100 skipped). Classification: cross-entropy of each example (labels ``[B]``).
     Summing (not averaging) lets the caller normalize by the token count of a whole
-    accumulated, multi-process batch. With ``chunked`` a causal LM's loss is computed by
-    :func:`peftlab.train.loss.chunked_loss_sum` (the same value without the full logits); a
-    model it cannot serve gets the plain loss, with a warning once per model.
+    accumulated, multi-process batch. A packed batch (``position_ids``, no attention mask;
+    :mod:`peftlab.data.packing`) keeps its examples apart. With ``chunked`` a causal LM's
+    loss is computed by :func:`peftlab.train.loss.chunked_loss_sum` (the same value without
+    the full logits); a model it cannot serve gets the plain loss, with a warning once per
+    model.
     """
-    labels = batch["labels"]
+    labels, inputs = batch["labels"], model_inputs(batch, model)
+    if labels.dim() == 2:  # a packed batch may run as one row
+        labels = labels.reshape(inputs["input_ids"].shape)
     if chunked and labels.dim() == 2:
         try:
-            return chunked_loss_sum(model, batch["input_ids"], labels, batch["attention_mask"])
+            return chunked_loss_sum(
+                model,
+                inputs["input_ids"],
+                labels,
+                inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
+            )
         except ChunkedLossUnsupported as e:
             _warn_plain(model, e)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**inputs).logits
     if labels.dim() == 1:  # classification: logits [B, C]
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.new_tensor(
             labels.numel()

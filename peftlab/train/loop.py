@@ -32,7 +32,9 @@ import torch
 import yaml
 
 import peftlab
+from peftlab.core.config import check
 from peftlab.data import DataError, collate
+from peftlab.data.packing import checked_rows, collate_packed, real_tokens
 from peftlab.train import checkpoint, checkpointing, lock, rundir, signals
 from peftlab.train import resume as resuming
 from peftlab.train.callbacks import StepRecord, TrainCallback
@@ -72,8 +74,8 @@ def train(
 
     Returns:
         ``output_dir``, ``steps``, ``final_loss``, ``eval_before``/``eval_after``, ``tokens``,
-        ``loss_tokens``, ``truncated``, ``trainable_params``, ``wall_time``,
-        ``longest_batch`` and more.
+        ``loss_tokens``, ``token_counts`` (real and padding tokens trained on), ``truncated``,
+        ``trainable_params``, ``wall_time``, ``longest_batch`` and more.
     """
     from accelerate.utils import set_seed
 
@@ -101,7 +103,8 @@ def train(
             f"{len(run.data.validation)} validation, {len(run.data.test)} test examples"
             f"{' (labels ' + ', '.join(run.data.label_names) + ')' if run.data.label_names else ''}, "
             f"{run.data.truncated} truncated at max_length={cfg.max_length}; {run.total_steps} "
-            f"steps of {run.global_batch * cfg.grad_accum} examples on "
+            f"steps of {run.global_batch * cfg.grad_accum} "
+            f"{'examples' if run.rows is None else f'rows (of {len(run.rows)} packed)'} on "
             f"{accelerator.num_processes} process(es), {accelerator.device}"
         )
     try:
@@ -172,26 +175,33 @@ class _Run:
             "step": 0,
             "micro_batch": 0,
             "tokens": 0,
+            "padded_tokens": 0,
             "loss_tokens": 0,
             "wall_time": 0.0,
             "last_loss": None,
         }
     )
+    rows: list[list[int]] | None = None  # packing: training-example indices per row
     _perms: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
     def micro_batch(self, m: int) -> dict[str, torch.Tensor]:
         """This process's share of global micro-batch ``m``: a pure function of (seed, m), so
-        a resumed run sees exactly the batches the interrupted one would have seen."""
-        cfg = self.cfg
+        a resumed run sees exactly the batches the interrupted one would have seen. Packed,
+        the rows are shuffled per epoch as examples are unpacked."""
+        cfg, train, pad_id = self.cfg, self.data.train, self.tokenizer.pad_token_id
         epoch, pos = divmod(m, self.micro_per_epoch)
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             self._perms.clear()
-            self._perms[epoch] = torch.randperm(len(self.data.train), generator=g).tolist()
+            units = len(train) if self.rows is None else len(self.rows)
+            self._perms[epoch] = torch.randperm(units, generator=g).tolist()
         start = pos * self.global_batch + self.accelerator.process_index * cfg.batch_size
-        chunk = [self.data.train[i] for i in self._perms[epoch][start : start + cfg.batch_size]]
-        pad_id = self.tokenizer.pad_token_id
-        return {k: v.to(self.accelerator.device) for k, v in collate(chunk, pad_id).items()}
+        picked = self._perms[epoch][start : start + cfg.batch_size]
+        if self.rows is None:
+            batch = collate([train[i] for i in picked], pad_id)
+        else:
+            batch = collate_packed([[train[i] for i in self.rows[r]] for r in picked], pad_id)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def evaluate(self, step: int, split: str = "validation") -> dict:
         """Evaluate on the validation (eval_ keys) or test (test_ keys) split, shared among
@@ -224,6 +234,8 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kind = model_kind(model if model is not None else cfg.model)
+    why = f"false for {cfg.model}, a {kind} model: packing concatenates causal-LM examples"
+    check(not cfg.packing or kind == "causal-lm", "packing", True, why)
     data = load_data(cfg, tokenizer, kind)  # the one place that decides data and labels
     if model is None:
         model = load_model(cfg.model, kind, num_labels=num_labels(data))
@@ -231,18 +243,21 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
         model.to(accelerator.device)
     method_config = cfg.method_config().with_tokenizer(tokenizer)
     peftlab.apply(model, method_config)  # a classification model's new head trains (core rule)
+    lengths = [len(e["input_ids"]) for e in data.train]
+    rows = checked_rows(model, lengths, cfg.max_length) if cfg.packing else None
     if cfg.gradient_checkpointing:  # peftlab's per-layer checkpointing (train/checkpointing.py)
         checkpointing.enable(model, cfg.gradient_checkpointing)
     trainable, total = peftlab.trainable_parameters(model)
     optimizer = optimizer_for(model, cfg)
 
     global_batch = cfg.batch_size * accelerator.num_processes
-    micro_per_epoch = len(data.train) // global_batch  # the last, partial micro-batch is dropped
+    units = len(data.train) if rows is None else len(rows)
+    micro_per_epoch = units // global_batch  # the last, partial micro-batch is dropped
     if micro_per_epoch == 0:
         raise DataError(
             f"batch_size={cfg.batch_size} × {accelerator.num_processes} process(es) = "
-            f"{global_batch} exceeds the {len(data.train)} training examples; lower batch_size "
-            f"or add data"
+            f"{global_batch} exceeds the {units} training "
+            f"{'examples' if rows is None else 'rows packed'}; lower batch_size or add data"
         )
     total_steps = (
         cfg.max_steps
@@ -270,6 +285,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
         total_steps=total_steps,
         trainable=trainable,
         total=total,
+        rows=rows,
     )
 
 
@@ -305,7 +321,7 @@ def _loop(run: _Run, callbacks: list[TrainCallback]) -> _LoopResult:
         t0 = time.perf_counter()
         step = state["step"] + 1
         batches = [run.micro_batch(state["micro_batch"] + i) for i in range(cfg.grad_accum)]
-        loss, grad_norm, lr, tokens, loss_tokens = _step(run, step, batches)
+        loss, grad_norm, lr, tokens, loss_tokens, padded = _step(run, step, batches)
         rec = StepRecord(
             step=step,
             loss=loss,
@@ -322,6 +338,7 @@ def _loop(run: _Run, callbacks: list[TrainCallback]) -> _LoopResult:
             micro_batch=state["micro_batch"] + cfg.grad_accum,
             last_loss=loss,
             tokens=state["tokens"] + tokens,
+            padded_tokens=state["padded_tokens"] + padded,
             loss_tokens=state["loss_tokens"] + loss_tokens,
             wall_time=wall_before + time.perf_counter() - session_start,
         )
@@ -373,19 +390,20 @@ def _log_step(run: _Run, rec: StepRecord) -> None:
     rundir.log(run.accelerator, run.out, line, run.cfg.tensorboard)
 
 
-def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | None, float, int, int]:
+def _step(
+    run: _Run, step: int, batches: list[dict]
+) -> tuple[float, float | None, float, int, int, int]:
     """One optimizer step over the micro-batches ``batches``; returns (loss, grad_norm, lr,
-    tokens, loss_tokens), the counts summed over processes. Stops the run (before the
-    update) if the loss or gradient norm is not finite."""
+    tokens, loss_tokens, padded), the counts summed over processes (``padded``: padding
+    tokens). Stops the run (before the update) if the loss or gradient norm is not finite."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     world = accelerator.num_processes
     # Normalize by the response tokens of the whole step, over every micro-batch and every
     # process, so grad_accum and DDP give the gradient of one big batch.
-    local = [
-        sum(_loss_count(b) for b in batches),
-        sum(int(b["attention_mask"].sum()) for b in batches),
-    ]
-    loss_tokens, tokens = (int(x) for x in reduce_sum(accelerator, local))
+    real = [real_tokens(b) for b in batches]
+    padded = sum(b["input_ids"].numel() for b in batches) - sum(real)
+    local = [sum(_loss_count(b) for b in batches), sum(real), padded]
+    loss_tokens, tokens, padded = (int(x) for x in reduce_sum(accelerator, local))
     scale = world / max(loss_tokens, 1)  # DDP averages gradients over processes
     loss_total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
@@ -408,7 +426,7 @@ def _step(run: _Run, step: int, batches: list[dict]) -> tuple[float, float | Non
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, lr, tokens, loss_tokens
+    return loss, grad_norm, lr, tokens, loss_tokens, padded
 
 
 def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _LoopResult) -> dict:
@@ -425,6 +443,8 @@ def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _Loop
         "eval_after": loop.eval_after,
         "tokens": state["tokens"],
         "loss_tokens": state["loss_tokens"],
+        "token_counts": _token_counts(state),  # the padding in training batches
+        "packed_rows": len(run.rows) if run.rows is not None else None,
         "train_examples": len(run.data.train),
         "validation_examples": len(run.data.validation),
         "test_examples": len(run.data.test),
@@ -457,6 +477,12 @@ def _resolve(config, overrides: list[str] | None, resume: bool) -> TrainConfig:
     else:
         cfg = TrainConfig.from_dict(apply_overrides(config, overrides or []))
     return cfg
+
+
+def _token_counts(state: dict) -> dict:
+    """Example tokens and padding tokens in the training batches so far (all processes)."""
+    real, padded = state["tokens"], state["padded_tokens"]
+    return {"real": real, "padded": padded, "padding_fraction": padded / max(real + padded, 1)}
 
 
 def _ckpt_step(ckpt: Path | None) -> int:

@@ -114,8 +114,11 @@ def chunked_loss_sum(
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed loss, number of label tokens)``, differentiable; see :func:`chunked_lm_loss`."""
+    """``(summed loss, number of label tokens)``, differentiable; see :func:`chunked_lm_loss`.
+    ``position_ids`` (``[B, T]``, with no ``attention_mask``) is how a packed batch is given
+    (:mod:`peftlab.data.packing`)."""
     if labels.dim() != 2 or labels.shape != input_ids.shape:
         raise ChunkedLossUnsupported(
             f"labels of shape {tuple(labels.shape)} for input_ids {tuple(input_ids.shape)}: the "
@@ -123,7 +126,8 @@ def chunked_loss_sum(
         )
     inner = _unwrap(model)
     body, head = _parts(inner)
-    _probe(inner, body, head, input_ids, attention_mask)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    _probe(inner, body, head, input_ids, attention_mask, position_ids)
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # [B, T]: position t predicts t+1
     keep = targets != IGNORE
     out: dict[str, torch.Tensor] = {}
@@ -147,6 +151,7 @@ def chunked_loss_sum(
             attention_mask=attention_mask,
             use_cache=False,
             logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+            **extra,
         )
     finally:
         handle.remove()
@@ -230,6 +235,7 @@ def _probe(
     head: _Head,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> None:
     """Once per (model, head): compare the head's logits on the body's hidden states with the
     model's own logits on a few tokens, so a model whose forward does more than the known
@@ -238,6 +244,7 @@ def _probe(
         return
     ids = input_ids[:1, :16]
     mask = attention_mask[:1, :16] if attention_mask is not None else None
+    extra = {} if position_ids is None else {"position_ids": position_ids[:1, :16]}
     seen: dict[str, torch.Tensor] = {}
 
     def take(module, args, output) -> None:
@@ -248,7 +255,7 @@ def _probe(
     try:
         with torch.no_grad():
             model.eval()  # no dropout: both sides must see the same hidden states
-            ref = model(input_ids=ids, attention_mask=mask, use_cache=False)
+            ref = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
     finally:
         handle.remove()
         for m, training in modes.items():
