@@ -312,10 +312,32 @@ def _mergeable_or_raise(model: nn.Module, what: str) -> None:
         )
 
 
+def _untie_adapted_head(model: nn.Module) -> None:
+    """Give an adapted output head its own weight before a merge: with tied embeddings
+    (SmolLM2, GPT-2) the merge would write the head's update into the input embeddings too."""
+    get_out, get_in = (
+        getattr(model, n, None) for n in ("get_output_embeddings", "get_input_embeddings")
+    )
+    head = get_out() if callable(get_out) else None
+    if not isinstance(head, AdapterLayer) or not callable(get_in):
+        return
+    embed, base_layer = get_in(), head.base_layer
+    if embed is not None and base_layer.weight is embed.weight:
+        base_layer.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        configs = [getattr(model, "config", None)]
+        if hasattr(configs[0], "get_text_config"):
+            configs.append(configs[0].get_text_config())
+        for c in configs:
+            if c is not None and hasattr(c, "tie_word_embeddings"):
+                c.tie_word_embeddings = False
+
+
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
-    """Fold the active adapter's update into the base weights (reversible with unmerge)."""
+    """Fold the active adapter's update into the base weights (reversible with unmerge). An
+    adapted output head tied to the input embeddings gets its own weight first."""
     _mergeable_or_raise(model, "merge")
+    _untie_adapted_head(model)
     for _, layer in adapter_layers(model):
         layer.merge()
 
@@ -334,6 +356,7 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
     Keyword arguments go to each layer's ``unload`` (QLoRA: ``dequantize=True``).
     """
     _mergeable_or_raise(model, "merge_and_unload")
+    _untie_adapted_head(model)
     return _unload(model, merge=True, **kwargs)
 
 

@@ -21,7 +21,6 @@ from torch import nn
 
 from peftlab.core.config import MethodConfig
 from peftlab.core.io import CONFIG_NAME, read_adapter_config
-from peftlab.core.model import AdapterLayer
 from peftlab.export.errors import ExportError
 
 
@@ -166,7 +165,6 @@ def load_merged(src: Source) -> nn.Module:
     import peftlab
 
     model = peftlab.load_adapter(_base(src), src.adapter_dir)
-    untie_adapted_head(model)
     model = peftlab.merge_and_unload(model, dequantize=True).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -187,18 +185,3 @@ def load_float_base(src: Source) -> nn.Module:
     for key, t in adapter_state_dict(model).items():
         t.copy_(stored[key])
     return model.eval()
-
-
-def untie_adapted_head(model: nn.Module) -> None:
-    """Give an adapted output head its own weight before merging: with tied embeddings the
-    merge would otherwise write the head's update into the input embeddings as well."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, AdapterLayer):
-        return
-    embed = model.get_input_embeddings()
-    base_layer = head.base_layer
-    if base_layer.weight is embed.weight:
-        base_layer.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
