@@ -311,16 +311,11 @@ class StreamedTrain:
     def _read(self, epoch: int, cur: _Cursor) -> Iterator[dict]:
         """Epoch ``epoch``'s kept examples from ``cur`` on, advancing ``cur`` record by record
         (so at each example it is the position just after it)."""
-        streams = [
-            itertools.islice(
-                _records(
-                    p.dataset.shuffle(seed=self._seed(epoch, i), buffer_size=self.buffer), p.source
-                ),
-                cur.read[i],
-                None,
-            )
-            for i, p in enumerate(self.pools)
-        ]
+        streams = []
+        for i, p in enumerate(self.pools):
+            shuffled = p.dataset.shuffle(seed=self._seed(epoch, i), buffer_size=self.buffer)
+            # skipping replays the buffer exactly; the records skipped are not tokenized
+            streams.append(itertools.islice(_records(shuffled, p.source), cur.read[i], None))
         draws = random.Random(self._seed(epoch, len(self.pools)))
         for _ in range(cur.draws):
             draws.random()

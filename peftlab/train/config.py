@@ -190,13 +190,6 @@ class TrainConfig:
             self.max_steps,
             f"null when epochs is set (epochs={self.epochs}); set one of them",
         )
-        check(
-            not self.streaming or self.max_steps is not None,
-            "streaming",
-            self.streaming,
-            "false without max_steps: a stream's length is unknown until it is read; set "
-            "max_steps=N",
-        )
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1.0
         check(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "a positive number")
@@ -219,20 +212,8 @@ class TrainConfig:
         check_checkpointing(self.gradient_checkpointing)
         # the structure of data, columns and column_names; the files are read by train()
         sources = parse_sources(self.data, "data", self.columns, self.column_names)
-        builtin = [s.path for s in sources if s.builtin]
-        check(
-            not (self.streaming and builtin),
-            "streaming",
-            self.streaming,
-            f"false with data {builtin}: built-in tasks are generated in memory, not read",
-        )
-        check(
-            not (self.streaming and self.packing),
-            "packing",
-            self.packing,
-            "false with streaming: packing places examples by their lengths, all known up "
-            "front, and a stream's are not",
-        )
+        if self.streaming:
+            self._check_streaming([s.path for s in sources if s.builtin])
         for key in ("validation_data", "eval_data"):
             if getattr(self, key) is not None:
                 parse_sources(getattr(self, key), key, self.columns, self.column_names)
@@ -243,6 +224,30 @@ class TrainConfig:
             self.packing,
             f"false with method {self.method!r}: its virtual tokens would lead only the first "
             f"of the examples packed in a row",
+        )
+
+    def _check_streaming(self, builtin: list[str]) -> None:
+        """A stream needs a length (max_steps), files (built-in tasks are generated in
+        memory) and no packing (it places examples by their lengths, all known up front)."""
+        check(
+            self.max_steps is not None,
+            "streaming",
+            self.streaming,
+            "false without max_steps: a stream's length is unknown until it is read; set "
+            "max_steps=N",
+        )
+        check(
+            not builtin,
+            "streaming",
+            self.streaming,
+            f"false with data {builtin}: built-in tasks are generated in memory, not read",
+        )
+        check(
+            not self.packing,
+            "packing",
+            self.packing,
+            "false with streaming: packing places examples by their lengths, all known up "
+            "front, and a stream's are not",
         )
 
     def method_config(self) -> MethodConfig:
