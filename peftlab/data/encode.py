@@ -170,7 +170,7 @@ def encode_splits(
             "dropped": lost,
             "kept": len(split),
         }
-    if not out.train:
+    if splits["train"] and not out.train:  # a streamed run encodes its training split later
         raise DataError(
             f"{where}: every training example lost its response to truncation at "
             f"max_length={max_length}; raise max_length"

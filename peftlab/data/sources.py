@@ -18,9 +18,10 @@ Which reader reads what, and why:
   rows used, not the file. Integer labels of a ``ClassLabel`` column become its class names.
 
 A glob (``data/*.jsonl``) reads every match, in sorted order, with the reader of their common
-suffix. Streaming (``IterableDataset``) is not used: the training loop draws examples by
-index (a seeded permutation per epoch, which is what makes resume exact), so every example
-must be addressable; memory mapping gives that without loading the file.
+suffix. By default the training loop draws examples by index (a seeded permutation per
+epoch, which is what makes resume exact), so every example must be addressable; memory
+mapping gives that without loading the file. ``streaming: true`` reads the training sources
+as ``IterableDataset`` streams instead (:mod:`peftlab.data.stream`).
 """
 
 from __future__ import annotations

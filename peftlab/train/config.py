@@ -6,9 +6,9 @@ The keys, in groups: what to train (``model``, ``method``, ``method_args``), on 
 ``grad_accum``, ``lr`` and its schedule, ``weight_decay``, ``max_grad_norm``, ``optimizer``,
 ``seed``), when to evaluate, save and log (``eval_every``, ``save_every``, ``log_every``, ...),
 where to write (``output_dir``, ``overwrite``) and the runtime (``gradient_checkpointing``,
-``chunked_loss``, ``packing``, ``mixed_precision``, ``tensorboard``, ``progress``). Each
-attribute's docstring below is its help text; ``configs/<method>.yaml`` are example files with
-every knob commented. An unknown key is an error that lists the known ones. Overrides follow
+``chunked_loss``, ``packing``, ``streaming`` and ``shuffle_buffer``, ``mixed_precision``,
+``tensorboard``, ``progress``). Each attribute's docstring below is its help text;
+``configs/<method>.yaml`` are example files with every knob commented. An unknown key is an error that lists the known ones. Overrides follow
 :mod:`peftlab.core.overrides` (``method_args.r=8``).
 
 Every bad value is a one-line :class:`ConfigError` naming the key, the value and what is
@@ -140,6 +140,15 @@ class TrainConfig:
     loss only on response tokens), so batches hold far less padding; batch_size then counts
     rows. Evaluation stays unpacked. Not for classification models or virtual-token methods.
     See peftlab/data/packing.py."""
+    streaming: bool = False
+    """Read the training data as a stream (datasets' IterableDataset): records are parsed and
+    tokenized as batches need them, so files larger than memory train. Order: a buffer shuffle
+    of shuffle_buffer records, reseeded every epoch; validation: the first eval_size examples
+    of the file (or validation_data); data_size caps the training records. Needs max_steps;
+    no packing, no built-in tasks. See peftlab/data/stream.py."""
+    shuffle_buffer: int = 10_000
+    """Streaming: records each source's shuffle buffer holds (more: a better shuffle, more
+    memory)."""
     mixed_precision: str = "no"
     """"no", "bf16" (CPU or recent GPU) or "fp16" (CUDA only; loss scaling by accelerate)."""
     tensorboard: bool = False
@@ -202,7 +211,9 @@ class TrainConfig:
         )
         check_checkpointing(self.gradient_checkpointing)
         # the structure of data, columns and column_names; the files are read by train()
-        parse_sources(self.data, "data", self.columns, self.column_names)
+        sources = parse_sources(self.data, "data", self.columns, self.column_names)
+        if self.streaming:
+            self._check_streaming([s.path for s in sources if s.builtin])
         for key in ("validation_data", "eval_data"):
             if getattr(self, key) is not None:
                 parse_sources(getattr(self, key), key, self.columns, self.column_names)
@@ -213,6 +224,30 @@ class TrainConfig:
             self.packing,
             f"false with method {self.method!r}: its virtual tokens would lead only the first "
             f"of the examples packed in a row",
+        )
+
+    def _check_streaming(self, builtin: list[str]) -> None:
+        """A stream needs a length (max_steps), files (built-in tasks are generated in
+        memory) and no packing (it places examples by their lengths, all known up front)."""
+        check(
+            self.max_steps is not None,
+            "streaming",
+            self.streaming,
+            "false without max_steps: a stream's length is unknown until it is read; set "
+            "max_steps=N",
+        )
+        check(
+            not builtin,
+            "streaming",
+            self.streaming,
+            f"false with data {builtin}: built-in tasks are generated in memory, not read",
+        )
+        check(
+            not self.packing,
+            "packing",
+            self.packing,
+            "false with streaming: packing places examples by their lengths, all known up "
+            "front, and a stream's are not",
         )
 
     def method_config(self) -> MethodConfig:
@@ -316,6 +351,7 @@ _POSITIVE = (
     "max_steps",
     "data_size",
     "eval_batch_size",
+    "shuffle_buffer",
 )
 """Integer keys that must be positive (or null, where the annotation allows it)."""
 _NON_NEGATIVE = ("eval_every", "save_every", "eval_size", "seed", "warmup_steps")

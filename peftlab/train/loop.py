@@ -33,7 +33,7 @@ import yaml
 
 import peftlab
 from peftlab.core.config import check
-from peftlab.data import DataError, collate
+from peftlab.data import DataError, StreamedTrain, collate
 from peftlab.data.packing import checked_rows, collate_packed, real_tokens
 from peftlab.train import checkpoint, checkpointing, lock, rundir, signals
 from peftlab.train import resume as resuming
@@ -99,7 +99,8 @@ def train(
     if accelerator.is_main_process:
         accelerator.print(
             f"{cfg.method} on {cfg.model}: {run.trainable:,} of {run.total:,} parameters train "
-            f"({100 * run.trainable / run.total:.3f}%); {len(run.data.train)} training, "
+            f"({100 * run.trainable / run.total:.3f}%); "
+            f"{'streamed' if cfg.streaming else len(run.data.train)} training, "
             f"{len(run.data.validation)} validation, {len(run.data.test)} test examples"
             f"{' (labels ' + ', '.join(run.data.label_names) + ')' if run.data.label_names else ''}, "
             f"{run.data.truncated} truncated at max_length={cfg.max_length}; {run.total_steps} "
@@ -148,7 +149,7 @@ def _prepare_output_dir(
         out.mkdir(parents=True, exist_ok=True)
         rundir.clean_leftovers(out)
         rundir.atomic_write(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        rundir.truncate_metrics(out / "metrics.jsonl", _ckpt_step(ckpt))
+        rundir.truncate_metrics(out / "metrics.jsonl", checkpoint.step_of(ckpt) if ckpt else 0)
         (out / "summary.json").unlink(missing_ok=True)
 
 
@@ -189,6 +190,10 @@ class _Run:
         a resumed run sees exactly the batches the interrupted one would have seen. Packed,
         the rows are shuffled per epoch as examples are unpacked."""
         cfg, train, pad_id = self.cfg, self.data.train, self.tokenizer.pad_token_id
+        if isinstance(train, StreamedTrain):  # in stream order; the position goes in state
+            at = self.accelerator.process_index * cfg.batch_size
+            streamed = train.micro_batch(m, self.global_batch, self.state)[at : at + cfg.batch_size]
+            return {k: v.to(self.accelerator.device) for k, v in collate(streamed, pad_id).items()}
         epoch, pos = divmod(m, self.micro_per_epoch)
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -243,7 +248,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
         model.to(accelerator.device)
     method_config = cfg.method_config().with_tokenizer(tokenizer)
     peftlab.apply(model, method_config)  # a classification model's new head trains (core rule)
-    lengths = [len(e["input_ids"]) for e in data.train]
+    lengths = [len(e["input_ids"]) for e in data.train] if cfg.packing else []
     rows = checked_rows(model, lengths, cfg.max_length) if cfg.packing else None
     if cfg.gradient_checkpointing:  # peftlab's per-layer checkpointing (train/checkpointing.py)
         checkpointing.enable(model, cfg.gradient_checkpointing)
@@ -253,7 +258,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     global_batch = cfg.batch_size * accelerator.num_processes
     units = len(data.train) if rows is None else len(rows)
     micro_per_epoch = units // global_batch  # the last, partial micro-batch is dropped
-    if micro_per_epoch == 0:
+    if micro_per_epoch == 0 and not cfg.streaming:  # a stream ends its epochs (data/stream.py)
         raise DataError(
             f"batch_size={cfg.batch_size} × {accelerator.num_processes} process(es) = "
             f"{global_batch} exceeds the {units} training "
@@ -377,7 +382,9 @@ def _log_step(run: _Run, rec: StepRecord) -> None:
     """The step's line in metrics.jsonl (and TensorBoard)."""
     line = {
         "step": rec.step,
-        "epoch": round(run.state["micro_batch"] / run.micro_per_epoch, 4),
+        "epoch": run.data.train.epoch
+        if run.cfg.streaming
+        else round(run.state["micro_batch"] / run.micro_per_epoch, 4),
         "loss": rec.loss,
         "lr": rec.lr,
         "tokens": rec.tokens,
@@ -483,10 +490,6 @@ def _token_counts(state: dict) -> dict:
     """Example tokens and padding tokens in the training batches so far (all processes)."""
     real, padded = state["tokens"], state["padded_tokens"]
     return {"real": real, "padded": padded, "padding_fraction": padded / max(real + padded, 1)}
-
-
-def _ckpt_step(ckpt: Path | None) -> int:
-    return int(ckpt.name.split("-")[1]) if ckpt else 0
 
 
 def _loss_count(batch: dict[str, torch.Tensor]) -> int:

@@ -10,12 +10,16 @@ five-class file gets the same head in both.
 
 from __future__ import annotations
 
-from peftlab.data import TaskData, load_task_data
+from peftlab.data import TaskData, load_streamed, load_task_data
 from peftlab.train.config import TrainConfig
 
 
 def load_data(cfg: TrainConfig, tokenizer, kind: str) -> TaskData:
-    """The encoded splits ``train()`` trains and evaluates on for ``cfg``."""
+    """The encoded splits ``train()`` trains and evaluates on for ``cfg`` (``streaming``: the
+    training split a :class:`~peftlab.data.StreamedTrain`, read as batches need it)."""
+    if cfg.streaming:
+        kw = {**cfg.data_kwargs(), "shuffle_buffer": cfg.shuffle_buffer}
+        return load_streamed(tokenizer, cfg.data, kind, cfg.max_length, **kw)
     return load_task_data(tokenizer, cfg.data, kind, cfg.max_length, **cfg.data_kwargs())
 
 
