@@ -107,6 +107,13 @@ class CompareConfig:
             object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "method_args", dict(self.method_args or {}))
         object.__setattr__(self, "train_overrides", dict(self.train_overrides or {}))
+        for key in ("streaming", "packing"):
+            if self.train_overrides.get(key) not in (None, False, "false", "False"):
+                raise ConfigError(
+                    f"--train {key}={self.train_overrides[key]!r} is not supported by compare "
+                    f"(its baselines and identical batches per method need the examples in "
+                    f"memory, unpacked); use peftlab train for a {key} run"
+                )
 
     def budget(self) -> Budget:
         """The shared budget: :data:`QUICK` or :data:`FULL` with the given sizes on top."""

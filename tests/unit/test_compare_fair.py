@@ -381,3 +381,10 @@ def test_module_sizes_stay_readable():
     root = Path(runner.__file__).parent
     for path in [*root.glob("*.py"), Path(sys.modules["peftlab.results"].__file__)]:
         assert len(path.read_text().splitlines()) <= 500, path.name
+
+
+@pytest.mark.parametrize("key", ["streaming", "packing"])
+def test_compare_refuses_streaming_and_packing_in_one_line(key):
+    with pytest.raises(ConfigError, match=f"--train {key}=True is not supported by compare"):
+        CompareConfig(model="x", quick=True, train_overrides={key: True})
+    CompareConfig(model="x", quick=True, train_overrides={key: False})  # off is fine
