@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train each method in its own process on the same model, data, token budget "
         "and seeds, each at its own learning rate (or its own tuned setting with --tune); "
         "measure trainable parameters, adapter size, peak memory, speed, inference overhead, "
-        "stability and quality (mean ± 95%% interval over seeds, against the majority class and "
+        "stability and quality (mean ± 95% interval over seeds, against the majority class and "
         "the untrained model); write <method>.json per run, report.md and report.html. Compare "
         "writes only its own files and compare-runs/ in --out. Rerun the same command to resume.",
     )
