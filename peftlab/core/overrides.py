@@ -67,6 +67,10 @@ def parse_item(
             f"{what} {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it, "
             f"e.g. {key}='{raw}'"
         ) from None
+    if value is None and raw.strip().startswith("#"):
+        # YAML reads "#1 String" as a comment, i.e. null; on a command line it is text
+        # (MRPC's column is named "#1 String").
+        value = raw.strip()
     return parts, value
 
 

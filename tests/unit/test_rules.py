@@ -255,3 +255,12 @@ def test_every_atomic_writer_is_the_one_helper():
     from peftlab.core import io
 
     assert io.atomic_write_with is fileio.atomic_write_with
+
+
+def test_an_override_value_starting_with_a_hash_is_text_not_a_yaml_comment():
+    # MRPC's columns are "#1 String" and "#2 String": YAML would read the value as a comment
+    # (null) and the mapping would silently point at no column.
+    from peftlab.core.overrides import parse_overrides
+
+    got = parse_overrides(["columns.text=#1 String", "columns.label=Quality", "x=null"])
+    assert got == {"columns": {"text": "#1 String", "label": "Quality"}, "x": None}
