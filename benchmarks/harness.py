@@ -211,7 +211,10 @@ def run_driver(
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"args": vars(args), "raw": raw, "medians": med, "targets": rows}, f, indent=1
+                {"args": vars(args), "raw": raw, "medians": med, "targets": rows},
+                f,
+                indent=1,
+                default=str,  # Path arguments (--data)
             )
     return 0
 
