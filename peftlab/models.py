@@ -157,12 +157,35 @@ def load_model(
     hf_logging.set_verbosity_error()  # the new classification head's "newly initialized" notice
     try:
         if kind == "classification":
+            kwargs = {**_head_mismatch(directory, num_labels, extra), **kwargs}
             return AutoModelForSequenceClassification.from_pretrained(
                 directory, num_labels=num_labels, dtype=dtype, **extra, **kwargs
             )
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _head_mismatch(directory, num_labels: int, extra: dict) -> dict:
+    """A saved classifier with another number of classes: its head cannot hold these labels,
+    so a new head is made (said once) instead of transformers' size-mismatch traceback."""
+    import warnings
+
+    from transformers import AutoConfig
+
+    try:
+        saved = AutoConfig.from_pretrained(directory, **extra)
+    except (OSError, ValueError):
+        return {}
+    archs = getattr(saved, "architectures", None) or []
+    if not any("SequenceClassification" in a for a in archs) or saved.num_labels == num_labels:
+        return {}
+    warnings.warn(
+        f"{directory} holds a {saved.num_labels}-class classification head and the data has "
+        f"{num_labels} classes: the head is replaced by a new, untrained one",
+        stacklevel=3,
+    )
+    return {"ignore_mismatched_sizes": True}
 
 
 def load_tokenizer(name_or_path: str = SMOLLM2):

@@ -264,3 +264,26 @@ def test_an_override_value_starting_with_a_hash_is_text_not_a_yaml_comment():
 
     got = parse_overrides(["columns.text=#1 String", "columns.label=Quality", "x=null"])
     assert got == {"columns": {"text": "#1 String", "label": "Quality"}, "x": None}
+
+
+def test_a_saved_two_class_classifier_loads_for_three_classes_with_a_new_head(tmp_path):
+    # A user's fine-tuned 2-class checkpoint used on 3-class data: transformers' size-mismatch
+    # traceback before; now a new head, said once, and the body's weights kept.
+    import warnings
+
+    import torch
+
+    from peftlab.models import load_model
+    from tests.conftest import tiny_bert
+
+    saved = tiny_bert()
+    saved.save_pretrained(tmp_path / "clf")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = load_model(str(tmp_path / "clf"), kind="classification", num_labels=3)
+    assert model.classifier.out_features == 3
+    assert any("2-class classification head" in str(w.message) for w in seen)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight,
+                       saved.bert.embeddings.word_embeddings.weight)  # fmt: skip
+    same = load_model(str(tmp_path / "clf"), kind="classification", num_labels=2)
+    assert torch.equal(same.classifier.weight, saved.classifier.weight)
