@@ -65,3 +65,11 @@ def tiny_arch(request):
 def batch():
     torch.manual_seed(1)
     return torch.randint(0, 128, (2, 9))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a character tokenizer saved as a HF directory (read-only: share it)."""
+    from tests.tiny_lm import save_tiny_lm
+
+    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm"))

@@ -52,3 +52,21 @@ def save_tiny_lm(path: str | Path, seed: int = 0, hidden: int = 32) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_run_config(model: str, out: str | Path, **keys) -> dict:
+    """A training config that runs in seconds on :func:`save_tiny_lm`'s model: LoRA r=4 on
+    every linear layer, 6 steps of 4 built-in sort examples; ``keys`` override any key."""
+    base = {
+        "model": model,
+        "method": "lora",
+        "method_args": {"r": 4, "target_modules": "all-linear"},
+        "data": "builtin:sort",
+        "data_size": 64,
+        "max_steps": 6,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "progress": False,
+        "output_dir": str(out),
+    }
+    return {**base, **keys}

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny_lm import save_tiny_lm
-
 REPO = Path(__file__).resolve().parents[2]
 ENV = {
     **os.environ,
@@ -53,11 +51,6 @@ def _free_port() -> int:
 def _losses(run: Path) -> dict[int, float]:
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     return {m["step"]: m["loss"] for m in lines if "loss" in m}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm"))
 
 
 def _config(tmp_path: Path, tiny_dir: str, **kw) -> Path:

@@ -13,7 +13,7 @@ from peftlab.core.config import ConfigError
 from peftlab.data import DataError, encode, load_task_data, read_generation
 from peftlab.data.load import apportion
 from peftlab.train import TrainConfig, train
-from tests.tiny_lm import char_tokenizer, save_tiny_lm
+from tests.tiny_lm import char_tokenizer
 
 QA = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "id": i} for i in range(24)]
 SHAREGPT = [
@@ -119,11 +119,6 @@ def test_mapped_prompt_response_system_and_history(tmp_path, tok):
 
 
 # -- the acceptance cases: train without conversion --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm"))
 
 
 @pytest.mark.parametrize("name,records", [("qa", QA), ("sharegpt", SHAREGPT)])

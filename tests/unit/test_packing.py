@@ -25,7 +25,7 @@ from peftlab.data.packing import (
 from peftlab.train import TrainConfig, checkpoint, train
 from peftlab.train.evaluate import loss_sum
 from tests.conftest import tiny_bert, tiny_gpt2, tiny_llama
-from tests.tiny_lm import char_tokenizer, save_tiny_lm
+from tests.tiny_lm import char_tokenizer
 from tests.unit.test_rundir import _crashed_run, _same_adapter
 
 
@@ -189,11 +189,6 @@ def test_a_model_that_lets_examples_attend_to_each_other_is_refused():
 
 
 # ---- the trainer -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm"))
 
 
 def _cfg(tiny_dir, out, **kw):

@@ -28,7 +28,7 @@ from peftlab.core.config import ConfigError
 from peftlab.train import TrainingDiverged, checkpoint, lock, rundir, train
 from peftlab.train.optim import lr_schedule as _schedule
 from peftlab.train.signals import TrainingInterrupted
-from tests.tiny_lm import save_tiny_lm
+from tests.tiny_lm import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {
@@ -40,27 +40,8 @@ ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm"))
-
-
 def _cfg(tiny_dir, out, **kw):
-    base = dict(
-        model=tiny_dir,
-        method="lora",
-        method_args={"r": 4, "target_modules": "all-linear"},
-        data="builtin:sort",
-        data_size=64,
-        eval_size=0,
-        max_steps=6,
-        batch_size=4,
-        lr=1e-2,
-        save_every=2,
-        progress=False,
-        output_dir=str(out),
-    )
-    return {**base, **kw}
+    return tiny_run_config(tiny_dir, out, **{"eval_size": 0, "save_every": 2, **kw})
 
 
 class Crash(Exception):

@@ -16,30 +16,11 @@ from peftlab.core.config import ConfigError
 from peftlab.train import TrainConfig, TrainingDiverged, train
 from peftlab.train.optim import lr_schedule as _schedule
 from tests.conftest import tiny_bert
-from tests.tiny_lm import char_tokenizer, save_tiny_lm
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm"))
+from tests.tiny_lm import char_tokenizer, tiny_run_config
 
 
 def _cfg(tiny_dir, out, **kw):
-    base = dict(
-        model=tiny_dir,
-        method="lora",
-        method_args={"r": 4, "target_modules": "all-linear"},
-        data="builtin:sort",
-        data_size=64,
-        eval_size=8,
-        max_steps=6,
-        batch_size=4,
-        lr=1e-2,
-        eval_exact_match=False,
-        progress=False,
-        output_dir=str(out),
-    )
-    return {**base, **kw}
+    return tiny_run_config(tiny_dir, out, **{"eval_size": 8, "eval_exact_match": False, **kw})
 
 
 def _metrics(out):
