@@ -22,7 +22,7 @@ run_sst2() {
   peftlab compare --model minilm-l6 --data "$DATA/sst2/train.tsv" --tune lr \
     --train eval_data="$DATA/sst2/dev.tsv" --train text_column=sentence \
     --train data_size=2000 --train eval_size=200 \
-    --steps "$STEPS" --batch-size 16 --max-length 48 --threads 1 --out "$OUT/study-minilm-sst2"
+    --steps "$STEPS" --batch-size 16 --max-length 48 --threads "${THREADS:-1}" --out "$OUT/study-minilm-sst2"
 }
 
 run_mrpc() {

@@ -168,7 +168,11 @@ def plan_searches(
             base=dataclasses.replace(base, name=f"search-{m}", run_dir=str(runs_dir / m)),
             result_path=str(runs_dir / f"{m}.json"),
         )
-        blob = json.dumps({**search.to_json(), "result_path": None}, sort_keys=True, default=str)
+        # Threads change how fast a search runs, not what it finds: a rerun with another
+        # --threads resumes it (as the measured runs' fingerprints leave threads out).
+        spec = search.to_json()
+        spec = {**spec, "result_path": None, "base": {**spec["base"], "threads": None}}
+        blob = json.dumps(spec, sort_keys=True, default=str)
         blob = json.dumps([base.fingerprint_of(base.to_json()), blob], default=str)
         fp = hashlib.sha256(blob.encode()).hexdigest()[:16]
         out[m] = dataclasses.replace(search, fingerprint=fp)

@@ -388,3 +388,12 @@ def test_compare_refuses_streaming_and_packing_in_one_line(key):
     with pytest.raises(ConfigError, match=f"--train {key}=True is not supported by compare"):
         CompareConfig(model="x", quick=True, train_overrides={key: True})
     CompareConfig(model="x", quick=True, train_overrides={key: False})  # off is fine
+
+
+def test_a_rerun_with_other_threads_resumes_the_search(tmp_path):
+    # Threads decide how fast a search runs, not what it finds; the fingerprint that lets a
+    # rerun reuse a finished search must not change with --threads.
+    one = searches("lora", out=tmp_path, threads=1)["lora"]
+    two = searches("lora", out=tmp_path, threads=2)["lora"]
+    assert one.fingerprint == two.fingerprint
+    assert searches("lora", out=tmp_path, steps=9)["lora"].fingerprint != one.fingerprint
