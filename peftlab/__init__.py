@@ -27,6 +27,7 @@ from peftlab.core.registry import methods as _methods
 from peftlab.methods.adapter import AdapterConfig
 from peftlab.methods.dora import DoRAConfig
 from peftlab.methods.full import FullFinetuneConfig
+from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
 from peftlab.methods.prompt import PromptTuningConfig
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigError",
     "DoRAConfig",
     "FullFinetuneConfig",
+    "IA3Config",
     "LoRAConfig",
     "MethodConfig",
     "PTuningV2Config",

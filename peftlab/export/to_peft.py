@@ -1,8 +1,8 @@
 """The adapter in peft's layout, for the methods peft can represent.
 
-LoRA, DoRA and QLoRA adapters are already written in peft's layout by
+LoRA, DoRA, QLoRA and IA³ adapters are already written in peft's layout by
 :func:`peftlab.save_adapter` (``adapter_config.json`` with ``peft_type: LORA`` and
-``base_model.model.<module>.lora_A.weight`` keys); a method registers that it can be read by
+``base_model.model.<module>.lora_A.weight`` keys, or ``IA3`` and ``….ia3_l``); a method registers that it can be read by
 peft through its ``peft_export`` hook. Every other method is refused with the reason peft
 cannot hold it, so no file appears that peft would misread.
 

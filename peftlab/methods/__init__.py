@@ -4,6 +4,7 @@ from peftlab.methods import (  # noqa: F401
     adapter,
     dora,
     full,
+    ia3,
     lora,
     prefix,
     prompt,

@@ -155,6 +155,18 @@ def _lowrank_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int
     return n
 
 
+def _inputs_saved(p: MethodPlan) -> set[str]:
+    """Per-block suffixes whose input is saved: low-rank targets (for A's gradient) and IA³
+    feed-forward layers (the vector's gradient reads the input it scales)."""
+    return set(p.targets) | {s for s, side in p.scaled.items() if side == "in"}
+
+
+def _ia3_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:
+    """Per token: an IA³ vector on a layer's output saves that output (out), before scaling."""
+    shapes = arch.linear_shapes()
+    return sum(shapes[s][1] for s, side in p.scaled.items() if side == "out" and s in suffixes)
+
+
 def _adapter_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:
     """Per token: an adapter saves its input (for the down-projection's weight gradient) and
     its activation's saved tensors (width m)."""
@@ -194,8 +206,8 @@ def _bert_block(arch, p, seq, attention, grad_in, training) -> float:
     h, i = arch.hidden, arch.intermediate
     tk = seq + p.kv_extra
     f = tk / seq
-    lin = set(p.targets)
-    attn_grad = grad_in or bool(lin & QKV) or p.kv_extra > 0
+    lin = _inputs_saved(p)
+    attn_grad = grad_in or bool((lin | set(p.scaled)) & QKV) or p.kv_extra > 0
     drop = arch.dropout > 0 and training
     n = 0.0
     if lin & QKV:
@@ -209,10 +221,12 @@ def _bert_block(arch, p, seq, attention, grad_in, training) -> float:
     elif lin & O_PROJ:
         n += h
     n += _lowrank_extra(p, arch, QKV | O_PROJ) + _adapter_extra(p, arch, O_PROJ)
+    n += _ia3_extra(p, arch, QKV | O_PROJ)
     n += (h if drop else 0) + h + 2  # dropout mask, LayerNorm input, mean and 1/std
     n += h if lin & UP else 0
     n += i + (i if lin & DOWN else 0)  # GELU input; its output for a trained down-projection
     n += _lowrank_extra(p, arch, UP | DOWN) + _adapter_extra(p, arch, DOWN)
+    n += _ia3_extra(p, arch, UP | DOWN)
     n += (h if drop else 0) + h + 2
     return n
 
@@ -222,8 +236,8 @@ def _llama_block(arch, p, seq, attention, grad_in) -> float:
     h, i = arch.hidden, arch.intermediate
     tk = seq + p.kv_extra
     f = tk / seq
-    lin = set(p.targets)
-    attn_grad = grad_in or bool(lin & QKV) or p.kv_extra > 0
+    lin = _inputs_saved(p)
+    attn_grad = grad_in or bool((lin | set(p.scaled)) & QKV) or p.kv_extra > 0
     n = 0.0
     if grad_in:
         n += h + 1  # RMSNorm input and 1/rms
@@ -239,7 +253,7 @@ def _llama_block(arch, p, seq, attention, grad_in) -> float:
             n += 2 * arch.q_dim + 2 * arch.q_dim * f + arch.heads + tk
         else:
             # q·kᵀ saves k only when q needs a gradient (not in block 0 without grad_in).
-            k = arch.q_dim * f if (grad_in or lin & QKV) else 0
+            k = arch.q_dim * f if (grad_in or lin & QKV or "self_attn.q_proj" in p.scaled) else 0
             n += (
                 arch.q_dim
                 + k
@@ -250,10 +264,12 @@ def _llama_block(arch, p, seq, attention, grad_in) -> float:
     elif lin & O_PROJ:
         n += arch.q_dim
     n += _lowrank_extra(p, arch, QKV | O_PROJ) + _adapter_extra(p, arch, O_PROJ)
+    n += _ia3_extra(p, arch, QKV | O_PROJ)
     n += h + 1 + (h if p.norms_trainable else 0)
     n += h if lin & UP else 0
     n += 3 * i + (i if lin & DOWN else 0)  # gate (SiLU input), up, SiLU output; their product
     n += _lowrank_extra(p, arch, UP | DOWN) + _adapter_extra(p, arch, DOWN)
+    n += _ia3_extra(p, arch, UP | DOWN)
     return n
 
 

@@ -420,6 +420,7 @@ def _largest_trainable(arch: Architecture, p: MethodPlan) -> int:
         return p.kv_extra * arch.layers * 2 * arch.kv_dim
     shapes = arch.linear_shapes()
     lr = [r * max(shapes[s][0], shapes[s][1]) for s, r in p.targets.items()]
+    lr += [shapes[s][0 if side == "in" else 1] for s, side in p.scaled.items()]  # IA³ vectors
     return max(lr + [arch.hidden * p.bottleneck, arch.hidden * p.seq_extra, 1])
 
 

@@ -138,6 +138,16 @@ MODELS: dict[str, MethodModel] = {
             ladder=lambda arch, quality: [{"reduction_factor": f} for f in (16, 32, 64)],
         ),
     ),
+    "ia3": MethodModel(
+        plans.ia3_plan,
+        ("target_modules", "feedforward_modules"),
+        MethodProfile(
+            quality={"generation": 0.75, "classification": 0.92, "multi-task": 0.90},
+            speed=1.05,
+            overhead=0.0,
+            inference="none once merged",
+        ),
+    ),
     "prefix": MethodModel(
         lambda arch, f: plans.prefix_plan("prefix", arch, f),
         PREFIX_FIELDS,

@@ -19,6 +19,10 @@ Counts (``d`` = hidden, ``L`` = layers; "linears" = targeted linear layers):
   ``W = L·2·n_kv·d_head`` and ``H = reparam_hidden``; without reparam (``ptuning-v2``) the table
   ``p·W``.
 - ``prompt``: ``p·d``.
+- ``ia3``: ``Σ_linears out`` (a vector on the output) or ``in`` (on a feed-forward layer's
+  input); the default targets are the method's own table (:data:`peftlab.methods.ia3.DEFAULTS`)
+  under the family's name (``llama``: k, v, down; ``bert``: key, value, output.dense) — a
+  Qwen2 preset is counted with Llama's k_proj where peft's default takes q_proj.
 - Every method also trains a classification model's new head (:func:`trains_head`).
 
 Targets are matched as ``peftlab.apply`` matches them: :func:`peftlab.core.matching.matches_target`
@@ -36,6 +40,7 @@ from typing import Any
 from peftlab.core.config import ConfigError
 from peftlab.core.matching import ALL_LINEAR, check_regex, is_head_name, matches_target
 from peftlab.methods.adapter import AdapterConfig, adapted_outputs, block_outputs
+from peftlab.methods.ia3 import IA3Config, feedforward_names, resolve_modules
 from peftlab.select.presets import BLOCKS, Architecture
 
 Shape = tuple[int, int, bool]
@@ -84,6 +89,8 @@ class MethodPlan:
     largest trainable tensor is the largest base weight."""
     inference_extra_params: int = 0
     """Parameters still present at inference (adapters; folded prefix table; soft prompt)."""
+    scaled: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Per-block linear suffix → ``"out"`` or ``"in"``: the side an IA³ vector rescales."""
     head_adapted: bool = False
     """The method replaces a causal LM's output head (LoRA/QLoRA/an adapter targeting
     ``lm_head``), so the chunked loss cannot serve it and the trainer uses the plain loss."""
@@ -275,6 +282,29 @@ def prompt_plan(arch: Architecture, f: dict) -> MethodPlan:
         seq_extra=p_tok,
         head_trainable=trains_head(arch, f),
         inference_extra_params=p_tok * arch.hidden,
+    )
+
+
+def ia3_plan(arch: Architecture, f: dict) -> MethodPlan:
+    """IA³: one vector per targeted linear, ``out`` wide (output scaled) or ``in`` wide (a
+    feed-forward layer's input scaled); resolved as ``peftlab.apply`` resolves them."""
+    config = IA3Config(
+        target_modules=f["target_modules"], feedforward_modules=f["feedforward_modules"]
+    )
+    targets, feedforward = resolve_modules(config, arch.family)
+    found = target_linears(arch, targets)
+    ff = feedforward_names(list(found), feedforward, f["feedforward_modules"] is not None)
+    n = sum(i if name in ff else o for name, (i, o, _) in found.items())
+    scaled = {
+        s: "in" if name in ff else "out" for name in found for s in block_suffixes(arch, [name])
+    }
+    return MethodPlan(
+        "ia3",
+        n + trained_head_params(arch, f),
+        {},
+        scaled=scaled,
+        head_trainable=trains_head(arch, f),
+        head_adapted=adapts_head(found),
     )
 
 

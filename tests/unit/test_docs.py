@@ -347,6 +347,10 @@ def closed_form(name: str, arch: str, model, cfg) -> int:
         return n + head
     if name == "prompt":
         return cfg.num_virtual_tokens * d + head
+    if name == "ia3":  # defaults: k, v (out) and down (in); GPT-2 c_attn and mlp.c_proj; BERT
+        # key, value, and output.dense matching attention.output.dense too (both in)
+        per = {"llama": 2 * k["kv"] + k["f"], "gpt2": 3 * d + k["f"], "bert": 3 * d + k["f"]}
+        return L * per[arch] + head
     raise AssertionError(f"no closed form for {name}; add it to the docs page and here")
 
 
@@ -359,6 +363,7 @@ CONFIGS = {
     "prefix": lambda: peftlab.PrefixTuningConfig(num_virtual_tokens=5, reparam_hidden=16),
     "ptuning-v2": lambda: peftlab.PTuningV2Config(num_virtual_tokens=5),
     "prompt": lambda: peftlab.PromptTuningConfig(num_virtual_tokens=5),
+    "ia3": lambda: peftlab.IA3Config(),
 }
 
 

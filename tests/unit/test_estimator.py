@@ -320,7 +320,7 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ConfigError, match="batch_size"):
         estimate_memory("smollm2-135m", "lora", batch_size=0)
     with pytest.raises(ConfigError, match="no model of method"):
-        estimate_memory("smollm2-135m", "ia3")
+        estimate_memory("smollm2-135m", "no-such-method")
 
 
 def test_methods_never_import_select_bench_train_or_cli():
