@@ -178,7 +178,9 @@ def _head_mismatch(directory, num_labels: int, extra: dict) -> dict:
     except (OSError, ValueError):
         return {}
     archs = getattr(saved, "architectures", None) or []
-    if not any("SequenceClassification" in a for a in archs) or saved.num_labels == num_labels:
+    # A head was saved only by a classification class (not by a bare encoder such as MiniLM).
+    has_head = any(kind_from_config([a], None) == "classification" for a in archs)
+    if not has_head or saved.num_labels == num_labels:
         return {}
     warnings.warn(
         f"{directory} holds a {saved.num_labels}-class classification head and the data has "

@@ -63,6 +63,7 @@ def test_spread_needs_two_values():
 
 
 _PEAK_PROBE = """
+import time
 import torch
 from peftlab.bench import measure
 with measure.PeakMemory("cpu") as pm:

@@ -41,7 +41,9 @@ ENV = {
 
 
 def _cfg(tiny_dir, out, **kw):
-    return tiny_run_config(tiny_dir, out, **{"eval_size": 0, "save_every": 2, **kw})
+    return tiny_run_config(
+        kw.pop("model", tiny_dir), out, **{"eval_size": 0, "save_every": 2, **kw}
+    )
 
 
 class Crash(Exception):

@@ -20,7 +20,9 @@ from tests.tiny_lm import char_tokenizer, tiny_run_config
 
 
 def _cfg(tiny_dir, out, **kw):
-    return tiny_run_config(tiny_dir, out, **{"eval_size": 8, "eval_exact_match": False, **kw})
+    return tiny_run_config(
+        kw.pop("model", tiny_dir), out, **{"eval_size": 8, "eval_exact_match": False, **kw}
+    )
 
 
 def _metrics(out):
