@@ -154,8 +154,10 @@ class Table:
         return [(f"{self.source.path}: row {i}", r) for i, r in zip(indices, got)]
 
 
-def open_source(source: Source) -> Table:
-    """Open a non-builtin source for reading (files are read; datasets are mapped)."""
+def source_files(source: Source) -> tuple[list[str], str] | None:
+    """The files of a non-builtin ``source`` and their one suffix; None for a directory
+    written by ``Dataset.save_to_disk``. DataError/ConfigError for a glob that matches
+    nothing, a missing file, mixed kinds, or ``column_names`` on a file that names its own."""
     path = source.path
     if source.column_names is not None and Path(path).suffix.lower() not in (".csv", ".tsv"):
         raise ConfigError(
@@ -166,7 +168,7 @@ def open_source(source: Source) -> Table:
         if not files:
             raise DataError(f"data={path!r} matches no files")
     elif Path(path).is_dir():
-        return _saved_dataset(source)
+        return None
     elif not Path(path).exists():
         raise DataError(f"data file {path} does not exist")
     else:
@@ -174,7 +176,16 @@ def open_source(source: Source) -> Table:
     suffixes = sorted({Path(f).suffix.lower() for f in files})
     if len(suffixes) > 1:
         raise DataError(f"data={path!r} matches files of several kinds {suffixes}; use one kind")
-    suffix = suffixes[0]
+    return files, suffixes[0]
+
+
+def open_source(source: Source) -> Table:
+    """Open a non-builtin source for reading (files are read; datasets are mapped)."""
+    path = source.path
+    found = source_files(source)
+    if found is None:
+        return _saved_dataset(source)
+    files, suffix = found
     if suffix in (".json", ".jsonl"):
         records = [rec for f in files for rec in read_json_records(f)]
         first = records[0][1]

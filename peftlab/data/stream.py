@@ -52,7 +52,6 @@ import bisect
 import copy
 import csv
 import dataclasses
-import glob
 import itertools
 import random
 from collections import Counter
@@ -74,6 +73,7 @@ from peftlab.data.sources import (
     cache_dir,
     parse_sources,
     quiet_datasets,
+    source_files,
 )
 
 STATE_KEY = "stream"  # the trainer's state entry (checkpointed) that holds the position
@@ -379,25 +379,10 @@ class StreamedTrain:
 def open_stream(source: Source):
     """``source``'s records as a ``datasets.IterableDataset``, in file order."""
     path = source.path
-    suffix = Path(path).suffix.lower()
-    if source.column_names is not None and suffix not in (".csv", ".tsv"):
-        raise ConfigError(
-            f"column_names is for headerless .csv/.tsv files; {path!r} names its own columns"
-        )
-    if glob.has_magic(path):
-        files = sorted(glob.glob(path, recursive=True))
-        if not files:
-            raise DataError(f"data={path!r} matches no files")
-    elif Path(path).is_dir():
+    found = source_files(source)
+    if found is None:
         return _saved_dataset(source).dataset.to_iterable_dataset()
-    elif not Path(path).exists():
-        raise DataError(f"data file {path} does not exist")
-    else:
-        files = [path]
-    suffixes = sorted({Path(f).suffix.lower() for f in files})
-    if len(suffixes) > 1:
-        raise DataError(f"data={path!r} matches files of several kinds {suffixes}; use one kind")
-    suffix = suffixes[0]
+    files, suffix = found
     if suffix not in TEXT_SUFFIXES + ARROW_SUFFIXES:
         raise DataError(
             f"data={path!r}: streaming reads {'/'.join(TEXT_SUFFIXES + ARROW_SUFFIXES)} files, "
