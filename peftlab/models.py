@@ -21,6 +21,7 @@ from torch import nn
 
 from peftlab.core.fileio import replace_dir
 from peftlab.core.kind import ModelKind, check_kind, kind_from_config, kind_of_model
+from peftlab.pooling import apply_pooling
 
 SMOLLM2 = "smollm2-135m"
 MINILM = "minilm-l6"
@@ -144,9 +145,13 @@ def load_model(
     kind: ModelKind | None = None,
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
+    pooling: str = "auto",
     **kwargs,
 ) -> nn.Module:
-    """Load a model for ``kind`` ("causal-lm" or "classification"; default: from the model)."""
+    """Load a model for ``kind`` ("causal-lm" or "classification"; default: from the model).
+
+    A classification model pools as ``pooling`` says (:mod:`peftlab.pooling`: "auto" follows
+    the checkpoint, e.g. mean pooling for a sentence-transformers model)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -158,9 +163,11 @@ def load_model(
     try:
         if kind == "classification":
             kwargs = {**_head_mismatch(directory, num_labels, extra), **kwargs}
-            return AutoModelForSequenceClassification.from_pretrained(
+            model = AutoModelForSequenceClassification.from_pretrained(
                 directory, num_labels=num_labels, dtype=dtype, **extra, **kwargs
             )
+            apply_pooling(model, pooling, directory)
+            return model
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **extra, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -244,9 +244,11 @@ def run_search(search: SearchSpec) -> dict:
             run_dir=str(Path(base.run_dir) / f"trial-{next(count)}"),
         )
         torch.manual_seed(spec.seed)
-        model = load_model(spec.model, kind=spec.kind, num_labels=labels)
+        config = spec.train_config()
+        pooling = config.get("pooling", "auto")
+        model = load_model(spec.model, kind=spec.kind, num_labels=labels, pooling=pooling)
         try:
-            summary = train(spec.train_config(), model=model, tokenizer=tokenizer)
+            summary = train(config, model=model, tokenizer=tokenizer)
         finally:
             shutil.rmtree(spec.run_dir, ignore_errors=True)  # its adapter is never used
         metrics = summary.get("eval_after") or {}

@@ -149,7 +149,8 @@ def run(spec: RunSpec) -> RunResult:
     torch.manual_seed(spec.seed)
     rss_start = measure.rss_bytes()
     t0 = time.perf_counter()
-    model = load_model(spec.model, kind=spec.kind, num_labels=labels).to(device)
+    pooling = config.get("pooling", "auto")
+    model = load_model(spec.model, kind=spec.kind, num_labels=labels, pooling=pooling).to(device)
     measure.own_weights(model)  # resident and counted from the start (see own_weights)
     load_s = time.perf_counter() - t0
     rss_loaded = measure.rss_bytes()
@@ -181,7 +182,7 @@ def run(spec: RunSpec) -> RunResult:
     if not adapter_dir.is_dir():
         peftlab.save_adapter(model, adapter_dir)
     torch.manual_seed(spec.seed)  # the base model's new head (classification), reproducibly
-    base = load_model(spec.model, kind=spec.kind, num_labels=labels).to(device)
+    base = load_model(spec.model, kind=spec.kind, num_labels=labels, pooling=pooling).to(device)
     inference = _time_inference(spec, base, model, prompts)
     loads["after_inference"] = snapshot().to_dict()
     exact = "eval_exact_match" in (summary.get("eval_after") or {})

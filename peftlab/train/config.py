@@ -36,6 +36,7 @@ from peftlab.core import overrides
 from peftlab.core.config import ConfigError, MethodConfig, check, check_fields, config_from_dict
 from peftlab.data.sources import parse_sources
 from peftlab.train.checkpointing import check_spec as check_checkpointing
+from peftlab.pooling import POOLINGS
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 
@@ -53,6 +54,10 @@ class TrainConfig:
     """builtin:<task> (sort, reverse, arith, max, upper); a .json/.jsonl/.csv/.tsv/.parquet/
     .arrow file, a glob of them, or a directory written by Dataset.save_to_disk; or a mixture:
     a list of {path, weight, name, columns, column_names, split}."""
+    pooling: str = "auto"
+    """Classification: how the token states become one vector for the head — auto (what the
+    checkpoint declares: mean for a sentence-transformers model, else the [CLS] pooler),
+    cls or mean. See peftlab/pooling.py."""
     columns: dict | None = None
     """Column roles, e.g. {prompt: question, response: answer} (also system, history,
     messages) or {text: "#1 String", text_pair: "#2 String", label: Quality}; default:
@@ -206,6 +211,7 @@ class TrainConfig:
         )
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("mixed_precision", self.mixed_precision, _PRECISIONS)
+        _one_of("pooling", self.pooling, POOLINGS)
         check(
             isinstance(self.chunked_loss, bool), "chunked_loss", self.chunked_loss, "true or false"
         )

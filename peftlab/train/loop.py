@@ -243,7 +243,7 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     check(not cfg.packing or kind == "causal-lm", "packing", True, why)
     data = load_data(cfg, tokenizer, kind)  # the one place that decides data and labels
     if model is None:
-        model = load_model(cfg.model, kind, num_labels=num_labels(data))
+        model = load_model(cfg.model, kind, num_labels=num_labels(data), pooling=cfg.pooling)
     if getattr(model, "hf_quantizer", None) is None:  # quantize/adapt on the target device
         model.to(accelerator.device)
     method_config = cfg.method_config().with_tokenizer(tokenizer)
