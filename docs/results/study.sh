@@ -11,11 +11,11 @@
 #         validation, test = the GLUE dev set (408 pairs).
 #   gen   SmolLM2-135M, the built-in arithmetic task scored by exact match of the answer.
 #
-# The two MiniLM comparisons run side by side with one torch thread each (2 cores).
+# The parts run side by side, one torch thread each (2 cores; THREADS and GEN_THREADS change it).
 set -uo pipefail
 DATA=${PEFTLAB_DATA:-../shared/data}
 OUT=${OUT:-docs/results}
-STUDY=${STUDY:-sst2,mrpc}
+STUDY=${STUDY:-sst2,mrpc,gen}
 STEPS=${STEPS:-64}
 
 run_sst2() {
@@ -37,13 +37,12 @@ run_mrpc() {
 run_gen() {
   peftlab compare --model smollm2-135m --data builtin:arith --tune lr \
     --train data_size=1000 --train eval_size=64 --train test_size=128 \
-    --steps "$STEPS" --batch-size 8 --max-length 48 --threads 2 --out "$OUT/study-smollm2-arith"
+    --steps "$STEPS" --batch-size 8 --max-length 48 --threads "${GEN_THREADS:-1}" --out "$OUT/study-smollm2-arith"
 }
 
 for s in ${STUDY//,/ }; do
   case "$s" in
-    sst2 | mrpc) "run_$s" & ;;
-    gen) wait; run_gen ;;
+    sst2 | mrpc | gen) "run_$s" & ;;
     *) echo "unknown study part: $s (sst2, mrpc, gen)" >&2; exit 2 ;;
   esac
 done

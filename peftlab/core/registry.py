@@ -45,7 +45,13 @@ class Tuning:
 LOW_RANK_LRS = (1e-4, 3e-4, 1e-3, 2e-3)
 """Learning rates searched for low-rank adapters (LoRA, DoRA, QLoRA) and bottleneck adapters."""
 VIRTUAL_TOKEN_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
-"""Learning rates searched for virtual-token methods (prompt, prefix, P-Tuning v2)."""
+"""Learning rates searched for virtual-token tables trained directly (prompt, P-Tuning v2)."""
+PREFIX_MLP_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+"""Learning rates searched for Prefix-Tuning with its reparametrization MLP: every MLP weight
+moves every prefix coordinate, so Adam's per-weight step moves the prefix far faster than a
+directly trained table (Li & Liang trained it at 5e-5…8e-5). Measured on MiniLM/SST-2 (mean
+pooling, 48 steps of 16, head trained too): dev accuracy 0.717 at 3e-4, 0.655 at 1e-3, 0.52
+(the majority class) at 3e-3, where P-Tuning v2's table reaches 0.762 at 3e-3."""
 FULL_LRS = (1e-5, 3e-5, 5e-5, 1e-4)
 """Learning rates searched for full fine-tuning."""
 

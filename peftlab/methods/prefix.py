@@ -37,7 +37,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.registry import VIRTUAL_TOKEN_LRS, MethodSpec, Tuning, register_method
+from peftlab.core.registry import PREFIX_MLP_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.state import active_adapter, adapter_configs, replace_config
 from peftlab.methods._token_init import TokenInit, keys_values_of
 from peftlab.methods._virtual_tokens import (
@@ -388,7 +388,9 @@ def fold_prefix(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     return model
 
 
-def register_prefix_method(name: str, config_cls: type, attr: str, tag: str) -> MethodSpec:
+def register_prefix_method(
+    name: str, config_cls: type, attr: str, tag: str, tuning: Tuning
+) -> MethodSpec:
     return register_method(
         MethodSpec(
             name,
@@ -397,7 +399,7 @@ def register_prefix_method(name: str, config_cls: type, attr: str, tag: str) -> 
             param_prefix=tag,
             unload=make_unload(attr),
             export=make_export(attr, tag),
-            tuning=Tuning(1e-2, {"lr": VIRTUAL_TOKEN_LRS, "num_virtual_tokens": (10, 20, 50)}),
+            tuning=tuning,
         )
     )
 
@@ -407,4 +409,5 @@ register_prefix_method(
     PrefixTuningConfig,
     "peftlab_prefix",
     "prefix_",
+    Tuning(3e-4, {"lr": PREFIX_MLP_LRS, "num_virtual_tokens": (10, 20, 50)}),
 )

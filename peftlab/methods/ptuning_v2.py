@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from peftlab.core.registry import VIRTUAL_TOKEN_LRS, Tuning
 from peftlab.methods.prefix import PrefixTuningConfig, register_prefix_method
 
 
@@ -28,4 +29,10 @@ class PTuningV2Config(PrefixTuningConfig):
     off by default, as the paper recommends for most NLU tasks)."""
 
 
-register_prefix_method("ptuning-v2", PTuningV2Config, "peftlab_ptuning", "ptuning_")
+register_prefix_method(
+    "ptuning-v2",
+    PTuningV2Config,
+    "peftlab_ptuning",
+    "ptuning_",
+    Tuning(1e-2, {"lr": VIRTUAL_TOKEN_LRS, "num_virtual_tokens": (10, 20, 50)}),
+)
