@@ -191,6 +191,7 @@ def arithmetic(est) -> str:
     if not d or d["strategy"] == SINGLE:
         return ""
     n, fsdp = d["devices"], d["strategy"] == "fsdp"
+    small = 0.001 * est.peak  # terms below this are left out of the sum
     moving = d["gathered"] if est.phase != "gradients complete" else 0.0
     scatter = d["reduce_scatter"] if est.phase != "backward start" else 0.0
     total = f"{d['weight_terms']} = {_gb(d['all_weights'])} GB"
@@ -205,22 +206,23 @@ def arithmetic(est) -> str:
         k, root, layer = d["in_flight_layers"], _gb(d["root_group"]), _gb(d["layer_group"])
         terms.append(f"in flight {root} + {k} × {layer} = {_gb(moving)}")
     for label, part in (("optimizer", est.optimizer_states), ("gradients", est.gradients)):
-        if part >= 0.005 * GB:
+        if part >= small:
             terms.append(
                 f"{label} {_gb(part * n)} / {n} = {_gb(part)}" if fsdp else f"{label} {_gb(part)}"
             )
-    if scatter >= 0.005 * GB:
+    if scatter >= small:
         terms.append(f"reduce-scatter {_gb(scatter)}")
-    if d["ddp_buckets"] >= 0.005 * GB:
+    if d["ddp_buckets"] >= small:
         terms.append(f"DDP buckets {_gb(d['ddp_buckets'])}")
     if est.activations:
         terms.append(f"activations {_gb(est.activations)}")
     rest = est.workspace - moving - scatter - d["ddp_buckets"]
-    if rest > 0.005 * GB:
+    if rest > small:
         terms.append(f"workspace {_gb(rest)}")
     how = f"{d['strategy'].upper()}, {n} devices, {est.phase}"
     return f"{' + '.join(terms)} = {_gb(est.peak)} GB per device ({how})"
 
 
 def _gb(x: float) -> str:
-    return f"{x / GB:.2f}"
+    """GB with two decimals, or three significant digits below 1 GB (a small model's terms)."""
+    return f"{x / GB:.2f}" if x >= GB else f"{x / GB:.3g}"

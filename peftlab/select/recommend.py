@@ -16,12 +16,16 @@ speed are priors from the papers (each method's ``MethodProfile`` in
 latency ratios replace them. Checkpointing a share ``s`` of the layers costs one extra forward
 of them: speed × 3 / (3 + s) (a forward is about a third of a step). A causal LM's plans use
 the trainer's chunked loss (its default; exact, and about as fast as the plain loss), and a
-reason says so when the plain loss would not have fitted.
+reason says so when the plain loss would not have fitted. On several devices (``devices``)
+every plan must fit each device (:mod:`peftlab.select.devices`): for each setting DDP is tried
+first (it moves only the gradients of what trains), then FSDP, and the reason shows the
+per-device sum.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -144,8 +148,9 @@ def _checkpointing_levels(arch: Architecture) -> list[Any]:
 
 
 def _candidates(name: str, run: _Run):
-    """``(config, micro-batch, checkpointing)`` in ladder order: settings (best quality first),
-    then checkpointing (least recompute first), then micro-batch (largest first)."""
+    """``(config, micro-batch, checkpointing, strategy)`` in ladder order: settings (best
+    quality first), then on several devices the strategy (DDP, then FSDP, unless the run names
+    one), then checkpointing (least recompute first), then micro-batch (largest first)."""
     per_device = math.ceil(run.batch_size / run.devices)  # each device runs its own micro-batch
     micro_batches = dict.fromkeys(b for b in (per_device, 8, 4, 2, 1) if b <= per_device)
     prior = MODELS[name].profile
@@ -153,31 +158,29 @@ def _candidates(name: str, run: _Run):
     # A method with its own switches (QLoRA) gets the run's checkpointing of every layer (its
     # own field turns transformers' on) and compute dtype.
     own = {f.name for f in dataclasses.fields(get_method(name).config_cls)}
-    for settings in ladder:
-        for ckpt in _checkpointing_levels(run.arch):
-            for micro in micro_batches:
-                cfg = {"method": name, **settings}
-                if "gradient_checkpointing" in own:
-                    cfg["gradient_checkpointing"] = ckpt is True
-                if "compute_dtype" in own:
-                    fp32 = run.dtype in ("float32", "fp32")
-                    cfg["compute_dtype"] = "float32" if fp32 else "bfloat16"
-                yield cfg, micro, ckpt
+    levels = _checkpointing_levels(run.arch)
+    for settings, strategy in itertools.product(ladder, run.strategies()):
+        for ckpt, micro in itertools.product(levels, micro_batches):
+            cfg = {"method": name, **settings}
+            if "gradient_checkpointing" in own:
+                cfg["gradient_checkpointing"] = ckpt is True
+            if "compute_dtype" in own:
+                fp32 = run.dtype in ("float32", "fp32")
+                cfg["compute_dtype"] = "float32" if fp32 else "bfloat16"
+            yield cfg, micro, ckpt, strategy
 
 
 def _plan_method(name: str, run: _Run) -> _Plan:
     """The first candidate that fits in ``HEADROOM`` × the budget, else the smallest tried."""
     limit = HEADROOM * run.budget
     smallest = None
-    for cfg, micro, ckpt in _candidates(name, run):
-        for strategy in run.strategies():
-            est = run.estimate(cfg, micro, ckpt, run.chunked_loss, strategy)
-            if smallest is None or est.peak <= smallest.est.peak:  # ties: the later, smaller
-                smallest = _Plan(cfg, est, micro, ckpt, False)
-            if est.peak <= limit:
-                chunked = est.chunked_loss
-                plain = run.estimate(cfg, micro, ckpt, False, strategy) if chunked else est
-                return _Plan(cfg, est, micro, ckpt, True, needs_chunked=plain.peak > limit)
+    for cfg, micro, ckpt, strategy in _candidates(name, run):
+        est = run.estimate(cfg, micro, ckpt, run.chunked_loss, strategy)
+        if smallest is None or est.peak <= smallest.est.peak:  # ties: the later, smaller plan
+            smallest = _Plan(cfg, est, micro, ckpt, False)
+        if est.peak <= limit:
+            plain = run.estimate(cfg, micro, ckpt, False, strategy) if est.chunked_loss else est
+            return _Plan(cfg, est, micro, ckpt, True, needs_chunked=plain.peak > limit)
     return smallest
 
 
