@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -239,3 +241,120 @@ def test_cli_bad_input(capsys):
     assert "strategy='fsdp' with devices=1" in capsys.readouterr().err
     assert main(["recommend", "--model", "llama-2-7b", "--memory-gb", "24", "--strategy", "x"]) == 2
     assert "strategy='x' is invalid" in capsys.readouterr().err
+
+
+# --- Measured: two CPU processes under FSDP2 (gloo) against the estimate -----------------------
+
+TINY_SHAPE = dict(layers=4, hidden=256, intermediate=1024, heads=4, vocab=8192)
+
+
+def _fsdp_step(rank: int, n: int, port: int, out: str) -> None:
+    """One process: a tiny untied Llama trained in full, every decoder layer and then the model
+    ``fully_shard``-ed when ``n`` > 1; writes the live heap bytes above the pre-model baseline
+    between steps (after the first step: weights + optimizer states) and at the second step's
+    peak (sampled every 0.5 ms)."""
+    import os
+    import threading
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.bench.measure import live_heap_bytes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if n > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=n)
+    base = live_heap_bytes()
+    s = TINY_SHAPE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"],
+        vocab_size=s["vocab"],
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(cfg)
+    if n > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    x = torch.randint(0, s["vocab"], (4, 128), generator=torch.Generator().manual_seed(rank))
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], live_heap_bytes())
+            time.sleep(0.0005)
+
+    for step in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 0:
+            resident = live_heap_bytes() - base
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+    stop.set()
+    sampler.join()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"resident": resident, "peak": peak[0] - base}))
+    if n > 1:
+        dist.destroy_process_group()
+
+
+def _measure(n: int, out: Path) -> dict:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch.multiprocessing as mp; from tests.unit.test_estimator_devices "
+        "import _fsdp_step as f; n, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]; "
+        "mp.spawn(f, args=(n, port, out), nprocs=n)"
+    )
+    port = 29500 + os.getpid() % 400 + n
+    subprocess.run([sys.executable, "-c", code, str(n), str(port), str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_per_process_memory_matches_two_cpu_processes(tmp_path):
+    """FSDP2 on 2 CPU processes, full fine-tuning: what sharding saves per process — measured
+    against predicted — for the resident state (weights + AdamW states, 1/N) and for the
+    step's peak (the state's shard, plus the root group and layers in flight). The process's
+    own runtime (tens of MB, the same in both) cancels in the differences."""
+    from peftlab.select.presets import LLAMA, Architecture
+
+    s = TINY_SHAPE
+    arch = Architecture(
+        "tiny",
+        LLAMA,
+        s["layers"],
+        s["hidden"],
+        s["intermediate"],
+        s["heads"],
+        s["heads"],
+        s["vocab"],
+        False,
+    )
+    one, two = _measure(1, tmp_path / "1.json"), _measure(2, tmp_path / "2.json")
+    kw = dict(dtype="float32", device="cpu", chunked_loss=False)
+    e1 = estimate_memory(arch, "full", 4, 128, **kw)
+    e2 = estimate_memory(arch, "full", 4, 128, devices=2, strategy="fsdp", **kw)
+    resident = (e1.weights + e1.optimizer_states) - (e2.weights + e2.optimizer_states)
+    assert one["resident"] - two["resident"] == pytest.approx(resident, rel=0.05)
+    # The peak: sharding saved what the estimate says within about a decoder layer (4.2 MB
+    # here), on the safe side: the estimate keeps two layers in flight, the CPU (no separate
+    # all-gather stream to prefetch on) showed one (measured 28.8 MB saved, predicted 25.2).
+    layer = _layer_bytes(arch, 4)
+    saved, predicted = one["peak"] - two["peak"], e1.peak - e2.peak
+    assert predicted - 0.5 * layer < saved < predicted + 1.5 * layer
