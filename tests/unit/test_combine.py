@@ -331,3 +331,86 @@ def test_hotswap_refusals(tmp_path):
     torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
     peftlab.hotswap_adapter(model, {k: 2 * v for k, v in state.items()})  # a bare state works
     assert not torch.equal(_logits(model), before)
+
+
+def test_cli_combines_saves_and_scores(tiny_dir, tmp_path, capsys):
+    from peftlab.cli import main
+    from peftlab.models import load_model
+
+    for i in range(2):
+        m = peftlab.apply(load_model(tiny_dir), peftlab.LoRAConfig(r=4, target_modules=TARGETS_A))
+        _randomize(m, "default", 20 + i)
+        peftlab.save_adapter(m, tmp_path / f"a{i}")
+    a, b, out = tmp_path / "a0", tmp_path / "a1", tmp_path / "out"
+    argv = ["combine", "--model", tiny_dir, "--adapters", f"a={a}:0.5,b={b}:0.5", "--out", str(out)]
+    evals = ["--eval-data", "builtin:sort", "builtin:reverse", "--eval-size", "2"]
+    assert main([*argv, "--method", "ties", "--density", "0.5", *evals]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ties combination 'combined' (r=8, relative error")
+    assert lines[1].split() == [
+        "adapter",
+        *["builtin:sort", "loss", "builtin:sort", "exact_match"],
+        *["builtin:reverse", "loss", "builtin:reverse", "exact_match"],
+    ]
+    assert [r.split()[0] for r in lines[2:]] == ["a", "b", "combined"]
+    assert peftlab.read_adapter_config(out).r == 8
+    # The saved adapter is the cat of the parts: reload it and compare with the two loaded.
+    assert main([*argv, "--method", "cat", "--overwrite"]) == 0
+    both = load_model(tiny_dir)
+    for name, path in (("a", a), ("b", b)):
+        peftlab.load_adapter(both, path, adapter_name=name)
+    peftlab.combine(both, {"a": 0.5, "b": 0.5}, "cat")
+    reloaded = peftlab.load_adapter(load_model(tiny_dir), out)
+    torch.testing.assert_close(_logits(reloaded), _logits(both), rtol=0, atol=1e-5)
+    capsys.readouterr()
+    bad = [
+        ([*argv, "--method", "cat"], "exists and is not empty"),
+        (
+            [
+                "combine",
+                "--model",
+                tiny_dir,
+                "--adapters",
+                f"a={a}:x",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "is not a number",
+        ),
+        (
+            ["combine", "--model", tiny_dir, "--adapters", f"a{a}", "--out", str(tmp_path / "o")],
+            "is invalid",
+        ),
+        (
+            [
+                "combine",
+                "--model",
+                tiny_dir,
+                "--adapters",
+                f"a={a}:nan",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "finite",
+        ),
+        (
+            [
+                "combine",
+                "--model",
+                tiny_dir,
+                "--adapters",
+                f"a={tmp_path}/none",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "no such adapter",
+        ),
+        ([*argv[:-1], str(tmp_path / "o"), "--method", "linear"], "cross terms"),
+        ([*argv[:-1], str(tmp_path / "o"), "--method", "svd", "--rank", "0"], "rank=0 is invalid"),
+    ]
+    for args, match in bad:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # transformers' load bar comes first
+        assert match in err[-1] and err[-1].startswith("peftlab combine: error:")
+        assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "o").exists()
