@@ -389,7 +389,7 @@ def _magnitude(layer, parts: list[_Part], method: str, density, seed: int, lname
         raise ConfigError(f"{lname} holds no DoRA magnitude; it is a {type(layer).__name__}")
     m0 = dense_weight(layer.base_layer).detach().double().norm(dim=1)
     present = [p for p in parts if p.name in layer.lora_A]
-    ts = [layer.lora_magnitude_vector[p.name].detach().double() - m0.to(m0.device) for p in present]
+    ts = [layer.lora_magnitude_vector[p.name].detach().double() - m0 for p in present]
     # The magnitude's drop pattern has its own stream, so the factors' pattern is that of LoRA.
     gen = torch.Generator().manual_seed(seed + 1)
     return m0 + _merge_tensors(ts, [p.weight for p in present], method, density, gen)
