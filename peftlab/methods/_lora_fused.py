@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 
-def enabled_in(environ) -> bool:
-    """``PEFTLAB_FAST_PATH`` of ``environ``: off for 0, false, off or no; else on."""
-    return environ.get("PEFTLAB_FAST_PATH", "1").strip().lower() not in ("0", "false", "off", "no")
+def enabled_in(environ, key: str = "PEFTLAB_FAST_PATH") -> bool:
+    """``environ[key]`` as a switch: off for 0, false, off or no; else (or unset) on."""
+    return environ.get(key, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 ENABLED: bool = enabled_in(os.environ)
@@ -146,6 +146,53 @@ def fused(x, w0, b, A, B, s: float) -> torch.Tensor:
         y = lora_matmul(x, w0, b, A, B, s)[0]
         return y.view(*x.shape[:-1], y.shape[-1])
     return _LoRAMatmul.apply(x, w0, b, A, B, s)
+
+
+def projected_matmul(x, w0, bias, ax, B, s: float) -> torch.Tensor:
+    """``x·W0ᵀ + b + s·P·Bᵀ`` as ``(N, out)`` for a given ``P = x·Aᵀ`` (``(..., r)``, a
+    column block of a grouped product, see :mod:`peftlab.methods._lora_group`): two BLAS
+    calls, the update added in place into the base output."""
+    y = nn.functional.linear(x.reshape(-1, x.shape[-1]), w0, bias)
+    return y.addmm_(ax.reshape(-1, ax.shape[-1]), B.t(), alpha=s)
+
+
+class _LoRAProjected(torch.autograd.Function):
+    """:class:`_LoRAMatmul` with ``P = x·Aᵀ`` computed outside, as one input: the node of a
+    layer whose A product is a block of its group's one wide product.
+
+    Backward: ∂x = g·W0 (the A path's share reaches x through the group's product),
+    ∂P = s·g·B, ∂B = s·gᵀ·P. Saved: W0, B and P — not x, which the group's product keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, ax, B, s):
+        y = projected_matmul(x, w0, bias, ax, B, s)
+        ctx.save_for_backward(w0, B, ax)
+        ctx.s, ctx.x_shape = s, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        w0, B, ax = ctx.saved_tensors
+        need_x, _, _, need_ax, need_B, _ = ctx.needs_input_grad
+        g = gy.reshape(-1, gy.shape[-1])
+        gx = gax = gB = None
+        if need_B:
+            gB = (g.t() @ ax.reshape(-1, ax.shape[-1])).mul_(ctx.s)  # (out, r)
+        if need_ax:
+            gax = (g @ B).mul_(ctx.s).view(ax.shape)  # (..., r)
+        if need_x:
+            gx = (g @ w0).view(ctx.x_shape)
+        return gx, None, None, gax, gB, None
+
+
+def fused_projected(x, w0, b, ax, B, s: float) -> torch.Tensor:
+    """``x·W0ᵀ + b + s·P·Bᵀ``: through :class:`_LoRAProjected` when autograd records, else
+    the same two matmuls without a graph node."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or ax.requires_grad or B.requires_grad)):
+        y = projected_matmul(x, w0, b, ax, B, s)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return _LoRAProjected.apply(x, w0, b, ax, B, s)
 
 
 # torch's registries of global module hooks (``torch.nn.modules.register_module_*_hook``):
