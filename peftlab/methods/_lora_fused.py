@@ -9,7 +9,9 @@ two ways:
   machinery: ``BASE`` (adapters disabled, merged or none active) calls ``F.linear`` on the
   base weight directly; ``FUSED`` (one active adapter on a plain ``nn.Linear``) runs
   :class:`_LoRAMatmul`, one node for ``x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``; ``GENERAL`` calls the base
-  layer and adds each update with one ``addmm``.
+  layer and adds each update with one ``addmm``. Layers that share their input (q/k/v,
+  gate/up) take ``x·Aᵀ`` from one grouped product (:mod:`peftlab.methods._lora_group`) and
+  run :class:`_LoRAProjected` (or the ``addmm``) on it.
 
 The fast path is on unless the environment sets ``PEFTLAB_FAST_PATH=0`` (read at import), or
 :func:`fast_path` turns it off — for bisecting a wrong number down to, or away from, it:

@@ -401,7 +401,8 @@ def add_low_rank_adapters(
     model: nn.Module, config: LoRAConfig, adapter_name: str, layer_cls: type[LoRALinear]
 ) -> list[str]:
     """Wrap every targeted linear layer in ``layer_cls`` (reusing a wrapper already there)
-    and add adapter ``adapter_name`` to it. Returns the targeted names."""
+    and add adapter ``adapter_name`` to it; then group the model's LoRA layers that share
+    an input (:func:`peftlab.methods._lora_group.link`). Returns the targeted names."""
     targets = find_targets(model, config.target_modules)
     for name in targets:
         module = model.get_submodule(name)
