@@ -151,7 +151,7 @@ def fused(x, w0, b, A, B, s: float) -> torch.Tensor:
 
 
 def projected_matmul(x, w0, bias, ax, B, s: float) -> torch.Tensor:
-    """``x·W0ᵀ + b + s·P·Bᵀ`` as ``(N, out)`` for a given ``P = x·Aᵀ`` (``(..., r)``, a
+    """``x·W0ᵀ + b + s·P·Bᵀ`` as ``(N, out)`` for a given ``P = x·Aᵀ`` (``(N, r)``, a
     column block of a grouped product, see :mod:`peftlab.methods._lora_group`): two BLAS
     calls, the update added in place into the base output."""
     y = nn.functional.linear(x.reshape(-1, x.shape[-1]), w0, bias)
@@ -182,7 +182,7 @@ class _LoRAProjected(torch.autograd.Function):
         if need_B:
             gB = (g.t() @ ax.reshape(-1, ax.shape[-1])).mul_(ctx.s)  # (out, r)
         if need_ax:
-            gax = (g @ B).mul_(ctx.s).view(ax.shape)  # (..., r)
+            gax = (g @ B).mul_(ctx.s).view(ax.shape)  # (N, r)
         if need_x:
             gx = (g @ w0).view(ctx.x_shape)
         return gx, None, None, gax, gB, None

@@ -119,20 +119,38 @@ class Group:
     def __init__(self, members: Iterable[nn.Module]) -> None:
         self.members = tuple(members)
         self._pending: _Pending | None = None
+        self._entries: list[tuple[nn.Module, str, nn.Module]] | None = None
+        self._stacked: tuple[tuple, torch.Tensor, list] | None = None
 
     def __getstate__(self) -> dict:
         return {"members": self.members}
 
     def __setstate__(self, state: dict) -> None:
         self.members = state["members"]
-        self._pending = None
+        self.clear()
 
     def clear(self) -> None:
-        """Drop the pending blocks (a member's state changed)."""
+        """Drop the pending blocks, the adapters that may share and the stacked factors:
+        called by every member's ``_invalidate`` (any change of what they depend on)."""
         self._pending = None
+        self._entries = None
+        self._stacked = None
+
+    def _stack(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        """``[A_1; …; A_n]`` (``(Σr, in)``). Recorded by autograd when A is trained (a fresh
+        ``cat`` each forward: the optimizer rewrites A every step anyway); otherwise —
+        generation — kept until an A is rewritten, moved or replaced (a copy of the group's
+        A factors, instead of one ``cat`` per decoded token)."""
+        if torch.is_grad_enabled() and any(A.requires_grad for A in factors):
+            return torch.cat(factors)
+        key = tuple((id(A), A.data_ptr(), A._version, A.dtype) for A in factors)
+        hit = self._stacked
+        if hit is None or hit[0] != key:  # the factors are held: their ids stay theirs
+            hit = self._stacked = (key, torch.cat(factors), factors)
+        return hit[1]
 
     def take(self, layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """``x·Aᵀ`` (``(..., r)``) of ``layer``'s adapter ``name``: its block of the product
+        """``x·Aᵀ`` (``(N, r)``, x's leading dims flattened) of ``layer``'s adapter ``name``: its block of the product
         the leader left if valid for this very call, else of a new product this call leads;
         ``None`` when nothing is shared (the caller computes its own)."""
         p = self._pending
@@ -142,7 +160,7 @@ class Group:
                 if not p.blocks:
                     self._pending = None
                 A, version, block = hit
-                if layer.lora_A[name].weight is A and A._version == version:
+                if layer.lora_A[name]._parameters["weight"] is A and A._version == version:
                     return block
                 return None
         return self._lead(layer, x, name)
@@ -150,22 +168,25 @@ class Group:
     def _lead(self, layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """Compute ``x·[A_1; …; A_n]ᵀ`` for every member and adapter that can use it now;
         keep ``layer``'s block, leave the others pending."""
-        entries = [(m, n, A) for m in self.members for n, A in m._group_entries()]
-        own = next((A for m, n, A in entries if m is layer and n == name), None)
+        if self._entries is None:  # (member, adapter, its lora_A module), until clear()
+            self._entries = [(m, n, m.lora_A[n]) for m in self.members for n in m._group_names()]
+        factors = {(m, n): a._parameters["weight"] for m, n, a in self._entries}
+        own = factors.get((layer, name))
         if own is None:
             return None
-        entries = [
-            (m, n, A)
-            for m, n, A in entries
+        factors = {
+            k: A
+            for k, A in factors.items()
             if A.dtype == own.dtype and A.device == own.device and A.shape[1] == own.shape[1]
-        ]
-        if len(entries) < 2:
+        }
+        if len(factors) < 2:
             return None
-        stacked = torch.cat([A for _, _, A in entries])  # (Σr, in)
-        xa = x if x.dtype == own.dtype else x.to(own.dtype)
-        product = nn.functional.linear(xa, stacked)  # (..., Σr)
-        blocks = product.split([A.shape[0] for _, _, A in entries], dim=-1)
-        pending = {(m, n): (A, A._version, b) for (m, n, A), b in zip(entries, blocks)}
+        stacked = self._stack(list(factors.values()))  # (Σr, in)
+        xa = x.reshape(-1, x.shape[-1])  # (N, in): a 3-d input measured slower on CPU
+        xa = xa if xa.dtype == own.dtype else xa.to(own.dtype)
+        product = nn.functional.linear(xa, stacked)  # (N, Σr)
+        blocks = product.split([A.shape[0] for A in factors.values()], dim=-1)
+        pending = {k: (A, A._version, b) for (k, A), b in zip(factors.items(), blocks)}
         mine = pending.pop((layer, name))[2]
         self._pending = _Pending(weakref.ref(x), x._version, _mode(x), pending)
         return mine

@@ -265,14 +265,15 @@ class LoRALinear(nn.Module):
         """Whether adapter ``name``'s A reads the layer's input itself: no dropout drawn."""
         return not self.training or isinstance(self.lora_dropout[name], nn.Identity)
 
-    def _group_entries(self) -> list[tuple[str, torch.Tensor]]:
-        """``(adapter, A)`` for each active adapter whose x·Aᵀ the group may compute."""
+    def _group_names(self) -> list[str]:
+        """The active adapters whose x·Aᵀ the group may compute (the group keeps the answer
+        until :meth:`_invalidate`: it depends on nothing else)."""
         if self.disabled or self.merged:
             return []
-        return [(n, self.lora_A[n].weight) for n in self.active if self._shares_input(n)]
+        return [n for n in self.active if self._shares_input(n)]
 
     def _projection(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """``x·A_nameᵀ`` (``(..., r)``) from the group's shared product, or ``None`` (no
+        """``x·A_nameᵀ`` (``(N, r)``, x's leading dims flattened) from the group's product, or ``None`` (no
         group, grouping off, dropout drawn, under ``torch.compile``): compute it alone."""
         group = self._group
         if (
@@ -313,12 +314,12 @@ class LoRALinear(nn.Module):
 
         When the dtypes agree, one ``addmm`` does the B product, the scaling and the sum:
         no ``(..., out)`` temporaries besides the output, and nothing saved for backward
-        but A·x (``(..., r)``), a block of the group's product when the layer has one. A
-        dropout of 0 is an ``nn.Identity`` (no copy of x). ``dropout=False`` when the
-        caller has applied it already.
+        but A·x (``(..., r)``; ``(N, r)``, a block of the group's product, when the layer
+        has one). A dropout of 0 is an ``nn.Identity`` (no copy of x). ``dropout=False``
+        when the caller has applied it already.
         """
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        ax = self._projection(x, name)  # (..., r), the group's block
+        ax = self._projection(x, name)  # (N, r), the group's block
         if ax is None:
             xa = x if x.dtype == A.dtype else x.to(A.dtype)
             if dropout:
@@ -326,7 +327,7 @@ class LoRALinear(nn.Module):
             ax = nn.functional.linear(xa, A)  # (..., r)
         if result.dtype != B.dtype:  # e.g. a 16-bit base under fp32 adapters
             update = nn.functional.linear(ax, B) * self.scaling[name]
-            return result + update.to(result.dtype)
+            return result + update.to(result.dtype).view(result.shape)
         out = torch.addmm(
             result.reshape(-1, result.shape[-1]),
             ax.reshape(-1, ax.shape[-1]),

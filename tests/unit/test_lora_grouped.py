@@ -277,6 +277,19 @@ def test_qlora_4bit_base_is_grouped_exactly(batch):
     _assert_same(_step(model, batch), _step(model, batch, "ungrouped"), "qlora")
 
 
+def test_16_bit_base_under_float32_adapters(batch):
+    """The general path's mixed dtypes: a bfloat16 base, float32 A and B."""
+    model = _model("llama", "lora").to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    assert _forward_matmuls(model, batch) < _forward_matmuls(model, batch, "ungrouped")
+    (ya, ga), (yb, gb) = _step(model, batch), _step(model, batch, "ungrouped")
+    torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=2e-2, atol=2e-2)
+
+
 def test_grouped_under_autocast_matches_ungrouped(batch):
     model = _model("llama", "lora")
     results = []
