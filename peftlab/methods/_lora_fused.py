@@ -242,8 +242,9 @@ def version_key(t: torch.Tensor) -> object:
     """``(storage address, in-place write count)`` of ``t``: equal keys mean unchanged values.
 
     ``Tensor._version`` is torch's counter of in-place writes (autograd's check that a saved
-    tensor was not modified). Caches of values derived from parameters (DoRA's row norms)
-    use it as a guard because an optimizer step writes A and B in place without telling the
+    tensor was not modified). Caches of values derived from parameters (DoRA's row norms,
+    a group's stacked A factors) and of a layer input's products (``_lora_group``) use it
+    as a guard because an optimizer step writes A and B in place without telling the
     layer; the known mutation paths (merge, unmerge, adapter and dtype/device changes) reset
     those caches through ``_invalidate`` anyway. Should torch drop the attribute, the key is
     a fresh object that equals nothing: every call recomputes (slower, never stale).

@@ -25,13 +25,16 @@ computes the product for every member and adapter that can use it now — the la
 on, not merged, each adapter's dropout the identity (0, or eval mode: a shared mask would
 change peft's semantics, where each adapter draws its own), the leader's A dtype and device
 — keeps its own block and leaves the others in the group. A member takes its block only if
-its input is *the very same tensor object* (identity), unwritten since (``Tensor._version``),
+its input is *the very same tensor object* (identity), unwritten since (``version_key``),
 under the same grad and autocast modes, and its A is the same, unwritten parameter; anything
 else — a different input (T5's cross-attention k/v), an adapter switched since, a layer called
 twice on one input — computes its own product, ungrouped (or leads a new product). The
 blocks are dropped once all are taken, by any state change of a member (``_invalidate``),
 and never pickled or copied; an untaken block (a member the model did not call) lives only
-until the group's next lead. GPT-2's fused ``c_attn`` has no sibling: nothing to group.
+until the group's next lead. The stacked ``[A_1; …; A_n]`` is a fresh ``cat`` in each
+forward that trains A; without a graph (generation) it is kept while every A is unwritten
+(version counter), unmoved and unreplaced: a copy of the group's A factors in memory. GPT-2's
+fused ``c_attn`` has no sibling: nothing to group.
 
 Grouping is part of the LoRA fast path (off with it: ``fast_path(False)``,
 ``PEFTLAB_FAST_PATH=0``), and has its own switch for measuring it alone:
@@ -48,7 +51,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from peftlab.methods._lora_fused import enabled_in
+from peftlab.methods._lora_fused import enabled_in, version_key
 
 ENABLED: bool = enabled_in(os.environ, "PEFTLAB_LORA_GROUP")
 """Whether grouped layers share their A product; read per call, set by :func:`grouping`."""
@@ -104,9 +107,9 @@ class _Pending(NamedTuple):
     """The blocks the leader left for the other members, and what they are valid for."""
 
     x: weakref.ref
-    version: int
+    version: object  # version_key(x)
     mode: tuple[bool, bool]
-    blocks: dict  # (layer, adapter) -> (A, A's version, x·Aᵀ block)
+    blocks: dict  # (layer, adapter) -> (A, version_key(A), x·Aᵀ block)
 
 
 class Group:
@@ -143,7 +146,7 @@ class Group:
         A factors, instead of one ``cat`` per decoded token)."""
         if torch.is_grad_enabled() and any(A.requires_grad for A in factors):
             return torch.cat(factors)
-        key = tuple((id(A), A.data_ptr(), A._version, A.dtype) for A in factors)
+        key = tuple((id(A), version_key(A), A.dtype) for A in factors)
         hit = self._stacked
         if hit is None or hit[0] != key:  # the factors are held: their ids stay theirs
             hit = self._stacked = (key, torch.cat(factors), factors)
@@ -154,13 +157,13 @@ class Group:
         the leader left if valid for this very call, else of a new product this call leads;
         ``None`` when nothing is shared (the caller computes its own)."""
         p = self._pending
-        if p is not None and p.x() is x and p.version == x._version and p.mode == _mode(x):
+        if p is not None and p.x() is x and p.version == version_key(x) and p.mode == _mode(x):
             hit = p.blocks.pop((layer, name), None)
             if hit is not None:
                 if not p.blocks:
                     self._pending = None
                 A, version, block = hit
-                if layer.lora_A[name]._parameters["weight"] is A and A._version == version:
+                if layer.lora_A[name]._parameters["weight"] is A and version_key(A) == version:
                     return block
                 return None
         return self._lead(layer, x, name)
@@ -186,9 +189,9 @@ class Group:
         xa = xa if xa.dtype == own.dtype else xa.to(own.dtype)
         product = nn.functional.linear(xa, stacked)  # (N, Σr)
         blocks = product.split([A.shape[0] for A in factors.values()], dim=-1)
-        pending = {k: (A, A._version, b) for (k, A), b in zip(factors.items(), blocks)}
+        pending = {k: (A, version_key(A), b) for (k, A), b in zip(factors.items(), blocks)}
         mine = pending.pop((layer, name))[2]
-        self._pending = _Pending(weakref.ref(x), x._version, _mode(x), pending)
+        self._pending = _Pending(weakref.ref(x), version_key(x), _mode(x), pending)
         return mine
 
 

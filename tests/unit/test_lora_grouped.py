@@ -257,6 +257,22 @@ def test_a_state_change_drops_the_pending_blocks():
     torch.testing.assert_close(y, _reference(attn.k_proj, x.double()))
 
 
+def test_stacked_factors_follow_in_place_writes_and_moves():
+    """Without a graph the stacked [A_q; A_k; A_v] is kept between calls: an optimizer-like
+    in-place write of A, or a dtype move, must not leave it stale."""
+    attn = _attention().eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        attn.k_proj.lora_A["default"].weight.add_(0.5)
+        attn.q_proj(x)
+        torch.testing.assert_close(attn.k_proj(x), _reference(attn.k_proj, x))
+        attn.double()
+        xd = x.double()
+        attn.q_proj(xd)
+        torch.testing.assert_close(attn.v_proj(xd), _reference(attn.v_proj, xd))
+
+
 def test_copies_and_pickles_keep_their_own_groups(batch):
     model = _model("llama", "lora")
     clone = copy.deepcopy(model)
