@@ -251,5 +251,5 @@ def version_key(t: torch.Tensor) -> object:
     """
     try:
         return t.data_ptr(), t._version
-    except AttributeError:
+    except (AttributeError, RuntimeError):  # RuntimeError: a tensor without storage
         return object()

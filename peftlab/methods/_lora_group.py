@@ -182,7 +182,8 @@ class Group:
             for k, A in factors.items()
             if A.dtype == own.dtype and A.device == own.device and A.shape[1] == own.shape[1]
         }
-        if len(factors) < 2:
+        x_key = version_key(x)
+        if len(factors) < 2 or not isinstance(x_key, tuple):  # an unknowable version: alone
             return None
         stacked = self._stack(list(factors.values()))  # (Σr, in)
         xa = x.reshape(-1, x.shape[-1])  # (N, in): a 3-d input measured slower on CPU
@@ -191,7 +192,7 @@ class Group:
         blocks = product.split([A.shape[0] for A in factors.values()], dim=-1)
         pending = {k: (A, version_key(A), b) for (k, A), b in zip(factors.items(), blocks)}
         mine = pending.pop((layer, name))[2]
-        self._pending = _Pending(weakref.ref(x), version_key(x), _mode(x), pending)
+        self._pending = _Pending(weakref.ref(x), x_key, _mode(x), pending)
         return mine
 
 
