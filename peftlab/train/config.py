@@ -35,8 +35,8 @@ import yaml
 from peftlab.core import overrides
 from peftlab.core.config import ConfigError, MethodConfig, check, check_fields, config_from_dict
 from peftlab.data.sources import parse_sources
-from peftlab.train.checkpointing import check_spec as check_checkpointing
 from peftlab.pooling import POOLINGS
+from peftlab.train.checkpointing import check_spec as check_checkpointing
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 

@@ -9,8 +9,8 @@ import yaml
 
 import peftlab
 from peftlab.core.config import ConfigError
-from peftlab.train.config import TrainConfig
 from peftlab.train import train
+from peftlab.train.config import TrainConfig
 from peftlab.train.optim import optimizer_for
 from tests.conftest import tiny_bert, tiny_llama
 from tests.tiny_classifier import save_tiny_bert, write_classes
