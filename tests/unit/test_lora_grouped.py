@@ -334,3 +334,14 @@ def test_link_groups_siblings_by_family_only():
     assert _lora_group.link(named) == 1
     assert layers["q_proj"]._group is layers["k_proj"]._group is not None
     assert layers["o_proj"]._group is None and named[-1][1]._group is None
+
+
+def test_a_decode_step_is_not_grouped():
+    """Without a graph, fewer than MIN_GROUP_ROWS token rows (a decode step) compute their
+    own A products: the group's bookkeeping would cost more than it saves."""
+    from peftlab.methods.lora import MIN_GROUP_ROWS
+
+    model = _model("llama", "lora")
+    one = torch.randint(0, 128, (2, 1))
+    assert 2 < MIN_GROUP_ROWS
+    assert _forward_matmuls(model, one) == _forward_matmuls(model, one, "ungrouped")
