@@ -4,14 +4,19 @@ its own tuned learning rate, beats the majority class, and the report says so (#
 The command (the same settings from the shell)::
 
     peftlab compare --model minilm-l6 --data ../shared/data/sst2/train.tsv --quick --tune lr \\
-      --steps 64 --batch-size 16 --max-length 48 --train eval_data=../shared/data/sst2/dev.tsv \\
-      --train text_column=sentence --train data_size=2000 --train eval_size=200
+      --steps 32 --batch-size 16 --max-length 48 --train eval_data=../shared/data/sst2/dev.tsv \\
+      --train text_column=sentence --train data_size=1000 --train eval_size=200 \\
+      --train test_size=200
 
-Quality is scored on the first 200 sentences of the GLUE dev set (the test split once the
-trainer has one; until then the validation split, which the search also chose on). With one
+Quality is scored on the first 200 sentences of the GLUE dev set (the test split: nothing is
+chosen on it); the search chooses on 200 sentences held out of the training data. With one
 seed, "beats" means the lower end of the Wilson 95% interval over those 200 sentences lies
-above the majority class's accuracy (0.495 on them). Budget: 64 steps of 16 sentences per
-measured run; the search trains 4 candidates for 24 steps and the better 2 for 48.
+above the majority class's accuracy (0.495 on them). Budget: 32 steps of 16 sentences per
+measured run; the search trains 4 candidates for 12 steps and the better 2 for 24.
+
+What made it pass (it was skipped before): MiniLM is read by mean pooling, as it was trained
+(its [CLS] pooler is untrained), and the new classification head trains at ``head_lr`` (1e-2)
+whatever the method's own lr — see peftlab/pooling.py and docs/results/README.md.
 """
 
 from __future__ import annotations
@@ -24,20 +29,14 @@ import pytest
 
 import peftlab
 
-pytestmark = [
-    pytest.mark.slow,
-    # Known failure, kept strict rather than weakened: at this CI-sized budget (64 steps) prefix
-    # and prompt tuning stay at the majority class (0.495 test accuracy) and the run takes ~30
-    # min on a shared 2-core machine. Run it by hand with `python -m pytest -m slow <this file>`.
-    pytest.mark.skip(reason="fails at CI budget: prefix/prompt do not beat the majority class"),
-]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 CANDIDATES = [
     Path(os.environ.get("PEFTLAB_DATA", REPO.parent / "shared" / "data")) / "sst2",
     REPO.parent.parent / "shared" / "data" / "sst2",  # a worktree beside the main checkout
 ]
-STEPS, BATCH, MAX_LEN, TRAIN, HELD_OUT = 64, 16, 48, 2000, 200
+STEPS, BATCH, MAX_LEN, TRAIN, HELD_OUT = 32, 16, 48, 1000, 200
 
 
 def sst2() -> Path:
@@ -49,7 +48,6 @@ def sst2() -> Path:
 
 def test_every_tuned_method_beats_the_majority_class_on_sst2(tmp_path):
     from peftlab.models import ModelLoadError, load_tokenizer
-    from peftlab.train.config import TrainConfig
 
     data = sst2()
     try:
@@ -61,9 +59,8 @@ def test_every_tuned_method_beats_the_majority_class_on_sst2(tmp_path):
         "text_column": "sentence",
         "data_size": TRAIN,
         "eval_size": HELD_OUT,
+        "test_size": HELD_OUT,  # the first 200 dev sentences are the test split
     }
-    if "test_size" in TrainConfig.__dataclass_fields__:  # train/validation/test splits
-        overrides["test_size"] = HELD_OUT  # the first 200 dev sentences are the test split
     t0 = time.perf_counter()
     res = peftlab.compare(
         None,
