@@ -35,6 +35,7 @@ from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
 from peftlab.methods.prompt import PromptTuningConfig
 from peftlab.methods.ptuning_v2 import PTuningV2Config
 from peftlab.methods.qlora import QLoRAConfig
+from peftlab.mixed import adapter_rows
 from peftlab.select.estimator import estimate_memory
 from peftlab.select.recommend import recommend
 from peftlab.train.loss import chunked_lm_loss
@@ -59,6 +60,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "QLoRAConfig",
+    "adapter_rows",
     "apply",
     "chunked_lm_loss",
     "combine",

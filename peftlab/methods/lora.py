@@ -182,6 +182,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in)`` → ``(..., out)``."""
+        rows = self.__dict__.get("_rows")  # set by peftlab.adapter_rows: a mixed batch
+        if rows is not None:
+            return rows.forward(self, x)
         if not _fast.ENABLED:
             return self._plain_forward(x)
         plan = self._ready_plan()
