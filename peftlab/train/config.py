@@ -99,6 +99,9 @@ class TrainConfig:
     encoder), whatever the method's lr; null: lr, like the rest. A new linear head needs a
     larger step than the adapters: on frozen MiniLM mean features, 48 steps of AdamW reach
     SST-2 dev accuracy 0.64 at 1e-3 and 0.78 at 1e-2. See peftlab/train/optim.py."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (LoRA-family methods): the lora_B factors (and, as in peft, the other trained
+    vectors) train at this multiple of lr, e.g. 16; null: one lr for A and B."""
     lr_schedule: str = "cosine"
     """After warmup: "cosine" (to min_lr_ratio × lr), "linear" or "constant"."""
     warmup_steps: int | None = None
@@ -209,6 +212,19 @@ class TrainConfig:
             "head_lr",
             self.head_lr,
             "null (the head trains at lr) or a positive number, e.g. 1.0e-2",
+        )
+        check(
+            self.loraplus_lr_ratio is None or self.loraplus_lr_ratio >= 1,
+            "loraplus_lr_ratio",
+            self.loraplus_lr_ratio,
+            "null (off) or a number >= 1 (B's lr / A's lr, e.g. 16)",
+        )
+        check(
+            self.loraplus_lr_ratio is None or self.method in ("lora", "dora", "qlora"),
+            "loraplus_lr_ratio",
+            self.loraplus_lr_ratio,
+            f"null with method {self.method!r}: LoRA+ sets the lr of lora_B factors, which "
+            f"only lora, dora and qlora have",
         )
         _one_of("lr_schedule", self.lr_schedule, _SCHEDULES)
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")

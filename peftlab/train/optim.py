@@ -91,25 +91,34 @@ def make_optimizer(
 
 def optimizer_for(model, cfg: TrainConfig):
     """AdamW over the trainable parameters; matrices decay, vectors (biases, norms, DoRA
-    magnitudes) do not. A classification model's head trains at ``cfg.head_lr`` (when set)
-    in groups of its own, after the others (group 0 carries the lr that is logged)."""
+    magnitudes) do not. Learning rates: a classification model's head trains at
+    ``cfg.head_lr`` (when set); with ``cfg.loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024,
+    https://arxiv.org/abs/2402.12354) every ``lora_B`` factor — and, as peft's
+    ``create_loraplus_optimizer`` does, every other trainable vector — trains at
+    ``ratio · lr``; the rest at ``lr``. One param group per (lr, decay), the ``lr`` groups
+    first (group 0 carries the lr that is logged)."""
     from peftlab.core.model import classification_head
 
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = classification_head(model) if cfg.head_lr is not None else None
-    in_head = (lambda n: n.startswith(f"{head}.")) if head else (lambda n: False)
-    groups = []
-    for part, lr in ((False, cfg.lr), (True, cfg.head_lr)):
-        mine = [p for n, p in params if in_head(n) == part]
-        groups += [
-            {"params": [p for p in mine if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        if part:
-            for g in groups[-2:]:
-                g["lr"] = lr
-    groups = [g for g in groups if g["params"]]
-    return make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    ratio = cfg.loraplus_lr_ratio
+
+    def lr_of(name: str, p) -> float:
+        if head and name.startswith(f"{head}."):
+            return cfg.head_lr
+        if ratio is not None and ("lora_B" in name or p.dim() < 2):
+            return cfg.lr * ratio
+        return cfg.lr
+
+    groups: dict[tuple[float, bool], list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((lr_of(n, p), p.dim() >= 2), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != cfg.lr, not k[1]))  # stable within a key
+    params = [
+        {"params": groups[k], "lr": k[0], "weight_decay": cfg.weight_decay if k[1] else 0.0}
+        for k in order
+    ]
+    return make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
 
 
 def lr_schedule(cfg: TrainConfig, warmup: int, total: int):

@@ -76,3 +76,32 @@ def test_a_run_recorded_without_head_lr_and_pooling_resumes_as_it_ran(tmp_path):
     assert again.head_lr is None and again.pooling == "cls"
     summary = train(str(run), ["max_steps=6"], resume=True)
     assert summary["status"] == "completed" and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_loraplus_puts_b_and_vectors_at_ratio_times_lr_as_peft_does():
+    """peft's create_loraplus_optimizer and ours give every parameter the same lr."""
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    ours = tiny_llama()
+    peftlab.apply(ours, peftlab.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    mine = _lrs(ours, lr=1e-4, loraplus_lr_ratio=16, method="lora")
+    theirs_model = get_peft_model(
+        tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
+    opt = create_loraplus_optimizer(theirs_model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16)
+    ids = {id(p): n for n, p in theirs_model.named_parameters()}
+    theirs = {
+        ids[id(p)].replace("base_model.model.", "").replace(".default", ""): g["lr"]
+        for g in opt.param_groups
+        for p in g["params"]
+    }
+    mine = {n.replace(".default", ""): v for n, v in mine.items()}
+    assert mine == theirs and {1e-4, 1.6e-3} == set(mine.values())
+
+
+def test_loraplus_refuses_methods_without_b_factors():
+    with pytest.raises(ConfigError, match=r"loraplus_lr_ratio.*null with method 'prefix'"):
+        TrainConfig(method="prefix", loraplus_lr_ratio=16)
+    with pytest.raises(ConfigError, match=r"loraplus_lr_ratio.*>= 1"):
+        TrainConfig(loraplus_lr_ratio=0.5)
