@@ -143,6 +143,8 @@ def restore(run) -> Path | None:
     for ckpt in checkpoint.all_checkpoints(out):
         try:
             saved = checkpoint.read(ckpt, acc.process_index)
+            if saved.step <= run.total_steps:  # FSDP shards are read and checked in apply
+                restored = checkpoint.apply(saved, run.unwrapped, run.optimizer, run.scheduler, acc)
         except checkpoint.Unreadable as e:
             unreadable.append(ckpt.name)
             _note(acc, f"checkpoint {ckpt} is unreadable ({e}); trying an older one")
@@ -152,7 +154,7 @@ def restore(run) -> Path | None:
                 f"--resume {out}: {_length(run.cfg)} gives {run.total_steps} steps, fewer than "
                 f"the {saved.step} the run has done ({ckpt.name}); pass a larger max_steps"
             )
-        run.state.update(checkpoint.apply(saved, run.unwrapped, run.optimizer, run.scheduler, acc))
+        run.state.update(restored)
         if unreadable:
             _note(acc, f"resuming from {ckpt.name}, the newest intact checkpoint")
         if done is not None and saved.step < done:
