@@ -46,7 +46,9 @@ weights are not stored in a dtype FSDP shards), ``mixed_precision: fp16`` (its l
 does not handle sharded gradients; use bf16), the bitsandbytes optimizers (only ``adamw``),
 and accelerate's own FSDP plugin (``accelerate launch --use_fsdp``; the config key selects
 FSDP). Gradient accumulation reduce-scatters after every micro-batch (correct, not the
-fewest messages).
+fewest messages). Adapter layers that cache values derived from their weights (DoRA's row
+norms) recompute them every training forward, since FSDP refills the gathered weights in
+place without bumping the version counter those caches are keyed on.
 """
 
 from __future__ import annotations
@@ -143,7 +145,22 @@ def shard(model: nn.Module, cfg) -> nn.Module:
     for unit in units(model):
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    for m in _caching(model):
+        m.register_forward_pre_hook(_fresh)
     return model
+
+
+def _caching(model: nn.Module) -> list[nn.Module]:
+    """The adapter layers that cache values derived from their weights (DoRA's row norms),
+    keyed on the tensors' storage and in-place write count (``version_key``). FSDP gathers
+    new values into the same storage without counting a write, so under FSDP those caches
+    are dropped before every training forward and once per gathered evaluation."""
+    return [m for m in model.modules() if callable(getattr(m, "_invalidate", None))]
+
+
+def _fresh(module: nn.Module, args) -> None:
+    if module.training:
+        module._invalidate()
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -167,6 +184,8 @@ def gathered(model: nn.Module):
         m.set_reshard_after_forward(False, recurse=False)
     for m in mods:
         m.unshard()
+    for m in _caching(model):
+        m._invalidate()
     try:
         yield model
     finally:
