@@ -28,6 +28,13 @@ the newest checkpoint whole and checks it fits the model (falling back to an old
 newest is unreadable, saying so) and applies it. Only then does the trainer write to ``DIR``
 (config.yaml, the metrics cut back to the checkpoint's step, summary.json removed), so a
 refused resume leaves the directory exactly as it was.
+
+**Several processes.** A DDP run may resume on another number of processes (the new ones start
+from rank 0's RNG state; the global batch changes with it). An FSDP run's checkpoint holds one
+shard per process and resumes only on as many processes as wrote it: any other number is
+refused in one line naming both (:func:`peftlab.train.fsdp.check_world`). Its shards are read
+and checked (finite, on every process) when they are applied, and an unreadable one falls back
+to an older checkpoint like any other.
 """
 
 from __future__ import annotations
