@@ -142,7 +142,7 @@ def shard(model: nn.Module, cfg) -> nn.Module:
     policy = MixedPrecisionPolicy()
     if cfg.mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for unit in units(model):
+    for unit in reversed(units(model)):  # inner before outer, should units nest
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     for m in _caching(model):
@@ -203,12 +203,13 @@ def full_trainable(model: nn.Module):
     if not is_sharded(model):
         yield model
         return
-    swapped = []
+    swapped, full = [], {}  # full: one gathered tensor per parameter, so tied ones stay tied
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.requires_grad and hasattr(p, "full_tensor"):
-                full = nn.Parameter(p.detach().full_tensor(), requires_grad=True)
-                mod._parameters[name] = full
+                if id(p) not in full:
+                    full[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=True)
+                mod._parameters[name] = full[id(p)]
                 swapped.append((mod, name, p))
     try:
         yield model
