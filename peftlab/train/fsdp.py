@@ -268,6 +268,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
         ValueError: the files are unreadable or hold non-finite weights (on every process).
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
         set_optimizer_state_dict,
@@ -280,8 +281,11 @@ def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
     }
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # noqa: BLE001 - any failure to read means "do not trust it"
-        raise ValueError(" ".join(f"{type(e).__name__}: {e}".split())[:200]) from None
+    # Any failure to read means "do not trust it"; dcp raises CheckpointException (a
+    # BaseException) on every process when one of them failed.
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ValueError(f"{type(e).__name__}: {first}"[:200]) from None
     names = list(state["model"])
     bad = any_process([not bool(torch.isfinite(local(state["model"][n])).all()) for n in names])
     if any(bad):

@@ -132,7 +132,8 @@ def test_dora_fsdp_two_processes_match_one_process(tiny_dir, tmp_path):
 def test_sigkill_then_resume_matches_the_uninterrupted_fsdp_run(tiny_dir, tmp_path, lora_runs):
     """Rank 1 SIGKILLs itself in step 5, after the step-4 checkpoint; torchrun tears the other
     process down. Resumed on 2 processes, steps 5-6 equal the uninterrupted run's bit for bit
-    (parameters, AdamW state, schedule and data position come back from the shards)."""
+    (parameters, AdamW state, schedule and data position come back from the shards), and so
+    does the adapter; with the step-4 shards damaged, the resume continues from step 2."""
     killed = tmp_path / "killed"
     cfg = _config(tiny_dir, killed, batch_size=2, save_every=2, distributed=_FSDP)
     victim = tmp_path / "victim.py"
@@ -156,17 +157,27 @@ def test_sigkill_then_resume_matches_the_uninterrupted_fsdp_run(tiny_dir, tmp_pa
     assert not (killed / "adapter").exists()
     assert [c.name for c in checkpoint.all_checkpoints(killed)] == ["step-0000004", "step-0000002"]
 
-    proc = _torchrun(tmp_path, ["-m", "peftlab.cli", "train", "--resume", str(killed)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["resumed_from"] == "step-0000004" and summary["steps"] == 6
-    full, b = _losses(lora_runs[1]), _losses(killed)
-    assert sorted(b) == list(range(1, 7))
-    assert [b[s] for s in (5, 6)] == [full[s] for s in (5, 6)], (full, b)
-    ta, tb = (
-        load_file(r / "adapter" / "adapter_model.safetensors") for r in (lora_runs[1], killed)
-    )
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    # A copy whose newest checkpoint lost the end of rank 1's shard file: every process sees
+    # it unreadable, and the resume falls back to step 2.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(killed, damaged)
+    shard = damaged / "checkpoints" / "step-0000004" / "sharded" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    full = _losses(lora_runs[1])
+    adapter = load_file(lora_runs[1] / "adapter" / "adapter_model.safetensors")
+    for run, start in ((killed, 4), (damaged, 2)):
+        proc = _torchrun(tmp_path, ["-m", "peftlab.cli", "train", "--resume", str(run)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["resumed_from"] == f"step-{start:07d}" and summary["steps"] == 6
+        b = _losses(run)
+        assert sorted(b) == list(range(1, 7))
+        later = range(start + 1, 7)
+        assert [b[s] for s in later] == [full[s] for s in later], (start, full, b)
+        resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+        assert all(torch.equal(adapter[k], resumed[k]) for k in adapter)
+    assert "step-0000004 is unreadable" in proc.stderr, proc.stderr[-2000:]
 
 
 @needs_torchrun
