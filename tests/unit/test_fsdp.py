@@ -254,3 +254,27 @@ def test_units_are_the_decoder_layers():
     llama = tiny_llama()
     assert fsdp.units(llama) == list(llama.model.layers)
     assert all(type(u).__name__ in ("BertLayer", "BertEmbeddings") for u in fsdp.units(tiny_bert()))
+
+
+def test_fused_adamw_counts_its_writes_so_dora_sees_the_new_weights():
+    """torch's fused AdamW writes parameters without bumping ``Tensor._version``, on which
+    DoRA's row-norm cache is keyed; make_optimizer counts the writes, so the forward after a
+    step uses the norm of the new weights (found comparing FSDP, which drops the cache, with
+    one process)."""
+    import peftlab
+    from peftlab.train.optim import make_optimizer
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama().train()
+    peftlab.apply(model, peftlab.DoRAConfig(r=4, target_modules="all-linear"))
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    versions = [p._version for g in opt.param_groups for p in g["params"]]
+    opt.step()
+    assert all(p._version > v for g in opt.param_groups for p, v in zip(g["params"], versions))
+    cached = model(input_ids=ids, labels=ids).loss
+    for m in model.modules():
+        if callable(getattr(m, "_invalidate", None)):
+            m._invalidate()
+    assert cached.item() == model(input_ids=ids, labels=ids).loss.item()
