@@ -11,6 +11,12 @@ Every configuration runs the same model (SmolLM2-135M by default) on the same ba
 The "floor" is the frozen base model's forward plus the backward to its input embeddings
 (no parameter gradients, no optimizer): the least any adapter method can cost.
 
+``*-nogroup`` configurations are the same adapters with grouped A products off on that
+model (q/k/v and gate/up each computing their own x·Aᵀ, see ``peftlab.methods._lora_group``),
+to measure the grouping side by side with the default:
+
+    python -m benchmarks.train_step --configs floor,peftlab-lora-all,peftlab-lora-all-nogroup
+
 Memory: ``peak_rss_gb`` is the whole process's peak resident set (model load included);
 ``train_peak_rss_gb`` is the peak while training alone (the kernel's counter is reset after
 setup); on CUDA ``cuda_peak_gb`` is ``torch.cuda.max_memory_allocated`` over training.
@@ -36,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- configurations ------------------------------------------------------------------------
-def _peftlab(method: str, quantized: bool = False, **fields) -> Callable:
+def _peftlab(method: str, quantized: bool = False, group: bool = True, **fields) -> Callable:
     def build(args) -> nn.Module:
         import peftlab
 
@@ -45,9 +51,20 @@ def _peftlab(method: str, quantized: bool = False, **fields) -> Callable:
         model = loading.load(args, quantized=quantized)
         extra = {"compute_dtype": QLORA_DTYPES[args.dtype]} if method == "qlora" else {}
         peftlab.apply(model, peftlab.config_from_dict({"method": method, **fields, **extra}))
+        if not group:
+            _ungroup(model)
         return model
 
     return build
+
+
+def _ungroup(model: nn.Module) -> None:
+    """Grouped A products off on this model alone (no family of sibling names matches)."""
+    from peftlab.methods import _lora_group
+    from peftlab.methods.lora import LoRALinear
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    _lora_group.link(layers, families=())
 
 
 def _peft(make_config: Callable, quantized: bool = False) -> Callable:
@@ -78,9 +95,15 @@ CONFIGS: dict[str, Callable] = {
     "peftlab-lora-all": _peftlab("lora", target_modules="all-linear", **LORA),
     "peft-lora-all": _peft(_peft_lora("all-linear")),
     "peftlab-dora-all": _peftlab("dora", target_modules="all-linear", **LORA),
+    # the same adapters, each layer computing its own A product (grouping off)
+    "peftlab-lora-all-nogroup": _peftlab("lora", group=False, target_modules="all-linear", **LORA),
+    "peftlab-dora-all-nogroup": _peftlab("dora", group=False, target_modules="all-linear", **LORA),
     "peft-dora-all": _peft(_peft_lora("all-linear", use_dora=True)),
     # QLoRA: both sides adapt the very same bitsandbytes NF4 (double-quantized) base.
     "peftlab-qlora-all": _peftlab("qlora", quantized=True, target_modules="all-linear", **LORA),
+    "peftlab-qlora-all-nogroup": _peftlab(
+        "qlora", quantized=True, group=False, target_modules="all-linear", **LORA
+    ),
     "peft-qlora-all": _peft(_peft_lora("all-linear"), quantized=True),
     # Prefix tuning, 20 virtual tokens: a plain prefix table (peft's default), and with the
     # reparameterization MLP (peftlab's default; peft's prefix_projection) of width 512.
@@ -229,7 +252,7 @@ def report(
     mem = "cuda_peak_gb" if cuda else "peak_rss_gb"
     ops = any("op_s" in m for m in med.values())
     out(
-        f"\n{'config':<20} {'n':>2} {'step s':>8} {'×floor':>7} {'peak RSS GB':>11} "
+        f"\n{'config':<26} {'n':>2} {'step s':>8} {'×floor':>7} {'peak RSS GB':>11} "
         f"{'train RSS GB':>12}"
         + (f" {'CUDA GB':>8}" if cuda else "")
         + f" {'trainable':>11}"
@@ -238,10 +261,10 @@ def report(
     floor = med.get("floor", {})
     for name, m in med.items():
         if "error" in m:
-            out(f"{name:<20} {m['n']:>2} error: {m['error'][:150]}")
+            out(f"{name:<26} {m['n']:>2} error: {m['error'][:150]}")
             continue
         out(
-            f"{name:<20} {m['n']:>2} {m['step_s']:>8.3f} {fmt(ratio(m, floor, 'step_s')):>7} "
+            f"{name:<26} {m['n']:>2} {m['step_s']:>8.3f} {fmt(ratio(m, floor, 'step_s')):>7} "
             f"{m['peak_rss_gb']:>11.3f} {fmt(m.get('train_peak_rss_gb')):>12}"
             + (f" {fmt(m.get('cuda_peak_gb')):>8}" if cuda else "")
             + f" {m['trainable_params']:>11,}"
@@ -267,6 +290,34 @@ def report(
         ("full step / floor (info)", "full", "floor", "step_s", 99.0),
         ("QLoRA step / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", "step_s", 1.00),
         ("QLoRA memory / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", mem, 1.00),
+        (
+            "LoRA grouped / ungrouped (info)",
+            "peftlab-lora-all",
+            "peftlab-lora-all-nogroup",
+            "step_s",
+            1.00,
+        ),
+        (
+            "DoRA grouped / ungrouped (info)",
+            "peftlab-dora-all",
+            "peftlab-dora-all-nogroup",
+            "step_s",
+            1.00,
+        ),
+        (
+            "QLoRA grouped / ungrouped (info)",
+            "peftlab-qlora-all",
+            "peftlab-qlora-all-nogroup",
+            "step_s",
+            1.00,
+        ),
+        (
+            "LoRA grouped / ungrouped mem (info)",
+            "peftlab-lora-all",
+            "peftlab-lora-all-nogroup",
+            mem,
+            1.00,
+        ),
     ]
     out(
         "\ntarget                               ratio   limit  verdict  paired"

@@ -11,6 +11,7 @@ compare, choose.
 # import (and every user of peftlab.core) finds them in the registry.
 import peftlab.methods  # noqa: F401  isort: skip
 from peftlab.bench import compare
+from peftlab.combine import CombineResult, combine
 from peftlab.core.config import ConfigError, MethodConfig, config_from_dict, load_config
 from peftlab.core.io import AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from peftlab.core.model import (
@@ -24,6 +25,7 @@ from peftlab.core.model import (
     unmerge,
 )
 from peftlab.core.registry import methods as _methods
+from peftlab.hotswap import hotswap_adapter
 from peftlab.methods.adapter import AdapterConfig
 from peftlab.methods.dora import DoRAConfig
 from peftlab.methods.full import FullFinetuneConfig
@@ -46,6 +48,7 @@ methods = _methods
 __all__ = [
     "AdapterConfig",
     "AdapterFileError",
+    "CombineResult",
     "ConfigError",
     "DoRAConfig",
     "FullFinetuneConfig",
@@ -58,11 +61,13 @@ __all__ = [
     "QLoRAConfig",
     "apply",
     "chunked_lm_loss",
+    "combine",
     "compare",
     "config_from_dict",
     "disable_adapters",
     "estimate_memory",
     "fold_prefix",
+    "hotswap_adapter",
     "load_adapter",
     "load_config",
     "merge",

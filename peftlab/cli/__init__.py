@@ -26,6 +26,7 @@ SUBCOMMANDS = [
     "peftlab.cli.recommend",
     "peftlab.cli.data",
     "peftlab.cli.export",
+    "peftlab.cli.combine",
 ]
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 
 from peftlab.core.config import ConfigError
+from peftlab.select.devices import STRATEGIES
 from peftlab.select.estimator import OPTIMIZER_BYTES, estimate_memory
 from peftlab.select.recommend import TASKS, format_table, recommend
 
@@ -30,7 +31,7 @@ def add_recommend_parser(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="preset (e.g. llama-2-13b), bundled name or local HF directory",
     )
-    p.add_argument("--memory-gb", type=float, required=True, help="device memory in GB")
+    p.add_argument("--memory-gb", type=float, required=True, help="memory of each device in GB")
     p.add_argument("--task", default="generation", help=f"one of {', '.join(TASKS)}")
     p.add_argument(
         "--latency-critical", action="store_true", help="prefer methods with no inference overhead"
@@ -47,6 +48,7 @@ def add_recommend_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--optimizer", default="adamw", help=", ".join(OPTIMIZER_BYTES))
     p.add_argument("--device", default="cuda", help="cuda | cpu")
+    _add_devices(p, "default: DDP where it fits, else FSDP")
     p.add_argument("--json", action="store_true", help='print {"recommendations": [...]}')
     p.set_defaults(func=_recommend_cli)
 
@@ -64,6 +66,8 @@ def _recommend_cli(args: argparse.Namespace) -> int:
         args.dtype,
         args.optimizer,
         args.device,
+        devices=args.devices,
+        strategy=args.strategy,
     )
     if args.json:
         print(json.dumps({"recommendations": [r.to_dict() for r in recs]}, indent=2))
@@ -90,8 +94,17 @@ def add_estimate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--device", default="cuda")
+    _add_devices(p, "default: ddp")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_estimate_cli)
+
+
+def _add_devices(p: argparse.ArgumentParser, default: str) -> None:
+    """``--devices N`` and ``--strategy``: the figures become one device's."""
+    p.add_argument(
+        "--devices", type=int, default=1, help="devices training runs on (memory per device)"
+    )
+    p.add_argument("--strategy", help=f"{' | '.join(STRATEGIES)} ({default})")
 
 
 def _estimate_cli(args: argparse.Namespace) -> int:
@@ -105,6 +118,8 @@ def _estimate_cli(args: argparse.Namespace) -> int:
         args.gradient_checkpointing,
         args.attention,
         args.device,
+        devices=args.devices,
+        strategy=args.strategy,
     )
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.table())
     return 0

@@ -9,7 +9,9 @@ two ways:
   machinery: ``BASE`` (adapters disabled, merged or none active) calls ``F.linear`` on the
   base weight directly; ``FUSED`` (one active adapter on a plain ``nn.Linear``) runs
   :class:`_LoRAMatmul`, one node for ``x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``; ``GENERAL`` calls the base
-  layer and adds each update with one ``addmm``.
+  layer and adds each update with one ``addmm``. Layers that share their input (q/k/v,
+  gate/up) take ``x·Aᵀ`` from one grouped product (:mod:`peftlab.methods._lora_group`) and
+  run :class:`_LoRAProjected` (or the ``addmm``) on it.
 
 The fast path is on unless the environment sets ``PEFTLAB_FAST_PATH=0`` (read at import), or
 :func:`fast_path` turns it off — for bisecting a wrong number down to, or away from, it:
@@ -31,9 +33,9 @@ import torch
 from torch import nn
 
 
-def enabled_in(environ) -> bool:
-    """``PEFTLAB_FAST_PATH`` of ``environ``: off for 0, false, off or no; else on."""
-    return environ.get("PEFTLAB_FAST_PATH", "1").strip().lower() not in ("0", "false", "off", "no")
+def enabled_in(environ, key: str = "PEFTLAB_FAST_PATH") -> bool:
+    """``environ[key]`` as a switch: off for 0, false, off or no; else (or unset) on."""
+    return environ.get(key, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 ENABLED: bool = enabled_in(os.environ)
@@ -148,6 +150,53 @@ def fused(x, w0, b, A, B, s: float) -> torch.Tensor:
     return _LoRAMatmul.apply(x, w0, b, A, B, s)
 
 
+def projected_matmul(x, w0, bias, ax, B, s: float) -> torch.Tensor:
+    """``x·W0ᵀ + b + s·P·Bᵀ`` as ``(N, out)`` for a given ``P = x·Aᵀ`` (``(N, r)``, a
+    column block of a grouped product, see :mod:`peftlab.methods._lora_group`): two BLAS
+    calls, the update added in place into the base output."""
+    y = nn.functional.linear(x.reshape(-1, x.shape[-1]), w0, bias)
+    return y.addmm_(ax.reshape(-1, ax.shape[-1]), B.t(), alpha=s)
+
+
+class _LoRAProjected(torch.autograd.Function):
+    """:class:`_LoRAMatmul` with ``P = x·Aᵀ`` computed outside, as one input: the node of a
+    layer whose A product is a block of its group's one wide product.
+
+    Backward: ∂x = g·W0 (the A path's share reaches x through the group's product),
+    ∂P = s·g·B, ∂B = s·gᵀ·P. Saved: W0, B and P — not x, which the group's product keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, ax, B, s):
+        y = projected_matmul(x, w0, bias, ax, B, s)
+        ctx.save_for_backward(w0, B, ax)
+        ctx.s, ctx.x_shape = s, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        w0, B, ax = ctx.saved_tensors
+        need_x, _, _, need_ax, need_B, _ = ctx.needs_input_grad
+        g = gy.reshape(-1, gy.shape[-1])
+        gx = gax = gB = None
+        if need_B:
+            gB = (g.t() @ ax.reshape(-1, ax.shape[-1])).mul_(ctx.s)  # (out, r)
+        if need_ax:
+            gax = (g @ B).mul_(ctx.s).view(ax.shape)  # (N, r)
+        if need_x:
+            gx = (g @ w0).view(ctx.x_shape)
+        return gx, None, None, gax, gB, None
+
+
+def fused_projected(x, w0, b, ax, B, s: float) -> torch.Tensor:
+    """``x·W0ᵀ + b + s·P·Bᵀ``: through :class:`_LoRAProjected` when autograd records, else
+    the same two matmuls without a graph node."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or ax.requires_grad or B.requires_grad)):
+        y = projected_matmul(x, w0, b, ax, B, s)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return _LoRAProjected.apply(x, w0, b, ax, B, s)
+
+
 # torch's registries of global module hooks (``torch.nn.modules.register_module_*_hook``):
 # dicts filled in place, never rebound, and without a public reader. Should a torch release
 # rename one, it is None here and ``calls_forward_directly`` answers False for every module:
@@ -193,13 +242,14 @@ def version_key(t: torch.Tensor) -> object:
     """``(storage address, in-place write count)`` of ``t``: equal keys mean unchanged values.
 
     ``Tensor._version`` is torch's counter of in-place writes (autograd's check that a saved
-    tensor was not modified). Caches of values derived from parameters (DoRA's row norms)
-    use it as a guard because an optimizer step writes A and B in place without telling the
+    tensor was not modified). Caches of values derived from parameters (DoRA's row norms,
+    a group's stacked A factors) and of a layer input's products (``_lora_group``) use it
+    as a guard because an optimizer step writes A and B in place without telling the
     layer; the known mutation paths (merge, unmerge, adapter and dtype/device changes) reset
     those caches through ``_invalidate`` anyway. Should torch drop the attribute, the key is
     a fresh object that equals nothing: every call recomputes (slower, never stale).
     """
     try:
         return t.data_ptr(), t._version
-    except AttributeError:
+    except (AttributeError, RuntimeError):  # RuntimeError: a tensor without storage
         return object()

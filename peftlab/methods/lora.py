@@ -5,6 +5,11 @@
 A starts Kaiming-uniform (a=√5) and B at zero, so the model is unchanged at init. The update
 folds exactly into W0 for inference (``merge``), and several named adapters can live on one
 layer with one of them active.
+
+Layers that a model calls on one input (q/k/v, gate/up) share their A products on the fast
+path: the first one called computes ``x·[A_q; A_k; A_v]ᵀ`` as one ``(N, in)·(in, Σr)``
+matmul and each layer takes its column block ``x·A_iᵀ`` — the same numbers as its own
+product (see :mod:`peftlab.methods._lora_group` for the maths and when it applies).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 from peftlab.methods import _lora_fused as _fast
+from peftlab.methods import _lora_group as _group
 from peftlab.methods._lora_fused import (
     BASE,
     FUSED,
@@ -28,10 +34,13 @@ from peftlab.methods._lora_fused import (
     Plan,
     calls_forward_directly,
     fused,
+    fused_projected,
 )
 from peftlab.methods._lora_fused import _LoRAMatmul as _LoRAMatmul  # docs/performance.md's name
 from peftlab.methods._lora_fused import fast_path as fast_path  # the switch, public here
 from peftlab.methods._lora_fused import fast_path_enabled as fast_path_enabled
+from peftlab.methods._lora_group import grouping as grouping  # grouping's own switch
+from peftlab.methods._lora_group import grouping_enabled as grouping_enabled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +111,16 @@ class LoRALinear(nn.Module):
     base layer — QLoRA's merge swaps it —, train/eval mode, ``disabled``…), adding an
     adapter, ``set_adapter``, ``merge``, ``unmerge`` and dtype/device moves (``_apply``).
     Hooks and ``requires_grad`` can change behind the layer's back; they are tested per call.
+
+    ``_group`` (set by :func:`add_low_rank_adapters`) is the :class:`~peftlab.methods.
+    _lora_group.Group` of siblings called on the same input, or None.
     """
 
     _plan: Plan | None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        self._group: _group.Group | None = None
         self.base_layer = base_layer  # the first _invalidate: no plan yet
         self.in_features, self.out_features = features(base_layer)
         self.lora_A = nn.ModuleDict()
@@ -124,8 +137,12 @@ class LoRALinear(nn.Module):
             self._invalidate()
 
     def _invalidate(self) -> None:
-        """Drop the cached plan; the next forward computes it again (:meth:`_make_plan`)."""
+        """Drop the cached plan (the next forward computes it again, :meth:`_make_plan`) and
+        the A products the group holds for this forward."""
         self._plan = None
+        group = self.__dict__.get("_group")
+        if group is not None:
+            group.clear()
 
     def _apply(self, fn, *args, **kwargs):
         self._invalidate()  # dtype/device moves: the plan holds the weight's device type
@@ -213,28 +230,60 @@ class LoRALinear(nn.Module):
         """The layer's output on a ``FUSED`` plan, or ``None`` to take the general path."""
         return self._fused(plan, x, True)
 
-    @staticmethod
-    def _fused(plan: Plan, x: torch.Tensor, bias: bool) -> torch.Tensor | None:
-        """:func:`fused` on the plan's weights, unless they fail the per-call tests (a
-        trainable base, dtypes that differ). Under autocast the operands are cast to its
-        dtype first, as autocast does for ``F.linear``, and the node runs in that dtype
-        (gradients reach A and B through the casts, in their own dtype)."""
+    def _fused(self, plan: Plan, x: torch.Tensor, bias: bool) -> torch.Tensor | None:
+        """:func:`fused` on the plan's weights (:func:`fused_projected` when the group
+        supplies x·Aᵀ), unless they fail the per-call tests (a trainable base, dtypes that
+        differ). Under autocast the operands are cast to its dtype first, as autocast does
+        for ``F.linear``, and the node runs in that dtype (gradients reach A and B through
+        the casts, in their own dtype)."""
         w0 = plan.base._parameters["weight"]
         b = plan.base._parameters["bias"] if bias else None
         A, B = plan.lora_a._parameters["weight"], plan.lora_b._parameters["weight"]
         if w0.requires_grad or (b is not None and b.requires_grad):
             return None
+        cast = None
         if torch.is_autocast_enabled(plan.device_type):
-            dtype = torch.get_autocast_dtype(plan.device_type)
+            cast = torch.get_autocast_dtype(plan.device_type)
             if not all(t.dtype in _AUTOCAST_INPUTS for t in (x, w0, A, B)):
                 return None
-            x, w0, A, B = x.to(dtype), w0.to(dtype), A.to(dtype), B.to(dtype)
-            b = None if b is None else b.to(dtype)
-            with torch.autocast(plan.device_type, enabled=False):
-                return fused(x, w0, b, A, B, plan.scale)
-        if not (x.dtype == w0.dtype == A.dtype == B.dtype):
+        elif not (x.dtype == w0.dtype == A.dtype == B.dtype):
             return None
-        return fused(x, w0, b, A, B, plan.scale)
+        ax = self._projection(x, plan.name)  # after the tests: taken once, here or in add_update
+        if cast is None:
+            if ax is not None:
+                return fused_projected(x, w0, b, ax, B, plan.scale)
+            return fused(x, w0, b, A, B, plan.scale)
+        x, w0, B = x.to(cast), w0.to(cast), B.to(cast)
+        b = None if b is None else b.to(cast)
+        with torch.autocast(plan.device_type, enabled=False):
+            if ax is not None:  # computed under the same autocast: already in its dtype
+                return fused_projected(x, w0, b, ax.to(cast), B, plan.scale)
+            return fused(x, w0, b, A.to(cast), B, plan.scale)
+
+    # -- grouped A products (see peftlab.methods._lora_group)
+    def _shares_input(self, name: str) -> bool:
+        """Whether adapter ``name``'s A reads the layer's input itself: no dropout drawn."""
+        return not self.training or isinstance(self.lora_dropout[name], nn.Identity)
+
+    def _group_names(self) -> list[str]:
+        """The active adapters whose x·Aᵀ the group may compute (the group keeps the answer
+        until :meth:`_invalidate`: it depends on nothing else)."""
+        if self.disabled or self.merged:
+            return []
+        return [n for n in self.active if self._shares_input(n)]
+
+    def _projection(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """``x·A_nameᵀ`` (``(N, r)``, x's leading dims flattened) from the group's product, or ``None`` (no
+        group, grouping off, dropout drawn, under ``torch.compile``): compute it alone."""
+        group = self._group
+        if (
+            group is None
+            or not (_group.ENABLED and _fast.ENABLED)
+            or not self._shares_input(name)
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        return group.take(self, x, name)
 
     def _general_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer called as a module, each active update added by one ``addmm``."""
@@ -265,17 +314,20 @@ class LoRALinear(nn.Module):
 
         When the dtypes agree, one ``addmm`` does the B product, the scaling and the sum:
         no ``(..., out)`` temporaries besides the output, and nothing saved for backward
-        but A·x (``(..., r)``). A dropout of 0 is an ``nn.Identity`` (no copy of x).
-        ``dropout=False`` when the caller has applied it already.
+        but A·x (``(..., r)``; ``(N, r)``, a block of the group's product, when the layer
+        has one). A dropout of 0 is an ``nn.Identity`` (no copy of x). ``dropout=False``
+        when the caller has applied it already.
         """
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        xa = x if x.dtype == A.dtype else x.to(A.dtype)
-        if dropout:
-            xa = self.lora_dropout[name](xa)
-        ax = nn.functional.linear(xa, A)  # (..., r)
+        ax = self._projection(x, name)  # (N, r), the group's block
+        if ax is None:
+            xa = x if x.dtype == A.dtype else x.to(A.dtype)
+            if dropout:
+                xa = self.lora_dropout[name](xa)
+            ax = nn.functional.linear(xa, A)  # (..., r)
         if result.dtype != B.dtype:  # e.g. a 16-bit base under fp32 adapters
             update = nn.functional.linear(ax, B) * self.scaling[name]
-            return result + update.to(result.dtype)
+            return result + update.to(result.dtype).view(result.shape)
         out = torch.addmm(
             result.reshape(-1, result.shape[-1]),
             ax.reshape(-1, ax.shape[-1]),
@@ -350,7 +402,8 @@ def add_low_rank_adapters(
     model: nn.Module, config: LoRAConfig, adapter_name: str, layer_cls: type[LoRALinear]
 ) -> list[str]:
     """Wrap every targeted linear layer in ``layer_cls`` (reusing a wrapper already there)
-    and add adapter ``adapter_name`` to it. Returns the targeted names."""
+    and add adapter ``adapter_name`` to it; then group the model's LoRA layers that share
+    an input (:func:`peftlab.methods._lora_group.link`). Returns the targeted names."""
     targets = find_targets(model, config.target_modules)
     for name in targets:
         module = model.get_submodule(name)
@@ -364,6 +417,7 @@ def add_low_rank_adapters(
         elif type(module) is not layer_cls:
             raise TypeError(f"{name} is a {type(module).__name__}, expected {layer_cls.__name__}")
         module.add_adapter(adapter_name, config)
+    _group.link((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
     return targets
 
 

@@ -32,6 +32,9 @@ docs/estimator.md for the CPU measurement conditions). Three moments compete for
   (peftlab's AdamW is torch's fused one, ``peftlab.train.optim``, which updates in place).
 - **a classification model's new head** trains under every method unless ``modules_to_save``
   says otherwise (:func:`peftlab.select.plans.trains_head`, the rule ``peftlab.apply`` follows).
+- **several devices** (``devices``, ``strategy``): every figure is one device's — DDP adds its
+  gradient buckets, FSDP shards parameters, gradients and optimizer states 1/N and adds the
+  parameters in flight and the reduce-scatter (:mod:`peftlab.select.devices`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 
 from peftlab.core.config import ConfigError
 from peftlab.core.optimizers import OPTIMIZERS, get_optimizer, optimizer_used
+from peftlab.select import devices as multi
 from peftlab.select.activations import (
     QKV,
     Checkpointing,
@@ -110,6 +114,10 @@ class MemoryEstimate:
     """Checkpointed inputs wait in CPU memory (saves device memory on "cuda" only)."""
     checkpointing: str = "no checkpointing"
     """The checkpointing in words ("checkpointing every 2nd layer")."""
+    devices: int = 1
+    """Devices training runs on; every figure is one device's (:mod:`peftlab.select.devices`)."""
+    strategy: str = "single"
+    """"single" (one device), "ddp" or "fsdp"."""
 
     @property
     def peak(self) -> float:
@@ -132,6 +140,8 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(peak=self.peak, beyond_load=self.beyond_load)
+        if self.devices > 1:
+            d["per_device"] = self.per_device()
         d["gb"] = {k: round(d[k] / GB, 3) for k in PARTS}
         return d
 
@@ -141,18 +151,27 @@ class MemoryEstimate:
         parts = [f"chunked loss ({self.chunk_size}-token chunks)"] if self.chunked_loss else []
         return ", ".join(parts + ([self.checkpointing] if self.checkpointed_layers else []))
 
+    def per_device(self) -> str:
+        """One device's peak as a sum of its terms ("" on one device)."""
+        return multi.arithmetic(self)
+
     def table(self) -> str:
         rows = list(PARTS)
         setup = self.setup()
+        where = (
+            f" · {self.devices} devices, {self.strategy}, per device" if self.devices > 1 else ""
+        )
         head = (
             f"{self.model} · {self.method} · batch {self.batch_size} × {self.seq_len} · {self.dtype} · "
             f"{self.optimizer}{' · ' + setup if setup else ''} "
-            f"· trainable {self.trainable_params:,} of {self.total_params:,}"
+            f"· trainable {self.trainable_params:,} of {self.total_params:,}{where}"
         )
+        tail = [f"  {self.per_device()}"] if self.devices > 1 else []
         return "\n".join(
             [head]
             + [f"  {r:<17}{getattr(self, r) / GB:9.3f} GB" for r in rows]
             + [f"  (peak at {self.phase})"]
+            + tail
         )
 
 
@@ -171,6 +190,8 @@ def estimate_memory(
     checkpointing: Any = None,
     chunked_loss: bool = True,
     chunk_size: int | None = None,
+    devices: int = 1,
+    strategy: str | None = None,
 ) -> MemoryEstimate:
     """Predict training and inference memory of ``method`` on ``model``.
 
@@ -202,19 +223,25 @@ def estimate_memory(
             replaces the output head (the trainer falls back to the plain loss there).
         chunk_size: label tokens per chunk; None: the trainer's default
             (:func:`peftlab.select.activations.default_chunk`).
+        devices: devices training runs on, each with its own ``batch_size`` sequences; the
+            estimate is one device's (:mod:`peftlab.select.devices` has the formulas).
+        strategy: "ddp" (every device holds the whole model) or "fsdp" (FSDP2: parameters,
+            gradients and optimizer states sharded 1/``devices``); None: DDP. Ignored on one
+            device except that "fsdp" is refused there.
 
     Raises:
-        ConfigError: an unknown model, method, dtype, optimizer, attention or checkpointing
-            value, or a non-positive size.
+        ConfigError: an unknown model, method, dtype, optimizer, attention, checkpointing or
+            strategy value, a non-positive size or device count, or FSDP on one device.
     """
     _check_args(dtype, optimizer, device, attention, batch_size, seq_len, chunk_size)
+    dev = multi.parse_devices(devices, strategy)
     arch = resolve_architecture(model)
     p = plan(arch, method)
     ckpt = _checkpointing(gradient_checkpointing, checkpointing, p, arch)
     chunk = None
     if chunked_loss and chunked_loss_applies(arch, p):
         chunk = chunk_size or default_chunk(arch.vocab)
-    run = _Run(batch_size, seq_len, dtype, optimizer, attention, device, runtime_bytes)
+    run = _Run(batch_size, seq_len, dtype, optimizer, attention, device, runtime_bytes, dev)
     return _estimate(arch, method_fields(method), p, run, ckpt, chunk)
 
 
@@ -229,6 +256,7 @@ class _Run:
     attention: str
     device: str
     runtime_bytes: float
+    devices: multi.Devices = multi.Devices()
 
 
 def _estimate(arch, method: tuple[str, dict], p: MethodPlan, run: _Run, ckpt, chunk):
@@ -248,6 +276,9 @@ def _estimate(arch, method: tuple[str, dict], p: MethodPlan, run: _Run, ckpt, ch
     a["recompute"] += quant_saved
     a["step_ws"] = _step_workspace(arch, p, opt, train_bytes)
     a["runtime"] = run.runtime_bytes
+    mb = 4 if p.upcast_non_quantized else b
+    groups = multi.fsdp_groups(arch, p, weights, method_params, fp, mb, train_bytes)
+    device_weights = multi.per_device(a, weights, groups, arch, run.devices)
     est = MemoryEstimate(
         model=arch.name,
         method=name,
@@ -260,19 +291,28 @@ def _estimate(arch, method: tuple[str, dict], p: MethodPlan, run: _Run, ckpt, ch
         attention=run.attention,
         trainable_params=p.trainable,
         total_params=arch.total_params() + method_params,
-        weights=weights,
+        weights=device_weights,
         optimizer_states=a["states"],
-        loaded_weights=arch.total_params() * b,
+        loaded_weights=_loaded_bytes(arch, b, run.devices),
         inference=_inference_bytes(arch, p, *tokens, b, weights, method_params),
         chunked_loss=chunk is not None,
         chunk_size=chunk,
         checkpointed_layers=list(ckpt.layers),
         offload=ckpt.offload,
         checkpointing=ckpt.describe(arch.layers),
+        devices=run.devices.count,
+        strategy=run.devices.strategy,
         **_peak_moment(a),
     )
     est.detail = _detail(est, a, p, run.device, fp)
+    est.detail["devices"] = multi.sharding_detail(a, weights, groups, arch, run.devices)
     return est
+
+
+def _loaded_bytes(arch: Architecture, b: int, dev: multi.Devices) -> float:
+    """The model as loaded in ``dtype``, on one device (FSDP: its shard)."""
+    loaded = arch.total_params() * b
+    return loaded / dev.count if dev.strategy == "fsdp" else loaded
 
 
 def _check_args(dtype, optimizer, device, attention, batch_size, seq_len, chunk_size) -> None:
@@ -367,12 +407,16 @@ def _peak_moment(a: dict) -> dict:
     """The parts of the largest moment: backward start (every saved activation, the loss's
     and the 4-bit workspaces), recomputing a checkpointed block (the loss's tensors freed, one
     block's saved tensors back), or gradients complete (every gradient, the step's
-    transients)."""
-    a["bwd"] = a["acts"] + a["loss_ws"] + a["dequant"] + a["runtime"]
-    a["recompute_moment"] = a["recompute"] + a["recompute_grads"] + a["dequant"] + a["runtime"]
-    a["step"] = a["grads"] + a["step_ws"] + a["runtime"]
+    transients). On several devices each moment adds what its strategy holds then
+    (:func:`peftlab.select.devices.per_device`; 0 on one device): DDP's buckets throughout,
+    FSDP's gathered parameters in forward and backward and its reduce-scatter in backward."""
+    comm = a["runtime"] + a["buckets"]
+    a["bwd"] = a["acts"] + a["loss_ws"] + a["dequant"] + comm + a["gathered"]
+    a["recompute_moment"] = a["recompute"] + a["recompute_grads"] + a["dequant"] + comm
+    a["recompute_moment"] += a["gathered"] + a["reduce_scatter"]
+    a["step"] = a["grads"] + a["step_ws"] + comm + a["reduce_scatter"]
     if a["bwd"] >= a["recompute_moment"] and a["bwd"] >= a["step"]:
-        workspace = a["loss_ws"] + a["dequant"] + a["runtime"]
+        workspace = a["loss_ws"] + a["dequant"] + comm + a["gathered"]
         return dict(
             gradients=0.0, activations=a["acts"], workspace=workspace, phase="backward start"
         )
@@ -380,10 +424,10 @@ def _peak_moment(a: dict) -> dict:
         return dict(
             gradients=a["recompute_grads"],
             activations=a["recompute"],
-            workspace=a["dequant"] + a["runtime"],
+            workspace=a["dequant"] + comm + a["gathered"] + a["reduce_scatter"],
             phase="recomputing a checkpointed block",
         )
-    workspace = a["step_ws"] + a["runtime"]
+    workspace = a["step_ws"] + comm + a["reduce_scatter"]
     return dict(
         gradients=a["grads"], activations=0.0, workspace=workspace, phase="gradients complete"
     )

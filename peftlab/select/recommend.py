@@ -16,12 +16,16 @@ speed are priors from the papers (each method's ``MethodProfile`` in
 latency ratios replace them. Checkpointing a share ``s`` of the layers costs one extra forward
 of them: speed × 3 / (3 + s) (a forward is about a third of a step). A causal LM's plans use
 the trainer's chunked loss (its default; exact, and about as fast as the plain loss), and a
-reason says so when the plain loss would not have fitted.
+reason says so when the plain loss would not have fitted. On several devices (``devices``)
+every plan must fit each device (:mod:`peftlab.select.devices`): for each setting DDP is tried
+first (it moves only the gradients of what trains), then FSDP, and the reason shows the
+per-device sum.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -31,6 +35,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.optimizers import get_optimizer
 from peftlab.core.registry import get_method
 from peftlab.select.activations import parse_checkpointing
+from peftlab.select.devices import STRATEGIES, parse_devices
 from peftlab.select.estimator import GB, MemoryEstimate, estimate_memory
 from peftlab.select.models import MODELS, modelled_methods
 from peftlab.select.presets import BERT, Architecture, resolve_architecture
@@ -87,8 +92,19 @@ class _Run:
     device: str
     quality: str
     chunked_loss: bool
+    devices: int = 1
+    strategy: str | None = None
+    """The strategy asked for; None: DDP where it fits, else FSDP (on several devices)."""
 
-    def estimate(self, cfg: dict, micro: int, ckpt: Any, chunked: bool) -> MemoryEstimate:
+    def strategies(self) -> tuple[str | None, ...]:
+        """Strategies to try for each candidate, in order of preference."""
+        if self.devices == 1:
+            return (None,)
+        return (self.strategy,) if self.strategy else STRATEGIES
+
+    def estimate(
+        self, cfg: dict, micro: int, ckpt: Any, chunked: bool, strategy: str | None = None
+    ) -> MemoryEstimate:
         return estimate_memory(
             self.arch,
             cfg,
@@ -100,6 +116,8 @@ class _Run:
             "sdpa",
             self.device,
             chunked_loss=chunked,
+            devices=self.devices,
+            strategy=strategy,
         )
 
 
@@ -130,36 +148,38 @@ def _checkpointing_levels(arch: Architecture) -> list[Any]:
 
 
 def _candidates(name: str, run: _Run):
-    """``(config, micro-batch, checkpointing)`` in ladder order: settings (best quality first),
-    then checkpointing (least recompute first), then micro-batch (largest first)."""
-    micro_batches = dict.fromkeys(b for b in (run.batch_size, 8, 4, 2, 1) if b <= run.batch_size)
+    """``(config, micro-batch, checkpointing, strategy)`` in ladder order: settings (best
+    quality first), then on several devices the strategy (DDP, then FSDP, unless the run names
+    one), then checkpointing (least recompute first), then micro-batch (largest first)."""
+    per_device = math.ceil(run.batch_size / run.devices)  # each device runs its own micro-batch
+    micro_batches = dict.fromkeys(b for b in (per_device, 8, 4, 2, 1) if b <= per_device)
     prior = MODELS[name].profile
     ladder = prior.ladder(run.arch, run.quality) if prior.ladder else [{}]
     # A method with its own switches (QLoRA) gets the run's checkpointing of every layer (its
     # own field turns transformers' on) and compute dtype.
     own = {f.name for f in dataclasses.fields(get_method(name).config_cls)}
-    for settings in ladder:
-        for ckpt in _checkpointing_levels(run.arch):
-            for micro in micro_batches:
-                cfg = {"method": name, **settings}
-                if "gradient_checkpointing" in own:
-                    cfg["gradient_checkpointing"] = ckpt is True
-                if "compute_dtype" in own:
-                    fp32 = run.dtype in ("float32", "fp32")
-                    cfg["compute_dtype"] = "float32" if fp32 else "bfloat16"
-                yield cfg, micro, ckpt
+    levels = _checkpointing_levels(run.arch)
+    for settings, strategy in itertools.product(ladder, run.strategies()):
+        for ckpt, micro in itertools.product(levels, micro_batches):
+            cfg = {"method": name, **settings}
+            if "gradient_checkpointing" in own:
+                cfg["gradient_checkpointing"] = ckpt is True
+            if "compute_dtype" in own:
+                fp32 = run.dtype in ("float32", "fp32")
+                cfg["compute_dtype"] = "float32" if fp32 else "bfloat16"
+            yield cfg, micro, ckpt, strategy
 
 
 def _plan_method(name: str, run: _Run) -> _Plan:
     """The first candidate that fits in ``HEADROOM`` × the budget, else the smallest tried."""
     limit = HEADROOM * run.budget
     smallest = None
-    for cfg, micro, ckpt in _candidates(name, run):
-        est = run.estimate(cfg, micro, ckpt, run.chunked_loss)
+    for cfg, micro, ckpt, strategy in _candidates(name, run):
+        est = run.estimate(cfg, micro, ckpt, run.chunked_loss, strategy)
         if smallest is None or est.peak <= smallest.est.peak:  # ties: the later, smaller plan
             smallest = _Plan(cfg, est, micro, ckpt, False)
         if est.peak <= limit:
-            plain = run.estimate(cfg, micro, ckpt, False) if est.chunked_loss else est
+            plain = run.estimate(cfg, micro, ckpt, False, strategy) if est.chunked_loss else est
             return _Plan(cfg, est, micro, ckpt, True, needs_chunked=plain.peak > limit)
     return smallest
 
@@ -229,12 +249,15 @@ def recommend(
     optimizer: str = "adamw",
     device: str = "cuda",
     chunked_loss: bool = True,
+    devices: int = 1,
+    strategy: str | None = None,
 ) -> list[Recommendation]:
     """Every method ranked for ``model`` in ``memory_gb`` of memory, best first.
 
     Args:
         model: preset, bundled model name or local HF directory.
-        memory_gb: the memory of the device training runs on, in GB (10^9 bytes).
+        memory_gb: the memory of the device training runs on (of each, on several), in GB
+            (10^9 bytes).
         task: "generation", "classification" or "multi-task".
         latency_critical: inference latency matters: methods that merge into the base win.
         quality: "highest", "high" or "balanced" (trades quality against training speed).
@@ -243,14 +266,21 @@ def recommend(
         dtype, optimizer, device: as :func:`estimate_memory`.
         chunked_loss: plan a causal LM with the trainer's chunked loss (its default); False:
             with the plain loss over the full logits.
+        devices: devices training runs on; every plan must fit each device, and the effective
+            batch is micro-batch × grad accum × devices.
+        strategy: "ddp" or "fsdp" (:mod:`peftlab.select.devices`); None: for each candidate
+            DDP, and FSDP where DDP does not fit.
 
     Raises:
-        ConfigError: an unknown model (lists the presets), task or quality, or a budget ≤ 0.
+        ConfigError: an unknown model (lists the presets), task, quality or strategy, a budget
+            ≤ 0, a device count < 1, or FSDP on one device.
     """
     _check_request(memory_gb, task, quality, optimizer)
+    parse_devices(devices, strategy)
     arch = resolve_architecture(model)
     run = _Run(
-        arch, memory_gb * GB, seq_len, batch_size, dtype, optimizer, device, quality, chunked_loss
+        *(arch, memory_gb * GB, seq_len, batch_size, dtype, optimizer, device, quality),
+        *(chunked_loss, devices, strategy),
     )
     names = ranked_methods()
     measured = _measured(results, set(names))
@@ -322,7 +352,7 @@ def _recommendation(
     config = {
         "method_args": settings,
         "micro_batch_size": plan.micro,
-        "grad_accum": max(1, math.ceil(run.batch_size / plan.micro)),
+        "grad_accum": _accum(run, plan),
         "gradient_checkpointing": plan.ckpt,
         "seq_len": run.seq_len,
         "dtype": est.dtype,
@@ -330,6 +360,9 @@ def _recommendation(
     }
     if run.arch.family != BERT:
         config["chunked_loss"] = est.chunked_loss
+    if run.devices > 1:
+        config["devices"] = run.devices
+        config["distributed"] = {"strategy": est.strategy}
     prior = MODELS[method].profile
     rec = Recommendation(
         method,
@@ -354,14 +387,29 @@ def _savers(est: MemoryEstimate, chunked: bool) -> str:
     return " and ".join(parts + ([est.checkpointing] if est.checkpointed_layers else []))
 
 
+def _accum(run: _Run, plan: _Plan) -> int:
+    """Gradient accumulation steps that keep the effective batch (micro × accum × devices)."""
+    return max(1, math.ceil(run.batch_size / (plan.micro * run.devices)))
+
+
+def _where(est: MemoryEstimate) -> str:
+    """ " per device on 4 devices with FSDP", or "" on one device."""
+    return (
+        f" per device on {est.devices} devices with {est.strategy.upper()}"
+        if est.devices > 1
+        else ""
+    )
+
+
 def _reason(method, plan: _Plan, run: _Run, settings, prior, latency) -> str:
-    est, gb = plan.est, run.budget / GB
+    est, gb, where = plan.est, run.budget / GB, _where(plan.est)
+    arithmetic = f"; {est.per_device()}" if est.devices > 1 else ""
     if not plan.fits:
         if est.weights > HEADROOM * run.budget:
             bits = "4-bit" if est.detail["quantized_params"] else est.dtype
             return (
                 f"does not fit: the {bits} weights alone take {est.weights / GB:.1f} GB of "
-                f"{gb:g} GB ({run.arch.total_params() / 1e9:.1f}B parameters)"
+                f"{gb:g} GB{where} ({run.arch.total_params() / 1e9:.1f}B parameters){arithmetic}"
             )
         parts = ", ".join(
             f"{k} {v:.1f}"
@@ -370,15 +418,16 @@ def _reason(method, plan: _Plan, run: _Run, settings, prior, latency) -> str:
         )
         savers = _savers(est, est.chunked_loss)
         return (
-            f"does not fit: {est.peak / GB:.1f} GB at batch {plan.micro}"
+            f"does not fit: {est.peak / GB:.1f} GB{where} at batch {plan.micro}"
             f"{' with ' + savers if savers else ''} ({parts} GB) > {HEADROOM:.0%} of {gb:g} GB"
+            f"{arithmetic}"
         )
     knobs = ", ".join(
         f"{k}={v}"
         for k, v in settings.items()
         if k not in ("compute_dtype", "gradient_checkpointing")
     )
-    accum = max(1, math.ceil(run.batch_size / plan.micro))
+    batch = f"{plan.micro}×{_accum(run, plan)}" + (f"×{run.devices}" if run.devices > 1 else "")
     needed = _savers(est, plan.needs_chunked)
     mergeable = get_method(method).config_cls.mergeable
     tail = (
@@ -389,8 +438,9 @@ def _reason(method, plan: _Plan, run: _Run, settings, prior, latency) -> str:
     if latency and not mergeable:
         tail = f"latency-critical, but {prior.inference}"
     return (
-        f"fits at {est.peak / GB:.1f} of {gb:g} GB{' with ' + needed if needed else ''} "
-        f"({knobs + ', ' if knobs else ''}batch {plan.micro}×{accum}); {tail}"
+        f"fits at {est.peak / GB:.1f} of {gb:g} GB{where}"
+        f"{(' and ' if where else ' with ') + needed if needed else ''} "
+        f"({knobs + ', ' if knobs else ''}batch {batch}); {tail}{arithmetic}"
     )
 
 

@@ -179,8 +179,8 @@ def gathered(model: nn.Module):
     # The root never reshards after forward (FSDP2 sets that up at its first forward); the
     # units are told not to for the time being, and are told again afterwards.
     mods = _fsdp_modules(model)
-    units = [m for m in mods if m is not model]
-    for m in units:
+    inner = [m for m in mods if m is not model]
+    for m in inner:
         m.set_reshard_after_forward(False, recurse=False)
     for m in mods:
         m.unshard()
@@ -191,7 +191,7 @@ def gathered(model: nn.Module):
     finally:
         for m in mods:
             m.reshard()
-        for m in units:
+        for m in inner:
             m.set_reshard_after_forward(True, recurse=False)
 
 

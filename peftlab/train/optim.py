@@ -100,12 +100,23 @@ def make_optimizer(
 
 def optimizer_for(model, cfg: TrainConfig):
     """AdamW over the trainable parameters; matrices decay, vectors (biases, norms, DoRA
-    magnitudes) do not."""
+    magnitudes) do not. A classification model's head trains at ``cfg.head_lr`` (when set)
+    in groups of its own, after the others (group 0 carries the lr that is logged)."""
+    from peftlab.core.model import classification_head
+
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    head = classification_head(model) if cfg.head_lr is not None else None
+    in_head = (lambda n: n.startswith(f"{head}.")) if head else (lambda n: False)
+    groups = []
+    for part, lr in ((False, cfg.lr), (True, cfg.head_lr)):
+        mine = [p for n, p in params if in_head(n) == part]
+        groups += [
+            {"params": [p for p in mine if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        if part:
+            for g in groups[-2:]:
+                g["lr"] = lr
     groups = [g for g in groups if g["params"]]
     return make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay)
 

@@ -66,6 +66,11 @@ MAY_CHANGE = (
 """Config keys a resume may change; the rest must stay as the run recorded them."""
 
 
+LEGACY = {"head_lr": None, "pooling": "cls"}
+"""Keys added after runs were recorded without them, and the value that reproduces what such
+a run did (its head trained at lr; its classifier read the [CLS] pooler)."""
+
+
 def resolve(config, overrides: list[str] | None) -> TrainConfig:
     """The config a resume runs with: the run's recorded config.yaml with ``overrides``.
 
@@ -98,6 +103,9 @@ def resolve(config, overrides: list[str] | None) -> TrainConfig:
             raise ConfigError(f"--resume: output_dir={str(run_dir)!r} is not a run directory")
         recorded = _recorded(run_dir)
         recorded["output_dir"] = requested["output_dir"]
+    for key, then in LEGACY.items():  # a key newer than the run: the behaviour it ran with
+        if key not in recorded:
+            recorded[key] = requested[key] = then
     rec = _valid(recorded, str(run_dir / "config.yaml"))
     refused = [k for k in requested if requested[k] != rec[k] and k not in MAY_CHANGE]
     if refused:
