@@ -46,9 +46,9 @@ weights are not stored in a dtype FSDP shards), ``mixed_precision: fp16`` (its l
 does not handle sharded gradients; use bf16), the bitsandbytes optimizers (only ``adamw``),
 and accelerate's own FSDP plugin (``accelerate launch --use_fsdp``; the config key selects
 FSDP). Gradient accumulation reduce-scatters after every micro-batch (correct, not the
-fewest messages). Adapter layers that cache values derived from their weights (DoRA's row
-norms) recompute them every training forward, since FSDP refills the gathered weights in
-place without bumping the version counter those caches are keyed on.
+fewest messages). FSDP refills a unit's gathered parameters in place without counting a
+write; peftlab counts one before each unit's forward (:func:`_count_gather`), so the caches
+keyed on ``version_key`` (DoRA's row norms, grouped LoRA's stacked factors) stay right.
 """
 
 from __future__ import annotations
@@ -145,22 +145,26 @@ def shard(model: nn.Module, cfg) -> nn.Module:
     for unit in reversed(units(model)):  # inner before outer, should units nest
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    for m in _caching(model):
-        m.register_forward_pre_hook(_fresh)
+    for m in _fsdp_modules(model):  # after FSDP's own pre-forward hook, which gathers
+        m.register_forward_pre_hook(_count_gather)
     return model
 
 
-def _caching(model: nn.Module) -> list[nn.Module]:
-    """The adapter layers that cache values derived from their weights (DoRA's row norms),
-    keyed on the tensors' storage and in-place write count (``version_key``). FSDP gathers
-    new values into the same storage without counting a write, so under FSDP those caches
-    are dropped before every training forward and once per gathered evaluation."""
-    return [m for m in model.modules() if callable(getattr(m, "_invalidate", None))]
+def _count_gather(module: nn.Module, args) -> None:
+    """FSDP has just gathered this unit's parameters into the storage they had before, without
+    counting a write (``Tensor._version``): count one, so that the caches keyed on
+    ``version_key`` (DoRA's row norms, grouped LoRA's stacked factors) see the new values.
+    Not while :func:`gathered` holds every unit (nothing changes between those forwards)."""
+    if not getattr(module, "_peftlab_gathered", False):
+        _count_writes(module)
 
 
-def _fresh(module: nn.Module, args) -> None:
-    if module.training:
-        module._invalidate()
+def _count_writes(module: nn.Module) -> None:
+    from torch.distributed.tensor import DTensor
+
+    plain = [p for p in module.parameters() if not isinstance(p, DTensor)]  # the gathered
+    if plain:
+        torch.autograd.graph.increment_version(plain)
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -184,13 +188,14 @@ def gathered(model: nn.Module):
         m.set_reshard_after_forward(False, recurse=False)
     for m in mods:
         m.unshard()
-    for m in _caching(model):
-        m._invalidate()
+        m._peftlab_gathered = True
+    _count_writes(model)
     try:
         yield model
     finally:
         for m in mods:
             m.reshard()
+            m._peftlab_gathered = False
         for m in inner:
             m.set_reshard_after_forward(True, recurse=False)
 
