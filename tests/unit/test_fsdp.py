@@ -40,9 +40,9 @@ def _config(tiny_dir: str, out: Path, **keys) -> dict:
 
 
 def _torchrun(tmp_path: Path, target: list[str], timeout: int = 240):
-    cfg_port = _free_port()
+    # --standalone: torchrun picks a free port itself (no race with other processes for one)
     return subprocess.run(
-        ["torchrun", "--nproc_per_node=2", f"--master_port={cfg_port}", *target],
+        ["torchrun", "--standalone", "--nproc_per_node=2", *target],
         cwd=REPO,
         env=ENV,
         capture_output=True,
@@ -57,14 +57,6 @@ def _fsdp_train(tmp_path: Path, cfg: dict, *args: str) -> Path:
     proc = _torchrun(tmp_path, ["-m", "peftlab.cli", "train", str(path), *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Path(cfg["output_dir"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run: Path) -> dict[int, float]:
