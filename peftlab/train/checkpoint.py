@@ -9,6 +9,13 @@ killed at any moment leaves either the
 complete checkpoint or none: ``latest`` never returns a half-written one. A write that fails
 (a full disk) removes the ``.tmp`` directory and raises one ``OSError`` naming the path.
 
+Under FSDP (:mod:`peftlab.train.fsdp`) no process holds the whole of the trainable parameters
+or the optimizer state, so they are written sharded instead: ``sharded/`` holds every
+process's shards (``torch.distributed.checkpoint``: one file per process and ``.metadata``),
+``optimizer.pt`` only the scheduler state and the number of processes (``fsdp_world``), which
+a resume must match. The rest (RNG states, ``trainer_state.json``, the atomic rename, the
+rules below) is the same.
+
 Trust, in three rules:
 
 * :func:`save` refuses weights that are not finite (:class:`NonFiniteWeights`), so no checkpoint
@@ -39,7 +46,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError
 from peftlab.core.fileio import replace_dir
-from peftlab.train import rundir
+from peftlab.train import fsdp, rundir
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -84,14 +91,14 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_finite(model: nn.Module, step: int) -> None:
-    """Raise :class:`NonFiniteWeights` unless every trainable weight is finite."""
-    bad = [
-        n
-        for n, p in model.named_parameters()
-        if p.requires_grad and not bool(torch.isfinite(p.detach()).all())
-    ]
-    if bad:
-        raise NonFiniteWeights(step, bad)
+    """Raise :class:`NonFiniteWeights` unless every trainable weight is finite (under FSDP
+    every process checks its shards and all agree)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    bad = [not bool(torch.isfinite(fsdp.local(p.detach())).all()) for p in params.values()]
+    if fsdp.is_sharded(model):
+        bad = fsdp.any_process(bad)
+    if any(bad):
+        raise NonFiniteWeights(step, [n for n, b in zip(params, bad) if b])
 
 
 def rng_state() -> dict:
@@ -137,6 +144,8 @@ def save(
     accelerator.wait_for_everyone()
     try:
         torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if fsdp.is_sharded(model):  # every process writes its shards
+            fsdp.save_sharded(model, optimizer, tmp / "sharded")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _write_main(tmp, final, model, optimizer, scheduler, state, accelerator)
@@ -152,8 +161,12 @@ def save(
 
 
 def _write_main(tmp: Path, final: Path, model, optimizer, scheduler, state, accelerator) -> None:
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    extra = {"scheduler": scheduler.state_dict()}
+    if fsdp.is_sharded(model):  # the weights and optimizer state are in sharded/
+        extra["fsdp_world"] = accelerator.num_processes
+    else:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        extra["optimizer"] = optimizer.state_dict()
     if accelerator.scaler is not None:
         extra["scaler"] = accelerator.scaler.state_dict()
     torch.save(extra, tmp / "optimizer.pt")
@@ -209,8 +222,11 @@ def read(path: Path, rank: int = 0) -> Saved:
     """
     path = Path(path)
     step = step_of(path)
+    sharded = (path / "sharded").is_dir()
     try:
-        tensors = load_file(path / "trainable.safetensors")
+        tensors = {} if sharded else load_file(path / "trainable.safetensors")
+        if sharded and not (path / "sharded" / ".metadata").is_file():
+            raise FileNotFoundError(f"{path / 'sharded' / '.metadata'} is missing")
         extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = path / f"rng-{rank}.pt"
         # A resume with more processes than the run had: the new ones start from rank 0's RNG.
@@ -219,7 +235,8 @@ def read(path: Path, rank: int = 0) -> Saved:
     except Exception as e:  # noqa: BLE001 - any failure to parse means "do not trust it"
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         raise Unreadable(f"{type(e).__name__}: {reason}") from None
-    if not isinstance(extra, dict) or not {"optimizer", "scheduler"} <= set(extra):
+    needs = {"fsdp_world", "scheduler"} if sharded else {"optimizer", "scheduler"}
+    if not isinstance(extra, dict) or not needs <= set(extra):
         raise Unreadable("optimizer.pt lacks the optimizer or scheduler state")
     if not isinstance(state, dict) or state.get("step") != step:
         raise Unreadable(f"trainer_state.json says step {state.get('step')}, the name {step}")
@@ -239,8 +256,28 @@ def apply(saved: Saved, model: nn.Module, optimizer, scheduler, accelerator) -> 
 
     Raises:
         ConfigError: the checkpoint's parameters (names, shapes) or optimizer groups do not
-            fit the model; nothing in the run directory was touched.
+            fit the model, or FSDP shards of another number of processes; nothing in the run
+            directory was touched.
+        Unreadable: FSDP shards that cannot be read or are not finite (checked before the
+            model is touched).
     """
+    if "fsdp_world" in saved.extra or fsdp.is_sharded(model):
+        _apply_sharded(saved, model, optimizer, accelerator)
+    else:
+        _apply_whole(saved, model, optimizer)
+    scheduler.load_state_dict(saved.extra["scheduler"])
+    groups = optimizer.param_groups
+    for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)  # LambdaLR.get_lr's own expression
+    scheduler._last_lr = [g["lr"] for g in groups]
+    if "scaler" in saved.extra and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved.extra["scaler"])
+    set_rng_state(saved.rng)
+    return saved.state
+
+
+def _apply_whole(saved: Saved, model: nn.Module, optimizer) -> None:
+    """A one-process (or DDP) checkpoint: the trainable tensors and the optimizer state."""
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     tensors = saved.tensors
@@ -260,15 +297,21 @@ def apply(saved: Saved, model: nn.Module, optimizer, scheduler, accelerator) -> 
         optimizer.load_state_dict(saved.extra["optimizer"])
     except (ValueError, KeyError) as e:
         raise ConfigError(f"checkpoint {saved.path}: optimizer state does not fit: {e}") from None
-    scheduler.load_state_dict(saved.extra["scheduler"])
-    groups = optimizer.param_groups
-    for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * fn(scheduler.last_epoch)  # LambdaLR.get_lr's own expression
-    scheduler._last_lr = [g["lr"] for g in groups]
-    if "scaler" in saved.extra and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(saved.extra["scaler"])
-    set_rng_state(saved.rng)
-    return saved.state
+
+
+def _apply_sharded(saved: Saved, model: nn.Module, optimizer, accelerator) -> None:
+    """FSDP shards, on the number of processes that wrote them."""
+    world = saved.extra.get("fsdp_world")
+    if world is None or not fsdp.is_sharded(model):
+        raise ConfigError(
+            f"checkpoint {saved.path} was written by {'an FSDP' if world else 'an unsharded'} "
+            f"run and cannot resume this one; distributed.strategy must stay as the run had it"
+        )
+    fsdp.check_world(world, accelerator.num_processes, saved.path)
+    try:
+        fsdp.load_sharded(saved.path / "sharded", model, optimizer)
+    except ValueError as e:
+        raise Unreadable(str(e)) from None
 
 
 def load(path: Path, model: nn.Module, optimizer, scheduler, accelerator) -> dict:

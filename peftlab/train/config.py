@@ -7,7 +7,7 @@ The keys, in groups: what to train (``model``, ``method``, ``method_args``), on 
 ``seed``), when to evaluate, save and log (``eval_every``, ``save_every``, ``log_every``, ...),
 where to write (``output_dir``, ``overwrite``) and the runtime (``gradient_checkpointing``,
 ``chunked_loss``, ``packing``, ``streaming`` and ``shuffle_buffer``, ``mixed_precision``,
-``tensorboard``, ``progress``). Each attribute's docstring below is its help text;
+``distributed``, ``tensorboard``, ``progress``). Each attribute's docstring below is its help text;
 ``configs/<method>.yaml`` are example files with every knob commented. An unknown key is an error that lists the known ones. Overrides follow
 :mod:`peftlab.core.overrides` (``method_args.r=8``).
 
@@ -37,6 +37,7 @@ from peftlab.core.config import ConfigError, MethodConfig, check, check_fields, 
 from peftlab.data.sources import parse_sources
 from peftlab.pooling import POOLINGS
 from peftlab.train.checkpointing import check_spec as check_checkpointing
+from peftlab.train.fsdp import check_spec as check_distributed
 from peftlab.train.optim import OPTIMIZERS  # the names make_optimizer accepts
 
 
@@ -164,6 +165,10 @@ class TrainConfig:
     memory)."""
     mixed_precision: str = "no"
     """"no", "bf16" (CPU or recent GPU) or "fp16" (CUDA only; loss scaling by accelerate)."""
+    distributed: dict = dataclasses.field(default_factory=lambda: {"strategy": "ddp"})
+    """Several processes (torchrun / accelerate launch): {strategy: ddp} replicates the model
+    on every process (DistributedDataParallel); {strategy: fsdp} shards parameters, gradients
+    and optimizer states across them (FSDP2; 2+ processes). See peftlab/train/fsdp.py."""
     tensorboard: bool = False
     """Also log metrics to TensorBoard under output_dir/tensorboard (needs `tensorboard`)."""
     progress: bool = True
@@ -239,6 +244,9 @@ class TrainConfig:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("mixed_precision", self.mixed_precision, _PRECISIONS)
         _one_of("pooling", self.pooling, POOLINGS)
+        self.distributed = check_distributed(
+            self.distributed, self.method, self.mixed_precision, self.optimizer
+        )
         check(
             isinstance(self.chunked_loss, bool), "chunked_loss", self.chunked_loss, "true or false"
         )

@@ -1,5 +1,6 @@
 """The trainer's device and process plumbing: accelerate's Accelerator for a run, and sums
-across processes (DDP under ``torchrun`` / ``accelerate launch``)."""
+across processes (DDP or FSDP under ``torchrun`` / ``accelerate launch``; FSDP is
+:mod:`peftlab.train.fsdp`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from peftlab.core.config import ConfigError
+from peftlab.train import fsdp
 from peftlab.train.config import TrainConfig
 
 
@@ -33,6 +35,7 @@ def make_accelerator(cfg: TrainConfig, out: Path):
         raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard")
     if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise ConfigError("mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
+    fsdp.check_launch(cfg, accelerator)  # FSDP needs 2+ processes
     return accelerator
 
 

@@ -35,7 +35,7 @@ import peftlab
 from peftlab.core.config import check
 from peftlab.data import DataError, StreamedTrain, collate
 from peftlab.data.packing import checked_rows, collate_packed, real_tokens
-from peftlab.train import checkpoint, checkpointing, lock, rundir, signals
+from peftlab.train import checkpoint, checkpointing, fsdp, lock, rundir, signals
 from peftlab.train import resume as resuming
 from peftlab.train.callbacks import StepRecord, TrainCallback
 from peftlab.train.config import TrainConfig, apply_overrides
@@ -115,8 +115,7 @@ def train(
         diverged(accelerator, out, cfg, e.step + 1, math.nan, None, run.state, str(e))
     test = run.evaluate(run.state["step"], split="test") if run.data.test else None  # once
 
-    if accelerator.is_main_process:
-        rundir.save_adapter(run.unwrapped, out / "adapter")
+    fsdp.save_adapter(accelerator, run.unwrapped, out / "adapter")  # FSDP: gathered first
     if eval_before is None:
         eval_before = (
             rundir.first_eval(out / "metrics.jsonl") if accelerator.is_main_process else None
@@ -213,18 +212,19 @@ class _Run:
         processes, and log the metrics."""
         cfg, accelerator = self.cfg, self.accelerator
         exact = cfg.eval_exact_match if cfg.eval_exact_match is not None else cfg.data_is_builtin
-        metrics = evaluate(
-            self.unwrapped,
-            self.tokenizer,
-            self.data,
-            cfg.eval_batch_size or cfg.batch_size,
-            exact,
-            accelerator.device,
-            (accelerator.process_index, accelerator.num_processes),
-            reduce=lambda xs: reduce_sum(accelerator, xs),
-            chunked=cfg.chunked_loss,
-            split=split,
-        )
+        with fsdp.gathered(self.unwrapped):  # FSDP: full parameters on every process
+            metrics = evaluate(
+                self.unwrapped,
+                self.tokenizer,
+                self.data,
+                cfg.eval_batch_size or cfg.batch_size,
+                exact,
+                accelerator.device,
+                (accelerator.process_index, accelerator.num_processes),
+                reduce=lambda xs: reduce_sum(accelerator, xs),
+                chunked=cfg.chunked_loss,
+                split=split,
+            )
         rundir.log(accelerator, self.out, {"step": step, **metrics}, cfg.tensorboard)
         return metrics
 
@@ -253,6 +253,8 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     if cfg.gradient_checkpointing:  # peftlab's per-layer checkpointing (train/checkpointing.py)
         checkpointing.enable(model, cfg.gradient_checkpointing)
     trainable, total = peftlab.trainable_parameters(model)
+    if fsdp.enabled(cfg):  # shard before the optimizer sees the parameters
+        fsdp.shard(model, cfg)
     optimizer = optimizer_for(model, cfg)
 
     global_batch = cfg.batch_size * accelerator.num_processes
@@ -274,7 +276,8 @@ def _setup(cfg: TrainConfig, out: Path, accelerator, model, tokenizer) -> _Run:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, warmup, total_steps))
     # The scheduler is not given to prepare(): accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp.enabled(cfg):  # FSDP: the model is sharded and the optimizer used as they are
+        model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(
         cfg=cfg,
         out=out,

@@ -42,7 +42,16 @@ def _torch_adamw(params: list, devices: set[str], lr: float, weight_decay: float
     default per-tensor loop (2 CPU threads); the update is the same AdamW.
     """
     fused = devices <= {"cpu", "cuda"}
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if fused:  # the fused kernel writes in place without counting it (Tensor._version), which
+        # caches keyed on version_key (DoRA's row norms) rely on: count it after every step.
+        opt.register_step_post_hook(_count_writes)
+    return opt
+
+
+def _count_writes(opt, args, kwargs) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.autograd.graph.increment_version([getattr(p, "_local_tensor", p) for p in params])
 
 
 def make_optimizer(

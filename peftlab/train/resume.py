@@ -28,6 +28,13 @@ the newest checkpoint whole and checks it fits the model (falling back to an old
 newest is unreadable, saying so) and applies it. Only then does the trainer write to ``DIR``
 (config.yaml, the metrics cut back to the checkpoint's step, summary.json removed), so a
 refused resume leaves the directory exactly as it was.
+
+**Several processes.** A DDP run may resume on another number of processes (the new ones start
+from rank 0's RNG state; the global batch changes with it). An FSDP run's checkpoint holds one
+shard per process and resumes only on as many processes as wrote it: any other number is
+refused in one line naming both (:func:`peftlab.train.fsdp.check_world`). Its shards are read
+and checked (finite, on every process) when they are applied, and an unreadable one falls back
+to an older checkpoint like any other.
 """
 
 from __future__ import annotations
@@ -151,6 +158,8 @@ def restore(run) -> Path | None:
     for ckpt in checkpoint.all_checkpoints(out):
         try:
             saved = checkpoint.read(ckpt, acc.process_index)
+            if saved.step <= run.total_steps:  # FSDP shards are read and checked in apply
+                restored = checkpoint.apply(saved, run.unwrapped, run.optimizer, run.scheduler, acc)
         except checkpoint.Unreadable as e:
             unreadable.append(ckpt.name)
             _note(acc, f"checkpoint {ckpt} is unreadable ({e}); trying an older one")
@@ -160,7 +169,7 @@ def restore(run) -> Path | None:
                 f"--resume {out}: {_length(run.cfg)} gives {run.total_steps} steps, fewer than "
                 f"the {saved.step} the run has done ({ckpt.name}); pass a larger max_steps"
             )
-        run.state.update(checkpoint.apply(saved, run.unwrapped, run.optimizer, run.scheduler, acc))
+        run.state.update(restored)
         if unreadable:
             _note(acc, f"resuming from {ckpt.name}, the newest intact checkpoint")
         if done is not None and saved.step < done:

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 
-from peftlab.train import checkpoint, rundir
+from peftlab.train import checkpoint, fsdp, rundir
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -126,9 +126,9 @@ def _stop(run, signum: int) -> None:
         if step
         else f"stopped by {name} before the first training step; nothing was trained"
     )
+    if step:  # every process: under FSDP the adapter is gathered first
+        fsdp.save_adapter(acc, run.unwrapped, out / "adapter")
     if acc.is_main_process:
-        if step:
-            rundir.save_adapter(run.unwrapped, out / "adapter")
         summary = {
             "status": "interrupted",
             "signal": name,
