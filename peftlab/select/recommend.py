@@ -368,7 +368,7 @@ def _recommendation(
         method,
         plan.fits,
         round(est.peak / GB, 2),
-        _reason(method, plan, run, settings, prior, latency_critical),
+        _reason(method, plan, run, settings, prior, latency_critical) + _unsupported(method, est),
         config,
         round(q, 3),
         round(speed, 3),
@@ -379,6 +379,17 @@ def _recommendation(
         {k: v for k, v in est.to_dict()["gb"].items()},
     )
     return rec, overhead
+
+
+def _unsupported(method: str, est: MemoryEstimate) -> str:
+    """What ``peftlab train`` cannot run yet of a plan the arithmetic allows."""
+    if method == "qlora" and est.strategy == "fsdp":
+        return (
+            "; NOTE: peftlab train does not run QLoRA under FSDP yet (the 4-bit storage needs "
+            "bitsandbytes' quant_storage on CUDA; refused with a one-line error): the figure is "
+            "what the sharding would need"
+        )
+    return ""
 
 
 def _savers(est: MemoryEstimate, chunked: bool) -> str:
