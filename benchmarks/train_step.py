@@ -51,7 +51,11 @@ def _peftlab(method: str, quantized: bool = False, group: bool = True, **fields)
         model = loading.load(args, quantized=quantized)
         extra = {"compute_dtype": QLORA_DTYPES[args.dtype]} if method == "qlora" else {}
         peftlab.apply(model, peftlab.config_from_dict({"method": method, **fields, **extra}))
-        if not group:
+        if group:  # grouped A products are off by default until this benchmark shows a gain
+            from peftlab.methods.lora import grouping
+
+            grouping(True)
+        else:
             _ungroup(model)
         return model
 

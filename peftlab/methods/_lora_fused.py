@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 
-def enabled_in(environ, key: str = "PEFTLAB_FAST_PATH") -> bool:
-    """``environ[key]`` as a switch: off for 0, false, off or no; else (or unset) on."""
-    return environ.get(key, "1").strip().lower() not in ("0", "false", "off", "no")
+def enabled_in(environ, key: str = "PEFTLAB_FAST_PATH", default: str = "1") -> bool:
+    """``environ[key]`` (``default`` when unset) as a switch: off for 0, false, off or no;
+    else on."""
+    return environ.get(key, default).strip().lower() not in ("0", "false", "off", "no")
 
 
 ENABLED: bool = enabled_in(os.environ)

@@ -37,8 +37,12 @@ forward that trains A; without a graph (generation) it is kept while every A is 
 fused ``c_attn`` has no sibling: nothing to group.
 
 Grouping is part of the LoRA fast path (off with it: ``fast_path(False)``,
-``PEFTLAB_FAST_PATH=0``), and has its own switch for measuring it alone:
-``grouping(False)`` or ``PEFTLAB_LORA_GROUP=0``.
+``PEFTLAB_FAST_PATH=0``) and has its own switch, **off by default** until a benchmark shows
+it pays: ``grouping(True)`` or ``PEFTLAB_LORA_GROUP=1`` turns it on. Not yet shown: on the
+CPU one (N, in)·(in, 3r) product was not clearly cheaper than three (N, in)·(in, r) ones at
+64–128 tokens, the bookkeeping costs ~25–30 µs per call, and the stacked ``[A_1; …; A_n]``
+is one more tensor saved for backward (tiny Llama: 0.323 vs 0.295 MB saved, more than
+peft's LoRA).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from torch import nn
 
 from peftlab.methods._lora_fused import enabled_in, version_key
 
-ENABLED: bool = enabled_in(os.environ, "PEFTLAB_LORA_GROUP")
+ENABLED: bool = enabled_in(os.environ, "PEFTLAB_LORA_GROUP", default="0")
 """Whether grouped layers share their A product; read per call, set by :func:`grouping`."""
 
 FAMILIES: tuple[frozenset[str], ...] = tuple(

@@ -29,6 +29,15 @@ from peftlab.train import checkpointing
 from tests.conftest import tiny_gpt2, tiny_llama
 
 ARCHS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(autouse=True)
+def _grouping_on():
+    """Grouping is off by default (until measured to pay); these tests are about it."""
+    with grouping(True):
+        yield
+
+
 MODES = {
     "ungrouped": lambda: grouping(False),
     "plain": lambda: fast_path(False),
@@ -325,6 +334,19 @@ def test_switch_as_call_and_context_and_environment():
     assert grouping_enabled()
     assert _lora_fused.enabled_in({"PEFTLAB_LORA_GROUP": "0"}, "PEFTLAB_LORA_GROUP") is False
     assert _lora_fused.enabled_in({}, "PEFTLAB_LORA_GROUP") is True
+    assert _lora_fused.enabled_in({}, "PEFTLAB_LORA_GROUP", default="0") is False
+    assert _lora_fused.enabled_in({"PEFTLAB_LORA_GROUP": "1"}, "PEFTLAB_LORA_GROUP", "0")
+
+
+def test_grouping_is_off_by_default_in_a_fresh_process():
+    """Off until a benchmark shows it pays (peftlab/methods/_lora_group.py)."""
+    import subprocess
+    import sys
+
+    code = "from peftlab.methods.lora import grouping_enabled as g; print(g())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PEFTLAB_LORA_GROUP"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "False", out.stderr[-500:]
 
 
 def test_link_groups_siblings_by_family_only():
