@@ -11,11 +11,11 @@ Every configuration runs the same model (SmolLM2-135M by default) on the same ba
 The "floor" is the frozen base model's forward plus the backward to its input embeddings
 (no parameter gradients, no optimizer): the least any adapter method can cost.
 
-``*-nogroup`` configurations are the same adapters with grouped A products off on that
-model (q/k/v and gate/up each computing their own x·Aᵀ, see ``peftlab.methods._lora_group``),
-to measure the grouping side by side with the default:
+``*-group`` configurations are the same adapters with grouped A products on (off by default;
+q/k/v and gate/up sharing one x·[A_q; A_k; A_v]ᵀ, see ``peftlab.methods._lora_group``),
+``*-nogroup`` with them off whatever the default, to measure the grouping side by side:
 
-    python -m benchmarks.train_step --configs floor,peftlab-lora-all,peftlab-lora-all-nogroup
+    python -m benchmarks.train_step --configs floor,peftlab-lora-all-group,peftlab-lora-all-nogroup
 
 Memory: ``peak_rss_gb`` is the whole process's peak resident set (model load included);
 ``train_peak_rss_gb`` is the peak while training alone (the kernel's counter is reset after
@@ -42,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- configurations ------------------------------------------------------------------------
-def _peftlab(method: str, quantized: bool = False, group: bool = True, **fields) -> Callable:
+def _peftlab(method: str, quantized: bool = False, group: bool | None = None, **fields) -> Callable:
     def build(args) -> nn.Module:
         import peftlab
 
@@ -51,11 +51,11 @@ def _peftlab(method: str, quantized: bool = False, group: bool = True, **fields)
         model = loading.load(args, quantized=quantized)
         extra = {"compute_dtype": QLORA_DTYPES[args.dtype]} if method == "qlora" else {}
         peftlab.apply(model, peftlab.config_from_dict({"method": method, **fields, **extra}))
-        if group:  # grouped A products are off by default until this benchmark shows a gain
+        if group:  # grouped A products (off by default until this benchmark shows a gain)
             from peftlab.methods.lora import grouping
 
             grouping(True)
-        else:
+        elif group is False:
             _ungroup(model)
         return model
 
@@ -101,6 +101,8 @@ CONFIGS: dict[str, Callable] = {
     "peftlab-dora-all": _peftlab("dora", target_modules="all-linear", **LORA),
     # the same adapters, each layer computing its own A product (grouping off)
     "peftlab-lora-all-nogroup": _peftlab("lora", group=False, target_modules="all-linear", **LORA),
+    "peftlab-lora-all-group": _peftlab("lora", group=True, target_modules="all-linear", **LORA),
+    "peftlab-dora-all-group": _peftlab("dora", group=True, target_modules="all-linear", **LORA),
     "peftlab-dora-all-nogroup": _peftlab("dora", group=False, target_modules="all-linear", **LORA),
     "peft-dora-all": _peft(_peft_lora("all-linear", use_dora=True)),
     # QLoRA: both sides adapt the very same bitsandbytes NF4 (double-quantized) base.
