@@ -36,7 +36,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.model import adapter_configs, adapter_layers
 from peftlab.core.state import saved_modules
 from peftlab.methods import _lora_group
-from peftlab.methods.lora import LoRALinear
+from peftlab.methods.lora import LoRAConfig, LoRALinear
 
 BASE = None
 """The name that puts a row through the base model (no adapter)."""
@@ -93,10 +93,9 @@ def _check(model: nn.Module, names: Sequence[str | None]) -> None:
                 f"adapter_rows: no adapter named {n!r}; the model has {sorted(configs)} "
                 f"(None: the base model)"
             )
-        method = configs[n].method
-        if method not in ("lora", "dora", "qlora"):
+        if not isinstance(configs[n], LoRAConfig):
             raise ConfigError(
-                f"adapter_rows: adapter {n!r} is {method}; mixed batches take LoRA-family "
+                f"adapter_rows: adapter {n!r} is {configs[n].method}; mixed batches take LoRA-family "
                 f"adapters (lora, dora, qlora) only"
             )
         if saved_modules(model, n):

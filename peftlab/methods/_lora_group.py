@@ -80,7 +80,7 @@ class grouping:  # noqa: N801 (used like a function: grouping(False), with group
     :class:`~peftlab.methods._lora_fused.fast_path`); off, each layer computes its own.
 
     Args:
-        enabled: True to group (the default at import), False for one product per layer.
+        enabled: True to group, False (the default at import) for one product per layer.
     """
 
     def __init__(self, enabled: bool) -> None:

@@ -35,6 +35,7 @@ import yaml
 from peftlab.core import overrides
 from peftlab.core.config import ConfigError, MethodConfig, check, check_fields, config_from_dict
 from peftlab.data.sources import parse_sources
+from peftlab.methods.lora import LoRAConfig
 from peftlab.pooling import POOLINGS
 from peftlab.train.checkpointing import check_spec as check_checkpointing
 from peftlab.train.fsdp import check_spec as check_distributed
@@ -224,13 +225,6 @@ class TrainConfig:
             self.loraplus_lr_ratio,
             "null (off) or a number >= 1 (B's lr / A's lr, e.g. 16)",
         )
-        check(
-            self.loraplus_lr_ratio is None or self.method in ("lora", "dora", "qlora"),
-            "loraplus_lr_ratio",
-            self.loraplus_lr_ratio,
-            f"null with method {self.method!r}: LoRA+ sets the lr of lora_B factors, which "
-            f"only lora, dora and qlora have",
-        )
         _one_of("lr_schedule", self.lr_schedule, _SCHEDULES)
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
@@ -259,6 +253,13 @@ class TrainConfig:
             if getattr(self, key) is not None:
                 parse_sources(getattr(self, key), key, self.columns, self.column_names)
         method = self.method_config()  # unknown method / bad option: fail before loading
+        check(
+            self.loraplus_lr_ratio is None or isinstance(method, LoRAConfig),
+            "loraplus_lr_ratio",
+            self.loraplus_lr_ratio,
+            f"null with method {self.method!r}: LoRA+ sets the lr of lora_B factors, which "
+            f"only LoRA-family methods (lora, dora, qlora) have",
+        )
         check(
             not (self.packing and hasattr(method, "num_virtual_tokens")),
             "packing",
