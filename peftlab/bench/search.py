@@ -244,7 +244,9 @@ def run_search(search: SearchSpec) -> dict:
             run_dir=str(Path(base.run_dir) / f"trial-{next(count)}"),
         )
         torch.manual_seed(spec.seed)
-        config = spec.train_config()
+        # A trial is scored on the validation split after training, nothing else: its
+        # step-0 score is the same for every candidate and the test split is not its to see.
+        config = {**spec.train_config(), "eval_before": False, "eval_test": False}
         pooling = config.get("pooling", "auto")
         model = load_model(spec.model, kind=spec.kind, num_labels=labels, pooling=pooling)
         try:

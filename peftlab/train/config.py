@@ -126,6 +126,9 @@ class TrainConfig:
     """Evaluate every this many steps (0: only before and after training)."""
     eval_before: bool = True
     """Evaluate once before the first step (the baseline the final numbers are compared with)."""
+    eval_test: bool = True
+    """Score the test split once, after training (false: a compare search trial, which must
+    neither see nor pay for the test split)."""
     eval_exact_match: bool | None = None
     """Greedy-generate answers and score exact match (default: on for built-in tasks)."""
     eval_batch_size: int | None = None

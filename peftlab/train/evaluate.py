@@ -104,25 +104,19 @@ def loss_sums(
 
 
 @torch.no_grad()
-def predictions(
-    model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device
-) -> list[int]:
-    """Argmax class predictions for classification examples, in order."""
-    out: list[int] = []
+def classification_sums(
+    model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device, classes: int
+) -> list[float]:
+    """``[summed loss, count, *confusion matrix]`` of classification ``examples`` from one
+    forward pass per batch: the loss and the argmax predictions share the logits."""
+    total, preds = 0.0, []
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out += logits.argmax(-1).tolist()
-    return out
-
-
-def confusion_counts(
-    model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device, classes: int
-) -> list[int]:
-    """The confusion matrix of ``examples``, flattened row-major (summable across processes)."""
-    preds = predictions(model, examples, pad_id, batch_size, device)
+        logits = model(**model_inputs(batch, model)).logits
+        total += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+        preds += logits.argmax(-1).tolist()
     labels = [int(e["label"]) for e in examples]
-    return [x for row in M.confusion(preds, labels, classes) for x in row]
+    return [total, len(examples), *(x for row in M.confusion(preds, labels, classes) for x in row)]
 
 
 @torch.no_grad()
@@ -209,11 +203,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        sums = list(loss_sums(model, examples, pad, batch_size, device, chunked))
         if data.kind == "classification":
-            classes = num_labels(data)
-            sums += confusion_counts(model, examples, pad, batch_size, device, classes)
-        elif exact_match:
+            sums = classification_sums(model, examples, pad, batch_size, device, num_labels(data))
+        else:
+            sums = list(loss_sums(model, examples, pad, batch_size, device, chunked))
+        if data.kind != "classification" and exact_match:
             sums += exact_match_counts(
                 model,
                 tokenizer,

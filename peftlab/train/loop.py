@@ -113,7 +113,7 @@ def train(
         resuming.end_of_training(run)  # finite weights; the final checkpoint
     except checkpoint.NonFiniteWeights as e:  # stop as diverged, naming a good checkpoint
         diverged(accelerator, out, cfg, e.step + 1, math.nan, None, run.state, str(e))
-    test = run.evaluate(run.state["step"], split="test") if run.data.test else None  # once
+    test = run.evaluate(run.state["step"], "test") if run.data.test and cfg.eval_test else None
 
     fsdp.save_adapter(accelerator, run.unwrapped, out / "adapter")  # FSDP: gathered first
     if eval_before is None:

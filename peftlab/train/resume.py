@@ -54,6 +54,7 @@ MAY_CHANGE = (
     "epochs",
     "eval_every",
     "eval_before",
+    "eval_test",
     "eval_exact_match",
     "eval_batch_size",
     "save_every",

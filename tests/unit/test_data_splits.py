@@ -112,3 +112,29 @@ def test_a_run_scores_the_test_split_once_at_the_end(tmp_path):
     assert json.loads((out / "summary.json").read_text())["test"] == summary["test"]
     # a test loss differs from the validation loss: another set of examples was scored
     assert summary["test"]["test_loss"] != summary["eval_after"]["eval_loss"]
+
+
+def test_a_search_trial_neither_scores_nor_pays_for_the_test_split(tmp_path):
+    """``eval_test: false`` (compare's search trials): no test_ line, summary test None."""
+    tiny = str(save_tiny_lm(tmp_path / "lm"))
+    out = tmp_path / "run"
+    summary = train(
+        {
+            "model": tiny,
+            "method_args": {"r": 4},
+            "data": "builtin:sort",
+            "data_size": 16,
+            "eval_size": 4,
+            "test_size": 6,
+            "eval_before": False,
+            "eval_test": False,
+            "max_steps": 2,
+            "batch_size": 4,
+            "progress": False,
+            "output_dir": str(out),
+        }
+    )
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("test_") for m in lines for k in m)
+    assert [m["step"] for m in lines if "eval_loss" in m] == [2]
+    assert summary["test"] is None and summary["eval_after"]["eval_loss"] > 0

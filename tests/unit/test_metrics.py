@@ -81,3 +81,33 @@ def test_user_metric_is_checked(monkeypatch):
             M.call_user_metric(f"{mod.__name__}:{name}", ["a"], ["a"])
     with pytest.raises(M.MetricError, match="module:function"):
         M.load_user_metric("no-colon")
+
+
+def test_classification_eval_takes_loss_and_predictions_from_one_forward_pass():
+    """evaluate() scores classification with one forward per batch; its loss and confusion
+    matrix equal a separate per-example computation (uneven last batch, padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    from peftlab.data.encode import TaskData
+    from peftlab.train.evaluate import evaluate
+    from tests.conftest import tiny_bert
+    from tests.tiny_lm import char_tokenizer
+
+    tok, model = char_tokenizer(), tiny_bert().eval()
+    texts = ["good", "bad film", "a long and dull movie", "fine", "ok then", "no"]
+    examples = [{"input_ids": tok(t)["input_ids"], "label": i % 2} for i, t in enumerate(texts)]
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    data = TaskData("classification", [], examples, [], ["0", "1"])
+    out = evaluate(model, tok, data, batch_size=4)
+    assert len(calls) == 2  # 6 examples in batches of 4: one pass each
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
+    labels = torch.tensor([e["label"] for e in examples])
+    loss = F.cross_entropy(torch.stack(logits), labels).item()
+    preds = [int(x.argmax()) for x in logits]
+    assert out["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert out["eval_accuracy"] == pytest.approx(
+        sum(p == y for p, y in zip(preds, labels.tolist())) / 6
+    )
