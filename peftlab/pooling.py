@@ -97,15 +97,14 @@ def _body(model: nn.Module) -> nn.Module | None:
     return getattr(model, prefix, None) if prefix else None
 
 
-def _capture_mask(pooler: MeanPooler):
-    def pre(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1:
-            mask = args[1]
-        pooler.mask = mask
-        return None
-
-    return pre
+def _capture_mask(module: nn.Module, args, kwargs):
+    """Pre-hook on the body: hand its attention mask to its MeanPooler. The pooler is found
+    through ``module`` (not captured), so a deep copy of the model feeds its own pooler."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:
+        mask = args[1]
+    if isinstance(getattr(module, "pooler", None), MeanPooler):
+        module.pooler.mask = mask
 
 
 def apply_pooling(model: nn.Module, pooling: str = "auto", directory=None) -> str:
@@ -132,6 +131,6 @@ def apply_pooling(model: nn.Module, pooling: str = "auto", directory=None) -> st
         )
     mean = MeanPooler(getattr(pooler, "dense", None))
     body.pooler = mean
-    body.register_forward_pre_hook(_capture_mask(mean), with_kwargs=True)
+    body.register_forward_pre_hook(_capture_mask, with_kwargs=True)
     setattr(config, CONFIG_KEY, "mean")
     return "mean"

@@ -75,6 +75,20 @@ class OutDir:
             )
         return self
 
+    def check_covers(self, names: list[str], report: bool) -> None:
+        """ConfigError when the comparison recorded here has runs that ``names`` (this one's)
+        leave out and this one would rewrite the report: the report would then cover only
+        a part of the recorded comparison. Extending it with more methods or seeds is fine."""
+        recorded = [r["name"] for r in self.plan["runs"] if isinstance(r, dict) and "name" in r]
+        left_out = [n for n in recorded if n not in set(names)]
+        if report and left_out:
+            raise ConfigError(
+                f"{self.root} holds a comparison with runs this one leaves out "
+                f"({', '.join(left_out[:6])}{', …' if len(left_out) > 6 else ''}); its report "
+                f"would be replaced by one without them: give the same methods and seeds "
+                f"(finished runs are skipped), or another --out"
+            )
+
     def prepare(self) -> None:
         """Create ``compare-runs/`` with its marker (once every check has passed)."""
         self.runs.mkdir(parents=True, exist_ok=True)
@@ -105,7 +119,11 @@ class OutDir:
         self.save()
 
     def set_runs(self, runs: list[dict]) -> None:
-        self.plan["runs"] = runs
+        """Record ``runs`` (replacing those of the same name); recorded runs this comparison
+        does not include stay recorded (a report-less rerun of one method keeps the rest)."""
+        names = {r["name"] for r in runs}
+        kept = [r for r in self.plan["runs"] if isinstance(r, dict) and r.get("name") not in names]
+        self.plan["runs"] = [*runs, *kept]
         self.save()
 
     def save(self) -> None:

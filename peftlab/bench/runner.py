@@ -277,6 +277,7 @@ def compare(
     written = [s.result_path for s in specs]
     written += [outdir.root / f for f in REPORT_FILES] if report else []
     outdir.check(written)  # nothing of the user's is overwritten, checked before any run
+    outdir.check_covers([s.name for s in specs], report)  # nor another comparison's report
     _check_resumable([s for s in specs if s.method not in searches])
     outdir.prepare()
     outdir.claim(written)

@@ -23,6 +23,7 @@ first error; the other methods go on.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -227,6 +228,20 @@ def run_search(search: SearchSpec) -> dict:
     tokenizer = load_tokenizer(base.model)
     labels = num_labels(load_data(TrainConfig.from_dict(base.train_config()), tokenizer, base.kind))
     count = iter(range(10**6))
+    loaded: dict[str, tuple] = {}
+
+    def fresh(pooling: str):
+        """The model as ``load_model`` returns it after ``manual_seed(seed)``, with the random
+        state that leaves: loaded once per search (candidates never change how it loads), so
+        each trial pays a copy instead of a load, and trains exactly as if it had loaded."""
+        if pooling not in loaded:
+            torch.manual_seed(base.seed)
+            model = load_model(base.model, kind=base.kind, num_labels=labels, pooling=pooling)
+            loaded[pooling] = (model, torch.get_rng_state())
+        model, rng = loaded[pooling]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(model)
+
     scored: dict[str, str] = {}
     done: dict[str, float] = {}
 
@@ -243,12 +258,10 @@ def run_search(search: SearchSpec) -> dict:
             steps=steps,
             run_dir=str(Path(base.run_dir) / f"trial-{next(count)}"),
         )
-        torch.manual_seed(spec.seed)
         # A trial is scored on the validation split after training, nothing else: its
         # step-0 score is the same for every candidate and the test split is not its to see.
         config = {**spec.train_config(), "eval_before": False, "eval_test": False}
-        pooling = config.get("pooling", "auto")
-        model = load_model(spec.model, kind=spec.kind, num_labels=labels, pooling=pooling)
+        model = fresh(config.get("pooling", "auto"))
         try:
             summary = train(config, model=model, tokenizer=tokenizer)
         finally:

@@ -397,3 +397,16 @@ def test_a_rerun_with_other_threads_resumes_the_search(tmp_path):
     two = searches("lora", out=tmp_path, threads=2)["lora"]
     assert one.fingerprint == two.fingerprint
     assert searches("lora", out=tmp_path, steps=9)["lora"].fingerprint != one.fingerprint
+
+
+def test_a_comparison_with_fewer_methods_will_not_replace_the_recorded_report(tmp_path, no_workers):
+    runner.compare(["lora", "ia3"], model=MODEL, out=tmp_path, quick=True, echo=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "report.md", tmp_path / "plan.json")}
+    with pytest.raises(ConfigError, match=r"runs this one leaves out \(ia3\).*same methods"):
+        run_compare(tmp_path)  # lora alone
+    assert {p: p.read_bytes() for p in before} == before  # refused: nothing rewritten
+    run_compare(tmp_path, report=False)  # no report to replace: resuming one method is fine
+    with pytest.raises(ConfigError, match="leaves out"):  # and ia3 is still recorded
+        run_compare(tmp_path)
+    runner.compare(["lora", "ia3", "dora"], model=MODEL, out=tmp_path, quick=True, echo=False)
+    assert "dora" in (tmp_path / "report.md").read_text()  # extending it is fine too

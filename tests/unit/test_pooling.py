@@ -4,6 +4,8 @@ wrong value is a one-line error (peftlab/pooling.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import pytest
@@ -54,8 +56,12 @@ def test_a_sentence_transformers_model_is_read_as_its_masked_mean(st_dir):
     torch.testing.assert_close(out.pooler_output, want, atol=1e-6, rtol=1e-6)
 
 
-def test_padding_does_not_change_a_rows_logits_under_mean_pooling(st_dir):
+@pytest.mark.parametrize("copied", [False, True])
+def test_padding_does_not_change_a_rows_logits_under_mean_pooling(st_dir, copied):
     model = load_model(str(st_dir), "classification").eval()
+    if copied:  # compare's search trains deep copies of one loaded model
+        original, model = model, copy.deepcopy(model)
+        original(input_ids=_batch()[0][:1, :2], attention_mask=_batch()[1][:1, :2])
     ids, mask = _batch()
     with torch.no_grad():
         short = model(input_ids=ids[1:, :4], attention_mask=mask[1:, :4]).logits
