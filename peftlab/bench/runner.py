@@ -279,6 +279,7 @@ def compare(
     outdir.check(written)  # nothing of the user's is overwritten, checked before any run
     outdir.check_covers([s.name for s in specs], report)  # nor another comparison's report
     _check_resumable([s for s in specs if s.method not in searches])
+    searching.check_recorded(searches, specs)
     outdir.prepare()
     outdir.claim(written)
     runs = {s.name: s for s in specs}

@@ -180,6 +180,32 @@ def plan_searches(
     return out
 
 
+def check_recorded(searches: dict[str, SearchSpec], specs: list[RunSpec]) -> None:
+    """Refuse, before anything runs, a directory whose recorded search or tuned results are
+    not this comparison's: a search with other settings would be overwritten, and results
+    recorded without this search (another comparison's) would be replaced by this one's."""
+    for method, search in searches.items():
+        try:
+            found = json.loads(Path(search.result_path).read_text())
+        except (OSError, ValueError):
+            found = None
+        if isinstance(found, dict) and found.get("fingerprint") != search.fingerprint:
+            raise ConfigError(
+                f"{search.result_path} holds a {method} search made with different settings "
+                f"than this comparison (model, data, budget or grid differ); pass another "
+                f"--out, or delete that file to search again"
+            )
+        if found is None:
+            held = [s.result_path for s in specs if s.method == method]
+            held = [p for p in held if Path(p).exists()]
+            if held:
+                raise ConfigError(
+                    f"{held[0]} holds a {method} run that this comparison's search did not "
+                    f"choose (no search of these settings is recorded); pass another --out, "
+                    f"or delete that file to rerun it"
+                )
+
+
 def untuned_note(keys: tuple[str, ...], method: str) -> dict | None:
     """``train_info.tuning`` of a method that has none of the searched keys."""
     if not keys:

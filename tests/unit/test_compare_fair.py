@@ -410,3 +410,24 @@ def test_a_comparison_with_fewer_methods_will_not_replace_the_recorded_report(tm
         run_compare(tmp_path)
     runner.compare(["lora", "ia3", "dora"], model=MODEL, out=tmp_path, quick=True, echo=False)
     assert "dora" in (tmp_path / "report.md").read_text()  # extending it is fine too
+
+
+def test_a_tuned_comparison_never_replaces_results_its_search_did_not_choose(
+    tmp_path, no_workers, monkeypatch
+):
+    """A search that fails records every run of its method as failed: over another
+    comparison's results that was data loss. They are refused before anything runs."""
+    run_compare(tmp_path)  # untuned: lora.json holds an ok run
+    kept = (tmp_path / "lora.json").read_bytes()
+    monkeypatch.setattr(runner, "_spawn", lambda args, log, timeout: 1)  # every search fails
+    with pytest.raises(ConfigError, match="lora.json holds a lora run that this comparison's"):
+        run_compare(tmp_path, tune=("lr",))
+    assert (tmp_path / "lora.json").read_bytes() == kept
+    # A recorded search of other settings is not overwritten either.
+    other = tmp_path / "elsewhere"
+    res = run_compare(other, tune=("lr",))  # its search fails and is recorded as failed
+    assert res["results"][0]["train_info"]["status"] != "ok"
+    record = (other / "compare-runs" / "search" / "lora.json").read_bytes()
+    with pytest.raises(ConfigError, match="lora search made with different settings"):
+        run_compare(other, tune=("lr",), steps=7)
+    assert (other / "compare-runs" / "search" / "lora.json").read_bytes() == record

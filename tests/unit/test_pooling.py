@@ -5,7 +5,6 @@ wrong value is a one-line error (peftlab/pooling.py)."""
 from __future__ import annotations
 
 import copy
-
 import json
 
 import pytest
