@@ -101,10 +101,14 @@ def _tuning_blocks(summary: dict[str, dict]) -> list[tuple[str, list]]:
             notes.append(f"{m}: {t.get('note')}")
         else:
             setting = _setting(chosen)
+            trials = (t.get("search") or {}).get("trials", [])
+            if any(tr.get("beyond_grid") and tr["candidate"] == chosen for tr in trials):
+                setting += ", past the declared grid's edge"
             notes.append(f"{m}: chose {setting} ({t.get('note')}; score: {t.get('score')})")
         for tr in (t.get("search") or {}).get("trials", []):
             score = f"{tr['score']:.3f}" if tr.get("score") is not None else "–"
-            rows.append([m, tr["rung"], tr["steps"], _setting(tr["candidate"]), score,
+            past = " (past the grid's edge)" if tr.get("beyond_grid") else ""
+            rows.append([m, tr["rung"], tr["steps"], _setting(tr["candidate"]) + past, score,
                          "yes" if tr["kept"] else "", tr.get("error") or ""])  # fmt: skip
     if not notes:
         return []

@@ -180,6 +180,25 @@ def plan_searches(
     return out
 
 
+def lr_beyond(search: SearchSpec):
+    """``beyond`` of :func:`~peftlab.bench.tune.successive_halving` for the learning rate: a
+    winner at the grid's highest lr tries the next lr up, at the ratio of the grid's top two
+    values (at its lowest, down by the ratio of the bottom two). Other keys (``r``, token
+    counts) are capacity choices, not a scale a budget shifts, and are not extended."""
+    lrs = sorted({c["lr"] for c in search.candidates if isinstance(c.get("lr"), int | float)})
+    if len(lrs) < 2:
+        return None
+    up, down = lrs[-1] / lrs[-2], lrs[1] / lrs[0]
+
+    def beyond(candidate: dict) -> dict | None:
+        lr = candidate.get("lr")
+        if lr is None or lrs[0] < lr < lrs[-1]:
+            return None
+        return {**candidate, "lr": float(f"{lr * up if lr >= lrs[-1] else lr / down:.3g}")}
+
+    return beyond
+
+
 def check_recorded(searches: dict[str, SearchSpec], specs: list[RunSpec]) -> None:
     """Refuse, before anything runs, a directory whose recorded search or tuned results are
     not this comparison's: a search with other settings would be overwritten, and results
@@ -231,7 +250,8 @@ def tuning_record(search: SearchSpec, found: dict) -> dict:
         "score": found.get("score"),
         "rungs": search.rungs(),
         "steps": search.base.steps,
-        "search_steps": search_cost(len(search.candidates), search.budget, search.min_steps),
+        "search_steps": search_cost(len(search.candidates), search.budget, search.min_steps)
+        + sum(t["steps"] for t in found["search"]["trials"] if t.get("beyond_grid")),
         "note": note,
         "search": found["search"],
     }
@@ -302,7 +322,9 @@ def run_search(search: SearchSpec) -> dict:
         scored["score"] = f"validation {q.name}, ties broken by validation loss"
         return q.score - TIE_BREAK * float(metrics.get("eval_loss", 0.0))
 
-    result = tune.successive_halving(search.candidates, search.budget, score, search.min_steps)
+    result = tune.successive_halving(
+        search.candidates, search.budget, score, search.min_steps, beyond=lr_beyond(search)
+    )
     return {
         "method": search.method,
         "fingerprint": search.fingerprint,

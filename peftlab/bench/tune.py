@@ -40,6 +40,8 @@ class Trial:
     score: float | None = None
     error: str | None = None
     kept: bool = False
+    beyond_grid: bool = False
+    """A candidate past the grid's edge, tried because the edge won (:func:`successive_halving`)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,40 +88,70 @@ def rung_steps(n: int, budget: int, min_steps: int = 1) -> list[int]:
     return [max(min_steps, budget >> (rungs - k)) for k in range(rungs)]
 
 
+def _scored(trial: Trial, score: Callable[[dict[str, Any], int], float]) -> float | None:
+    """Score ``trial`` in place; None (and ``trial.error``) when it fails."""
+    try:
+        value = float(score(trial.candidate, trial.steps))
+        if not math.isfinite(value):
+            raise ValueError(f"validation score {value}")
+    except Exception as e:  # one candidate failing must not end the search
+        trial.error = f"{type(e).__name__}: {e}"
+        return None
+    trial.score = value
+    return value
+
+
 def successive_halving(
     candidates: Sequence[dict[str, Any]],
     budget: int,
     score: Callable[[dict[str, Any], int], float],
     min_steps: int = 1,
+    beyond: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+    max_beyond: int = 2,
 ) -> SearchResult:
     """Search ``candidates`` with ``score(candidate, steps)`` (higher is better, measured on the
-    validation split); returns the survivor and every trial."""
+    validation split); returns the survivor and every trial.
+
+    ``beyond(candidate)``: the next candidate past the grid's edge when ``candidate`` lies on
+    it, else None. When the survivor is on an edge, that candidate trains at the last rung's
+    steps and replaces the survivor if it scores higher, up to ``max_beyond`` times: a grid
+    declared for one budget and model can be off for another, and an edge winner says the
+    best setting may lie outside it. Each step costs one trial at the last rung."""
     alive = [dict(c) for c in candidates]
     trials: list[Trial] = []
-    first_error: str | None = None
+    last: Trial | None = None
     for rung, steps in enumerate(rung_steps(len(alive), budget, min_steps)):
         scored: list[tuple[float, int, Trial]] = []
         for i, cand in enumerate(alive):
-            trial = Trial(cand, rung, steps)
-            try:
-                value = float(score(cand, steps))
-                if not math.isfinite(value):
-                    raise ValueError(f"validation score {value}")
-                trial.score = value
+            trials.append(trial := Trial(cand, rung, steps))
+            if (value := _scored(trial, score)) is not None:
                 scored.append((value, i, trial))
-            except Exception as e:  # one candidate failing must not end the search
-                trial.error = f"{type(e).__name__}: {e}"
-                first_error = first_error or trial.error
-            trials.append(trial)
         if not scored:
-            return SearchResult(None, trials, f"every candidate failed; first: {first_error}")
+            break
         scored.sort(key=lambda t: (-t[0], t[1]))  # ties: the earlier (grid-order) candidate
         keep = scored[: max(1, math.ceil(len(scored) / 2))]
         for _, _, trial in keep:
             trial.kept = True
-        alive = [t.candidate for _, _, t in keep]
-    if len(alive) > 1:  # fewer rungs than halvings needed (n == 1 has none)
-        alive = alive[:1]
-    if not alive:
-        return SearchResult(None, trials, f"every candidate failed; first: {first_error}")
-    return SearchResult(alive[0], trials)
+        alive, last = [t.candidate for _, _, t in keep], keep[0][2]
+    else:
+        if last is not None and beyond is not None:
+            last = _past_the_edge(last, trials, score, beyond, max_beyond)
+        if last is not None or len(alive) == 1:  # n == 1 has no rungs
+            return SearchResult(last.candidate if last else alive[0], trials)
+    first = next((t.error for t in trials if t.error), None)
+    return SearchResult(None, trials, f"every candidate failed; first: {first}")
+
+
+def _past_the_edge(best: Trial, trials: list[Trial], score, beyond, max_beyond: int) -> Trial:
+    """The better of ``best`` and the candidates past the grid's edge (see
+    :func:`successive_halving`), each trained at ``best``'s rung and steps."""
+    for _ in range(max_beyond):
+        nxt = beyond(best.candidate)
+        if nxt is None:
+            break
+        trials.append(trial := Trial(dict(nxt), best.rung, best.steps, beyond_grid=True))
+        value = _scored(trial, score)
+        if value is None or value <= (best.score or -math.inf):
+            break
+        best.kept, trial.kept, best = False, True, trial
+    return best

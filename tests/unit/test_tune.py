@@ -84,3 +84,25 @@ def test_every_method_declares_a_prior_and_searchable_keys():
     # The priors differ by family: never one shared number.
     lrs = {get_method(m).tuning.lr for m in ("lora", "prefix", "full")}
     assert len(lrs) == 3
+
+
+def test_an_edge_winner_tries_past_the_grid_edge_and_stops_when_worse():
+    from peftlab.bench.search import lr_beyond
+
+    peak = lambda c, s: -abs(math.log10(c["lr"]) - math.log10(8e-3))  # noqa: E731
+    grid = [{"lr": lr} for lr in (1e-4, 3e-4, 1e-3, 2e-3)]
+    search = type("S", (), {"candidates": grid})()
+    res = tune.successive_halving(grid, 16, lambda c, s: peak(c, s), beyond=lr_beyond(search))
+    past = [t for t in res.trials if t.beyond_grid]
+    # 2e-3 wins the grid; 4e-3 then 8e-3 are tried (×2, the ratio of the top two) and win.
+    assert [t.candidate["lr"] for t in past] == [4e-3, 8e-3] and res.best == {"lr": 8e-3}
+    assert all(t.steps == 8 and t.rung == 1 for t in past)  # the last rung's budget
+    assert [t.candidate for t in res.trials if t.kept and t.rung == 1] == [{"lr": 8e-3}]
+    # At most max_beyond steps, and a worse one past the edge stops the walk at once.
+    low = lambda c, s: -abs(math.log10(c["lr"]) - math.log10(5e-5))  # noqa: E731
+    res = tune.successive_halving(grid, 16, low, beyond=lr_beyond(search))
+    assert [t.candidate["lr"] for t in res.trials if t.beyond_grid] == [3.33e-05, 1.11e-05]
+    assert res.best == {"lr": 3.33e-05}
+    inner = lambda c, s: -abs(math.log10(c["lr"]) - math.log10(5e-4))  # noqa: E731
+    res = tune.successive_halving(grid, 16, inner, beyond=lr_beyond(search))
+    assert not any(t.beyond_grid for t in res.trials) and res.best == {"lr": 3e-4}
