@@ -29,6 +29,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -208,13 +209,15 @@ def run_one(spec: RunSpec, timeout: float | None = None) -> RunResult:
     return result
 
 
-def _threads(config_threads: int | None) -> tuple[dict, int, str]:
+def _threads(config: CompareConfig) -> tuple[dict, int, str]:
     """A load reading now, the threads a worker should use, and why."""
     from peftlab.bench.load import choose_threads, snapshot
 
     load = snapshot(LOAD_WINDOW)
-    threads = choose_threads(load, config_threads)
-    return load.to_dict(), threads, "--threads" if config_threads else "choose_threads(load)"
+    if config.threads is None and config.jobs > 1:  # the other jobs' workers are not "other work"
+        return load.to_dict(), max(1, load.cores // config.jobs), f"cores / --jobs {config.jobs}"
+    threads = choose_threads(load, config.threads)
+    return load.to_dict(), threads, "--threads" if config.threads else "choose_threads(load)"
 
 
 def compare(
@@ -310,28 +313,43 @@ class _Context:
     report_only: bool
     total: int
     done: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    """Held to count runs, print and write plan.json (methods may run side by side)."""
 
     def say(self, *args, **kwargs) -> None:
         if self.echo:
-            print(*args, **kwargs)
+            with self.lock:
+                print(*args, **kwargs)
+
+    def tick(self) -> int:
+        """Count one run; its number."""
+        with self.lock:
+            self.done += 1
+            return self.done
 
 
 def _run_methods(specs: list[RunSpec], searches: dict, runs: dict, ctx: _Context) -> list:
-    """Each method in turn: its search (with ``tune``), then its runs; the results."""
-    results = []
-    for method in dict.fromkeys(s.method for s in specs):
+    """Each method: its search (with ``tune``), then its runs; the results, in method order.
+    With ``jobs`` > 1 that many methods go side by side."""
+    methods = list(dict.fromkeys(s.method for s in specs))
+
+    def one(method: str) -> list:
         mine = [s for s in specs if s.method == method]
         mine, tuning = _tuned(method, mine, searches.get(method), ctx)
         if tuning is not None and tuning.get("chosen") is None and method in searches:
-            results += _failed_search(mine, tuning, ctx)
-            continue
-        runs.update({s.name: s for s in mine})  # plan.json records the tuned settings
-        ctx.outdir.set_runs(_plan_runs(runs.values(), ctx.config))
-        for spec in mine:
-            result = _run_or_reuse(spec, tuning, ctx)
-            if result is not None:
-                results.append(result)
-    return results
+            return _failed_search(mine, tuning, ctx)
+        with ctx.lock:
+            runs.update({s.name: s for s in mine})  # plan.json records the tuned settings
+            ctx.outdir.set_runs(_plan_runs(runs.values(), ctx.config))
+        done = [_run_or_reuse(spec, tuning, ctx) for spec in mine]
+        return [r for r in done if r is not None]
+
+    if ctx.config.jobs == 1 or ctx.report_only:
+        return [r for m in methods for r in one(m)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(ctx.config.jobs) as pool:  # workers are processes; threads wait
+        return [r for rs in pool.map(one, methods) for r in rs]
 
 
 def _plan_runs(specs, config: CompareConfig) -> list[dict]:
@@ -381,7 +399,7 @@ def _search_or_reuse(search, ctx: _Context) -> dict | None:
         flush=True,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    _, threads, _ = _threads(ctx.config.threads)
+    _, threads, _ = _threads(ctx.config)
     spec = dataclasses.replace(search, base=dataclasses.replace(search.base, threads=threads))
     spec_path = path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec.to_json(), indent=2))
@@ -408,7 +426,7 @@ def _failed_search(specs: list[RunSpec], tuning: dict, ctx: _Context) -> list[Ru
 
     out = []
     for spec in specs:
-        ctx.done += 1
+        n = ctx.tick()
         if ctx.report_only:
             done = RunResult.load(spec.result_path)
             out += [done] if done is not None else []
@@ -416,7 +434,7 @@ def _failed_search(specs: list[RunSpec], tuning: dict, ctx: _Context) -> list[Ru
         result = failure(spec, f"tuning failed: {tuning['error']}", "")
         result.train_info.tuning = tuning
         write_json_atomic(spec.result_path, result.to_json())
-        ctx.say(f"[{ctx.done}/{ctx.total}] {spec.name}: FAILED: tuning failed", flush=True)
+        ctx.say(f"[{n}/{ctx.total}] {spec.name}: FAILED: tuning failed", flush=True)
         out.append(result)
     return out
 
@@ -426,8 +444,7 @@ def _run_or_reuse(spec: RunSpec, tuning: dict | None, ctx: _Context) -> RunResul
     (none with ``report_only``)."""
     from peftlab.bench.worker import write_json_atomic
 
-    ctx.done += 1
-    head = f"[{ctx.done}/{ctx.total}] {spec.name}:"
+    head = f"[{ctx.tick()}/{ctx.total}] {spec.name}:"
     done = RunResult.load(spec.result_path)
     if ctx.report_only:
         if done is None:
@@ -436,13 +453,13 @@ def _run_or_reuse(spec: RunSpec, tuning: dict | None, ctx: _Context) -> RunResul
     if done is not None and (done.ok or not ctx.retry_failed):
         ctx.say(f"{head} already done ({done.train_info.status}), skipped")
         return done
-    before, threads, why = _threads(ctx.config.threads)
+    before, threads, why = _threads(ctx.config)
     ctx.say(f"{head} training {spec.steps} steps at lr {spec.lr:g}, {threads} thread(s) …",
             flush=True)  # fmt: skip
     t0 = time.perf_counter()
     result = RunResult.coerce(run_one(dataclasses.replace(spec, threads=threads), ctx.timeout))
-    after, _, _ = _threads(ctx.config.threads)
-    _annotate(result, tuning, before, after, threads, why)
+    after, _, _ = _threads(ctx.config)
+    _annotate(result, tuning, (before, after), threads, why, ctx.config.jobs)
     write_json_atomic(spec.result_path, result.to_json())
     ti = result.train_info
     if not result.ok:
@@ -455,17 +472,24 @@ def _run_or_reuse(spec: RunSpec, tuning: dict | None, ctx: _Context) -> RunResul
     return result
 
 
-def _annotate(result: RunResult, tuning, before: dict, after: dict, threads: int, why: str):
+def _annotate(result: RunResult, tuning, around: tuple, threads: int, why: str, jobs: int):
     """Add what the runner knows to a worker's result: the search, and the load readings
-    around the run (which may make its timings unreliable)."""
-    from peftlab.bench.timing import reliability
+    ``around`` the run (before, after), which may make its timings unreliable; a run beside
+    other runs (``jobs`` > 1) has unreliable timings whatever the readings say."""
+    from peftlab.bench.timing import UNRELIABLE, reliability
 
     worker = dict(result.meta_info.load or {})
-    load = {"before_run": before, **worker, "after_run": after, "threads": threads}
-    result.meta_info.load = {**load, "threads_from": why}
+    load = {"before_run": around[0], **worker, "after_run": around[1], "threads": threads}
+    result.meta_info.load = {**load, "threads_from": why, "jobs": jobs}
     result.train_info.tuning = tuning
     if result.ok:
-        result.train_info.timing = {**(result.train_info.timing or {}), **reliability(load)}
+        judged = reliability(load)
+        if jobs > 1:
+            judged = {
+                "reliable": False,
+                "why": f"{UNRELIABLE}: ran beside other runs (--jobs {jobs})",
+            }
+        result.train_info.timing = {**(result.train_info.timing or {}), **judged}
 
 
 def _check_resumable(specs: list[RunSpec]) -> None:

@@ -82,10 +82,17 @@ class CompareConfig:
     threads: int | None = None
     """Torch threads per run; None: chosen from the machine's load before each run
     (:func:`peftlab.bench.load.choose_threads`)."""
+    jobs: int = 1
+    """Methods run side by side (each its search, then its runs, in its own workers); more
+    than 1 finishes sooner on a machine with cores to spare, and its timings are marked
+    unreliable (each run shared the machine with another). Threads per run default to the
+    cores divided among the jobs."""
     out: str | Path = "compare-out"
     """Output directory; rerunning with the same one resumes."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.jobs, int) or isinstance(self.jobs, bool) or self.jobs < 1:
+            raise ConfigError(f"jobs={self.jobs!r} is invalid: jobs must be an integer ≥ 1")
         if self.seeds is None:
             object.__setattr__(self, "seeds", 1 if self.quick else DEFAULT_SEEDS)
         if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:

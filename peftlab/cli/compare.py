@@ -115,6 +115,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "each run)",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="methods run side by side (default 1); timings of a run beside another are "
+        "marked unreliable, quality is not affected",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing; rewrite the report from the results already in --out",
@@ -147,6 +154,7 @@ def _cli(a: argparse.Namespace) -> int:
         method_args=_method_args(a.set),
         train_overrides=_train_overrides(a.train),
         threads=a.threads,
+        jobs=a.jobs,
         report_only=a.report_only,
     )
     return 0 if all(r["train_info"]["status"] == "ok" for r in res["results"]) else 1

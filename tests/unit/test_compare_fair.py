@@ -431,3 +431,32 @@ def test_a_tuned_comparison_never_replaces_results_its_search_did_not_choose(
     with pytest.raises(ConfigError, match="lora search made with different settings"):
         run_compare(other, tune=("lr",), steps=7)
     assert (other / "compare-runs" / "search" / "lora.json").read_bytes() == record
+
+
+def test_jobs_run_methods_side_by_side_and_mark_their_timings(tmp_path, no_workers, capsys):
+    import threading
+    import time
+
+    seen = set()
+    spawn = runner._spawn
+
+    def spawn_noting_threads(args, log, timeout):
+        seen.add(threading.get_ident())
+        time.sleep(0.2)  # a worker takes a while: the pool's second thread starts meanwhile
+        return spawn(args, log, timeout)
+
+    runner._spawn = spawn_noting_threads  # restored by no_workers' monkeypatch
+    res = runner.compare(["lora", "ia3", "dora"], model=MODEL, out=tmp_path, quick=True, jobs=2)
+    assert [r["run_info"]["method"] for r in res["results"]] == ["lora", "ia3", "dora"]
+    assert len(seen) == 2  # two pool threads each waited on its own worker
+    for r in res["results"]:
+        assert r["train_info"]["timing"]["reliable"] is False
+        assert "--jobs 2" in r["train_info"]["timing"]["why"]
+        assert r["meta_info"]["load"]["jobs"] == 2
+        assert r["meta_info"]["load"]["threads_from"] == "cores / --jobs 2"
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {r["name"] for r in plan["runs"]} == {"lora", "ia3", "dora"}
+    numbers = sorted(re.findall(r"\[(\d)/3\] \w+: training", capsys.readouterr().out))
+    assert numbers == ["1", "2", "3"]
+    with pytest.raises(ConfigError, match="jobs must be an integer"):
+        CompareConfig(["lora"], model=MODEL, jobs=0)
