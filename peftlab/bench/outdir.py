@@ -128,3 +128,18 @@ class OutDir:
 
     def save(self) -> None:
         atomic_write_json(self.plan_path, self.plan)
+
+
+def check_resumable(specs) -> None:
+    """Refuse to mix results of different settings in one directory: ConfigError for the
+    first of ``specs`` (RunSpecs) whose recorded result was made with other settings."""
+    from peftlab.results import RunResult
+
+    for spec in specs:
+        done = RunResult.load(spec.result_path)
+        if done is not None and done.run_info.fingerprint != spec.fingerprint:
+            raise ConfigError(
+                f"{spec.result_path} holds a run made with different settings than this comparison "
+                f"(model, data, steps, batch, lr or method options differ); pass another --out, or "
+                f"delete that file to rerun it"
+            )

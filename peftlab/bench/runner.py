@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from peftlab.bench import search as searching
-from peftlab.bench.outdir import REPORT_FILES, OutDir
+from peftlab.bench.outdir import REPORT_FILES, OutDir, check_resumable
 from peftlab.bench.spec import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
@@ -281,7 +281,7 @@ def compare(
     written += [outdir.root / f for f in REPORT_FILES] if report else []
     outdir.check(written)  # nothing of the user's is overwritten, checked before any run
     outdir.check_covers([s.name for s in specs], report)  # nor another comparison's report
-    _check_resumable([s for s in specs if s.method not in searches])
+    check_resumable([s for s in specs if s.method not in searches])
     searching.check_recorded(searches, specs)
     outdir.prepare()
     outdir.claim(written)
@@ -371,7 +371,7 @@ def _tuned(method: str, specs: list[RunSpec], search, ctx: _Context):
         return specs, tuning
     tuned = [searching.apply_candidate(s, chosen).fingerprinted() for s in specs]
     if not ctx.report_only:
-        _check_resumable(tuned)
+        check_resumable(tuned)
     return tuned, tuning
 
 
@@ -490,15 +490,3 @@ def _annotate(result: RunResult, tuning, around: tuple, threads: int, why: str, 
                 "why": f"{UNRELIABLE}: ran beside other runs (--jobs {jobs})",
             }
         result.train_info.timing = {**(result.train_info.timing or {}), **judged}
-
-
-def _check_resumable(specs: list[RunSpec]) -> None:
-    """Refuse to mix results of different settings in one directory."""
-    for spec in specs:
-        done = RunResult.load(spec.result_path)
-        if done is not None and done.run_info.fingerprint != spec.fingerprint:
-            raise ConfigError(
-                f"{spec.result_path} holds a run made with different settings than this comparison "
-                f"(model, data, steps, batch, lr or method options differ); pass another --out, or "
-                f"delete that file to rerun it"
-            )
