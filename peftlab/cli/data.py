@@ -29,7 +29,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
     i.add_argument("--example", type=int, default=0, help="training example to render (index)")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument(
+        "--sample",
+        type=_positive,
+        default=1000,
+        help="streaming configs: training examples read (default 1000); the file is not read "
+        "through",
+    )
     i.set_defaults(func=_inspect)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1, e.g. --sample 1000")
+    return int(text)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -47,6 +60,9 @@ def _inspect(args: argparse.Namespace) -> int:
         model_kind(cfg.model),
         cfg.max_length,
         example=args.example,
+        streaming=cfg.streaming,
+        shuffle_buffer=cfg.shuffle_buffer,
+        sample=args.sample,
         **cfg.data_kwargs(),
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))

@@ -15,6 +15,7 @@ from collections import Counter
 
 from peftlab.data.encode import IGNORE, SPLITS, TaskData
 from peftlab.data.load import load_task_data
+from peftlab.data.stream import load_streamed
 
 PERCENTILES = (50, 90, 99, 100)
 OPEN, CLOSE = "«", "»"
@@ -28,19 +29,48 @@ def percentile(values: list[int], q: float) -> int | None:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def inspect_data(tokenizer, data, kind: str, max_length: int, example: int = 0, **kwargs) -> dict:
+def inspect_data(
+    tokenizer,
+    data,
+    kind: str,
+    max_length: int,
+    example: int = 0,
+    *,
+    streaming: bool = False,
+    shuffle_buffer: int = 10_000,
+    sample: int = 1000,
+    **kwargs,
+) -> dict:
     """Read ``data`` as training would and describe it.
 
     Args:
         example: which training example to render.
+        streaming: read as a ``streaming: true`` run does (:func:`load_streamed`): the
+            held-out splits whole, the training split only as far as its first ``sample``
+            examples (the order the run reads them, ``shuffle_buffer`` as its config says),
+            so a file larger than memory is inspected without reading it through.
         kwargs: the other arguments of :func:`load_task_data` (``cfg.data_kwargs()``).
 
     Returns:
         ``kind``, ``max_length``, ``splits`` (per split: ``read``, ``truncated``, ``dropped``,
         ``kept``, ``lengths`` percentiles), ``empty`` (empty texts dropped), ``label_names``,
-        ``labels`` (examples per label and split), ``sources`` and ``example``.
+        ``labels`` (examples per label and split), ``sources``, ``example`` and ``sampled``
+        (streaming: ``{"examples", "complete"}``, complete when the stream ended before
+        ``sample``; else None).
     """
-    d = load_task_data(tokenizer, data, kind, max_length, **kwargs)
+    if streaming:
+        d = load_streamed(
+            tokenizer, data, kind, max_length, shuffle_buffer=shuffle_buffer, **kwargs
+        )
+        train, counts = d.train.preview(max(1, sample))
+        d.counts["train"] = {k: counts[k] for k in ("read", "truncated", "dropped", "kept")}
+        d.lengths["train"] = [e["length"] for e in train]
+        for pool, kept in zip(d.train.pools, counts["kept_by"]):
+            d.sources[pool.source.name].update(train=kept, unique_train=kept)
+        sampled = {"examples": len(train), "complete": len(train) < max(1, sample)}
+    else:
+        d = load_task_data(tokenizer, data, kind, max_length, **kwargs)
+        train, sampled = d.train, None
     splits = {
         name: {
             **d.counts[name],
@@ -50,10 +80,10 @@ def inspect_data(tokenizer, data, kind: str, max_length: int, example: int = 0, 
     }
     labels = {}
     if kind == "classification":
-        for name in SPLITS:
-            seen = Counter(d.label_names[e["label"]] for e in getattr(d, name))
+        for name, examples in zip(SPLITS, (train, d.validation, d.test)):
+            seen = Counter(d.label_names[e["label"]] for e in examples)
             labels[name] = {n: seen[n] for n in d.label_names if seen[n]}
-    index = min(max(example, 0), len(d.train) - 1)
+    index = min(max(example, 0), len(train) - 1)
     return {
         "kind": kind,
         "max_length": max_length,
@@ -62,7 +92,8 @@ def inspect_data(tokenizer, data, kind: str, max_length: int, example: int = 0, 
         "label_names": d.label_names,
         "labels": labels,
         "sources": d.sources,
-        "example": {"index": index, **render_example(tokenizer, d, d.train[index])},
+        "sampled": sampled,
+        "example": {"index": index, **render_example(tokenizer, d, train[index])},
     }
 
 
@@ -107,6 +138,17 @@ def format_report(report: dict) -> str:
         "(read: examples given to the tokenizer; truncated: longer than max_length; dropped: no "
         "response token left after truncation; p50..p100: tokens before truncation)"
     )
+    if report.get("sampled"):
+        n = report["sampled"]["examples"]
+        lines.append(
+            f"streamed: the train row counts the records read for its first {n} examples, in "
+            f"the order the run reads them"
+            + (
+                " (all there are)"
+                if report["sampled"]["complete"]
+                else "; the file was not read through"
+            )
+        )
     if report["empty"]:
         lines.append(f"empty texts dropped before the split: {report['empty']}")
     if report["label_names"]:

@@ -274,6 +274,14 @@ class StreamedTrain:
         }
         return batch
 
+    def preview(self, n: int) -> tuple[list[dict], dict]:
+        """The first ``n`` examples epoch 0 serves (the order training reads them; each with
+        its ``length`` before truncation) and the counts of the records read for them. Reads
+        a fresh stream: the training position is untouched."""
+        cur = _Cursor([0] * len(self.pools), 0, _zero_counts(len(self.pools)))
+        examples = list(itertools.islice(self._read(0, cur), n))
+        return examples, cur.counts
+
     def _restart(self, record: dict | None) -> None:
         rec = record or {"micro_batch": 0, "epoch": 0, "batch": 0, "first_pass": None}
         self._next, self._epoch, self._batch = rec["micro_batch"], rec["epoch"], rec["batch"]
@@ -345,7 +353,7 @@ class StreamedTrain:
             return None
         counts["kept"] += 1
         counts["kept_by"][i] += 1
-        kept = {k: e[k] for k in ("input_ids", "labels", "label") if k in e}
+        kept = {k: e[k] for k in ("input_ids", "labels", "label", "length") if k in e}
         return {**kept, "source": pool.source.name}
 
     def _first_counts(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from peftlab.cli import main
@@ -60,3 +61,35 @@ def test_cli_data_inspect_prints_the_report(tmp_path, capsys):
     assert main(["data", "inspect", "--json", str(cfg), "columns={text: text, label: label}"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["splits"]["train"]["read"] == 10 and report["label_names"] == ["0", "1"]
+
+
+def test_a_streaming_config_is_inspected_from_the_head_of_its_stream(tmp_path, capsys):
+    """streaming: true — the held-out splits whole, the training split from its first
+    --sample examples in the order the run reads them, never the whole file."""
+    tok = char_tokenizer()
+    rows = [{"instruction": f"say {i}", "output": f"{i}" * (1 + i % 5)} for i in range(400)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(eval_size=4, seed=0, streaming=True, shuffle_buffer=16)
+    head = inspect_data(tok, str(path), "causal-lm", 64, sample=10, **kw)
+    train = head["splits"]["train"]
+    assert head["sampled"] == {"examples": 10, "complete": False}
+    assert train["kept"] == 10 and train["read"] == 10 and head["splits"]["validation"]["read"] == 4
+    assert list(head["sources"].values())[0]["train"] == 10 and train["lengths"]["p100"] is not None
+    whole = inspect_data(tok, str(path), "causal-lm", 64, sample=1000, **kw)
+    assert whole["sampled"] == {"examples": 396, "complete": True}
+    unstreamed = inspect_data(tok, str(path), "causal-lm", 64, eval_size=4, seed=0)
+    assert whole["splits"]["train"]["kept"] == unstreamed["splits"]["train"]["kept"] == 396
+    assert whole["splits"]["train"]["lengths"] == unstreamed["splits"]["train"]["lengths"]
+    assert head["example"]["text"].count("«") == 1
+    # the command line: a streaming config, --sample, and a bad --sample in one line
+    tiny = save_tiny_lm(tmp_path / "lm")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(tiny), "data": str(path), "eval_size": 4,
+                                   "streaming": True, "max_steps": 5}))  # fmt: skip
+    capsys.readouterr()
+    assert main(["data", "inspect", str(cfg), "--sample", "25"]) == 0
+    assert "first 25 examples" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", str(cfg), "--sample", "0"])
+    assert "is not a whole number ≥ 1" in capsys.readouterr().err
