@@ -137,6 +137,10 @@ def encode_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[in
     return ids, labels, prompt_ids
 
 
+KEPT = ("input_ids", "labels", "label", "type_start")
+"""What an encoded example keeps for training (beside its source)."""
+
+
 def encode_splits(
     out: TaskData, tokenizer, splits: dict[str, list[dict]], max_length: int, where: str
 ) -> None:
@@ -156,7 +160,7 @@ def encode_splits(
         for ex, e in zip(examples, chunk):
             if not e["keep"]:
                 continue
-            kept = {k: e[k] for k in ("input_ids", "labels", "label") if k in e}
+            kept = {k: e[k] for k in KEPT if k in e}
             if name != "train" and out.kind != "classification":
                 kept.update(prompt_ids=e["prompt_ids"], answer=e["answer"])
             split.append({**kept, "source": ex.get("source", "")})
@@ -186,15 +190,16 @@ def classification_fn(tokenizer, max_length: int, index: dict[str, int]):
         if not native_pairs:
             texts, pairs = [pair_prompt(t, p) for t, p in zip(texts, pairs)], [None] * len(texts)
         ids: list[list[int]] = [[] for _ in texts]
+        starts: list[int | None] = [None] * len(texts)  # where segment B starts (pairs)
         single = [i for i, p in enumerate(pairs) if p is None]
         paired = [i for i, p in enumerate(pairs) if p is not None]
         if single:
             for i, x in zip(single, tokenizer([texts[i] for i in single])["input_ids"]):
                 ids[i] = x
         if paired:
-            both = ([texts[i] for i in paired], [pairs[i] for i in paired])
-            for i, x in zip(paired, tokenizer(*both)["input_ids"]):
-                ids[i] = x
+            enc = tokenizer([texts[i] for i in paired], [pairs[i] for i in paired])
+            for n, i in enumerate(paired):
+                ids[i], starts[i] = enc["input_ids"][n], _segment_b(enc, n)
         lengths = [len(x) for x in ids]
         for i, x in enumerate(ids):
             if len(x) <= max_length:
@@ -203,11 +208,28 @@ def classification_fn(tokenizer, max_length: int, index: dict[str, int]):
                 ids[i] = x[: max_length - 1] + x[-1:]  # keep the closing [SEP]
             else:  # cut the longer text first, keep both separators
                 kw = {"truncation": "longest_first", "max_length": max_length}
-                ids[i] = tokenizer(texts[i], pairs[i], **kw)["input_ids"]
+                enc = tokenizer([texts[i]], [pairs[i]], **kw)
+                ids[i], starts[i] = enc["input_ids"][0], _segment_b(enc, 0)
         labels = [index[y] for y in batch["label"]]
-        return {"input_ids": ids, "label": labels, "length": lengths, "keep": [True] * len(ids)}
+        type_start = [len(x) if b is None else b for x, b in zip(ids, starts)]
+        return {
+            "input_ids": ids,
+            "label": labels,
+            "type_start": type_start,
+            "length": lengths,
+            "keep": [True] * len(ids),
+        }
 
     return encode
+
+
+def _segment_b(encoding, row: int) -> int | None:
+    """Where the second text of a pair starts in row ``row`` (its first token type 1), or
+    None when the tokenizer gives no token types (e.g. RoBERTa, which has one segment)."""
+    types = encoding.get("token_type_ids")
+    if types is None or 1 not in types[row]:
+        return None
+    return types[row].index(1)
 
 
 def generation_fn(tokenizer, max_length: int):
@@ -268,7 +290,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded examples into a batch.
 
     Returns ``input_ids`` and ``attention_mask`` ``[B, T]`` and ``labels``: ``[B, T]`` with
-    -100 on padding for causal LMs, ``[B]`` class ids for classification.
+    -100 on padding for causal LMs, ``[B]`` class ids for classification; and
+    ``token_type_ids`` ``[B, T]`` (1 from each pair's second text on, 0 elsewhere and on
+    padding) when a sentence pair is in the batch, as the tokenizer would give them.
     """
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -283,4 +307,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             labels[i, :n] = torch.tensor(e["labels"])
     if not causal:
         labels = torch.tensor([e["label"] for e in examples])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    starts = [e.get("type_start", len(e["input_ids"])) for e in examples]
+    if any(b < len(e["input_ids"]) for b, e in zip(starts, examples)):
+        b = torch.tensor(starts).unsqueeze(1)
+        batch["token_type_ids"] = ((torch.arange(width) >= b) & mask.bool()).long()
+    return batch

@@ -110,10 +110,14 @@ def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module | None =
     packed sequences in a batch of one row only, the rows are laid end to end as one row
     ``[1, B·T]`` (the loss is unchanged: a row's first label is -100, as is padding; labels
     are reshaped to match in :func:`peftlab.train.evaluate.loss_sum`). Otherwise
-    ``input_ids`` and ``attention_mask``.
+    ``input_ids`` and ``attention_mask``, and ``token_type_ids`` when the batch has them
+    (sentence pairs, :func:`peftlab.data.encode.collate`).
     """
     if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return (
+            {**kw, "token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else kw
+        )
     ids, positions = batch["input_ids"], batch["position_ids"]
     config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
     if "flash" in str(getattr(config, "_attn_implementation", "")):

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.core.config import ConfigError, check
-from peftlab.data.encode import TaskData, classification_fn, encode_splits, generation_fn
+from peftlab.data.encode import KEPT, TaskData, classification_fn, encode_splits, generation_fn
 from peftlab.data.formats import Convert, is_empty
 from peftlab.data.load import _int_or_str, _one, _Reader, _stat, apportion
 from peftlab.data.readers import DataError
@@ -353,7 +353,7 @@ class StreamedTrain:
             return None
         counts["kept"] += 1
         counts["kept_by"][i] += 1
-        kept = {k: e[k] for k in ("input_ids", "labels", "label", "length") if k in e}
+        kept = {k: e[k] for k in (*KEPT, "length") if k in e}
         return {**kept, "source": pool.source.name}
 
     def _first_counts(self) -> dict:

@@ -206,3 +206,32 @@ def test_real_files_alpaca_and_sst2():
     assert len(alpaca) == 52002 and alpaca[0]["messages"][1]["role"] == "assistant"
     sst2 = read_classification(SHARED / "sst2" / "dev.tsv", "sentence", "label")
     assert len(sst2) == 872 and {r["label"] for r in sst2} == {"0", "1"}
+
+
+def test_sentence_pairs_carry_the_tokenizers_token_types_into_the_batch():
+    """A pair's second text is segment 1 for BERT-style models (as ``tokenizer(a, b)`` gives
+    it), also when truncation cut the pair; single texts and padding are segment 0."""
+    import torch
+
+    from peftlab.data.encode import classification_fn, collate
+    from peftlab.models import ModelLoadError, load_tokenizer
+
+    try:
+        tok = load_tokenizer("minilm-l6")
+    except ModelLoadError as e:
+        pytest.skip(f"bundled MiniLM unavailable: {e}")
+    fn = classification_fn(tok, 16, {"0": 0, "1": 1})
+    texts = ["the cat sat", "a much longer first sentence that will be cut", "alone"]
+    pairs = ["on the mat", "and its short pair", None]
+    enc = fn({"text": texts, "text_pair": pairs, "label": ["0", "1", "0"]})
+    examples = [{k: enc[k][i] for k in ("input_ids", "label", "type_start")} for i in range(3)]
+    batch = collate(examples, tok.pad_token_id)
+    want = tok(texts[:2], pairs[:2], truncation="longest_first", max_length=16, padding=True)
+    width = batch["input_ids"].shape[1]
+    for row in range(2):
+        types = want["token_type_ids"][row] + [0] * (width - len(want["token_type_ids"][row]))
+        assert batch["token_type_ids"][row].tolist() == types and 1 in types
+    assert batch["token_type_ids"][2].sum() == 0  # a single text: segment 0 throughout
+    assert len(examples[1]["input_ids"]) == 16  # the long pair was cut, and still typed
+    single = collate([examples[2]], tok.pad_token_id)
+    assert "token_type_ids" not in single and torch.equal(single["labels"], torch.tensor([0]))

@@ -162,7 +162,7 @@ def test_classification_tsv_streams_with_labels_from_a_pass(tmp_path, tok):
     assert [e["label"] for e in data.validation] == [0, 1]
     assert 'sentence "0' in tok.decode(data.validation[0]["input_ids"])  # stray quote is text
     ex = data.train.micro_batch(0, 4, {})
-    assert all(set(e) == {"input_ids", "label", "source"} for e in ex)
+    assert all(set(e) == {"input_ids", "label", "type_start", "length", "source"} for e in ex)
     path.write_text("Quality\ts1\n" + "".join(f"1\tt{i}\n" for i in range(5)))
     with pytest.raises(DataError, match="'Quality' holds the single value '1' in all 5 examples"):
         load_streamed(tok, str(path), "classification", 64, eval_size=1, columns={"text": "s1", "label": "Quality"})  # fmt: skip
