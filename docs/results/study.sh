@@ -12,6 +12,8 @@
 #   gen   SmolLM2-135M, the built-in arithmetic task scored by exact match of the answer.
 #
 # The parts run side by side, one torch thread each (2 cores; THREADS and GEN_THREADS change it).
+# JOBS runs that many methods of one part side by side (compare --jobs; timings then unreliable).
+# GEN_STEPS: the generation part's steps per run (default STEPS; SmolLM2 costs ~10x MiniLM).
 set -uo pipefail
 DATA=${PEFTLAB_DATA:-../shared/data}
 OUT=${OUT:-docs/results}
@@ -22,7 +24,8 @@ run_sst2() {
   peftlab compare --model minilm-l6 --data "$DATA/sst2/train.tsv" --tune lr \
     --train eval_data="$DATA/sst2/dev.tsv" --train text_column=sentence \
     --train data_size=2000 --train eval_size=200 \
-    --steps "$STEPS" --batch-size 16 --max-length 48 --threads "${THREADS:-1}" --out "$OUT/study-minilm-sst2"
+    --steps "$STEPS" --batch-size 16 --max-length 48 --threads "${THREADS:-1}" \
+    --jobs "${JOBS:-1}" --out "$OUT/study-minilm-sst2"
 }
 
 run_mrpc() {
@@ -31,13 +34,14 @@ run_mrpc() {
     --train "columns.text=#1 String" --train "columns.text_pair=#2 String" \
     --train columns.label=Quality \
     --train data_size=2000 --train eval_size=200 \
-    --steps "$STEPS" --batch-size 16 --max-length 128 --threads 1 --out "$OUT/study-minilm-mrpc"
+    --steps "$STEPS" --batch-size 16 --max-length 128 --threads 1 --jobs "${JOBS:-1}" --out "$OUT/study-minilm-mrpc"
 }
 
 run_gen() {
   peftlab compare --model smollm2-135m --data builtin:arith --tune lr \
     --train data_size=1000 --train eval_size=64 --train test_size=128 \
-    --steps "$STEPS" --batch-size 8 --max-length 48 --threads "${GEN_THREADS:-1}" --out "$OUT/study-smollm2-arith"
+    --steps "${GEN_STEPS:-$STEPS}" --batch-size 8 --max-length 48 --threads "${GEN_THREADS:-1}" \
+    --jobs "${JOBS:-1}" --out "$OUT/study-smollm2-arith"
 }
 
 for s in ${STUDY//,/ }; do
