@@ -465,11 +465,11 @@ def _summary(run: _Run, ckpt: Path | None, eval_before: dict | None, loop: _Loop
         "trainable_params": run.trainable,
         "total_params": run.total,
         "processes": run.accelerator.num_processes,
+        "strategy": cfg.distributed["strategy"] if run.accelerator.num_processes > 1 else None,
         "device": str(run.accelerator.device),
         "wall_time": state["wall_time"],
         "resumed_from": ckpt.name if ckpt else None,
-        # this session's longest padded micro-batch (tokens per row)
-        "longest_batch": loop.longest_batch,
+        "longest_batch": loop.longest_batch,  # this session's widest micro-batch (tokens per row)
     }
 
 

@@ -161,7 +161,7 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((two / "summary.json").read_text())
-    assert summary["processes"] == 2
+    assert summary["processes"] == 2 and summary["strategy"] == "ddp"
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     diff = max(abs(a[s] - b[s]) for s in a)

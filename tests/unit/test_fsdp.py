@@ -85,7 +85,9 @@ def _assert_same_run(one: Path, two: Path) -> None:
     diff = max(abs(a[s] - b[s]) for s in a)
     print(f"FSDP 2x2 vs 1x4: max |loss diff| over 6 steps {diff:.3g}")
     assert diff <= 1e-5, (a, b)
-    assert json.loads((two / "summary.json").read_text())["processes"] == 2
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["strategy"] == "fsdp"
+    assert json.loads((one / "summary.json").read_text())["strategy"] is None  # one process
     assert sorted(p.name for p in (one / "adapter").iterdir()) == sorted(
         p.name for p in (two / "adapter").iterdir()
     )
