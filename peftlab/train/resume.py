@@ -86,6 +86,11 @@ def resolve(config, overrides: list[str] | None) -> TrainConfig:
             extension asked for. Nothing is written.
     """
     overrides = _length_pairs(list(overrides or []))
+    explicit = {o.split("=", 1)[0].strip() for o in overrides}  # keys the user set
+    if isinstance(config, dict):
+        explicit |= set(config)
+    elif isinstance(config, str | Path) and Path(config).is_file():
+        explicit |= set(yaml.safe_load(Path(config).read_text()) or {})
     if isinstance(config, TrainConfig):
         config = config.to_dict()
     if isinstance(config, str | Path) and not Path(config).is_file():
@@ -106,7 +111,9 @@ def resolve(config, overrides: list[str] | None) -> TrainConfig:
         recorded["output_dir"] = requested["output_dir"]
     for key, then in LEGACY.items():  # a key newer than the run: the behaviour it ran with
         if key not in recorded:
-            recorded[key] = requested[key] = then
+            recorded[key] = then
+            if key not in explicit:  # set by the user: refused below as a change if it is one
+                requested[key] = then
     rec = _valid(recorded, str(run_dir / "config.yaml"))
     refused = [k for k in requested if requested[k] != rec[k] and k not in MAY_CHANGE]
     if refused:

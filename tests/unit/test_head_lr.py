@@ -74,6 +74,10 @@ def test_a_run_recorded_without_head_lr_and_pooling_resumes_as_it_ran(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(recorded))
     again = resolve(str(run), ["max_steps=6"])
     assert again.head_lr is None and again.pooling == "cls"
+    # A head_lr the user sets on resume is not silently replaced: it is a change, refused.
+    with pytest.raises(ConfigError, match=r"head_lr=0.01 \(the run has None\) cannot change"):
+        resolve(str(run), ["max_steps=6", "head_lr=0.01"])
+    assert resolve(str(run), ["max_steps=6", "pooling=cls"]).pooling == "cls"  # the same: fine
     summary = train(str(run), ["max_steps=6"], resume=True)
     assert summary["status"] == "completed" and torch.isfinite(torch.tensor(summary["final_loss"]))
 
