@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError
-from peftlab.core.io import _check_fit, _file_key, _read_weights, read_adapter_config
+from peftlab.core.io import check_fit, file_key, read_adapter_config, read_weights
 from peftlab.core.model import adapter_layers, merge, unmerge
 from peftlab.core.state import adapter_configs
 from peftlab.methods.dora import DoRAConfig
@@ -71,9 +71,9 @@ def hotswap_adapter(
         path = Path(adapter)
         new = read_adapter_config(path)
         _check_compatible(path, old, new)
-        tensors, ratio = _read_weights(path), new.scaling / old.scaling
+        tensors, ratio = read_weights(path), new.scaling / old.scaling
     places = _places(model, adapter_name)
-    _check_fit(path, old, tensors, places, True, True)
+    check_fit(path, old, tensors, places, True, True)
     _copy(model, adapter_name, tensors, places, ratio)
     return model
 
@@ -98,7 +98,7 @@ def _places(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """File key → the live tensor of adapter ``adapter_name`` it loads into."""
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        key = _file_key(name, adapter_name, "lora_")
+        key = file_key(name, adapter_name, "lora_")
         if key is not None:
             out[key] = t
     return out

@@ -33,7 +33,7 @@ class AdapterFileError(ValueError):
     """An adapter directory is missing, corrupt, or does not fit the model."""
 
 
-def _file_key(param_name: str, adapter_name: str, prefix: str) -> str | None:
+def file_key(param_name: str, adapter_name: str, prefix: str) -> str | None:
     """peft's key for a parameter of adapter ``adapter_name``; None if not one of its params."""
     parts = param_name.split(".")
     if not prefix:
@@ -62,7 +62,7 @@ def adapter_state_dict(
     for name, t in tensors:
         if not spec.param_prefix and not t.requires_grad:
             continue  # full fine-tuning saves what trains
-        key = _file_key(name, adapter_name, spec.param_prefix)
+        key = file_key(name, adapter_name, spec.param_prefix)
         if key is not None:
             out[key] = t.detach().contiguous()
     for module_name in saved_modules(model, adapter_name):
@@ -199,7 +199,7 @@ def _from_peft(doc: dict) -> MethodConfig:
         raise ConfigError(msg) from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -234,20 +234,20 @@ def load_adapter(
     """
     path = Path(path)
     config = read_adapter_config(path)
-    tensors = _read_weights(path)
+    tensors = read_weights(path)
     spec = get_method(config.method)
     with adding_adapter(model):
         # The file names the modules it trained in full: None there means none.
         attach_adapter(model, config, adapter_name, resolve_head=False)
         expected: dict[str, torch.Tensor] = {}
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            key = _file_key(name, adapter_name, spec.param_prefix)
+            key = file_key(name, adapter_name, spec.param_prefix)
             if key is not None and (spec.param_prefix or key in tensors):
                 expected[key] = t
         for module_name in saved_modules(model, adapter_name):
             for name, t in model.get_submodule(module_name).state_dict(keep_vars=True).items():
                 expected[f"{KEY_PREFIX}{module_name}.{name}"] = t
-        _check_fit(path, config, tensors, expected, strict and bool(spec.param_prefix), strict)
+        check_fit(path, config, tensors, expected, strict and bool(spec.param_prefix), strict)
         # Nothing can refuse past this point: the writes into existing weights come last.
         with torch.no_grad():
             for key, t in expected.items():
@@ -259,7 +259,7 @@ def load_adapter(
     return model
 
 
-def _check_fit(
+def check_fit(
     path: Path,
     config: MethodConfig,
     tensors: dict[str, torch.Tensor],
