@@ -106,5 +106,9 @@ def beats(
         how = f"one seed: Wilson interval over {examples} examples"
     else:
         return {"beats": None, "low": None, "high": None, "how": "one seed, no interval"}
-    won = low > baseline if higher_is_better else high < baseline
+    # A margin of rounding: seeds that all score exactly the baseline (a classifier answering
+    # the majority class every time) have a zero-width interval whose mean can exceed the
+    # baseline by 1e-16; that is a tie, not a win.
+    eps = 1e-9 * max(1.0, abs(baseline))
+    won = low > baseline + eps if higher_is_better else high < baseline - eps
     return {"beats": won, "low": low, "high": high, "how": how}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -250,6 +251,12 @@ def test_one_seed_beats_the_majority_by_the_wilson_interval_over_examples():
     assert baselines.beats([0.8], 0.51, "accuracy", True, 400)["beats"]
     assert not baselines.beats([0.55], 0.51, "accuracy", True, 100)["beats"]  # [0.45, 0.65]
     assert baselines.beats([1.2], 1.0, "loss", False, 400)["beats"] is None  # no interval
+    # Three seeds all at the majority class (MRPC study: 279/408 each): a tie, not a win,
+    # although their mean rounds 1e-16 above it.
+    tie = [279 / 408] * 3
+    assert statistics.fmean(tie) > 279 / 408  # as stats.interval computes it
+    assert baselines.beats(tie, 279 / 408, "accuracy", True, 408)["beats"] is False
+    assert baselines.beats([0.7] * 3, 279 / 408, "accuracy", True, 408)["beats"] is True
 
 
 # ---------------------------------------------------------------- timing honesty
