@@ -344,12 +344,9 @@ def _run_methods(specs: list[RunSpec], searches: dict, runs: dict, ctx: _Context
         done = [_run_or_reuse(spec, tuning, ctx) for spec in mine]
         return [r for r in done if r is not None]
 
-    if ctx.config.jobs == 1 or ctx.report_only:
-        return [r for m in methods for r in one(m)]
-    from concurrent.futures import ThreadPoolExecutor
+    from peftlab.bench.parallel import map_in_order
 
-    with ThreadPoolExecutor(ctx.config.jobs) as pool:  # workers are processes; threads wait
-        return [r for rs in pool.map(one, methods) for r in rs]
+    return map_in_order(one, methods, 1 if ctx.report_only else ctx.config.jobs)
 
 
 def _plan_runs(specs, config: CompareConfig) -> list[dict]:

@@ -467,3 +467,24 @@ def test_jobs_run_methods_side_by_side_and_mark_their_timings(tmp_path, no_worke
     assert numbers == ["1", "2", "3"]
     with pytest.raises(ConfigError, match="jobs must be an integer"):
         CompareConfig(["lora"], model=MODEL, jobs=0)
+
+
+def test_jobs_start_no_further_method_after_an_error(tmp_path, no_workers):
+    import time
+
+    spawned, spawn = [], runner._spawn
+
+    def failing(args, log, timeout):
+        name = Path(args[-1]).name
+        spawned.append(name)
+        if name.startswith("lora"):
+            time.sleep(0.1)
+            raise KeyboardInterrupt  # as Ctrl-C reaches a waiting worker call
+        time.sleep(0.5)
+        return spawn(args, log, timeout)
+
+    runner._spawn = failing  # restored by no_workers' monkeypatch
+    with pytest.raises(KeyboardInterrupt):
+        runner.compare(["lora", "ia3", "dora"], model=MODEL, out=tmp_path, quick=True, jobs=2,
+                       echo=False)  # fmt: skip
+    assert not any(n.startswith("dora") for n in spawned), spawned  # never started
