@@ -39,7 +39,7 @@ run_mrpc() {
 
 run_gen() {
   peftlab compare --model smollm2-135m --data builtin:arith --tune lr \
-    --train data_size=1000 --train eval_size=64 --train test_size=128 \
+    --train data_size=1000 --train eval_size=64 --train test_size=128 --train eval_batch_size=32 \
     --steps "${GEN_STEPS:-$STEPS}" --batch-size 8 --max-length 48 --threads "${GEN_THREADS:-1}" \
     --jobs "${JOBS:-1}" --out "$OUT/study-smollm2-arith"
 }

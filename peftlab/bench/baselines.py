@@ -16,14 +16,23 @@ several seeds the interval is Student's t over seeds (:func:`peftlab.bench.stats
 with one seed, for a proportion (accuracy, exact match), the Wilson score interval over the
 split's ``n`` examples: ``(p + z²/2n ± z·sqrt(p(1−p)/n + z²/4n²)) / (1 + z²/n)``, z = 1.96.
 A loss with one seed has no interval, so nothing is claimed.
+
+**Scored once per setting** (:func:`cached`): the base model's score depends only on the model,
+its head's seed, the data's splits and the metrics, so the methods of one comparison share it
+(a file per setting under ``compare-runs/baselines/``) instead of each run evaluating the
+untrained model again (on SmolLM2's generation task, ~20 s of a 2-minute run).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from peftlab.bench import stats
+from peftlab.core.fileio import atomic_write_json
 
 Z95 = 1.959964
 PROPORTIONS = ("accuracy", "exact_match")
@@ -61,6 +70,24 @@ def base_model(model, tokenizer, data, batch_size: int, device, exact_match: boo
     kw = {"split": "test"} if split == "test" else {}  # only splits that exist ask for one
     metrics = evaluate(model, tokenizer, data, batch_size, exact_match, device, **kw)
     return {k.split("_", 1)[1]: v for k, v in metrics.items()}
+
+
+def cached(directory: Path, setting: dict, score: Callable[[], dict]) -> dict:
+    """``score()``, or what it returned before for the same ``setting`` (a JSON-able dict of
+    everything the score depends on), kept in ``directory``. An unreadable or foreign file is
+    scored again and replaced; two runs scoring one setting at once write the same numbers."""
+    text = json.dumps(setting, sort_keys=True, default=str)
+    path = Path(directory) / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    try:
+        found = json.loads(path.read_text())
+        if found.get("setting") == json.loads(text):
+            return found["metrics"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    metrics = score()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"setting": json.loads(text), "metrics": metrics})
+    return metrics
 
 
 def record(data, base_metrics: dict | None) -> dict:

@@ -186,9 +186,7 @@ def run(spec: RunSpec) -> RunResult:
     inference = _time_inference(spec, base, model, prompts)
     loads["after_inference"] = snapshot().to_dict()
     exact = "eval_exact_match" in (summary.get("eval_after") or {})
-    base_metrics = baselines.base_model(
-        base, tokenizer, data, spec.batch_size, device, exact
-    )  # fmt: skip
+    base_metrics = _base_baseline(spec, config, base, tokenizer, data, exact)
     del base
     train_info = _train_info(spec, model, summary, probe.records, memory, inference)
     train_info.train_seconds, train_info.model_load_seconds = train_s, load_s
@@ -204,6 +202,31 @@ def run(spec: RunSpec) -> RunResult:
     if spec.kind == "classification":
         run_info.num_labels = getattr(model.config, "num_labels", None)
     return RunResult(run_info, train_info, MetaInfo(**meta_info(), load=loads))
+
+
+def _base_baseline(spec: RunSpec, config: dict, base, tokenizer, data, exact: bool) -> dict:
+    """The untrained model's score (:func:`peftlab.bench.baselines.base_model`), shared by
+    the comparison's runs of the same setting (:func:`peftlab.bench.baselines.cached`)."""
+    from peftlab.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(config)
+    batch = cfg.eval_batch_size or cfg.batch_size
+    setting = {
+        "model": spec.model,
+        "kind": spec.kind,
+        "head_seed": spec.seed if spec.kind == "classification" else None,
+        "pooling": config.get("pooling", "auto"),
+        "data": cfg.data_kwargs(),
+        "source": cfg.data,
+        "max_length": cfg.max_length,
+        "exact_match": exact,
+        "extractor": config.get("extractor"),
+        "device": spec.device,
+    }
+    directory = Path(spec.run_dir).parent / "baselines"
+    device = next(base.parameters()).device
+    score = lambda: baselines.base_model(base, tokenizer, data, batch, device, exact)  # noqa: E731
+    return baselines.cached(directory, setting, score)
 
 
 def _memory(spec, config, model, probe, peak, device, rss: tuple[int, int]) -> PeakMemoryInfo:

@@ -182,6 +182,11 @@ def test_killed_comparison_resumes_without_rerunning_the_finished_method(tiny, t
 
     for method in ("lora", "adapter"):
         check_ok_result(json.loads((out / f"{method}.json").read_text()), method, tiny)
+    # The untrained model is scored once for both methods (one seed: one shared file).
+    assert len(list((out / "compare-runs" / "baselines").glob("*.json"))) == 1
+    base = [json.loads((out / f"{m}.json").read_text())["train_info"]["baselines"] for m in
+            ("lora", "adapter")]  # fmt: skip
+    assert base[0]["base_model"] == base[1]["base_model"] and "loss" in base[0]["base_model"]
     adapter = json.loads((out / "adapter.json").read_text())["train_info"]
     assert not adapter["mergeable"] and adapter["inference"]["merged"] is None
     assert "lora" in res.stdout and "trainable params" in res.stdout  # the summary table

@@ -262,6 +262,21 @@ def test_one_seed_beats_the_majority_by_the_wilson_interval_over_examples():
 # ---------------------------------------------------------------- timing honesty
 
 
+def test_the_base_model_is_scored_once_per_setting(tmp_path):
+    from peftlab.bench import baselines
+
+    calls = []
+    score = lambda: calls.append(1) or {"loss": 1.5}  # noqa: E731
+    setting = {"model": "m", "data": {"seed": 0}}
+    assert baselines.cached(tmp_path, setting, score) == {"loss": 1.5}
+    assert baselines.cached(tmp_path, dict(setting), score) == {"loss": 1.5}
+    assert len(calls) == 1  # the second run read the first one's score
+    assert baselines.cached(tmp_path, {**setting, "data": {"seed": 1}}, score) and len(calls) == 2
+    for f in tmp_path.glob("*.json"):
+        f.write_text("{not json")  # a damaged file is scored again and replaced
+    assert baselines.cached(tmp_path, setting, score) == {"loss": 1.5} and len(calls) == 3
+
+
 def test_a_merged_adapter_or_full_fine_tuning_never_reads_as_faster():
     faster = {"prefill_latency_ratio": 0.6, "decode_speed_ratio": 1.6}
     f = timing.findings(faster, faster, noise=0.03, trains_base=False)
