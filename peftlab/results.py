@@ -275,7 +275,7 @@ class Quality:
     """How well a run learned its task: one figure of one evaluation split."""
 
     name: str
-    """"accuracy", "exact_match" or "loss"."""
+    """"accuracy", "metric" (the user metric), "exact_match" or "loss"."""
     value: float
     higher_is_better: bool
     split: str = "validation"
@@ -287,13 +287,14 @@ class Quality:
         return self.value if self.higher_is_better else -self.value
 
 
-QUALITY_ORDER = (("accuracy", True), ("exact_match", True), ("loss", False))
+QUALITY_ORDER = (("accuracy", True), ("metric", True), ("exact_match", True), ("loss", False))
 """The figures :func:`quality` takes, first present wins."""
 
 
 def quality_of(metrics: dict | None, prefix: str = "eval", split: str = "validation"):
-    """The :class:`Quality` in one evaluation's metrics (``<prefix>_accuracy``, else
-    ``<prefix>_exact_match``, else ``<prefix>_loss``), or None when it holds none of them."""
+    """The :class:`Quality` in one evaluation's metrics (``<prefix>_accuracy``, else the user
+    metric ``<prefix>_metric``, else ``<prefix>_exact_match``, else ``<prefix>_loss``), or None
+    when it holds none of them."""
     for name, higher in QUALITY_ORDER:
         v = (metrics or {}).get(f"{prefix}_{name}")
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):

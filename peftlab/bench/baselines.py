@@ -61,13 +61,15 @@ def majority(data) -> dict | None:
     return out
 
 
-def base_model(model, tokenizer, data, batch_size: int, device, exact_match: bool) -> dict:
+def base_model(model, tokenizer, data, batch_size: int, device, exact_match: bool, **kw) -> dict:
     """The untrained model's metrics on :func:`held_out`, keys without their split prefix
-    (``loss``, ``accuracy``, …)."""
+    (``loss``, ``accuracy``, …); ``kw``: :func:`~peftlab.train.evaluate.evaluate`'s
+    ``extractor`` and ``metric``."""
     from peftlab.train.evaluate import evaluate
 
     split, _ = held_out(data)
-    kw = {"split": "test"} if split == "test" else {}  # only splits that exist ask for one
+    if split == "test":  # only splits that exist ask for one
+        kw["split"] = "test"
     metrics = evaluate(model, tokenizer, data, batch_size, exact_match, device, **kw)
     return {k.split("_", 1)[1]: v for k, v in metrics.items()}
 

@@ -220,12 +220,14 @@ def _base_baseline(spec: RunSpec, config: dict, base, tokenizer, data, exact: bo
         "source": cfg.data,
         "max_length": cfg.max_length,
         "exact_match": exact,
-        "extractor": config.get("extractor"),
+        "extractor": cfg.answer_extractor,
+        "metric": cfg.metric,
         "device": spec.device,
     }
     directory = Path(spec.run_dir).parent / "baselines"
     device = next(base.parameters()).device
-    score = lambda: baselines.base_model(base, tokenizer, data, batch, device, exact)  # noqa: E731
+    kw = {"extractor": cfg.answer_extractor, "metric": cfg.metric}
+    score = lambda: baselines.base_model(base, tokenizer, data, batch, device, exact, **kw)  # noqa: E731
     return baselines.cached(directory, setting, score)
 
 

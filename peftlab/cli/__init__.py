@@ -55,10 +55,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from peftlab.core.io import AdapterFileError
     from peftlab.data import DataError
     from peftlab.models import ModelLoadError
+    from peftlab.train.metrics import MetricError
 
     # OSError covers the path errors: FileNotFoundError, FileExistsError, NotADirectoryError
     # (a parent that is a file), IsADirectoryError, PermissionError (an unwritable directory).
-    return (ConfigError, DataError, AdapterFileError, ModelLoadError, YAMLError, OSError)
+    return (
+        ConfigError,
+        DataError,
+        AdapterFileError,
+        ModelLoadError,
+        MetricError,
+        YAMLError,
+        OSError,
+    )
 
 
 def _one_line(e: BaseException) -> str:

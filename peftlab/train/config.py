@@ -133,6 +133,12 @@ class TrainConfig:
     """Greedy-generate answers and score exact match (default: on for built-in tasks)."""
     eval_batch_size: int | None = None
     """Batch size for evaluation (default: batch_size)."""
+    answer_extractor: str = "exact"
+    """How exact match reads an answer from a generation and its reference: "exact" (the whole
+    text), "####" (after the last ####), "last-number", or "regex:<pattern>"."""
+    metric: str | None = None
+    """A user metric "module:function" (higher is better), called as function(predictions,
+    references) on the greedy generations of each evaluation; it becomes the run's quality."""
     save_every: int = 0
     """Write a resumable checkpoint every this many steps (0: none)."""
     keep_checkpoints: int = 2
@@ -248,6 +254,7 @@ class TrainConfig:
             isinstance(self.chunked_loss, bool), "chunked_loss", self.chunked_loss, "true or false"
         )
         check_checkpointing(self.gradient_checkpointing)
+        self._check_metrics()
         # the structure of data, columns and column_names; the files are read by train()
         sources = parse_sources(self.data, "data", self.columns, self.column_names)
         if self.streaming:
@@ -270,6 +277,17 @@ class TrainConfig:
             f"false with method {self.method!r}: its virtual tokens would lead only the first "
             f"of the examples packed in a row",
         )
+
+    def _check_metrics(self) -> None:
+        """The answer extractor names one; the user metric loads (before any training)."""
+        from peftlab.train import metrics
+
+        try:
+            metrics.check_extractor(self.answer_extractor)
+            if self.metric is not None:
+                metrics.load_user_metric(self.metric)
+        except metrics.MetricError as e:
+            raise ConfigError(str(e)) from None
 
     def _check_streaming(self, builtin: list[str]) -> None:
         """A stream needs a length (max_steps), files (built-in tasks are generated in
@@ -401,7 +419,16 @@ _POSITIVE = (
 """Integer keys that must be positive (or null, where the annotation allows it)."""
 _NON_NEGATIVE = ("eval_every", "save_every", "eval_size", "seed", "warmup_steps")
 """Integer keys where 0 means "none" or "off" (see each key's docstring)."""
-_NON_EMPTY = ("model", "method", "data", "eval_data", "text_column", "label_column", "output_dir")
+_NON_EMPTY = (
+    "model",
+    "method",
+    "data",
+    "eval_data",
+    "text_column",
+    "label_column",
+    "output_dir",
+    "metric",
+)
 """String keys that name something; an empty one names nothing (``output_dir: ""`` would be
 the current directory)."""
 _NULL_OR = {

@@ -160,14 +160,20 @@ def exact_match_counts(
     batch_size: int,
     device,
     extractor: str = "exact",
-) -> tuple[int, int]:
+    metric: str | None = None,
+) -> tuple[float, ...]:
     """``(hits, total)``: greedy generations whose extracted answer equals the reference's
-    (:func:`peftlab.train.metrics.exact_match_hits`)."""
+    (:func:`peftlab.train.metrics.exact_match_hits`); with a user ``metric``, also
+    ``(value × total, total)`` (:func:`peftlab.train.metrics.call_user_metric`), sums that
+    several processes add into the example-weighted mean of their shards' values."""
     if not prompts:
-        return 0, 0
+        return (0, 0, 0.0, 0) if metric else (0, 0)
     longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     preds = generate(model, tokenizer, prompts, longest + 4, batch_size, device)
-    return M.exact_match_hits(preds, answers, extractor), len(answers)
+    counts = (M.exact_match_hits(preds, answers, extractor), len(answers))
+    if metric:
+        counts += (M.call_user_metric(metric, preds, answers) * len(answers), len(answers))
+    return counts
 
 
 def evaluate(
@@ -182,11 +188,13 @@ def evaluate(
     extractor: str = "exact",
     chunked: bool = True,
     split: str = "validation",
+    metric: str | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on one split of ``data`` ("validation" or "test").
 
     Returns ``<p>_loss`` and (causal LMs) ``<p>_ppl``; ``<p>_exact_match`` when
-    ``exact_match`` (answers compared after ``extractor``); ``<p>_accuracy``,
+    ``exact_match`` (answers compared after ``extractor``); ``<p>_metric`` with a user
+    ``metric`` ("module:function", scored on the same generations); ``<p>_accuracy``,
     ``<p>_macro_f1`` and ``<p>_mcc`` for classification. The prefix ``<p>`` is ``eval`` for
     the validation split (what is watched during training) and ``test`` for the test split.
     With ``shard=(rank, world)`` each process takes every world-th example and ``reduce``
@@ -207,7 +215,7 @@ def evaluate(
             sums = classification_sums(model, examples, pad, batch_size, device, num_labels(data))
         else:
             sums = list(loss_sums(model, examples, pad, batch_size, device, chunked))
-        if data.kind != "classification" and exact_match:
+        if data.kind != "classification" and (exact_match or metric):
             sums += exact_match_counts(
                 model,
                 tokenizer,
@@ -216,6 +224,7 @@ def evaluate(
                 batch_size,
                 device,
                 extractor,
+                metric,
             )
     finally:
         model.train(was_training)
@@ -229,6 +238,8 @@ def evaluate(
         out.update(M.classification_metrics(matrix))
     else:
         out["ppl"] = math.exp(min(loss, 50.0))
-        if exact_match:
+        if exact_match or metric:
             out["exact_match"] = sums[2] / max(sums[3], 1)
+        if metric:
+            out["metric"] = sums[4] / max(sums[5], 1)
     return {f"{prefix}_{k}": v for k, v in out.items()}

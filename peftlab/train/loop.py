@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,9 +92,16 @@ def train(
         accelerator.init_trackers(
             "tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()}
         )
-    eval_before = (
-        run.evaluate(0) if cfg.eval_before and run.state["step"] == 0 and cfg.eval_size else None
-    )
+    try:
+        eval_before = (
+            run.evaluate(0)
+            if cfg.eval_before and run.state["step"] == 0 and cfg.eval_size
+            else None
+        )
+    except Exception:  # e.g. a user metric that raises: the new run leaves no files behind
+        if not resume and accelerator.is_main_process:
+            rundir.remove_run_files(out)
+        raise
     if accelerator.is_main_process:
         accelerator.print(
             f"{cfg.method} on {cfg.model}: {run.trainable:,} of {run.total:,} parameters train "
@@ -142,9 +148,7 @@ def _prepare_output_dir(
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         if not resume and cfg.overwrite:
-            for name in rundir.RUN_FILES:
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            rundir.remove_run_files(out)
         out.mkdir(parents=True, exist_ok=True)
         rundir.clean_leftovers(out)
         rundir.atomic_write(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -222,8 +226,10 @@ class _Run:
                 accelerator.device,
                 (accelerator.process_index, accelerator.num_processes),
                 reduce=lambda xs: reduce_sum(accelerator, xs),
+                extractor=cfg.answer_extractor,
                 chunked=cfg.chunked_loss,
                 split=split,
+                metric=cfg.metric,
             )
         rundir.log(accelerator, self.out, {"step": step, **metrics}, cfg.tensorboard)
         return metrics

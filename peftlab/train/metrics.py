@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 EXTRACTORS = ("exact", "####", "last-number", "regex:<pattern>")
@@ -152,15 +154,18 @@ def exact_match_hits(preds: Sequence[str], refs: Sequence[str], spec: str = "exa
 
 
 def load_user_metric(spec: str) -> Callable[[list[str], list[str]], float]:
-    """The function named ``"module:function"`` (importable from the current environment)."""
+    """The function named ``"module:function"``, importable from the environment or the
+    current directory."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise MetricError(
             f"metric={spec!r} is invalid: give 'module:function', e.g. 'mymetrics:f1'"
         )
     module, name = spec.split(":")
+    if os.getcwd() not in sys.path:  # a metrics file beside the data, as `python -m` would see
+        sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 — the user's module: any import error, one line
         raise MetricError(f"metric={spec!r}: cannot load it ({e})") from None
     if not callable(fn):
         raise MetricError(f"metric={spec!r}: {name} is not a function")

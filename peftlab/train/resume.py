@@ -57,6 +57,8 @@ MAY_CHANGE = (
     "eval_test",
     "eval_exact_match",
     "eval_batch_size",
+    "answer_extractor",
+    "metric",
     "save_every",
     "keep_checkpoints",
     "log_every",

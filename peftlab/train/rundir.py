@@ -36,6 +36,14 @@ RUN_FILES = (
 """What a run writes; ``overwrite=true`` removes exactly these."""
 
 
+def remove_run_files(out: Path) -> None:
+    """Remove what a new run wrote in ``out`` (:data:`RUN_FILES`), so that one which failed
+    before its first step leaves the directory as :func:`check_output_dir` found it: empty."""
+    for name in RUN_FILES:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={str(out)!r} is a file, not a directory")

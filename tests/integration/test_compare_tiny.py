@@ -211,3 +211,20 @@ def test_failing_method_is_recorded_and_the_rest_go_on(tiny, tmp_path):
     assert json.loads((tmp_path / "dora.json").read_text())["train_info"]["status"] == "failed"
     assert ok["status"] == "ok" and ok["final_loss"] is not None
     assert "dora" in (tmp_path / "report.md").read_text().split("## Failed runs")[1]
+
+
+def test_a_raising_user_metric_fails_each_run_in_one_line_and_the_comparison_goes_on(
+    tiny, tmp_path, monkeypatch
+):
+    (tmp_path / "scorer_for_compare.py").write_text(
+        "def broken(preds, refs):\n    raise RuntimeError('the scorer is broken')\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the metric lives beside the data, in the current directory
+    kw = {**KW, "steps": 2}
+    res = peftlab.compare(["lora", "ia3"], model=tiny, out=tmp_path / "cmp", echo=False,
+                          train_overrides={"metric": "scorer_for_compare:broken"}, **kw)  # fmt: skip
+    want = (
+        "MetricError: metric='scorer_for_compare:broken' raised RuntimeError: the scorer is broken"
+    )
+    assert [r["train_info"]["error"] for r in res["results"]] == [want, want]
+    assert "ia3" in (tmp_path / "cmp" / "report.md").read_text().split("## Failed runs")[1]

@@ -111,3 +111,75 @@ def test_classification_eval_takes_loss_and_predictions_from_one_forward_pass():
     assert out["eval_accuracy"] == pytest.approx(
         sum(p == y for p, y in zip(preds, labels.tolist())) / 6
     )
+
+
+# ---- wired into training and compare ---------------------------------------------------------
+
+METRIC_MODULE = """
+def nonempty(preds, refs):
+    return sum(bool(p.strip()) for p in preds) / len(preds)
+
+def boom(preds, refs):
+    raise RuntimeError("the scorer is broken")
+"""
+
+
+@pytest.fixture
+def metric_dir(tmp_path, monkeypatch):
+    """A user's metrics file in the current directory, as a user keeps it beside the data."""
+    name = f"usermetrics_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(METRIC_MODULE)
+    monkeypatch.chdir(tmp_path)
+    yield name
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"answer_extractor": "first-word"}, "answer_extractor='first-word' is invalid"),
+        ({"answer_extractor": "regex:("}, "does not compile"),
+        ({"metric": "no_such_module_xyz:f1"}, "cannot load it"),
+        ({"metric": "f1"}, "give 'module:function'"),
+    ],
+)
+def test_bad_extractor_or_metric_is_refused_before_training(tmp_path, keys, match):
+    from peftlab.core.config import ConfigError
+    from peftlab.train.config import TrainConfig
+    from tests.tiny_lm import tiny_run_config
+
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(tiny_run_config("m", tmp_path / "run", **keys))
+
+
+def test_a_user_metric_is_scored_and_becomes_the_quality(tmp_path, metric_dir):
+    from peftlab.results import quality_of
+    from peftlab.train import train
+    from tests.tiny_lm import save_tiny_lm, tiny_run_config
+
+    model = str(save_tiny_lm(tmp_path / "model"))
+    cfg = tiny_run_config(model, tmp_path / "run", metric=f"{metric_dir}:nonempty",
+                          answer_extractor="last-number", eval_size=8, test_size=8)  # fmt: skip
+    summary = train(cfg)
+    for split, prefix in ((summary["eval_after"], "eval"), (summary["test"], "test")):
+        assert 0.0 <= split[f"{prefix}_metric"] <= 1.0 and f"{prefix}_exact_match" in split
+        assert quality_of(split, prefix).name == "metric"
+
+
+def test_a_raising_metric_is_one_line_and_names_the_metric(tmp_path, metric_dir, capsys):
+    import yaml
+
+    from peftlab.cli import main
+    from tests.tiny_lm import save_tiny_lm, tiny_run_config
+
+    model = str(save_tiny_lm(tmp_path / "model"))
+    cfg = tiny_run_config(model, tmp_path / "run", metric=f"{metric_dir}:boom", eval_size=4)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip()  # above it: the model loader's progress bars
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"peftlab train: error: metric='{metric_dir}:boom' raised "
+                                    "RuntimeError: the scorer is broken")  # fmt: skip
+    # It failed at the step-0 evaluation: the new run left no files, so a rerun may start there.
+    run = tmp_path / "run"
+    assert not run.exists() or [p.name for p in run.iterdir() if not p.name.startswith(".")] == []
