@@ -189,6 +189,11 @@ def _parts(model, weights) -> list[_Part]:
                 f"(modules_to_save), one module shared by every adapter; combine merges "
                 f"low-rank factors only"
             )
+        if cfg.rank_pattern or cfg.alpha_pattern:
+            raise ConfigError(
+                f"adapter {n!r} has per-module ranks or alphas (rank_pattern/alpha_pattern); "
+                f"combine takes adapters with one rank and scale for every module"
+            )
         parts.append(_Part(n, float(w), cfg))
     kinds = {(p.config.method, _is_dora(p.config)) for p in parts}
     if len(kinds) > 1:

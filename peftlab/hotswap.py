@@ -87,6 +87,11 @@ def _check_compatible(path: Path, old: LoRAConfig, new) -> None:
         problems.append(f"method {kind!r} vs the adapter's {'dora' if is_dora(old) else 'lora'!r}")
     elif new.r != old.r:
         problems.append(f"r={new.r} vs the adapter's r={old.r}")
+    elif (new.rank_pattern or new.alpha_pattern or old.rank_pattern or old.alpha_pattern) and (
+        (new.rank_pattern, new.alpha_pattern, new.alpha, new.use_rslora)
+        != (old.rank_pattern, old.alpha_pattern, old.alpha, old.use_rslora)
+    ):  # per-module scales: one ratio cannot rescale them all
+        problems.append("rank_pattern/alpha_pattern/alpha differ from the adapter's")
     if problems:
         raise ConfigError(
             f"{path} cannot be hot-swapped into a {old.method} adapter of r={old.r}: "

@@ -165,9 +165,10 @@ def _from_peft(doc: dict) -> MethodConfig:
             f"peft_type={doc.get('peft_type')!r} is not supported for import; "
             f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA)"
         )
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
-        if doc.get(key):
-            raise ConfigError(f"peft option {key}={doc[key]!r} is not supported")
+    if doc.get("modules_to_save"):
+        raise ConfigError(
+            f"peft option modules_to_save={doc['modules_to_save']!r} is not supported"
+        )
     if doc.get("bias", "none") != "none":
         raise ConfigError(f"peft option bias={doc['bias']!r} is not supported")
     absent = [k for k in ("r", "lora_alpha", "target_modules") if k not in doc]
@@ -188,6 +189,10 @@ def _from_peft(doc: dict) -> MethodConfig:
         "dropout": doc.get("lora_dropout", 0.0),
         "target_modules": target,
         "use_rslora": doc.get("use_rslora", False),
+        "rank_pattern": doc.get("rank_pattern") or None,
+        "alpha_pattern": doc.get("alpha_pattern") or None,
+        "layers_to_transform": doc.get("layers_to_transform"),
+        "layers_pattern": doc.get("layers_pattern") or None,
     }
     try:
         return config_from_dict(d)

@@ -26,6 +26,7 @@ from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_met
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 from peftlab.methods import _lora_fused as _fast
 from peftlab.methods import _lora_group as _group
+from peftlab.methods import _lora_patterns as _patterns
 from peftlab.methods._lora_fused import (
     BASE,
     FUSED,
@@ -65,6 +66,15 @@ class LoRAConfig(MethodConfig):
     init: str = "kaiming"
     """Init of A: "kaiming" (uniform, a=√5, as the LoRA reference code) or "gaussian" (N(0, 1/r)).
     B always starts at zero."""
+    rank_pattern: dict[str, int] | None = None
+    """Other ranks for some modules, e.g. {"q_proj": 16, "layers.0.self_attn.v_proj": 4}: the
+    first key matching a module's name's end (a regex) wins; peft's meaning."""
+    alpha_pattern: dict[str, float] | None = None
+    """Other alphas for some modules, keyed as rank_pattern."""
+    layers_to_transform: int | list[int] | None = None
+    """Adapt only these layer indices (null: every layer); see layers_pattern."""
+    layers_pattern: str | list[str] | None = None
+    """The name component before a layer's index ("layers", "h"); null: the first indexed one."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +88,15 @@ class LoRAConfig(MethodConfig):
             self.target_modules,
             'a module name list, a regex, or "all-linear"',
         )
+        _patterns.check_patterns(self)
+
+    def for_module(self, name: str) -> LoRAConfig:
+        """This config with the rank and alpha ``rank_pattern``/``alpha_pattern`` give module
+        ``name`` (itself when it has no patterns)."""
+        if not _patterns.has_patterns(self):
+            return self
+        r, alpha = _patterns.module_rank_alpha(self, name)
+        return self.replace(r=r, alpha=alpha, rank_pattern=None, alpha_pattern=None)
 
     @property
     def scaling(self) -> float:
@@ -415,7 +434,8 @@ def add_low_rank_adapters(
     """Wrap every targeted linear layer in ``layer_cls`` (reusing a wrapper already there)
     and add adapter ``adapter_name`` to it; then group the model's LoRA layers that share
     an input (:func:`peftlab.methods._lora_group.link`). Returns the targeted names."""
-    targets = find_targets(model, config.target_modules)
+    targets = _patterns.kept_layers(config, find_targets(model, config.target_modules))
+    _patterns.check_keys_match(config, targets)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALinear):
@@ -427,7 +447,7 @@ def add_low_rank_adapters(
             set_submodule(model, name, module)
         elif type(module) is not layer_cls:
             raise TypeError(f"{name} is a {type(module).__name__}, expected {layer_cls.__name__}")
-        module.add_adapter(adapter_name, config)
+        module.add_adapter(adapter_name, config.for_module(name))
     _group.link((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
     return targets
 
@@ -446,11 +466,18 @@ def peft_lora_fields(config: LoRAConfig) -> dict:
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": config.modules_to_save,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(config.rank_pattern or {}),
+        "alpha_pattern": dict(config.alpha_pattern or {}),
+        "layers_to_transform": _peft_layers(config.layers_to_transform),
+        "layers_pattern": config.layers_pattern,
         "task_type": None,
         "inference_mode": True,
     }
+
+
+def _peft_layers(layers: int | list[int] | None) -> list[int] | None:
+    """``layers_to_transform`` as peft writes it: a list (or null)."""
+    return [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
 
 
 def _apply(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:

@@ -71,7 +71,7 @@ def virtual_token_ladder(arch: Architecture, quality: str) -> list[dict]:
     return [{"num_virtual_tokens": n} for n in (20, 10)]
 
 
-LOWRANK_FIELDS = ("r", "target_modules")
+LOWRANK_FIELDS = ("r", "target_modules", "rank_pattern", "layers_to_transform", "layers_pattern")
 PREFIX_FIELDS = ("num_virtual_tokens", "reparam", "reparam_hidden")
 _KV_PREFIX = "p extra key/value positions per layer"
 

@@ -35,10 +35,12 @@ Adapter sites follow the bottleneck adapter's own placement rule
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 from peftlab.core.config import ConfigError
 from peftlab.core.matching import ALL_LINEAR, check_regex, is_head_name, matches_target
+from peftlab.methods import _lora_patterns as _patterns
 from peftlab.methods.adapter import AdapterConfig, adapted_outputs, block_outputs
 from peftlab.methods.ia3 import IA3Config, feedforward_names, resolve_modules
 from peftlab.select.presets import BLOCKS, Architecture
@@ -202,18 +204,33 @@ def full_plan(arch: Architecture, f: dict) -> MethodPlan:
 def lowrank_plan(name: str, arch: Architecture, f: dict, dora: bool = False) -> MethodPlan:
     """Low-rank adapters (LoRA, DoRA): ``r·(in + out)`` per targeted linear, plus ``out`` (the
     magnitude) with ``dora``."""
-    r = int(f["r"])
     found = target_linears(arch, f["target_modules"])
-    lowrank = sum(r * (i + o) + (o if dora else 0) for i, o, _ in found.values())
+    keys = ("r", "rank_pattern", "layers_to_transform", "layers_pattern")
+    cfg = SimpleNamespace(**{k: f.get(k) for k in keys})
+    found = {n: found[n] for n in _patterns.kept_layers(cfg, list(found))}
+    ranks = {n: _patterns.module_rank(cfg, n) for n in found}
+    lowrank = sum(ranks[n] * (i + o) + (o if dora else 0) for n, (i, o, _) in found.items())
     head = trained_head_params(arch, f)
     return MethodPlan(
         name,
         lowrank + head,
-        dict.fromkeys(block_suffixes(arch, found), r),
+        _mean_block_ranks(arch, ranks),
         dora=dora,
         head_trainable=trains_head(arch, f),
         head_adapted=adapts_head(found),
     )
+
+
+def _mean_block_ranks(arch: Architecture, ranks: dict[str, int]) -> dict[str, float]:
+    """Per-block suffix → its rank summed over the blocks / the block count: the rank each
+    block's layer has when they share one (``rank_pattern`` and ``layers_to_transform`` make
+    it a mean, which keeps per-layer sums exact: the estimator multiplies by the blocks)."""
+    prefix = BLOCKS[arch.family] + "."
+    out = dict.fromkeys(block_suffixes(arch, ranks), 0.0)
+    for n, r in ranks.items():
+        if n.startswith(prefix):
+            out[n[len(prefix) :].partition(".")[2]] += r / arch.layers
+    return {s: int(v) if float(v).is_integer() else v for s, v in out.items()}
 
 
 def qlora_plan(arch: Architecture, f: dict) -> MethodPlan:

@@ -258,6 +258,18 @@ def test_refuses_other_methods():
         peftlab.combine(model, {"x": 1.0})
 
 
+def test_refuses_per_module_ranks_in_combine_and_hot_swap(tmp_path):
+    cfg = peftlab.LoRAConfig(r=4, target_modules=TARGETS_A, alpha_pattern={"q_proj": 2})
+    base = tiny_llama()
+    model = peftlab.apply(copy.deepcopy(base), cfg, "x")
+    with pytest.raises(ConfigError, match="per-module ranks or alphas"):
+        peftlab.combine(model, {"x": 1.0})
+    plain = peftlab.apply(copy.deepcopy(base), peftlab.LoRAConfig(r=4, target_modules=TARGETS_A))
+    peftlab.save_adapter(model, tmp_path / "patterned")
+    with pytest.raises(ConfigError, match="alpha_pattern/alpha differ"):
+        peftlab.hotswap_adapter(plain, tmp_path / "patterned")
+
+
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_hotswap_equals_a_fresh_load_without_new_modules(variant, tmp_path):
     base = tiny_llama()

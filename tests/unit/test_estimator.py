@@ -344,3 +344,29 @@ def test_methods_never_import_select_bench_train_or_cli():
                 if parts[0] == "peftlab" and len(parts) > 1 and parts[1] in forbidden:
                     bad.append(f"{path.name}:{node.lineno} imports {m}")
     assert bad == []
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize(
+    "arch, patterns",
+    [
+        ("llama", {"rank_pattern": {"q_proj": 8, "layers.1.mlp.down_proj": 2}}),
+        ("llama", {"alpha_pattern": {"v_proj": 4}, "layers_to_transform": 1}),
+        (
+            "bert",
+            {"rank_pattern": {"query": 6}, "layers_to_transform": [0], "layers_pattern": "layer"},
+        ),  # fmt: skip
+    ],
+)
+def test_trainable_closed_form_follows_rank_patterns_and_layers(method, arch, patterns):
+    """Per-module ranks (rank_pattern) and a subset of the layers (layers_to_transform): the
+    estimator counts what apply trains, and its per-block ranks sum to the same."""
+    cfg = peftlab.config_from_dict({"method": method, "r": 4, "target_modules": "all-linear",
+                                    "modules_to_save": [], **patterns})  # fmt: skip
+    model = (tiny_llama if arch == "llama" else tiny_bert)()
+    p = plan(from_model(model), cfg)
+    peftlab.apply(model, cfg)
+    assert p.trainable == peftlab.trainable_parameters(model)[0]
+    layers = from_model(model).layers
+    ranks = [m.lora_A["default"].weight.shape[0] for m in model.modules() if hasattr(m, "lora_A")]
+    assert sum(p.targets.values()) * layers == pytest.approx(sum(ranks))

@@ -1,4 +1,6 @@
-"""Parity and interop with peft (the reference implementation) for LoRA, rsLoRA and DoRA.
+"""Parity and interop with peft (the reference implementation) for LoRA, rsLoRA and DoRA, and
+LoRA with per-module ranks and alphas on a subset of the layers (rank_pattern, alpha_pattern,
+layers_to_transform).
 
 Given identical A, B (and m) values, peftlab and peft must compute the same outputs and the
 same gradients with respect to the inputs; adapters saved by either load in the other.
@@ -21,7 +23,16 @@ VARIANTS = {
     "lora": {"method": "lora"},
     "rslora": {"method": "lora", "use_rslora": True},
     "dora": {"method": "dora"},
+    "patterns": {"method": "lora"},
 }
+
+
+def _patterns(variant: str, targets) -> dict:
+    """The patterns variant: the first target at rank 6, the second at alpha 3, layer 1 only."""
+    if variant != "patterns":
+        return {}
+    return {"rank_pattern": {targets[0]: 6}, "alpha_pattern": {targets[1]: 3},
+            "layers_to_transform": [1]}  # fmt: skip
 
 
 def _peft_model(base, variant: str, targets):
@@ -33,12 +44,14 @@ def _peft_model(base, variant: str, targets):
         lora_dropout=0.0,
         use_rslora=d.get("use_rslora", False),
         use_dora=d["method"] == "dora",
+        **_patterns(variant, targets),
     )
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
 def _ours(base, variant: str, targets):
     d = {**VARIANTS[variant], "r": 4, "alpha": 8, "target_modules": targets}
+    d.update(_patterns(variant, targets))
     return peftlab.apply(copy.deepcopy(base), peftlab.config_from_dict(d))
 
 
@@ -127,3 +140,49 @@ def test_peft_adapter_loads_in_peftlab(tiny_arch, variant, batch, tmp_path):
         torch.testing.assert_close(
             loaded(input_ids=batch).logits, pm(input_ids=batch).logits, rtol=0, atol=1e-5
         )
+
+
+def test_patterns_give_each_module_its_rank_and_scale_on_the_chosen_layers():
+    base = TINY["llama"]()
+    ours = _ours(base, "patterns", ["q_proj", "v_proj"])
+    adapted = {n: m for n, m in ours.named_modules() if hasattr(m, "lora_A")}
+    assert sorted(adapted) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    q, v = adapted["model.layers.1.self_attn.q_proj"], adapted["model.layers.1.self_attn.v_proj"]
+    assert (q.lora_A["default"].weight.shape[0], q.scaling["default"]) == (6, 8 / 6)
+    assert (v.lora_A["default"].weight.shape[0], v.scaling["default"]) == (4, 3 / 4)
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"rank_pattern": {"k_proj": 8}}, "rank_pattern key 'k_proj' matches none"),
+        ({"alpha_pattern": {"(q": 8}}, "not a valid regex"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern.q_proj=0 is invalid"),
+        (
+            {"layers_to_transform": [7]},
+            r"selects none of the targeted modules; their layer indices are \[0, 1\]",
+        ),
+        ({"layers_to_transform": []}, "a non-empty list"),
+    ],
+)
+def test_bad_patterns_are_one_clear_error_and_the_model_is_unchanged(keys, match):
+    from peftlab.core.config import ConfigError
+
+    model = TINY["llama"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=match):
+        cfg = {"method": "lora", "target_modules": ["q_proj", "v_proj"], **keys}
+        peftlab.apply(model, peftlab.config_from_dict(cfg))
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_patterned_adapter_saves_and_loads_in_peftlab(batch, tmp_path):
+    base = TINY["gpt2"]()
+    ours = _ours(base, "patterns", TARGETS["gpt2"])
+    _randomize_and_copy(_peft_model(base, "patterns", TARGETS["gpt2"]), ours, seed=3)
+    peftlab.save_adapter(ours, tmp_path)
+    loaded = peftlab.load_adapter(copy.deepcopy(base), tmp_path)
+    assert peftlab.read_adapter_config(tmp_path).rank_pattern == {"c_attn": 6}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch).logits, ours(input_ids=batch).logits)
