@@ -189,6 +189,11 @@ def _parts(model, weights) -> list[_Part]:
                 f"(modules_to_save), one module shared by every adapter; combine merges "
                 f"low-rank factors only"
             )
+        if cfg.init in ("pissa", "olora"):
+            raise ConfigError(
+                f"adapter {n!r} (init {cfg.init!r}) holds part of the base weights; save it "
+                f"with conventional=True, load that, and combine it"
+            )
         if cfg.rank_pattern or cfg.alpha_pattern:
             raise ConfigError(
                 f"adapter {n!r} has per-module ranks or alphas (rank_pattern/alpha_pattern); "

@@ -78,6 +78,11 @@ def hotswap_adapter(
     return model
 
 
+def _residual(config) -> bool:
+    """Whether ``config`` is a PiSSA/OLoRA adapter (its base holds a residual)."""
+    return getattr(config, "init", "") in ("pissa", "olora")
+
+
 def _check_compatible(path: Path, old: LoRAConfig, new) -> None:
     """One line unless ``new`` can replace ``old`` in place (same method, DoRA-ness, rank)."""
     problems = []
@@ -87,6 +92,10 @@ def _check_compatible(path: Path, old: LoRAConfig, new) -> None:
         problems.append(f"method {kind!r} vs the adapter's {'dora' if is_dora(old) else 'lora'!r}")
     elif new.r != old.r:
         problems.append(f"r={new.r} vs the adapter's r={old.r}")
+    elif _residual(new) or _residual(old):  # the base holds this init's residual
+        if (new.init, new.scaling) != (old.init, old.scaling):
+            problems.append(f"init {new.init!r}, scaling {new.scaling:g} vs the adapter's "
+                            f"{old.init!r}, {old.scaling:g}")  # fmt: skip
     elif (new.rank_pattern or new.alpha_pattern or old.rank_pattern or old.alpha_pattern) and (
         (new.rank_pattern, new.alpha_pattern, new.alpha, new.use_rslora)
         != (old.rank_pattern, old.alpha_pattern, old.alpha, old.use_rslora)

@@ -103,6 +103,13 @@ def _check(model: nn.Module, names: Sequence[str | None]) -> None:
                 f"adapter_rows: adapter {n!r} trains {saved_modules(model, n)} in full; rows "
                 f"of different adapters would need different copies of them"
             )
+    residual = [n for n, c in configs.items() if getattr(c, "init", "") in ("pissa", "olora")]
+    if residual:
+        raise ConfigError(
+            f"adapter_rows: adapter {residual[0]!r} (init {configs[residual[0]].init!r}) holds "
+            f"part of the base weights, so a base row would see the residual; save it with "
+            f"conventional=True and load that"
+        )
     layers = [m for _, m in adapter_layers(model) if isinstance(m, LoRALinear)]
     merged = sorted({n for m in layers for n in m.merged})
     if merged:

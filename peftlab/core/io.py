@@ -77,11 +77,14 @@ def save_adapter(
     adapter_name: str | None = None,
     overwrite: bool = False,
     base_model_name_or_path: str | None = None,
+    conventional: bool = False,
 ) -> Path:
     """Write the adapter to ``path``/{adapter_config.json, adapter_model.safetensors}.
 
     Files are written to a temporary name and renamed, so an interrupted save never leaves a
     half-written adapter. An existing adapter is only replaced with ``overwrite=True``.
+    ``conventional``: a PiSSA/OLoRA adapter as the plain rank-2r LoRA that applies to the
+    original base model (:func:`peftlab.methods._lora_init.conventional`); others as they are.
     """
     path = Path(path)
     adapter_name = adapter_name or active_adapter(model)
@@ -98,7 +101,12 @@ def save_adapter(
             f"another directory"
         )
     path.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model, adapter_name)
+    if conventional and getattr(config, "init", "") in ("pissa", "olora"):
+        from peftlab.methods._lora_init import conventional as to_conventional
+
+        config, tensors = to_conventional(model, adapter_name)
+    else:
+        tensors = adapter_state_dict(model, adapter_name)
     # Tied/shared tensors must be stored once: safetensors refuses aliases.
     seen: dict[int, str] = {}
     for k in list(tensors):
@@ -177,6 +185,15 @@ def _from_peft(doc: dict) -> MethodConfig:
             f"{', '.join(absent)} missing: a peft LoRA adapter_config.json has r, "
             f"lora_alpha and target_modules"
         )
+    init = doc.get("init_lora_weights", True)
+    if init in (True, False, "eva", "orthogonal"):  # the base weights are left as they were
+        init = "kaiming"
+    elif init not in ("gaussian", "pissa", "olora"):
+        raise ConfigError(
+            f"peft option init_lora_weights={init!r} is not supported for import: its base "
+            f"weights cannot be rebuilt here; save it from peft as a conventional LoRA "
+            f"(path_initial_model_for_weight_conversion)"
+        )
     use_dora = doc.get("use_dora", False)
     check(isinstance(use_dora, bool), "use_dora", use_dora, "true or false")
     target = doc["target_modules"]
@@ -189,6 +206,7 @@ def _from_peft(doc: dict) -> MethodConfig:
         "dropout": doc.get("lora_dropout", 0.0),
         "target_modules": target,
         "use_rslora": doc.get("use_rslora", False),
+        "init": init,
         "rank_pattern": doc.get("rank_pattern") or None,
         "alpha_pattern": doc.get("alpha_pattern") or None,
         "layers_to_transform": doc.get("layers_to_transform"),

@@ -26,6 +26,7 @@ from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_met
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 from peftlab.methods import _lora_fused as _fast
 from peftlab.methods import _lora_group as _group
+from peftlab.methods import _lora_init as _init
 from peftlab.methods import _lora_patterns as _patterns
 from peftlab.methods._lora_fused import (
     BASE,
@@ -64,8 +65,9 @@ class LoRAConfig(MethodConfig):
     use_rslora: bool = False
     """Rank-stabilized scaling alpha / √r (Kalajdzievski 2023), so larger ranks keep learning."""
     init: str = "kaiming"
-    """Init of A: "kaiming" (uniform, a=√5, as the LoRA reference code) or "gaussian" (N(0, 1/r)).
-    B always starts at zero."""
+    """Init of A: "kaiming" (uniform, a=√5, as the LoRA reference code) or "gaussian" (N(0, 1/r)),
+    B at zero; or, for lora, "pissa" (the weight's top-r SVD part) or "olora" (its QR part),
+    moved out of the frozen weight into B·A."""
     rank_pattern: dict[str, int] | None = None
     """Other ranks for some modules, e.g. {"q_proj": 16, "layers.0.self_attn.v_proj": 4}: the
     first key matching a module's name's end (a regex) wins; peft's meaning."""
@@ -81,7 +83,8 @@ class LoRAConfig(MethodConfig):
         check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer, e.g. 8")
         check(self.alpha > 0, "alpha", self.alpha, "a positive number, e.g. 2·r")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.05")
-        check(self.init in ("kaiming", "gaussian"), "init", self.init, '"kaiming" or "gaussian"')
+        inits = ("kaiming", "gaussian", *(_init.RESIDUAL_INITS if self.method == "lora" else ()))
+        check(self.init in inits, "init", self.init, " or ".join(map(repr, inits)))
         check(
             isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,
             "target_modules",
@@ -149,6 +152,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self._residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA's A₀, B₀
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
@@ -183,11 +187,14 @@ class LoRALinear(nn.Module):
             nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         )
         self.scaling[name] = config.scaling
-        if config.init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        if config.init in _init.RESIDUAL_INITS:
+            _init.init_residual(self, name, config.init)
         else:
-            nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
-        nn.init.zeros_(self.lora_B[name].weight)
+            if config.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
+            nn.init.zeros_(self.lora_B[name].weight)
         self._invalidate()
 
     def set_adapter(self, names: list[str]) -> None:
@@ -422,6 +429,7 @@ class LoRALinear(nn.Module):
             self.merge()
         else:
             self.unmerge()
+            _init.restore_base(self)  # PiSSA/OLoRA: the original weight, not the residual
         return self.base_layer
 
     def extra_repr(self) -> str:
@@ -462,7 +470,7 @@ def peft_lora_fields(config: LoRAConfig) -> dict:
         "target_modules": config.target_modules,
         "use_rslora": config.use_rslora,
         "use_dora": False,
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "init_lora_weights": {"kaiming": True}.get(config.init, config.init),
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": config.modules_to_save,
@@ -481,6 +489,7 @@ def _peft_layers(layers: int | list[int] | None) -> list[int] | None:
 
 
 def _apply(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
+    _init.check_alone(model, config, adapter_name)
     add_low_rank_adapters(model, config, adapter_name, LoRALinear)
 
 
