@@ -105,6 +105,9 @@ CONFIGS: dict[str, Callable] = {
     "peftlab-dora-all-group": _peftlab("dora", group=True, target_modules="all-linear", **LORA),
     "peftlab-dora-all-nogroup": _peftlab("dora", group=False, target_modules="all-linear", **LORA),
     "peft-dora-all": _peft(_peft_lora("all-linear", use_dora=True)),
+    # LoHa at r=8: 2r·(in + out) per layer, the parameters of the LoRA configs above (r=16).
+    "peftlab-loha-all": _peftlab("loha", target_modules="all-linear", r=8, alpha=8),
+    "peft-loha-all": _peft(lambda peft: peft.LoHaConfig(r=8, alpha=8, target_modules="all-linear")),
     # QLoRA: both sides adapt the very same bitsandbytes NF4 (double-quantized) base.
     "peftlab-qlora-all": _peftlab("qlora", quantized=True, target_modules="all-linear", **LORA),
     "peftlab-qlora-all-nogroup": _peftlab(

@@ -30,6 +30,7 @@ from peftlab.methods.adapter import AdapterConfig
 from peftlab.methods.dora import DoRAConfig
 from peftlab.methods.full import FullFinetuneConfig
 from peftlab.methods.ia3 import IA3Config
+from peftlab.methods.loha import LoHaConfig
 from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
 from peftlab.methods.prompt import PromptTuningConfig
@@ -54,6 +55,7 @@ __all__ = [
     "DoRAConfig",
     "FullFinetuneConfig",
     "IA3Config",
+    "LoHaConfig",
     "LoRAConfig",
     "MethodConfig",
     "PTuningV2Config",

@@ -167,11 +167,13 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
 
 
 def _from_peft(doc: dict) -> MethodConfig:
-    """Translate a peft ``LoraConfig`` document into a LoRA/DoRA config."""
+    """Translate a peft ``LoraConfig`` (or ``LoHaConfig``) document into a peftlab config."""
+    if doc.get("peft_type") == "LOHA":
+        return _loha_from_peft(doc)
     if doc.get("peft_type") != "LORA":
         raise ConfigError(
             f"peft_type={doc.get('peft_type')!r} is not supported for import; "
-            f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA)"
+            f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA, PiSSA, OLoRA) and LOHA"
         )
     if doc.get("modules_to_save"):
         raise ConfigError(
@@ -220,6 +222,23 @@ def _from_peft(doc: dict) -> MethodConfig:
             if msg.startswith(f"{ours}="):
                 msg = msg.replace(ours, theirs, 2)
         raise ConfigError(msg) from None
+
+
+def _loha_from_peft(doc: dict) -> MethodConfig:
+    """A peft ``LoHaConfig`` document as a :class:`~peftlab.methods.loha.LoHaConfig`."""
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+        if doc.get(key):
+            raise ConfigError(f"peft LoHa option {key}={doc[key]!r} is not supported")
+    for key in ("rank_dropout", "module_dropout"):
+        if doc.get(key):
+            raise ConfigError(f"peft LoHa option {key}={doc[key]!r} is not supported (0 only)")
+    if doc.get("use_effective_conv2d"):
+        raise ConfigError("peft LoHa option use_effective_conv2d=true is not supported")
+    target = doc.get("target_modules")
+    if isinstance(target, list) and all(isinstance(t, str) for t in target):
+        target = sorted(target)
+    d = {"method": "loha", "r": doc.get("r"), "alpha": doc.get("alpha"), "target_modules": target}
+    return config_from_dict({**d, "init_weights": doc.get("init_weights", True) is not False})
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

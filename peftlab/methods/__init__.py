@@ -5,6 +5,7 @@ from peftlab.methods import (  # noqa: F401
     dora,
     full,
     ia3,
+    loha,
     lora,
     prefix,
     prompt,

@@ -329,6 +329,11 @@ def saved_activation_bytes(
         shapes = arch.linear_shapes()
         vectors = arch.layers * sum(2 * shapes[s][1] for s in p.targets) * act_bytes
         saved, below = saved + vectors, below + vectors
+    if p.dense_deltas:  # weight-sized updates (LoHa), kept per layer until its backward
+        shapes = arch.linear_shapes()
+        per_block = sum(n * shapes[s][0] * shapes[s][1] for s, n in p.dense_deltas.items())
+        dense = arch.layers * per_block * act_bytes
+        saved, below = saved + dense, below + dense
     if not chosen:
         return Saved(saved, 0.0, 0.0)
     kept = [x if k in chosen else a for k, a in enumerate(blocks)]

@@ -93,6 +93,9 @@ class MethodPlan:
     """Parameters still present at inference (adapters; folded prefix table; soft prompt)."""
     scaled: dict[str, str] = dataclasses.field(default_factory=dict)
     """Per-block linear suffix → ``"out"`` or ``"in"``: the side an IA³ vector rescales."""
+    dense_deltas: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per-block linear suffix → weight-sized (in × out) tensors the method builds in every
+    forward and autograd keeps for backward (LoHa: B1·A1, B2·A2 and their product)."""
     head_adapted: bool = False
     """The method replaces a causal LM's output head (LoRA/QLoRA/an adapter targeting
     ``lm_head``), so the chunked loss cannot serve it and the trainer uses the plain loss."""
@@ -231,6 +234,23 @@ def _mean_block_ranks(arch: Architecture, ranks: dict[str, int]) -> dict[str, fl
         if n.startswith(prefix):
             out[n[len(prefix) :].partition(".")[2]] += r / arch.layers
     return {s: int(v) if float(v).is_integer() else v for s, v in out.items()}
+
+
+def loha_plan(arch: Architecture, f: dict) -> MethodPlan:
+    """LoHa: ``2r·(in + out)`` per targeted linear; its input is saved (for the update's
+    gradient) and three dense ``[out, in]`` tensors per layer (see peftlab/methods/loha.py)."""
+    r = int(f["r"])
+    found = target_linears(arch, f["target_modules"])
+    trainable = sum(2 * r * (i + o) for i, o, _ in found.values())
+    suffixes = block_suffixes(arch, found)
+    return MethodPlan(
+        "loha",
+        trainable + trained_head_params(arch, f),
+        dict.fromkeys(suffixes, 0),
+        dense_deltas=dict.fromkeys(suffixes, 3),
+        head_trainable=trains_head(arch, f),
+        head_adapted=adapts_head(found),
+    )
 
 
 def qlora_plan(arch: Architecture, f: dict) -> MethodPlan:

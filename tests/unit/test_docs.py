@@ -347,6 +347,10 @@ def closed_form(name: str, arch: str, model, cfg) -> int:
         return n + head
     if name == "prompt":
         return cfg.num_virtual_tokens * d + head
+    if name == "loha":
+        return sum(2 * cfg.r * (i + o) for i, o in lora_linears(arch, k)) + (
+            head if cfg.modules_to_save else 0
+        )
     if name == "ia3":  # defaults: k, v (out) and down (in); GPT-2 c_attn and mlp.c_proj; BERT
         # key, value, and output.dense matching attention.output.dense too (both in)
         per = {"llama": 2 * k["kv"] + k["f"], "gpt2": 3 * d + k["f"], "bert": 3 * d + k["f"]}
@@ -364,6 +368,7 @@ CONFIGS = {
     "ptuning-v2": lambda: peftlab.PTuningV2Config(num_virtual_tokens=5),
     "prompt": lambda: peftlab.PromptTuningConfig(num_virtual_tokens=5),
     "ia3": lambda: peftlab.IA3Config(),
+    "loha": lambda: peftlab.LoHaConfig(r=4),
 }
 
 
@@ -374,7 +379,7 @@ def test_closed_form_parameter_count(name: str, arch: str) -> None:
         pytest.skip("one architecture is enough for the 4-bit path (it quantizes, slowly)")
     model = TINY[arch]()
     cfg = CONFIGS[name]()
-    if arch == "bert" and name in ("lora", "dora", "qlora", "adapter"):
+    if arch == "bert" and name in ("lora", "dora", "qlora", "adapter", "loha"):
         cfg = cfg.replace(modules_to_save=["classifier"])
     expected = closed_form(name, arch, model, cfg)
     peftlab.apply(model, cfg)

@@ -186,3 +186,39 @@ def test_patterned_adapter_saves_and_loads_in_peftlab(batch, tmp_path):
     assert peftlab.read_adapter_config(tmp_path).rank_pattern == {"c_attn": 6}
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=batch).logits, ours(input_ids=batch).logits)
+
+
+# ---- LoHa (peft's LOHA type) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])  # peft's LoHa reshapes Conv1D's update
+def test_loha_matches_peft_and_adapters_load_both_ways(arch, batch, tmp_path):
+    base = TINY[arch]()
+    cfg = peft.LoHaConfig(r=4, alpha=8, target_modules=TARGETS[arch])
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    ours = peftlab.apply(copy.deepcopy(base), peftlab.LoHaConfig(r=4, alpha=8,
+                                                                 target_modules=TARGETS[arch]))  # fmt: skip
+    g = torch.Generator().manual_seed(11)
+    got = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "hada_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                got[name.removeprefix("base_model.model.")].copy_(p)
+    out_t, grad_t = _forward(theirs, batch)
+    out_o, grad_o = _forward(ours, batch)
+    torch.testing.assert_close(out_o, out_t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_o, grad_t, rtol=0, atol=1e-5)
+    for name, p in theirs.named_parameters():
+        if p.grad is not None:
+            key = name.removeprefix("base_model.model.")
+            torch.testing.assert_close(got[key].grad, p.grad, rtol=1e-4, atol=1e-6)
+    peftlab.save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    in_ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
+    assert peftlab.read_adapter_config(tmp_path / "theirs").method == "loha"
+    with torch.no_grad():
+        want = theirs.eval()(input_ids=batch).logits
+        torch.testing.assert_close(in_peft(input_ids=batch).logits, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(in_ours(input_ids=batch).logits, want, rtol=0, atol=1e-5)

@@ -1,0 +1,189 @@
+"""LoHa: low-rank Hadamard product adaptation (Hyeon-Woo et al. 2022, "FedPara: Low-Rank
+Hadamard Product for Communication-Efficient Federated Learning",
+https://arxiv.org/abs/2108.06098; LyCORIS's LoHa).
+
+The update of a targeted linear layer is the elementwise (Hadamard) product of two rank-``r``
+matrices:
+
+    h = W0·x + ΔW·x,   ΔW = s · (B1·A1) ⊙ (B2·A2),   A_i ∈ R^{r×in}, B_i ∈ R^{out×r},   s = alpha / r
+
+``rank(ΔW) ≤ r²`` for ``2r·(in + out)`` parameters — LoRA's count at rank ``2r`` — so LoHa
+reaches higher-rank updates than LoRA at the same size. ``A1, B1, B2`` start Kaiming-uniform
+(a=√5) and ``A2`` at zero, so the model is unchanged at init. ΔW is a dense ``[out, in]`` matrix:
+every forward builds it (and keeps it for the backward pass: one weight-sized tensor per
+adapted layer, unlike LoRA), and it folds exactly into ``W0`` (``merge``).
+
+Parameters are ``hada_w1_a[name]`` (B1, ``[out, r]``), ``hada_w1_b[name]`` (A1, ``[r, in]``),
+``hada_w2_a[name]`` (B2) and ``hada_w2_b[name]`` (A2), as peft's LoHa names them, so adapter
+files are interchangeable with peft's ``LOHA`` type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from peftlab.core.config import ConfigError, MethodConfig, check
+from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
+from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
+
+FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoHaConfig(MethodConfig):
+    """Low-rank Hadamard product adaptation of the targeted linear layers."""
+
+    mergeable = True
+
+    r: int = 8
+    """Rank of each of the two factors; the update's rank can reach r²."""
+    alpha: float = 8
+    """Scale numerator: the update is multiplied by alpha / r."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names/suffixes, a regex, or "all-linear" (every linear layer but the output head)."""
+    init_weights: bool = True
+    """Start with the update at zero (A2 = 0); false: every factor random (a test aid)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer, e.g. 8")
+        check(self.alpha > 0, "alpha", self.alpha, "a positive number, e.g. r")
+        check(
+            isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,
+            "target_modules",
+            self.target_modules,
+            'a module name list, a regex, or "all-linear"',
+        )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoHaLinear(nn.Module):
+    """A linear layer (``nn.Linear`` or ``Conv1D``) plus LoHa adapters; the base is wrapped."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = features(base_layer)
+        for f in FACTORS:
+            setattr(self, f, nn.ParameterDict())
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str, config: LoHaConfig) -> None:
+        w = self.base_layer.weight
+        kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
+        shapes = {"a": (self.out_features, config.r), "b": (config.r, self.in_features)}
+        for f in FACTORS:
+            p = nn.Parameter(torch.empty(shapes[f[-1]], **kw))
+            if f == "hada_w2_b" and config.init_weights:
+                nn.init.zeros_(p)
+            else:
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            getattr(self, f)[name] = p
+        self.scaling[name] = config.scaling
+
+    def set_adapter(self, names: list[str]) -> None:
+        if self.merged:
+            self.unmerge()
+        self.active = [n for n in names if n in self.hada_w1_a]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·(B1·A1) ⊙ (B2·A2)`` as ``[out, in]``."""
+        w1 = self.hada_w1_a[name] @ self.hada_w1_b[name]
+        w2 = self.hada_w2_a[name] @ self.hada_w2_b[name]
+        return (w1 * w2) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``x``: ``(..., in)`` → ``(..., out)``."""
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return y
+        for name in self.active:
+            delta = self.delta_weight(name)
+            y = y + nn.functional.linear(x.to(delta.dtype), delta).to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.disabled:
+            return
+        for name in self.active:
+            if name not in self.merged:
+                w = dense_weight(self.base_layer)
+                write_dense_weight(self.base_layer, w + self.delta_weight(name).to(w.dtype))
+                self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            w = dense_weight(self.base_layer)
+            write_dense_weight(self.base_layer, w - self.delta_weight(name).to(w.dtype))
+
+    def unload(self, merge: bool = True, **kwargs) -> nn.Module:
+        if merge:
+            self.merge()
+        else:
+            self.unmerge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.hada_w1_a)}"
+
+
+def _apply(model: nn.Module, config: LoHaConfig, adapter_name: str) -> None:
+    targets = find_targets(model, config.target_modules)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoHaLinear) and is_quantized(module):
+            raise ConfigError(
+                f"target_modules: {name} is a 4-bit layer; LoHa needs a 16/32-bit base (for a "
+                f"4-bit base use method 'qlora')"
+            )
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoHaLinear):
+            module = LoHaLinear(module)
+            set_submodule(model, name, module)
+        module.add_adapter(adapter_name, config)
+
+
+def peft_loha_fields(config: LoHaConfig) -> dict:
+    """Fields of peft's LoHaConfig for ``adapter_config.json``."""
+    return {
+        "peft_type": "LOHA",
+        "r": config.r,
+        "alpha": config.alpha,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "use_effective_conv2d": False,
+        "target_modules": config.target_modules,
+        "init_weights": config.init_weights,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": config.modules_to_save,
+        "task_type": None,
+        "inference_mode": True,
+    }
+
+
+register_method(
+    MethodSpec(
+        "loha",
+        LoHaConfig,
+        _apply,
+        "hada_",
+        peft_export=peft_loha_fields,
+        tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (4, 8, 16)}),
+    )
+)
