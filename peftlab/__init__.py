@@ -31,6 +31,7 @@ from peftlab.methods.dora import DoRAConfig
 from peftlab.methods.full import FullFinetuneConfig
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.loha import LoHaConfig
+from peftlab.methods.lokr import LoKrConfig
 from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
 from peftlab.methods.prompt import PromptTuningConfig
@@ -56,6 +57,7 @@ __all__ = [
     "FullFinetuneConfig",
     "IA3Config",
     "LoHaConfig",
+    "LoKrConfig",
     "LoRAConfig",
     "MethodConfig",
     "PTuningV2Config",

@@ -168,12 +168,12 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
 
 def _from_peft(doc: dict) -> MethodConfig:
     """Translate a peft ``LoraConfig`` (or ``LoHaConfig``) document into a peftlab config."""
-    if doc.get("peft_type") == "LOHA":
-        return _loha_from_peft(doc)
+    if doc.get("peft_type") in ("LOHA", "LOKR"):
+        return _lycoris_from_peft(doc)
     if doc.get("peft_type") != "LORA":
         raise ConfigError(
             f"peft_type={doc.get('peft_type')!r} is not supported for import; "
-            f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA, PiSSA, OLoRA) and LOHA"
+            f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA, PiSSA, OLoRA), LOHA and LOKR"
         )
     if doc.get("modules_to_save"):
         raise ConfigError(
@@ -224,21 +224,25 @@ def _from_peft(doc: dict) -> MethodConfig:
         raise ConfigError(msg) from None
 
 
-def _loha_from_peft(doc: dict) -> MethodConfig:
-    """A peft ``LoHaConfig`` document as a :class:`~peftlab.methods.loha.LoHaConfig`."""
+def _lycoris_from_peft(doc: dict) -> MethodConfig:
+    """A peft ``LoHaConfig`` / ``LoKrConfig`` document as peftlab's ``loha`` / ``lokr``."""
     for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
         if doc.get(key):
-            raise ConfigError(f"peft LoHa option {key}={doc[key]!r} is not supported")
-    for key in ("rank_dropout", "module_dropout"):
+            raise ConfigError(f"peft option {key}={doc[key]!r} is not supported for LoHa/LoKr")
+    for key in ("rank_dropout", "module_dropout", "use_effective_conv2d", "rank_dropout_scale"):
         if doc.get(key):
-            raise ConfigError(f"peft LoHa option {key}={doc[key]!r} is not supported (0 only)")
-    if doc.get("use_effective_conv2d"):
-        raise ConfigError("peft LoHa option use_effective_conv2d=true is not supported")
+            raise ConfigError(f"peft option {key}={doc[key]!r} is not supported (0/false only)")
     target = doc.get("target_modules")
     if isinstance(target, list) and all(isinstance(t, str) for t in target):
         target = sorted(target)
-    d = {"method": "loha", "r": doc.get("r"), "alpha": doc.get("alpha"), "target_modules": target}
-    return config_from_dict({**d, "init_weights": doc.get("init_weights", True) is not False})
+    d = {"r": doc.get("r"), "alpha": doc.get("alpha"), "target_modules": target}
+    d["init_weights"] = doc.get("init_weights", True) is not False
+    if doc["peft_type"] == "LOKR":
+        d.update(method="lokr", decompose_both=bool(doc.get("decompose_both", False)),
+                 decompose_factor=doc.get("decompose_factor", -1))  # fmt: skip
+    else:
+        d["method"] = "loha"
+    return config_from_dict(d)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

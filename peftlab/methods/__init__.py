@@ -6,6 +6,7 @@ from peftlab.methods import (  # noqa: F401
     full,
     ia3,
     loha,
+    lokr,
     lora,
     prefix,
     prompt,

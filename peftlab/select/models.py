@@ -161,6 +161,18 @@ MODELS: dict[str, MethodModel] = {
             inference="none once merged",
         ),
     ),
+    "lokr": MethodModel(
+        plans.lokr_plan,
+        ("r", "target_modules", "decompose_both", "decompose_factor"),
+        MethodProfile(
+            # As LoHa: LoRA's quality priors until measured (docs/estimator.md); speed
+            # measured 1.92x LoRA's step (benchmarks/lycoris_step.py).
+            quality={"generation": 0.95, "classification": 0.96, "multi-task": 0.95},
+            speed=0.52,
+            overhead=0.0,
+            inference="none once merged",
+        ),
+    ),
     "prefix": MethodModel(
         lambda arch, f: plans.prefix_plan("prefix", arch, f),
         PREFIX_FIELDS,

@@ -253,6 +253,27 @@ def loha_plan(arch: Architecture, f: dict) -> MethodPlan:
     )
 
 
+def lokr_plan(arch: Architecture, f: dict) -> MethodPlan:
+    """LoKr: its factors' sizes per targeted linear (peftlab/methods/lokr.py); its input is
+    saved and one dense ``[out, in]`` update per layer."""
+    from peftlab.methods.lokr import LoKrConfig, factor_shapes
+
+    cfg = LoKrConfig(**{k: f[k] for k in ("r", "decompose_both", "decompose_factor")})
+    found = target_linears(arch, f["target_modules"])
+    trainable = 0
+    for i, o, _ in found.values():
+        trainable += sum(a * b for a, b in factor_shapes(cfg, i, o).values())
+    suffixes = block_suffixes(arch, found)
+    return MethodPlan(
+        "lokr",
+        trainable + trained_head_params(arch, f),
+        dict.fromkeys(suffixes, 0),
+        dense_deltas=dict.fromkeys(suffixes, 1),
+        head_trainable=trains_head(arch, f),
+        head_adapted=adapts_head(found),
+    )
+
+
 def qlora_plan(arch: Architecture, f: dict) -> MethodPlan:
     """LoRA's (or with ``use_dora`` DoRA's) closed form, with the targeted base weights stored
     in 4 bits and every other parameter upcast to float32 (as QLoRA's ``apply`` does)."""

@@ -314,6 +314,12 @@ def lora_linears(arch: str, k: dict[str, int]) -> list[tuple[int, int]]:
     return per_layer * k["L"] + extra
 
 
+def _near_root(n: int) -> tuple[int, int]:
+    """(m, n/m) with m the largest divisor of n not above √n."""
+    m = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+    return m, n // m
+
+
 def closed_form(name: str, arch: str, model, cfg) -> int:
     k = _dims(model)
     L, d = k["L"], k["d"]
@@ -347,6 +353,12 @@ def closed_form(name: str, arch: str, model, cfg) -> int:
         return n + head
     if name == "prompt":
         return cfg.num_virtual_tokens * d + head
+    if name == "lokr":  # W1 full, W2 low-rank unless r >= max(its sides) / 2 (lokr.md)
+        n = 0
+        for i, o in lora_linears(arch, k):
+            (a, b), (c, d) = _near_root(o), _near_root(i)
+            n += a * c + (cfg.r * (b + d) if cfg.r < max(b, d) / 2 else b * d)
+        return n + (head if cfg.modules_to_save else 0)
     if name == "loha":
         return sum(2 * cfg.r * (i + o) for i, o in lora_linears(arch, k)) + (
             head if cfg.modules_to_save else 0
@@ -369,6 +381,7 @@ CONFIGS = {
     "prompt": lambda: peftlab.PromptTuningConfig(num_virtual_tokens=5),
     "ia3": lambda: peftlab.IA3Config(),
     "loha": lambda: peftlab.LoHaConfig(r=4),
+    "lokr": lambda: peftlab.LoKrConfig(r=4),
 }
 
 
@@ -379,7 +392,7 @@ def test_closed_form_parameter_count(name: str, arch: str) -> None:
         pytest.skip("one architecture is enough for the 4-bit path (it quantizes, slowly)")
     model = TINY[arch]()
     cfg = CONFIGS[name]()
-    if arch == "bert" and name in ("lora", "dora", "qlora", "adapter", "loha"):
+    if arch == "bert" and name in ("lora", "dora", "qlora", "adapter", "loha", "lokr"):
         cfg = cfg.replace(modules_to_save=["classifier"])
     expected = closed_form(name, arch, model, cfg)
     peftlab.apply(model, cfg)

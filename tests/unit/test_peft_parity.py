@@ -188,21 +188,35 @@ def test_patterned_adapter_saves_and_loads_in_peftlab(batch, tmp_path):
         torch.testing.assert_close(loaded(input_ids=batch).logits, ours(input_ids=batch).logits)
 
 
-# ---- LoHa (peft's LOHA type) --------------------------------------------------------------
+# ---- LoHa and LoKr (peft's LOHA and LOKR types) --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])  # peft's LoHa reshapes Conv1D's update
-def test_loha_matches_peft_and_adapters_load_both_ways(arch, batch, tmp_path):
+LYCORIS = {
+    "loha": ("hada_", lambda t: peft.LoHaConfig(r=4, alpha=8, target_modules=t),
+             lambda t: peftlab.LoHaConfig(r=4, alpha=8, target_modules=t)),
+    "lokr": ("lokr_", lambda t: peft.LoKrConfig(r=2, alpha=4, target_modules=t),
+             lambda t: peftlab.LoKrConfig(r=2, alpha=4, target_modules=t)),
+    "lokr-both": ("lokr_", lambda t: peft.LoKrConfig(r=1, alpha=3, target_modules=t,
+                                                      decompose_both=True),
+                  lambda t: peftlab.LoKrConfig(r=1, alpha=3, target_modules=t,
+                                               decompose_both=True)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(LYCORIS))
+@pytest.mark.parametrize("arch", ["llama", "bert"])  # peft reshapes Conv1D's dense update
+def test_loha_and_lokr_match_peft_and_adapters_load_both_ways(arch, method, batch, tmp_path):
+    prefix, peft_cfg, our_cfg = LYCORIS[method]
     base = TINY[arch]()
-    cfg = peft.LoHaConfig(r=4, alpha=8, target_modules=TARGETS[arch])
-    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
-    ours = peftlab.apply(copy.deepcopy(base), peftlab.LoHaConfig(r=4, alpha=8,
-                                                                 target_modules=TARGETS[arch]))  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_cfg(TARGETS[arch]))
+    ours = peftlab.apply(copy.deepcopy(base), our_cfg(TARGETS[arch]))
+    assert {n.removeprefix("base_model.model.") for n, _ in theirs.named_parameters()
+            if prefix in n} == {n for n, _ in ours.named_parameters() if prefix in n}  # fmt: skip
     g = torch.Generator().manual_seed(11)
     got = dict(ours.named_parameters())
     with torch.no_grad():
         for name, p in theirs.named_parameters():
-            if "hada_" in name:
+            if prefix in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
                 got[name.removeprefix("base_model.model.")].copy_(p)
     out_t, grad_t = _forward(theirs, batch)
@@ -217,7 +231,9 @@ def test_loha_matches_peft_and_adapters_load_both_ways(arch, batch, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     in_ours = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
-    assert peftlab.read_adapter_config(tmp_path / "theirs").method == "loha"
+    assert peftlab.read_adapter_config(tmp_path / "theirs") == our_cfg(TARGETS[arch]).replace(
+        target_modules=sorted(TARGETS[arch])
+    )
     with torch.no_grad():
         want = theirs.eval()(input_ids=batch).logits
         torch.testing.assert_close(in_peft(input_ids=batch).logits, want, rtol=0, atol=1e-5)
