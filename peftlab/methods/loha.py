@@ -28,10 +28,15 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.matching import find_targets, set_submodule
-from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
+from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOHA_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+"""Learning rates searched for LoHa, a step above LoRA's: its update is a product of four
+factors, one at zero, so it starts slower. On SST-2/MiniLM (``compare --tune lr --quick``,
+20 steps) the validation accuracy rose with lr through LoRA's whole grid (0.63 at 1e-4-2e-3 for
+7 steps; 0.66, 0.67, 0.715 at 2e-3, 4e-3, 8e-3 for 15), and 8e-3 scored 0.785 on the test."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +189,6 @@ register_method(
         _apply,
         "hada_",
         peft_export=peft_loha_fields,
-        tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (4, 8, 16)}),
+        tuning=Tuning(3e-3, {"lr": LOHA_LRS, "r": (4, 8, 16)}),
     )
 )
