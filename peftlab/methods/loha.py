@@ -26,10 +26,9 @@ import math
 import torch
 from torch import nn
 
-from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.config import MethodConfig, check
 from peftlab.core.registry import MethodSpec, Tuning, register_method
-from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
+from peftlab.methods._dense_delta import DenseDeltaLinear, add_dense_adapters
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOHA_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -70,23 +69,16 @@ class LoHaConfig(MethodConfig):
         return self.alpha / self.r
 
 
-class LoHaLinear(nn.Module):
+class LoHaLinear(DenseDeltaLinear):
     """A linear layer (``nn.Linear`` or ``Conv1D``) plus LoHa adapters; the base is wrapped."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = features(base_layer)
-        for f in FACTORS:
-            setattr(self, f, nn.ParameterDict())
-        self.scaling: dict[str, float] = {}
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
+        super().__init__(base_layer)
+        for n in FACTORS:
+            setattr(self, n, nn.ParameterDict())
 
     def add_adapter(self, name: str, config: LoHaConfig) -> None:
-        w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
+        kw = self._factory()
         shapes = {"a": (self.out_features, config.r), "b": (config.r, self.in_features)}
         for f in FACTORS:
             p = nn.Parameter(torch.empty(shapes[f[-1]], **kw))
@@ -97,70 +89,15 @@ class LoHaLinear(nn.Module):
             getattr(self, f)[name] = p
         self.scaling[name] = config.scaling
 
-    def set_adapter(self, names: list[str]) -> None:
-        if self.merged:
-            self.unmerge()
-        self.active = [n for n in names if n in self.hada_w1_a]
-
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s·(B1·A1) ⊙ (B2·A2)`` as ``[out, in]``."""
         w1 = self.hada_w1_a[name] @ self.hada_w1_b[name]
         w2 = self.hada_w2_a[name] @ self.hada_w2_b[name]
         return (w1 * w2) * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``x``: ``(..., in)`` → ``(..., out)``."""
-        y = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged:
-            return y
-        for name in self.active:
-            delta = self.delta_weight(name)
-            y = y + nn.functional.linear(x.to(delta.dtype), delta).to(y.dtype)
-        return y
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.disabled:
-            return
-        for name in self.active:
-            if name not in self.merged:
-                w = dense_weight(self.base_layer)
-                write_dense_weight(self.base_layer, w + self.delta_weight(name).to(w.dtype))
-                self.merged.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged:
-            name = self.merged.pop()
-            w = dense_weight(self.base_layer)
-            write_dense_weight(self.base_layer, w - self.delta_weight(name).to(w.dtype))
-
-    def unload(self, merge: bool = True, **kwargs) -> nn.Module:
-        if merge:
-            self.merge()
-        else:
-            self.unmerge()
-        return self.base_layer
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.hada_w1_a)}"
-
 
 def _apply(model: nn.Module, config: LoHaConfig, adapter_name: str) -> None:
-    targets = find_targets(model, config.target_modules)
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoHaLinear) and is_quantized(module):
-            raise ConfigError(
-                f"target_modules: {name} is a 4-bit layer; LoHa needs a 16/32-bit base (for a "
-                f"4-bit base use method 'qlora')"
-            )
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoHaLinear):
-            module = LoHaLinear(module)
-            set_submodule(model, name, module)
-        module.add_adapter(adapter_name, config)
+    add_dense_adapters(model, config, adapter_name, LoHaLinear, "LoHa")
 
 
 def peft_loha_fields(config: LoHaConfig) -> dict:

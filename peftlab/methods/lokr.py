@@ -27,10 +27,9 @@ import math
 import torch
 from torch import nn
 
-from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.config import MethodConfig, check
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
-from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
+from peftlab.methods._dense_delta import DenseDeltaLinear, add_dense_adapters
 
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -104,23 +103,16 @@ def factor_shapes(config: LoKrConfig, in_features: int, out_features: int) -> di
     return out
 
 
-class LoKrLinear(nn.Module):
+class LoKrLinear(DenseDeltaLinear):
     """A linear layer (``nn.Linear`` or ``Conv1D``) plus LoKr adapters; the base is wrapped."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = features(base_layer)
+        super().__init__(base_layer)
         for n in NAMES:
             setattr(self, n, nn.ParameterDict())
-        self.scaling: dict[str, float] = {}
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
 
     def add_adapter(self, name: str, config: LoKrConfig) -> None:
-        w = self.base_layer.weight
-        kw = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else torch.float32}
+        kw = self._factory()
         for pname, shape in factor_shapes(config, self.in_features, self.out_features).items():
             p = nn.Parameter(torch.empty(shape, **kw))
             if config.init_weights and pname in ("lokr_w1", "lokr_w1_a"):
@@ -129,11 +121,6 @@ class LoKrLinear(nn.Module):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
             getattr(self, pname)[name] = p
         self.scaling[name] = config.scaling
-
-    def set_adapter(self, names: list[str]) -> None:
-        if self.merged:
-            self.unmerge()
-        self.active = [n for n in names if n in self.scaling]
 
     def _factor(self, name: str, which: str) -> torch.Tensor:
         full = getattr(self, f"lokr_{which}")
@@ -145,59 +132,9 @@ class LoKrLinear(nn.Module):
         """``s · W1 ⊗ W2`` as ``[out, in]``."""
         return torch.kron(self._factor(name, "w1"), self._factor(name, "w2")) * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``x``: ``(..., in)`` → ``(..., out)``."""
-        y = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged:
-            return y
-        for name in self.active:
-            delta = self.delta_weight(name)
-            y = y + nn.functional.linear(x.to(delta.dtype), delta).to(y.dtype)
-        return y
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.disabled:
-            return
-        for name in self.active:
-            if name not in self.merged:
-                w = dense_weight(self.base_layer)
-                write_dense_weight(self.base_layer, w + self.delta_weight(name).to(w.dtype))
-                self.merged.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged:
-            name = self.merged.pop()
-            w = dense_weight(self.base_layer)
-            write_dense_weight(self.base_layer, w - self.delta_weight(name).to(w.dtype))
-
-    def unload(self, merge: bool = True, **kwargs) -> nn.Module:
-        if merge:
-            self.merge()
-        else:
-            self.unmerge()
-        return self.base_layer
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.scaling)}"
-
 
 def _apply(model: nn.Module, config: LoKrConfig, adapter_name: str) -> None:
-    targets = find_targets(model, config.target_modules)
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoKrLinear) and is_quantized(module):
-            raise ConfigError(
-                f"target_modules: {name} is a 4-bit layer; LoKr needs a 16/32-bit base (for a "
-                f"4-bit base use method 'qlora')"
-            )
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoKrLinear):
-            module = LoKrLinear(module)
-            set_submodule(model, name, module)
-        module.add_adapter(adapter_name, config)
+    add_dense_adapters(model, config, adapter_name, LoKrLinear, "LoKr")
 
 
 def peft_lokr_fields(config: LoKrConfig) -> dict:
