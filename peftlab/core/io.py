@@ -83,8 +83,9 @@ def save_adapter(
 
     Files are written to a temporary name and renamed, so an interrupted save never leaves a
     half-written adapter. An existing adapter is only replaced with ``overwrite=True``.
-    ``conventional``: a PiSSA/OLoRA adapter as the plain rank-2r LoRA that applies to the
-    original base model (:func:`peftlab.methods._lora_init.conventional`); others as they are.
+    ``conventional``: an adapter whose config offers ``conventional_adapter`` (a PiSSA/OLoRA
+    LoRA: the plain rank-2r LoRA that applies to the original base model) as that; others as
+    they are.
     """
     path = Path(path)
     adapter_name = adapter_name or active_adapter(model)
@@ -101,10 +102,10 @@ def save_adapter(
             f"another directory"
         )
     path.mkdir(parents=True, exist_ok=True)
-    if conventional and getattr(config, "init", "") in ("pissa", "olora"):
-        from peftlab.methods._lora_init import conventional as to_conventional
-
-        config, tensors = to_conventional(model, adapter_name)
+    plain = getattr(config, "conventional_adapter", None) if conventional else None
+    plain = plain(model, adapter_name) if plain is not None else None
+    if plain is not None:  # (config, tensors) of the equivalent conventional adapter
+        config, tensors = plain
     else:
         tensors = adapter_state_dict(model, adapter_name)
     # Tied/shared tensors must be stored once: safetensors refuses aliases.

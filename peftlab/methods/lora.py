@@ -93,6 +93,13 @@ class LoRAConfig(MethodConfig):
         )
         _patterns.check_patterns(self)
 
+    def conventional_adapter(self, model: nn.Module, adapter_name: str):
+        """``(config, tensors)`` of the plain LoRA equal to this PiSSA/OLoRA adapter on the
+        original base (``save_adapter(..., conventional=True)``); None for other inits."""
+        if self.init not in _init.RESIDUAL_INITS:
+            return None
+        return _init.conventional(model, adapter_name)
+
     def for_module(self, name: str) -> LoRAConfig:
         """This config with the rank and alpha ``rank_pattern``/``alpha_pattern`` give module
         ``name`` (itself when it has no patterns)."""

@@ -48,7 +48,11 @@ WRONG = {
     "list[str] | None": ["classifier", 1, True, [1], [["a"]]],
     "str | None": [1, True, ["x"], {"a": 1}],
     "list[int] | None": ["1 2", 1, True, [1.5], [True], [None]],
-}
+    "int | list[int] | None": ["1 2", True, 1.5, [1.5], [True], [None]],
+    "dict[str, int] | None": ["q_proj", 8, True, ["q_proj"], {"q_proj": 8.5}, {"q_proj": True}],
+    "dict[str, float] | None": ["q_proj", 8, ["q_proj"], {"q_proj": "x"}, {"q_proj": True},
+                                {"q_proj": float("nan")}],
+}  # fmt: skip
 
 
 def _typed_fields():
