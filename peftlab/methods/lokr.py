@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from peftlab.core.config import MethodConfig, check
-from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
+from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.methods._dense_delta import DenseDeltaLinear, add_dense_adapters
+from peftlab.methods.loha import LOHA_LRS  # the same grid: see there and docs/methods/lokr.md
 
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -166,6 +167,6 @@ register_method(
         _apply,
         "lokr_",
         peft_export=peft_lokr_fields,
-        tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (4, 8, 16)}),
+        tuning=Tuning(3e-3, {"lr": LOHA_LRS, "r": (4, 8, 16)}),
     )
 )
