@@ -63,6 +63,7 @@ from peftlab.core.config import ConfigError, check
 from peftlab.core.model import adding_adapter, attach_adapter, set_adapter
 from peftlab.core.state import adapter_configs, saved_modules
 from peftlab.core.weights import dense_weight
+from peftlab.methods._lora_init import RESIDUAL_INITS
 from peftlab.methods.dora import DoRAConfig, DoRALinear
 from peftlab.methods.lora import LoRAConfig, LoRALinear
 
@@ -189,7 +190,7 @@ def _parts(model, weights) -> list[_Part]:
                 f"(modules_to_save), one module shared by every adapter; combine merges "
                 f"low-rank factors only"
             )
-        if cfg.init in ("pissa", "olora"):
+        if cfg.init in RESIDUAL_INITS:
             raise ConfigError(
                 f"adapter {n!r} (init {cfg.init!r}) holds part of the base weights; save it "
                 f"with conventional=True, load that, and combine it"

@@ -28,6 +28,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.io import check_fit, file_key, read_adapter_config, read_weights
 from peftlab.core.model import adapter_layers, merge, unmerge
 from peftlab.core.state import adapter_configs
+from peftlab.methods._lora_init import RESIDUAL_INITS
 from peftlab.methods.dora import DoRAConfig
 from peftlab.methods.lora import LoRAConfig, LoRALinear
 
@@ -80,7 +81,7 @@ def hotswap_adapter(
 
 def _residual(config) -> bool:
     """Whether ``config`` is a PiSSA/OLoRA adapter (its base holds a residual)."""
-    return getattr(config, "init", "") in ("pissa", "olora")
+    return getattr(config, "init", "") in RESIDUAL_INITS
 
 
 def _check_compatible(path: Path, old: LoRAConfig, new) -> None:

@@ -36,6 +36,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.model import adapter_configs, adapter_layers
 from peftlab.core.state import saved_modules
 from peftlab.methods import _lora_group
+from peftlab.methods._lora_init import residual_adapters
 from peftlab.methods.lora import LoRAConfig, LoRALinear
 
 BASE = None
@@ -103,7 +104,7 @@ def _check(model: nn.Module, names: Sequence[str | None]) -> None:
                 f"adapter_rows: adapter {n!r} trains {saved_modules(model, n)} in full; rows "
                 f"of different adapters would need different copies of them"
             )
-    residual = [n for n, c in configs.items() if getattr(c, "init", "") in ("pissa", "olora")]
+    residual = residual_adapters(model)
     if residual:
         raise ConfigError(
             f"adapter_rows: adapter {residual[0]!r} (init {configs[residual[0]].init!r}) holds "

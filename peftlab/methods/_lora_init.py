@@ -109,8 +109,9 @@ def check_alone(model, config, adapter_name: str) -> None:
     residual = residual_adapters(model)
     if others and (config.init in RESIDUAL_INITS or residual):
         which = residual[0] if residual else adapter_name
+        init = adapter_configs(model)[which].init if residual else config.init
         raise ConfigError(
-            f"adapter {which!r} is initialized with init={'pissa/olora'}, which moves part of "
+            f"adapter {which!r} is initialized with init={init!r}, which moves part of "
             f"the base weights into it, so it cannot share the model with another adapter "
             f"(the model has {others}). Save it with conventional=True and load that, or use "
             f"a fresh model"

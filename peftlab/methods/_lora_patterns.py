@@ -26,12 +26,14 @@ from collections.abc import Mapping, Sequence
 from peftlab.core.config import ConfigError, check
 
 
+def matches(key: str, name: str) -> bool:
+    r"""Whether module name ``name`` matches pattern key ``key``: ``(.*\.)?(key)$``."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def pattern_key(pattern: Mapping[str, object] | None, name: str) -> str | None:
     """The first key of ``pattern`` that ``name`` matches (see the module docstring), or None."""
-    for key in pattern or {}:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
+    return next((key for key in pattern or {} if matches(key, name)), None)
 
 
 def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | None:
@@ -96,7 +98,7 @@ def check_keys_match(config, names: list[str]) -> None:
     """Every pattern key matches at least one of the targeted ``names``."""
     for key in ("rank_pattern", "alpha_pattern"):
         for k in getattr(config, key) or {}:
-            if not any(re.match(rf"(.*\.)?({k})$", n) for n in names):
+            if not any(matches(k, n) for n in names):
                 sample = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})[:8])
                 raise ConfigError(
                     f"{key} key {k!r} matches none of the targeted modules (their last names: "
@@ -113,7 +115,8 @@ def module_rank(config, name: str) -> int:
 def module_rank_alpha(config, name: str) -> tuple[int, float]:
     """``(r, alpha)`` of the targeted module ``name``."""
     key = pattern_key(config.alpha_pattern, name)
-    return module_rank(config, name), float(config.alpha_pattern[key] if key else config.alpha)
+    alpha = config.alpha_pattern[key] if key is not None else config.alpha
+    return module_rank(config, name), float(alpha)
 
 
 def has_patterns(config) -> bool:
