@@ -31,11 +31,13 @@ import torch
 from benchmarks import harness, loading
 from benchmarks.harness import fmt, ratio
 
-CONFIGS = {  # name → (chunked loss, gradient_checkpointing)
-    "plain": (False, False),
-    "chunked": (True, False),
-    "chunked+ckpt": (True, True),
-    "plain+ckpt": (False, True),
+CONFIGS = {  # name → (chunked loss, gradient_checkpointing, library)
+    "plain": (False, False, "peftlab"),
+    "chunked": (True, False, "peftlab"),
+    "chunked+ckpt": (True, True, "peftlab"),
+    "plain+ckpt": (False, True, "peftlab"),
+    "peft": (False, False, "peft"),
+    "peft+ckpt": (False, True, "peft"),
 }
 DEFAULT = "plain,chunked,chunked+ckpt"
 
@@ -51,10 +53,13 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    chunked, ckpt = CONFIGS[args.config]
+    chunked, ckpt, library = CONFIGS[args.config]
     model = loading.load(args)
-    peftlab.apply(model, peftlab.LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
-    if ckpt:
+    if library == "peft":
+        model = _peft_model(model, ckpt)
+    else:
+        peftlab.apply(model, peftlab.LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+    if ckpt and library == "peftlab":
         checkpointing.enable(model, {"every": args.every, "offload": args.offload})
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -65,6 +70,8 @@ def worker(args) -> dict:
     opt = make_optimizer(params, "adamw", lr=1e-4)
 
     def step() -> float:
+        if library == "peft":  # the peft user's loss: transformers' own, full logits
+            return _peft_step(model, batch, opt)
         total, count = loss_sum(model, batch, chunked)
         (total / count).backward()
         opt.step()
@@ -98,6 +105,27 @@ def worker(args) -> dict:
     }
 
 
+def _peft_model(model, ckpt: bool):
+    """peft's LoRA (r 16, all linear), with transformers' gradient checkpointing if asked
+    (non-reentrant, the setting transformers and peft recommend)."""
+    import peft
+
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return peft.get_peft_model(model, cfg)
+
+
+def _peft_step(model, batch: dict, opt) -> float:
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,14 +145,17 @@ def report(med: dict, raw: dict | None = None, out=print) -> list:
             + (f"  {m['error']}" if m.get("error") else "")
         )
     rows = []
-    base = med.get("plain", {})
-    out(f"\n{'vs plain':<14} {'time':>8} {'cpu':>8} {'peak':>8} {'extra':>9}")
-    for name, m in med.items():
-        if name == "plain":
+    for ref in ("plain", "peft", "peft+ckpt"):
+        base = med.get(ref)
+        if not base:
             continue
-        r = [ratio(m, base, k) for k in ("step_s", "cpu_s", "peak_gb", "extra_gb")]
-        rows.append((name, *r))
-        out(f"{name:<14} {fmt(r[0]):>8} {fmt(r[1]):>8} {fmt(r[2]):>8} {fmt(r[3]):>9}")
+        out(f"\n{'vs ' + ref:<14} {'time':>8} {'cpu':>8} {'peak':>8} {'extra':>9}")
+        for name, m in med.items():
+            if name == ref:
+                continue
+            r = [ratio(m, base, k) for k in ("step_s", "cpu_s", "peak_gb", "extra_gb")]
+            rows.append((f"{name} / {ref}", *r))
+            out(f"{name:<14} {fmt(r[0]):>8} {fmt(r[1]):>8} {fmt(r[2]):>8} {fmt(r[3]):>9}")
     return rows
 
 

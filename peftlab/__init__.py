@@ -15,6 +15,7 @@ from peftlab.combine import CombineResult, combine
 from peftlab.core.config import ConfigError, MethodConfig, config_from_dict, load_config
 from peftlab.core.io import AdapterFileError, load_adapter, read_adapter_config, save_adapter
 from peftlab.core.model import (
+    active_adapters,
     apply,
     disable_adapters,
     merge,
@@ -25,6 +26,7 @@ from peftlab.core.model import (
     unmerge,
 )
 from peftlab.core.registry import methods as _methods
+from peftlab.core.remove import delete_adapter
 from peftlab.hotswap import hotswap_adapter
 from peftlab.methods.adapter import AdapterConfig
 from peftlab.methods.dora import DoRAConfig
@@ -64,12 +66,14 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "QLoRAConfig",
+    "active_adapters",
     "adapter_rows",
     "apply",
     "chunked_lm_loss",
     "combine",
     "compare",
     "config_from_dict",
+    "delete_adapter",
     "disable_adapters",
     "estimate_memory",
     "fold_prefix",

@@ -34,7 +34,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError
 from peftlab.core.model import adapter_configs, adapter_layers
-from peftlab.core.state import saved_modules
+from peftlab.core.state import active_adapters, saved_modules
 from peftlab.methods import _lora_group
 from peftlab.methods._lora_init import residual_adapters
 from peftlab.methods.lora import LoRAConfig, LoRALinear
@@ -104,6 +104,13 @@ def _check(model: nn.Module, names: Sequence[str | None]) -> None:
                 f"adapter_rows: adapter {n!r} trains {saved_modules(model, n)} in full; rows "
                 f"of different adapters would need different copies of them"
             )
+    others = [n for n in active_adapters(model) if not isinstance(configs[n], LoRAConfig)]
+    if others:
+        raise ConfigError(
+            f"adapter_rows: adapter {others[0]!r} ({configs[others[0]].method}) is active and "
+            f"would apply to every row; peftlab.set_adapter(model, [...]) to LoRA-family "
+            f"adapters only first"
+        )
     residual = residual_adapters(model)
     if residual:
         raise ConfigError(

@@ -18,7 +18,7 @@ classify), [] means nothing, names or suffixes name modules.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -30,6 +30,7 @@ from peftlab.core.registry import get_method, spec_for_config
 from peftlab.core.snapshot import ModelSnapshot, atomic
 from peftlab.core.state import (
     active_adapter,
+    active_adapters,
     adapter_configs,
     adapters_disabled,
     clear_state,
@@ -41,12 +42,15 @@ from peftlab.core.state import (
 __all__ = [
     "AdapterLayer",
     "active_adapter",
+    "active_adapters",
     "adapter_configs",
     "adapter_layers",
     "adding_adapter",
     "apply",
     "attach_adapter",
+    "check_free",
     "classification_head",
+    "held_adapters",
     "disable_adapters",
     "merge",
     "merge_and_unload",
@@ -86,6 +90,32 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer) and not isinstance(module, type):
             yield name, module
+
+
+def held_adapters(module: nn.Module) -> list[str]:
+    """Names of the adapters a peftlab module (an adapter layer, a virtual-token module) holds:
+    the keys of its per-adapter ``ModuleDict``/``ParameterDict`` containers, outside the
+    wrapped base layer."""
+    names: list[str] = []
+    for path, sub in module.named_modules():
+        if path == "base_layer" or path.startswith("base_layer."):
+            continue
+        if isinstance(sub, (nn.ModuleDict, nn.ParameterDict)) and path.count(".") == 0:
+            names.extend(k for k in sub.keys() if k not in names)
+    return names
+
+
+def check_free(name: str, module: nn.Module, layer_cls: type) -> None:
+    """Refuse (one line) to put a ``layer_cls`` adapter on ``module`` when another method's
+    adapter layer already wraps it: peftlab puts one method on a layer (stacked wrappers
+    would change every parameter's name and make merges ambiguous)."""
+    if isinstance(module, AdapterLayer) and type(module) is not layer_cls:
+        short = name.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"{name} already carries adapter(s) {held_adapters(module)} of another method "
+            f"({type(module).__name__}); peftlab puts one method on a layer. Give this adapter "
+            f"target_modules that leave {short!r} out, or peftlab.merge_and_unload(model) first"
+        )
 
 
 def classification_head(model: nn.Module) -> str | None:
@@ -129,9 +159,12 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
     """Adapt ``model`` in place with the method ``config`` describes and return it.
 
     Base parameters are frozen (except for ``full``); the new adapter's parameters and its
-    ``modules_to_save`` (see :func:`resolve_modules_to_save`) train. A second adapter of the
-    same method may be added under another name; stacking a different method on top is
-    refused. A refusal leaves the model exactly as it was.
+    ``modules_to_save`` (see :func:`resolve_modules_to_save`) train. More adapters may be
+    added under other names, of the same method or of another one (a LoRA on the attention
+    and a bottleneck adapter on the MLP, a prefix beside them), each on layers of its own;
+    the new one becomes the one active adapter (:func:`set_adapter` activates several).
+    Full fine-tuning shares the model with no other adapter. A refusal leaves the model
+    exactly as it was.
     """
     with adding_adapter(model):
         attach_adapter(model, config, adapter_name)
@@ -181,12 +214,14 @@ def attach_adapter(
             f"the model already has an adapter named {adapter_name!r}; pass another "
             f"adapter_name, or start from a fresh model"
         )
-    clash = [f"{n!r} ({c.method})" for n, c in existing.items() if c.method != spec.name]
-    if clash:
+    full = [f"{n!r} ({c.method})" for n, c in existing.items() if not _prefix(c)]
+    if existing and (full or not spec.param_prefix):
         raise ConfigError(
-            f"cannot apply {spec.name!r}: the model already carries {', '.join(clash)}, and "
-            f"peftlab does not stack different methods. Call peftlab.merge_and_unload(model) "
-            f"first (for a mergeable method) or apply {spec.name!r} to a fresh copy of the model"
+            f"cannot apply {spec.name!r}: the model already carries "
+            f"{', '.join(f'{n!r} ({c.method})' for n, c in existing.items())}, and full "
+            f"fine-tuning trains every weight, so it shares the model with no other adapter. "
+            f"Call peftlab.merge_and_unload(model) first (for a mergeable method) or apply "
+            f"{spec.name!r} to a fresh copy of the model"
         )
     saved: list[str] = []
     if resolve_head or config.modules_to_save is not None:
@@ -197,6 +232,7 @@ def attach_adapter(
         for p in model.parameters():
             p.requires_grad_(False)
     spec.apply(model, config, adapter_name)
+    _refuse_nested(model)
     state = state_of(model)
     originals = dict(state.originals) if state else {}
     for name in saved:
@@ -209,6 +245,17 @@ def attach_adapter(
         originals=originals,
     )
     return config
+
+
+def _prefix(config: MethodConfig) -> str:
+    return get_method(config.method).param_prefix
+
+
+def _refuse_nested(model: nn.Module) -> None:
+    """The safety net behind :func:`check_free`: no adapter layer may wrap another."""
+    for name, layer in adapter_layers(model):
+        if isinstance(layer.base_layer, AdapterLayer):
+            check_free(name, layer.base_layer, type(layer))
 
 
 def _follow_mode(model: nn.Module, snapshot: ModelSnapshot) -> None:
@@ -228,22 +275,64 @@ def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make ``adapter_name`` the one active (and trainable) adapter."""
+def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
+    """Make ``adapter_name`` the active (and trainable) adapter, or a list of names the active
+    ones; every other adapter stays on the model, inactive and frozen.
+
+    Several adapters compute together: each adapter layer applies its active adapters (a
+    LoRA layer adds each one's update, a bottleneck layer applies its adapters in order), so
+    adapters of different methods on different layers compose, as do several adapters of
+    one method. Adapters of methods that put virtual tokens in front of the sequence
+    (prompt, prefix, P-Tuning v2) are active one at a time.
+    """
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     configs = adapter_configs(model)
-    if adapter_name not in configs:
-        raise ConfigError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
-    spec = get_method(configs[adapter_name].method)
+    unknown = [n for n in names if not isinstance(n, str) or n not in configs]
+    if unknown or not names or len(set(names)) != len(names):
+        what = f"no adapter named {unknown[0]!r}" if unknown else f"adapter_name={names!r}"
+        raise ConfigError(
+            f"set_adapter: {what}; name one or more of the model's adapters {sorted(configs)}, "
+            f"each once (peftlab.disable_adapters(model) computes as the base model)"
+        )
+    _check_composes(configs, names)
     for _, layer in adapter_layers(model):
-        layer.set_adapter([adapter_name])
-    if spec.param_prefix:
-        for name, p in model.named_parameters():
-            if spec.param_prefix in name:
-                p.requires_grad_(f".{adapter_name}." in f".{name}.")
-    for name in saved_modules(model, adapter_name):
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    update_state(model, active=adapter_name)
+        layer.set_adapter(names)
+    prefixes = {_prefix(c) for c in configs.values()} - {""}
+    for name, p in model.named_parameters():
+        if any(prefix in name for prefix in prefixes):
+            p.requires_grad_(any(owns(name, n, prefixes) for n in names))
+    for active in names:
+        for name in saved_modules(model, active):
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+    update_state(model, active=tuple(names))
+
+
+def owns(param_name: str, adapter_name: str, prefixes: set[str] | str) -> bool:
+    """Parameter ``param_name`` belongs to adapter ``adapter_name``: one of its components is
+    the adapter's name, right after a component that holds a method's parameter prefix
+    (``…q_proj.lora_A.<name>.weight``, ``peftlab_prompt.prompt_embeddings.<name>``)."""
+    prefixes = {prefixes} if isinstance(prefixes, str) else prefixes
+    parts = param_name.split(".")
+    return any(
+        parts[i] == adapter_name and any(p in parts[i - 1] for p in prefixes)
+        for i in range(1, len(parts))
+    )
+
+
+def _check_composes(configs: dict[str, MethodConfig], names: list[str]) -> None:
+    """Refuse active sets whose adapters cannot compute together (one line each)."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        tag = get_method(configs[n].method).exclusive
+        if tag:
+            groups.setdefault(tag, []).append(f"{n!r} ({configs[n].method})")
+    for tag, members in groups.items():
+        if len(members) > 1:
+            raise ConfigError(
+                f"set_adapter: {' and '.join(members)} cannot be active together: {tag}; "
+                f"activate one of them (with any adapters of other methods)"
+            )
 
 
 @contextlib.contextmanager

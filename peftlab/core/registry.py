@@ -78,7 +78,13 @@ class MethodSpec:
     tuning: Tuning | None = None
     """The method's learning-rate prior and search grids; None: compare runs it at the shared
     learning rate and cannot tune it."""
+    exclusive: str | None = None
+    """Adapters of methods with the same ``exclusive`` text cannot be active together; the
+    text says why (``set_adapter`` prints it)."""
 
+
+VIRTUAL_TOKENS = "each puts virtual tokens in front of the sequence"
+"""``MethodSpec.exclusive`` of the virtual-token methods (prompt, prefix, P-Tuning v2)."""
 
 _REGISTRY: dict[str, MethodSpec] = {}
 

@@ -33,8 +33,8 @@ class ModelState:
     """Adapter name → its config, in the order the adapters were applied."""
     saved: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     """Adapter name → qualified names of its ``modules_to_save``, resolved when applied."""
-    active: str | None = None
-    """The active (and trainable) adapter."""
+    active: tuple[str, ...] = ()
+    """The active (and trainable) adapters, in the order ``set_adapter`` was given them."""
     disabled: bool = False
     """Inside ``peftlab.disable_adapters``: the model computes as its base model."""
     originals: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
@@ -66,10 +66,26 @@ def adapter_configs(model: nn.Module) -> dict[str, MethodConfig]:
     return dict(state.configs) if state else {}
 
 
-def active_adapter(model: nn.Module) -> str | None:
-    """The active adapter's name, or None."""
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    """The names of the active adapters (empty when none is)."""
     state = state_of(model)
-    return state.active if state else None
+    return state.active if state else ()
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name, or None when none is.
+
+    Raises:
+        ConfigError: several adapters are active (``set_adapter(model, [a, b])``): the caller
+            must name the one it means.
+    """
+    active = active_adapters(model)
+    if len(active) > 1:
+        raise ConfigError(
+            f"several adapters are active ({', '.join(active)}); name the one you mean "
+            f"(adapter_name=...)"
+        )
+    return active[0] if active else None
 
 
 def adapters_disabled(model: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError
 from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.model import check_free
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 
 
@@ -92,6 +93,7 @@ def add_dense_adapters(model: nn.Module, config, adapter_name: str, layer_cls: t
     targets = find_targets(model, config.target_modules)
     for name in targets:
         module = model.get_submodule(name)
+        check_free(name, module, layer_cls)
         if not isinstance(module, layer_cls) and is_quantized(module):
             raise ConfigError(
                 f"target_modules: {name} is a 4-bit layer; {what} needs a 16/32-bit base (for a "

@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from peftlab.core.config import ConfigError, check
-from peftlab.core.state import active_adapter, adapters_disabled
+from peftlab.core.model import held_adapters
+from peftlab.core.state import active_adapters, adapters_disabled
 
 
 def check_num_virtual_tokens(n: Any) -> None:
@@ -78,10 +79,12 @@ class VirtualTokenModule(nn.Module):
         object.__setattr__(self, "_owner", owner)
 
     def active(self) -> str | None:
-        """The adapter to use for this call, or None (adapters disabled / another method)."""
+        """This module's active adapter for this call, or None (adapters disabled, or none of
+        its adapters active; ``set_adapter`` activates at most one virtual-token adapter)."""
         if adapters_disabled(self._owner):
             return None
-        return active_adapter(self._owner)
+        mine = held_adapters(self)
+        return next((n for n in active_adapters(self._owner) if n in mine), None)
 
     def remove_hooks(self) -> None:
         """Remove every hook this module registered (found by owner, so deep copies work)."""

@@ -40,6 +40,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check
 from peftlab.core.matching import find_targets, is_linear, named_modules, set_submodule
+from peftlab.core.model import check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import features
 
@@ -344,7 +345,8 @@ def _apply(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         sites = find_targets(model, config.target_modules)
     else:
         sites = find_adapter_sites(model, config.placement)
-    for name in sites:  # check every size before changing the model
+    for name in sites:  # check every layer and size before changing the model
+        check_free(name, model.get_submodule(name), BottleneckAdapterLayer)
         config.bottleneck_size(features(_base(model.get_submodule(name)))[1])
     for name in sites:
         module = model.get_submodule(name)

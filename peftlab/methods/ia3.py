@@ -38,6 +38,7 @@ from peftlab.core.matching import (
     matches_target,
     set_submodule,
 )
+from peftlab.core.model import check_free
 from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.core.state import adapter_configs
 from peftlab.core.weights import dense_weight, features, is_quantized
@@ -299,6 +300,7 @@ def _apply(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     feedforward = feedforward_names(targets, ff_spec, config.feedforward_modules is not None)
     for name in targets:
         module = model.get_submodule(name)
+        check_free(name, module, IA3Linear)
         if not isinstance(module, IA3Linear) and is_quantized(module):
             raise ConfigError(
                 f"target_modules: {name} is a 4-bit layer; IA³ needs a 16/32-bit base (for a "

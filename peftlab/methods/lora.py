@@ -22,6 +22,7 @@ from torch import nn
 
 from peftlab.core.config import MethodConfig, check
 from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.model import check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
 from peftlab.methods import _lora_fused as _fast
@@ -453,6 +454,7 @@ def add_low_rank_adapters(
     _patterns.check_keys_match(config, targets)
     for name in targets:
         module = model.get_submodule(name)
+        check_free(name, module, layer_cls)
         if not isinstance(module, LoRALinear):
             if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
                 from peftlab.methods.nf4 import adopt_4bit
@@ -460,8 +462,6 @@ def add_low_rank_adapters(
                 adopt_4bit(name, module)
             module = layer_cls(module)
             set_submodule(model, name, module)
-        elif type(module) is not layer_cls:
-            raise TypeError(f"{name} is a {type(module).__name__}, expected {layer_cls.__name__}")
         module.add_adapter(adapter_name, config.for_module(name))
     _group.link((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
     return targets

@@ -37,8 +37,14 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from peftlab.core.config import ConfigError, MethodConfig, check
-from peftlab.core.registry import PREFIX_MLP_LRS, MethodSpec, Tuning, register_method
-from peftlab.core.state import active_adapter, adapter_configs, replace_config
+from peftlab.core.registry import (
+    PREFIX_MLP_LRS,
+    VIRTUAL_TOKENS,
+    MethodSpec,
+    Tuning,
+    register_method,
+)
+from peftlab.core.state import active_adapters, adapter_configs, replace_config
 from peftlab.methods._token_init import TokenInit, keys_values_of
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
@@ -178,10 +184,13 @@ class PrefixEncoder(VirtualTokenModule):
         self.configs[name] = config
 
     def _real_table(self, config: PrefixTuningConfig, p: int) -> torch.Tensor:
+        from peftlab.core.model import disable_adapters
+
         ids = config.init_ids(self._owner, p)
         self._init_pending = True  # the hooks stay out of this call
-        try:
-            return keys_values_of(transformer_body(self._owner), ids, self.cache_arg)
+        try:  # the base model's keys/values, whatever other adapters the model holds
+            with disable_adapters(self._owner):
+                return keys_values_of(transformer_body(self._owner), ids, self.cache_arg)
         finally:
             self._init_pending = False
 
@@ -384,7 +393,7 @@ def fold_prefix(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
                 raise ConfigError(f"fold_prefix: no prefix adapter named {name!r}")
             if encoder.fold(name):
                 replace_config(model, name, encoder.configs[name])
-                encoder.part("table")[name].requires_grad_(name == active_adapter(model))
+                encoder.part("table")[name].requires_grad_(name in active_adapters(model))
     return model
 
 
@@ -400,6 +409,7 @@ def register_prefix_method(
             unload=make_unload(attr),
             export=make_export(attr, tag),
             tuning=tuning,
+            exclusive=VIRTUAL_TOKENS,
         )
     )
 

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig
-from peftlab.core.registry import VIRTUAL_TOKEN_LRS, MethodSpec, Tuning, register_method
+from peftlab.core.registry import (
+    VIRTUAL_TOKEN_LRS,
+    VIRTUAL_TOKENS,
+    MethodSpec,
+    Tuning,
+    register_method,
+)
 from peftlab.methods._token_init import TokenInit, embeddings_of
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
@@ -177,6 +183,7 @@ register_method(
         _apply,
         param_prefix="prompt_",
         unload=_unload,
+        exclusive=VIRTUAL_TOKENS,
         tuning=Tuning(1e-2, {"lr": VIRTUAL_TOKEN_LRS, "num_virtual_tokens": (10, 20, 50)}),
     )
 )

@@ -24,7 +24,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, check
 from peftlab.core.matching import find_targets, set_submodule
-from peftlab.core.model import adapter_configs
+from peftlab.core.model import adapter_configs, check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import is_quantized
 from peftlab.methods.dora import DoRAConfig, DoRALinear
@@ -175,7 +175,11 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
     from peftlab.methods.nf4 import adopt_4bit, quantize_linear
 
     compute_dtype = DTYPES[config.compute_dtype]
-    for name in find_targets(model, config.target_modules):
+    layer_cls = QDoRALinear if config.use_dora else QLoRALinear
+    targets = find_targets(model, config.target_modules)
+    for name in targets:  # every layer is checked before any is quantized
+        check_free(name, model.get_submodule(name), layer_cls)
+    for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             continue  # quantized by an earlier adapter
@@ -190,7 +194,6 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
             ),
         )
     prepare_for_kbit_training(model, config.gradient_checkpointing)
-    layer_cls = QDoRALinear if config.use_dora else QLoRALinear
     add_low_rank_adapters(model, config.adapter_config(), adapter_name, layer_cls)
 
 
