@@ -97,11 +97,9 @@ def held_adapters(module: nn.Module) -> list[str]:
     the keys of its per-adapter ``ModuleDict``/``ParameterDict`` containers, outside the
     wrapped base layer."""
     names: list[str] = []
-    for path, sub in module.named_modules():
-        if path == "base_layer" or path.startswith("base_layer."):
-            continue
-        if isinstance(sub, (nn.ModuleDict, nn.ParameterDict)) and path.count(".") == 0:
-            names.extend(k for k in sub.keys() if k not in names)
+    for path, sub in module.named_children():
+        if path != "base_layer" and isinstance(sub, (nn.ModuleDict, nn.ParameterDict)):
+            names.extend(k for k in sub if k not in names)
     return names
 
 
