@@ -17,6 +17,13 @@ Memory: ``peak_gb`` is the peak over the steps (warm-up included, so the optimiz
 counts) of the live heap on CPU (glibc ``mallinfo2``, sampled every millisecond, see
 ``peftlab.bench.measure.PeakMemory``) or ``torch.cuda.max_memory_allocated`` on GPU;
 ``extra_gb`` is that peak less what was live before the first step (weights, the batch).
+``model_gb`` is the peak less what was live before the first step that is not the model's
+tensors (the runtime): weights, gradients, optimizer state, activations and workspace — what
+``peftlab.estimate_memory`` predicts (``estimated_gb``, peftlab's configurations only).
+
+The peft configurations train peft's LoRA (same rank, alpha and targets) with the model's own
+loss (``model(**batch).loss``: the full logits), ``peft+ckpt`` under transformers' gradient
+checkpointing (non-reentrant), as a peft user would.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     chunked, ckpt, library = CONFIGS[args.config]
     model = loading.load(args)
+    estimate = _estimate(model, args, chunked, ckpt) if library == "peftlab" else None
     if library == "peft":
         model = _peft_model(model, ckpt)
     else:
@@ -62,6 +70,7 @@ def worker(args) -> dict:
     if ckpt and library == "peftlab":
         checkpointing.enable(model, {"every": args.every, "offload": args.offload})
     model.train()
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -92,7 +101,11 @@ def worker(args) -> dict:
         start, top = 0, peak.peak_bytes
     else:
         start, top = peak.start_live_bytes, peak.peak_live_bytes
+    # What the estimator predicts: the peak less what was live that is not model tensors.
+    other = (start - model_bytes) if start is not None and device.type != "cuda" else 0
     return {
+        "estimated_gb": estimate / 1e9 if estimate else None,
+        "model_gb": (top - other) / 1e9 if top is not None else None,
         "config": args.config,
         "step_s": statistics.median(times),
         "cpu_s": statistics.median(cpu),
@@ -103,6 +116,24 @@ def worker(args) -> dict:
         "last_loss": losses[-1],
         "tokens": args.batch * args.seq,
     }
+
+
+def _estimate(model, args, chunked: bool, ckpt: bool) -> float | None:
+    """``peftlab.estimate_memory``'s training peak for this configuration (bytes)."""
+    from peftlab.select.estimator import estimate_memory
+    from peftlab.select.presets import from_model
+
+    est = estimate_memory(
+        from_model(model),
+        {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+        batch_size=args.batch,
+        seq_len=args.seq,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        gradient_checkpointing={"every": args.every} if ckpt else False,
+        device=args.device,
+        chunked_loss=chunked,
+    )
+    return est.peak
 
 
 def _peft_model(model, ckpt: bool):
@@ -135,13 +166,15 @@ def report(med: dict, raw: dict | None = None, out=print) -> list:
     """Print the table and the ratios to the plain loss."""
     out(
         f"\n{'config':<14} {'step s':>8} {'cpu s':>8} {'peak GB':>8} {'extra GB':>9} "
-        f"{'loss0':>8}  n"
+        f"{'loss0':>8} {'model GB':>9} {'est. GB':>8} {'est. err':>9}  n"
     )
     for name, m in med.items():
+        err = _error(m)
         out(
             f"{name:<14} {fmt(m.get('step_s'), '.2f'):>8} {fmt(m.get('cpu_s'), '.2f'):>8} "
             f"{fmt(m.get('peak_gb')):>8} "
-            f"{fmt(m.get('extra_gb')):>9} {fmt(m.get('first_loss'), '.4f'):>8}  {m.get('n')}"
+            f"{fmt(m.get('extra_gb')):>9} {fmt(m.get('first_loss'), '.4f'):>8} "
+            f"{fmt(m.get('model_gb')):>9} {fmt(m.get('estimated_gb')):>8} {err:>9}  {m.get('n')}"
             + (f"  {m['error']}" if m.get("error") else "")
         )
     rows = []
@@ -157,6 +190,13 @@ def report(med: dict, raw: dict | None = None, out=print) -> list:
             rows.append((f"{name} / {ref}", *r))
             out(f"{name:<14} {fmt(r[0]):>8} {fmt(r[1]):>8} {fmt(r[2]):>8} {fmt(r[3]):>9}")
     return rows
+
+
+def _error(m: dict) -> str:
+    """The estimator's error against the measured peak of model tensors and training state
+    (``model_gb``: the peak less what was live that is not model tensors)."""
+    est, got = m.get("estimated_gb"), m.get("model_gb")
+    return f"{est / got - 1:+.1%}" if est and got else "-"
 
 
 def parse_args(argv=None):

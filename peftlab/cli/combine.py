@@ -10,6 +10,8 @@ from pathlib import Path
 
 from peftlab.core.config import ConfigError
 
+BASE_ROW = "(base model)"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -122,14 +124,18 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def _eval_table(model, args: argparse.Namespace, names: list[str]) -> str:
-    """A text table: one row per adapter, per eval set its loss and accuracy/exact match."""
+    """A text table: the base model (no adapter), then one row per adapter; per eval set its
+    loss and accuracy/exact match with its 95% Wilson interval over the eval set's examples
+    (every row is scored on the same examples: compare rows by their counts, not by
+    overlapping intervals alone)."""
     import peftlab
+    from peftlab.bench.baselines import wilson
     from peftlab.data import load_task_data
     from peftlab.models import load_tokenizer, model_kind
     from peftlab.train.evaluate import evaluate
 
     tokenizer, kind = load_tokenizer(args.model), model_kind(model)
-    header, rows = ["adapter"], {n: [n] for n in names}
+    header, rows = ["adapter"], {n: [n] for n in [BASE_ROW, *names]}
     for source in args.eval_data:
         data = load_task_data(
             tokenizer,
@@ -145,13 +151,19 @@ def _eval_table(model, args: argparse.Namespace, names: list[str]) -> str:
         header.append(f"{source} loss")
         score = "accuracy" if data.kind == "classification" else "exact_match" if exact else None
         if score:
-            header.append(f"{source} {score}")
-        for name in names:
-            peftlab.set_adapter(model, name)
-            m = evaluate(model, tokenizer, data, exact_match=exact, split="test")
+            header.append(f"{source} {score} (95% interval, n={len(data.test)})")
+        for name in rows:
+            if name == BASE_ROW:
+                with peftlab.disable_adapters(model):
+                    m = evaluate(model, tokenizer, data, exact_match=exact, split="test")
+            else:
+                peftlab.set_adapter(model, name)
+                m = evaluate(model, tokenizer, data, exact_match=exact, split="test")
             rows[name].append(f"{m['test_loss']:.4f}")
             if score:
-                rows[name].append(f"{m[f'test_{score}']:.3f}")
+                p = m[f"test_{score}"]
+                low, high = wilson(p, len(data.test))
+                rows[name].append(f"{p:.3f} ({low:.3f}-{high:.3f})")
     table = [header, *rows.values()]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)

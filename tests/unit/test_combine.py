@@ -361,10 +361,12 @@ def test_cli_combines_saves_and_scores(tiny_dir, tmp_path, capsys):
     assert lines[0].startswith("ties combination 'combined' (r=8, relative error")
     assert lines[1].split() == [
         "adapter",
-        *["builtin:sort", "loss", "builtin:sort", "exact_match"],
-        *["builtin:reverse", "loss", "builtin:reverse", "exact_match"],
+        *["builtin:sort", "loss", "builtin:sort", "exact_match", "(95%", "interval,", "n=2)"],
+        *["builtin:reverse", "loss", "builtin:reverse", "exact_match", "(95%", "interval,", "n=2)"],
     ]
-    assert [r.split()[0] for r in lines[2:]] == ["a", "b", "combined"]
+    assert "0.000 (0.000-0.658)" in lines[2]  # the base model: 0 of 2, Wilson interval
+    assert [r.split(maxsplit=2)[:2] for r in lines[2:]][0] == ["(base", "model)"]
+    assert [r.split()[0] for r in lines[3:]] == ["a", "b", "combined"]
     assert peftlab.read_adapter_config(out).r == 8
     # The saved adapter is the cat of the parts: reload it and compare with the two loaded.
     assert main([*argv, "--method", "cat", "--overwrite"]) == 0

@@ -300,7 +300,12 @@ def test_loss_memory_benchmark_worker_runs():
     for c in ("chunked+ckpt", "peft+ckpt"):
         assert runs[c]["first_loss"] == pytest.approx(runs["plain"]["first_loss"], rel=1e-5)
     assert all(r["step_s"] > 0 and r["peak_gb"] > 0 for r in runs.values())
+    # the estimator's prediction beside peftlab's runs (not peft's), and its error printed
+    assert runs["plain"]["estimated_gb"] > runs["chunked+ckpt"]["estimated_gb"] > 0
+    assert runs["peft+ckpt"]["estimated_gb"] is None
+    assert 0 < runs["plain"]["model_gb"] <= runs["plain"]["peak_gb"]
     lines: list[str] = []
     loss_memory.report({c: {**r, "n": 1} for c, r in runs.items()}, out=lines.append)
     text = "\n".join(lines)
+    assert "est. err" in text and "%" in text
     assert "chunked+ckpt" in text and "vs peft+ckpt" in text

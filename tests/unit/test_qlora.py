@@ -350,6 +350,29 @@ def test_adapter_loads_in_peft_on_a_bitsandbytes_quantized_base(tmp_path, use_do
     assert _rel(_logits(plain, ids), _logits(ours, ids)) < 1e-4
 
 
+def test_combined_qlora_adapter_loads_in_peft(tmp_path):
+    """Two QLoRA adapters combined (cat, weights 0.5 and 1.5) load in peft on a
+    bitsandbytes-quantized base with the logits of the combination in peftlab."""
+    peft = pytest.importorskip("peft")
+    tiny_llama64().save_pretrained(tmp_path / "base")
+    ours = tiny_llama64()
+    for name, r in (("a", 4), ("b", 2)):
+        peftlab.apply(ours, QLoRAConfig(r=r, alpha=2 * r), name)  # all linear: as bnb quantizes
+    peftlab.set_adapter(ours, ["a", "b"])  # both train: both are perturbed
+    _perturb(ours)
+    peftlab.combine(ours, {"a": 0.5, "b": 1.5}, "cat", new_name="ab")
+    peftlab.save_adapter(ours, tmp_path / "ab", adapter_name="ab")
+    theirs = peft.PeftModel.from_pretrained(_load_4bit(tmp_path / "base"), tmp_path / "ab").eval()
+    for m in theirs.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    peftlab.set_adapter(ours, "ab")
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
+    peftlab.set_adapter(ours, "a")
+    assert _rel(_logits(ours, ids), _logits(theirs, ids)) > 1e-3  # the comparison can fail
+
+
 # -- optimizers ------------------------------------------------------------------------------
 
 
