@@ -65,6 +65,9 @@ class DoRALinear(LoRALinear):
     def _w0(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W0 as ``[out, in]``, ‖W0‖² per row), the latter cached until W0 changes."""
         w0 = dense_weight(self.base_layer)
+        if torch.compiler.is_compiling():  # no cache: its keys would become recompiling guards
+            with torch.no_grad():
+                return w0, w0.float().pow(2).sum(dim=1)
         raw = self.base_layer.weight
         key = (version_key(raw), raw.dtype, raw.device)
         if self._w0_cache is None or self._w0_cache[0] != key:
@@ -95,6 +98,11 @@ class DoRALinear(LoRALinear):
         """
         if not self.detach_norm[name] and torch.is_grad_enabled():
             return self.weight_norm(name)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the norm is part of the graph: a cache keyed on write
+            # counters would make dynamo guard on them and recompile after every weight
+            # change (a hot swap, an optimizer step).
+            return self.weight_norm(name).detach()
         A, B, w = self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer.weight
         key = (version_key(A), version_key(B), version_key(w), self.scaling[name])
         hit = self._norm_cache.get(name)
