@@ -39,6 +39,7 @@ from peftlab.methods.prefix import PrefixTuningConfig, fold_prefix
 from peftlab.methods.prompt import PromptTuningConfig
 from peftlab.methods.ptuning_v2 import PTuningV2Config
 from peftlab.methods.qlora import QLoRAConfig
+from peftlab.methods.vera import VeRAConfig
 from peftlab.mixed import adapter_rows
 from peftlab.select.estimator import estimate_memory
 from peftlab.select.recommend import recommend
@@ -66,6 +67,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "QLoRAConfig",
+    "VeRAConfig",
     "active_adapters",
     "adapter_rows",
     "apply",

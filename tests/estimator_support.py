@@ -17,6 +17,7 @@ ARGS = {
     "prefix": {"num_virtual_tokens": 5, "reparam_hidden": 16},
     "ptuning-v2": {"num_virtual_tokens": 5},
     "prompt": {"num_virtual_tokens": 5},
+    "vera": {"r": 4},
 }
 
 

@@ -63,6 +63,8 @@ def adapter_state_dict(
         if not spec.param_prefix and not t.requires_grad:
             continue  # full fine-tuning saves what trains
         key = file_key(name, adapter_name, spec.param_prefix)
+        if key is not None and spec.file_key is not None:
+            key = spec.file_key(configs[adapter_name], key)
         if key is not None:
             out[key] = t.detach().contiguous()
     for module_name in saved_modules(model, adapter_name):
@@ -168,13 +170,16 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
 
 
 def _from_peft(doc: dict) -> MethodConfig:
-    """Translate a peft ``LoraConfig`` (or ``LoHaConfig``) document into a peftlab config."""
+    """Translate a peft ``LoraConfig`` (or ``LoHaConfig``, ``LoKrConfig``, ``VeraConfig``)
+    document into a peftlab config."""
     if doc.get("peft_type") in ("LOHA", "LOKR"):
         return _lycoris_from_peft(doc)
+    if doc.get("peft_type") == "VERA":
+        return _vera_from_peft(doc)
     if doc.get("peft_type") != "LORA":
         raise ConfigError(
-            f"peft_type={doc.get('peft_type')!r} is not supported for import; "
-            f"peftlab reads peft LORA adapters (plain, rsLoRA, DoRA, PiSSA, OLoRA), LOHA and LOKR"
+            f"peft_type={doc.get('peft_type')!r} is not supported for import; peftlab reads "
+            f"peft LORA adapters (plain, rsLoRA, DoRA, PiSSA, OLoRA), LOHA, LOKR and VERA"
         )
     if doc.get("modules_to_save"):
         raise ConfigError(
@@ -246,6 +251,29 @@ def _lycoris_from_peft(doc: dict) -> MethodConfig:
     return config_from_dict(d)
 
 
+def _vera_from_peft(doc: dict) -> MethodConfig:
+    """A peft ``VeraConfig`` document as peftlab's ``vera``."""
+    for key in ("layers_to_transform", "layers_pattern", "modules_to_save"):
+        if doc.get(key):
+            raise ConfigError(f"peft option {key}={doc[key]!r} is not supported for VeRA")
+    if doc.get("bias", "none") != "none":
+        raise ConfigError(f"peft option bias={doc['bias']!r} is not supported (none only)")
+    target = doc.get("target_modules")
+    if isinstance(target, list) and all(isinstance(t, str) for t in target):
+        target = sorted(target)
+    d = {"method": "vera", "r": doc.get("r"), "target_modules": target}
+    same = ("projection_prng_key", "save_projection", "d_initial", "init_weights")
+    names = {"dropout": "vera_dropout", **{k: k for k in same}}
+    d.update({ours: doc[theirs] for ours, theirs in names.items() if theirs in doc})
+    try:
+        return config_from_dict(d)
+    except ConfigError as e:  # name the key as the file spells it
+        msg = str(e)
+        raise ConfigError(
+            msg.replace("dropout", "vera_dropout", 2) if msg.startswith("dropout=") else msg
+        ) from None
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -289,6 +317,8 @@ def load_adapter(
         expected: dict[str, torch.Tensor] = {}
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             key = file_key(name, adapter_name, spec.param_prefix)
+            if key is not None and spec.file_key is not None:
+                key = spec.file_key(config, key)
             if key is not None and (spec.param_prefix or key in tensors):
                 expected[key] = t
         for module_name in saved_modules(model, adapter_name):

@@ -75,6 +75,10 @@ class MethodSpec:
     """What ``save_adapter`` writes for adapter ``name`` instead of the live parameters: the
     config and the tensors by parameter name (prefix tuning saves its folded prefix table, not
     the reparameterization MLP that produced it). The model is not changed."""
+    file_key: Callable[[MethodConfig, str], str | None] | None = None
+    """Maps the generic file key of a tensor (``base_model.model.<name without the adapter
+    name>``) to the key the file uses; None: the tensor is not stored (VeRA stores its shared
+    projections as peft does, or not at all)."""
     tuning: Tuning | None = None
     """The method's learning-rate prior and search grids; None: compare runs it at the shared
     learning rate and cannot tune it."""

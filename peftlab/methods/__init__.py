@@ -12,4 +12,5 @@ from peftlab.methods import (  # noqa: F401
     prompt,
     ptuning_v2,
     qlora,
+    vera,
 )

@@ -162,9 +162,11 @@ def _inputs_saved(p: MethodPlan) -> set[str]:
 
 
 def _ia3_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:
-    """Per token: an IA³ vector on a layer's output saves that output (out), before scaling."""
+    """Per token: an IA³ (or VeRA b) vector on a layer's output saves that output (out),
+    before scaling; a VeRA layer also keeps its projection ``A·x`` (``projected``, r)."""
     shapes = arch.linear_shapes()
-    return sum(shapes[s][1] for s, side in p.scaled.items() if side == "out" and s in suffixes)
+    n = sum(shapes[s][1] for s, side in p.scaled.items() if side == "out" and s in suffixes)
+    return n + sum(w for s, w in p.projected.items() if s in suffixes)
 
 
 def _adapter_extra(p: MethodPlan, arch: Architecture, suffixes: set[str]) -> int:

@@ -125,7 +125,8 @@ def fsdp_groups(
         fp, mb, tb: bytes per base element outside 4-bit layers, per method parameter, per
             gradient element.
     """
-    replicated = p.quantized * (p.quant_bits - 4) / 8
+    # FSDP shards parameters, not buffers: VeRA's frozen pair stays whole on every device.
+    replicated = p.quantized * (p.quant_bits - 4) / 8 + p.frozen_extra * mb
     outside = bool(p.kv_extra or p.seq_extra)  # a prefix or soft prompt lives at the root
     root = (arch.embedding_params() + arch.head_params()) * fp
     root += (method_params if outside else 0) * mb
@@ -138,6 +139,7 @@ def fsdp_groups(
     layer_trainable = (p.trainable - root_trainable) / arch.layers
     base = arch.total_params() - p.quantized
     terms = [(p.quantized, f"{p.quant_bits:.4g}/8"), (base, fp), (method_params, mb)]
+    terms.append((p.frozen_extra, mb))
     return Groups(
         replicated,
         root,

@@ -12,7 +12,8 @@ docs/estimator.md for the CPU measurement conditions). Three moments compete for
     peak                = max of these (the estimate reports the parts of the largest one)
 
 - **weights**: every base parameter in ``dtype`` (4-bit ones at ``nf4_bits`` bits, QLoRA's
-  other parameters upcast to float32 as peftlab's QLoRA does), plus the method's parameters.
+  other parameters upcast to float32 as peftlab's QLoRA does), plus the method's parameters
+  and frozen tensors (VeRA's shared projections).
 - **gradients**: one per trainable parameter, in the parameter's dtype.
 - **optimizer states**: bytes per trainable parameter from the optimizer table
   (:data:`peftlab.core.optimizers.OPTIMIZERS`, the one the trainer builds from): AdamW 8 (two
@@ -361,7 +362,7 @@ def _weight_bytes(arch: Architecture, p: MethodPlan, b: int) -> tuple[float, int
     head = arch.classifier_params() if p.head_trainable else 0
     method_params = 0 if p.trains_base else p.trainable - head
     weights = (arch.total_params() - p.quantized) * fp + p.quantized * p.quant_bits / 8
-    weights += method_params * (4 if p.upcast_non_quantized else b)
+    weights += method_params * (4 if p.upcast_non_quantized else b) + p.frozen_extra * b
     return weights, method_params, fp
 
 
@@ -465,6 +466,7 @@ def _largest_trainable(arch: Architecture, p: MethodPlan) -> int:
     shapes = arch.linear_shapes()
     lr = [r * max(shapes[s][0], shapes[s][1]) for s, r in p.targets.items()]
     lr += [shapes[s][0 if side == "in" else 1] for s, side in p.scaled.items()]  # IA³ vectors
+    lr += list(p.projected.values())  # VeRA's d
     return max(lr + [arch.hidden * p.bottleneck, arch.hidden * p.seq_extra, 1])
 
 

@@ -23,6 +23,8 @@ Counts (``d`` = hidden, ``L`` = layers; "linears" = targeted linear layers):
   input); the default targets are the method's own table (:data:`peftlab.methods.ia3.DEFAULTS`)
   under the family's name (``llama``: k, v, down; ``bert``: key, value, output.dense) — a
   Qwen2 preset is counted with Llama's k_proj where peft's default takes q_proj.
+- ``vera``: ``Σ_linears (out + r)`` (the vectors b and d); the shared frozen pair adds
+  ``r·(max_in + max_out)`` to the weights.
 - Every method also trains a classification model's new head (:func:`trains_head`).
 
 Targets are matched as ``peftlab.apply`` matches them: :func:`peftlab.core.matching.matches_target`
@@ -96,6 +98,13 @@ class MethodPlan:
     dense_deltas: dict[str, int] = dataclasses.field(default_factory=dict)
     """Per-block linear suffix → weight-sized (in × out) tensors the method builds in every
     forward and autograd keeps for backward (LoHa: B1·A1, B2·A2 and their product)."""
+    projected: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per-block linear suffix → width of a frozen projection's output that autograd keeps per
+    token for a trained vector's gradient, the layer input not kept (VeRA: ``A·x``, r wide,
+    for ``d``; its ``b`` is an output vector, in :attr:`scaled`)."""
+    frozen_extra: int = 0
+    """Frozen elements the method adds beside the base weights (VeRA's shared projection
+    pair): weights memory, neither trained nor part of the merged model."""
     head_adapted: bool = False
     """The method replaces a causal LM's output head (LoRA/QLoRA/an adapter targeting
     ``lm_head``), so the chunked loss cannot serve it and the trainer uses the plain loss."""
@@ -269,6 +278,29 @@ def lokr_plan(arch: Architecture, f: dict) -> MethodPlan:
         trainable + trained_head_params(arch, f),
         dict.fromkeys(suffixes, 0),
         dense_deltas=dict.fromkeys(suffixes, 1),
+        head_trainable=trains_head(arch, f),
+        head_adapted=adapts_head(found),
+    )
+
+
+def vera_plan(arch: Architecture, f: dict) -> MethodPlan:
+    """VeRA: ``out + r`` per targeted linear (the vectors b and d). Autograd keeps each layer's
+    ``B·(d ⊙ A·x)`` for b's gradient (out per token, as an IA³ output vector: ``scaled``) and
+    ``A·x`` for d's (r per token: ``projected``) — not the input, A and B being frozen; the
+    shared pair, ``r·max_in + max_out·r`` over the targets, is frozen weights memory."""
+    r = int(f["r"])
+    found = target_linears(arch, f["target_modules"])
+    trainable = sum(o + r for _, o, _ in found.values())
+    suffixes = block_suffixes(arch, found)
+    max_in = max(i for i, _, _ in found.values())
+    max_out = max(o for _, o, _ in found.values())
+    return MethodPlan(
+        "vera",
+        trainable + trained_head_params(arch, f),
+        {},
+        scaled=dict.fromkeys(suffixes, "out"),
+        projected=dict.fromkeys(suffixes, r),
+        frozen_extra=r * (max_in + max_out),
         head_trainable=trains_head(arch, f),
         head_adapted=adapts_head(found),
     )

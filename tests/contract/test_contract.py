@@ -23,6 +23,7 @@ TINY_ARGS: dict[str, dict] = {
     "prefix": {"num_virtual_tokens": 4, "reparam_hidden": 16},
     "ptuning-v2": {"num_virtual_tokens": 4},
     "prompt": {"num_virtual_tokens": 4},
+    "vera": {"r": 4},
 }
 # (method, arch) pairs a method does not support, with the reason.
 UNSUPPORTED: dict[tuple[str, str], str] = {}
@@ -276,7 +277,7 @@ def test_refused_apply_or_load_leaves_the_model_as_it_was(method, refusal, monke
     monkeypatch.undo()
     _assert_same(before, _fingerprint(model))
     peftlab.apply(model, config, name)  # the model is still usable
-    assert state_of(model).active == name
+    assert state_of(model).active == (name,)
 
 
 @pytest.mark.parametrize("training", [False, True])

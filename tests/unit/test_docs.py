@@ -363,6 +363,10 @@ def closed_form(name: str, arch: str, model, cfg) -> int:
         return sum(2 * cfg.r * (i + o) for i, o in lora_linears(arch, k)) + (
             head if cfg.modules_to_save else 0
         )
+    if name == "vera":  # the vectors b (out) and d (r) per targeted layer (vera.md)
+        return sum(o + cfg.r for _, o in lora_linears(arch, k)) + (
+            head if cfg.modules_to_save else 0
+        )
     if name == "ia3":  # defaults: k, v (out) and down (in); GPT-2 c_attn and mlp.c_proj; BERT
         # key, value, and output.dense matching attention.output.dense too (both in)
         per = {"llama": 2 * k["kv"] + k["f"], "gpt2": 3 * d + k["f"], "bert": 3 * d + k["f"]}
@@ -382,6 +386,7 @@ CONFIGS = {
     "ia3": lambda: peftlab.IA3Config(),
     "loha": lambda: peftlab.LoHaConfig(r=4),
     "lokr": lambda: peftlab.LoKrConfig(r=4),
+    "vera": lambda: peftlab.VeRAConfig(r=4),
 }
 
 
@@ -392,7 +397,7 @@ def test_closed_form_parameter_count(name: str, arch: str) -> None:
         pytest.skip("one architecture is enough for the 4-bit path (it quantizes, slowly)")
     model = TINY[arch]()
     cfg = CONFIGS[name]()
-    if arch == "bert" and name in ("lora", "dora", "qlora", "adapter", "loha", "lokr"):
+    if arch == "bert" and name in ("lora", "dora", "qlora", "adapter", "loha", "lokr", "vera"):
         cfg = cfg.replace(modules_to_save=["classifier"])
     expected = closed_form(name, arch, model, cfg)
     peftlab.apply(model, cfg)

@@ -197,6 +197,7 @@ def _tiny_causal_lm(vocab=8192, layers=4):
         ("dora", 64, True),
         ("full", None, {"every": 2}),
         ("adapter", 64, True),
+        ("vera", 64, {"every": 2}),
     ],
 )
 def test_chunked_loss_and_checkpointing_within_10_percent_of_the_allocator(method, chunk, ckpt):
