@@ -161,7 +161,7 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
     added under other names, of the same method or of another one (a LoRA on the attention
     and a bottleneck adapter on the MLP, a prefix beside them), each on layers of its own;
     the new one becomes the one active adapter (:func:`set_adapter` activates several).
-    Full fine-tuning shares the model with no other adapter. A refusal leaves the model
+    Full fine-tuning shares the model with no adapter of another method. A refusal leaves the model
     exactly as it was.
     """
     with adding_adapter(model):
@@ -212,12 +212,13 @@ def attach_adapter(
             f"the model already has an adapter named {adapter_name!r}; pass another "
             f"adapter_name, or start from a fresh model"
         )
-    full = [f"{n!r} ({c.method})" for n, c in existing.items() if not _prefix(c)]
-    if existing and (full or not spec.param_prefix):
+    full = any(not _prefix(c) for c in existing.values()) or not spec.param_prefix
+    if full and any(c.method != spec.name for c in existing.values()):
         raise ConfigError(
             f"cannot apply {spec.name!r}: the model already carries "
             f"{', '.join(f'{n!r} ({c.method})' for n, c in existing.items())}, and full "
-            f"fine-tuning trains every weight, so it shares the model with no other adapter. "
+            f"fine-tuning trains every weight, so it shares the model with no adapter of another "
+            f"method. "
             f"Call peftlab.merge_and_unload(model) first (for a mergeable method) or apply "
             f"{spec.name!r} to a fresh copy of the model"
         )

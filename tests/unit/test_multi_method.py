@@ -164,7 +164,7 @@ def test_refusals_leave_the_model_as_it_was(mixed, batch):
 
 def test_full_finetuning_refuses_company():
     model = peftlab.apply(tiny_llama(), peftlab.FullFinetuneConfig())
-    with pytest.raises(ConfigError, match="shares the model with no other adapter"):
+    with pytest.raises(ConfigError, match="shares the model with no adapter of another"):
         peftlab.apply(model, peftlab.LoRAConfig(r=2), adapter_name="x")
 
 
