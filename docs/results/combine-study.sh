@@ -13,6 +13,7 @@ RUNS=${RUNS:-/tmp/peftlab-combine-study}
 STEPS=${STEPS:-80}
 EVAL=${EVAL:-128}
 TASKS=${TASKS:-"arith upper"}
+SWEEP=${SWEEP:-"0.5 0.25"}  # cat again with the last task's adapter at these weights
 THREADS=${THREADS:-2}
 mkdir -p "$OUT" "$RUNS"
 export OMP_NUM_THREADS=$THREADS
@@ -42,6 +43,15 @@ export OMP_NUM_THREADS=$THREADS
     echo "\$ peftlab combine --method $method ${extra[*]} --adapters $parts --eval-data ${evals[*]} --eval-size $EVAL"
     python -m peftlab.cli combine --model smollm2-135m --adapters "$parts" --method "$method" \
       "${extra[@]}" --out "$RUNS/combined-$method" --overwrite \
+      --eval-data "${evals[@]}" --eval-size "$EVAL" --max-length 48
+  done
+  last=${adapters[-1]}
+  for w in $SWEEP; do
+    sweep=$(IFS=,; echo "${adapters[*]:0:${#adapters[@]}-1},$last:$w")
+    echo
+    echo "\$ peftlab combine --method cat --adapters $sweep --eval-data ${evals[*]} --eval-size $EVAL"
+    python -m peftlab.cli combine --model smollm2-135m --adapters "$sweep" --method cat \
+      --out "$RUNS/combined-cat-$w" --overwrite \
       --eval-data "${evals[@]}" --eval-size "$EVAL" --max-length 48
   done
 } 2>&1 | tee "$OUT/console.txt"

@@ -53,6 +53,8 @@ MIN_GROUP_ROWS = 16
 class LoRAConfig(MethodConfig):
     """Low-rank adaptation of the targeted linear layers."""
 
+    extra_inits = ()  # more values of ``init`` a subclass accepts (QLoRA: "loftq")
+
     mergeable = True
 
     r: int = 8
@@ -68,7 +70,8 @@ class LoRAConfig(MethodConfig):
     init: str = "kaiming"
     """Init of A: "kaiming" (uniform, a=√5, as the LoRA reference code) or "gaussian" (N(0, 1/r)),
     B at zero; or, for lora, "pissa" (the weight's top-r SVD part) or "olora" (its QR part),
-    moved out of the frozen weight into B·A."""
+    moved out of the frozen weight into B·A; for qlora, "loftq" (A and B start at the best
+    rank-r correction of the 4-bit error)."""
     rank_pattern: dict[str, int] | None = None
     """Other ranks for some modules, e.g. {"q_proj": 16, "layers.0.self_attn.v_proj": 4}: the
     first key matching a module's name's end (a regex) wins; peft's meaning."""
@@ -84,7 +87,8 @@ class LoRAConfig(MethodConfig):
         check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer, e.g. 8")
         check(self.alpha > 0, "alpha", self.alpha, "a positive number, e.g. 2·r")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.05")
-        inits = ("kaiming", "gaussian", *(_init.RESIDUAL_INITS if self.method == "lora" else ()))
+        residual = _init.RESIDUAL_INITS if self.method == "lora" else ()
+        inits = ("kaiming", "gaussian", *residual, *self.extra_inits)
         check(self.init in inits, "init", self.init, " or ".join(map(repr, inits)))
         check(
             isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,

@@ -26,7 +26,8 @@ from peftlab.core.config import ConfigError, check
 from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.model import adapter_configs, check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
-from peftlab.core.weights import is_quantized
+from peftlab.core.weights import dense_weight, is_quantized
+from peftlab.methods import _loftq
 from peftlab.methods.dora import DoRAConfig, DoRALinear
 from peftlab.methods.lora import (
     LoRAConfig,
@@ -47,6 +48,7 @@ class QLoRAConfig(LoRAConfig):
     """LoRA (or DoRA) adapters on 4-bit NormalFloat base weights with double quantization."""
 
     preserves_output_at_init = False  # the 4-bit base differs from the float one by its rounding
+    extra_inits = (_loftq.INIT,)
 
     quant_type: str = "nf4"
     """4-bit data type: "nf4" (NormalFloat, information-theoretically optimal for normally
@@ -85,8 +87,11 @@ class QLoRAConfig(LoRAConfig):
         )
 
     def adapter_config(self) -> LoRAConfig:
-        """The LoRA (or, with ``use_dora``, DoRA) config of the adapters on the 4-bit base."""
+        """The LoRA (or, with ``use_dora``, DoRA) config of the adapters on the 4-bit base
+        (LoftQ's factors are written over the layers' kaiming init afterwards)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoRAConfig)}
+        if fields["init"] == _loftq.INIT:
+            fields["init"] = "kaiming"
         return DoRAConfig(**fields) if self.use_dora else LoRAConfig(**fields)
 
 
@@ -177,8 +182,17 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
     compute_dtype = DTYPES[config.compute_dtype]
     layer_cls = QDoRALinear if config.use_dora else QLoRALinear
     targets = find_targets(model, config.target_modules)
+    loftq = config.init == _loftq.INIT
     for name in targets:  # every layer is checked before any is quantized
-        check_free(name, model.get_submodule(name), layer_cls)
+        module = model.get_submodule(name)
+        check_free(name, module, layer_cls)
+        if loftq and (isinstance(module, LoRALinear) or is_quantized(module)):
+            raise ConfigError(
+                f"init='loftq' needs the 16/32-bit weights of {name}, which is already 4-bit "
+                f"(loaded in 4 bits or quantized by another adapter); apply it to the float model"
+            )
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    adapter = config.adapter_config()
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
@@ -186,15 +200,19 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
         if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
             adopt_4bit(name, module)
             continue
-        set_submodule(
-            model,
-            name,
-            quantize_linear(
-                module, config.quant_type, config.double_quant, config.blocksize, compute_dtype
-            ),
+        q = quantize_linear(
+            module, config.quant_type, config.double_quant, config.blocksize, compute_dtype
         )
+        if loftq:
+            one = adapter.for_module(name)
+            factors[name] = _loftq.correction(
+                dense_weight(module), dense_weight(q), one.r, one.scaling
+            )
+        set_submodule(model, name, q)
     prepare_for_kbit_training(model, config.gradient_checkpointing)
-    add_low_rank_adapters(model, config.adapter_config(), adapter_name, layer_cls)
+    add_low_rank_adapters(model, adapter, adapter_name, layer_cls)
+    for name, pair in factors.items():
+        _loftq.initialize(model.get_submodule(name), adapter_name, pair)
 
 
 def _unload_model(model: nn.Module) -> None:
@@ -209,6 +227,16 @@ def _unload_model(model: nn.Module) -> None:
         log_requantization_drift(model)
 
 
+def _export(model: nn.Module, adapter_name: str) -> tuple[QLoRAConfig, dict]:
+    """A LoftQ-initialized adapter is saved as a plain QLoRA adapter (``init`` kaiming): LoftQ
+    chose its starting point only, and loading it must not recompute it (the base may be
+    4-bit by then)."""
+    config = adapter_configs(model)[adapter_name]
+    if config.init == _loftq.INIT:
+        config = dataclasses.replace(config, init="kaiming")
+    return config, {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
 def _peft_fields(config: QLoRAConfig) -> dict:
     return {**peft_lora_fields(config), "use_dora": config.use_dora}
 
@@ -221,6 +249,7 @@ register_method(
         "lora_",
         peft_export=_peft_fields,
         unload=_unload_model,
+        export=_export,
         tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (8, 16, 32)}),
     )
 )
