@@ -111,6 +111,11 @@ CONFIGS: dict[str, Callable] = {
     # LoHa at r=8: 2r·(in + out) per layer, the parameters of the LoRA configs above (r=16).
     "peftlab-loha-all": _peftlab("loha", target_modules="all-linear", r=8, alpha=8),
     "peft-loha-all": _peft(lambda peft: peft.LoHaConfig(r=8, alpha=8, target_modules="all-linear")),
+    "peftlab-lokr-all": _peftlab("lokr", target_modules="all-linear", r=8, alpha=8),
+    "peft-lokr-all": _peft(lambda peft: peft.LoKrConfig(r=8, alpha=8, target_modules="all-linear")),
+    # VeRA at peft's default rank (256): out + r trained numbers per layer.
+    "peftlab-vera-all": _peftlab("vera", target_modules="all-linear", r=256),
+    "peft-vera-all": _peft(lambda peft: peft.VeraConfig(r=256, target_modules="all-linear")),
     # QLoRA: both sides adapt the very same bitsandbytes NF4 (double-quantized) base.
     "peftlab-qlora-all": _peftlab("qlora", quantized=True, target_modules="all-linear", **LORA),
     "peftlab-qlora-all-nogroup": _peftlab(
@@ -306,6 +311,12 @@ def report(
         ("full step / floor (info)", "full", "floor", "step_s", 99.0),
         ("QLoRA step / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", "step_s", 1.00),
         ("QLoRA memory / peft QLoRA (info)", "peftlab-qlora-all", "peft-qlora-all", mem, 1.00),
+        ("LoHa step / peft LoHa (info)", "peftlab-loha-all", "peft-loha-all", "step_s", 1.00),
+        ("LoKr step / peft LoKr (info)", "peftlab-lokr-all", "peft-lokr-all", "step_s", 1.00),
+        ("VeRA step / peft VeRA (info)", "peftlab-vera-all", "peft-vera-all", "step_s", 1.00),
+        ("LoHa memory / peft LoHa (info)", "peftlab-loha-all", "peft-loha-all", mem, 1.00),
+        ("LoKr memory / peft LoKr (info)", "peftlab-lokr-all", "peft-lokr-all", mem, 1.00),
+        ("VeRA memory / peft VeRA (info)", "peftlab-vera-all", "peft-vera-all", mem, 1.00),
         (
             "LoRA grouped / ungrouped (info)",
             "peftlab-lora-all-group",

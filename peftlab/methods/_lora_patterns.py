@@ -122,3 +122,32 @@ def module_rank_alpha(config, name: str) -> tuple[int, float]:
 def has_patterns(config) -> bool:
     """Whether some module may have another rank or scale than ``config.r`` / ``scaling``."""
     return bool(config.rank_pattern or config.alpha_pattern)
+
+
+def peft_lora_fields(config) -> dict:
+    """Fields of peft's LoraConfig for ``adapter_config.json`` (of a ``LoRAConfig``), the
+    patterns in peft's spelling."""
+    return {
+        "peft_type": "LORA",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.target_modules,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "init_lora_weights": {"kaiming": True}.get(config.init, config.init),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": config.modules_to_save,
+        "rank_pattern": dict(config.rank_pattern or {}),
+        "alpha_pattern": dict(config.alpha_pattern or {}),
+        "layers_to_transform": _peft_layers(config.layers_to_transform),
+        "layers_pattern": config.layers_pattern,
+        "task_type": None,
+        "inference_mode": True,
+    }
+
+
+def _peft_layers(layers: int | list[int] | None) -> list[int] | None:
+    """``layers_to_transform`` as peft writes it: a list (or null)."""
+    return [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)

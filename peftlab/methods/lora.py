@@ -44,6 +44,7 @@ from peftlab.methods._lora_fused import fast_path as fast_path  # the switch, pu
 from peftlab.methods._lora_fused import fast_path_enabled as fast_path_enabled
 from peftlab.methods._lora_group import grouping as grouping  # grouping's own switch
 from peftlab.methods._lora_group import grouping_enabled as grouping_enabled
+from peftlab.methods._lora_patterns import peft_lora_fields as peft_lora_fields  # dora, qlora
 
 MIN_GROUP_ROWS = 16
 """Token rows below which a call without an autograd graph computes its A product alone."""
@@ -469,34 +470,6 @@ def add_low_rank_adapters(
         module.add_adapter(adapter_name, config.for_module(name))
     _group.link((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
     return targets
-
-
-def peft_lora_fields(config: LoRAConfig) -> dict:
-    """Fields of peft's LoraConfig for ``adapter_config.json``."""
-    return {
-        "peft_type": "LORA",
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": config.target_modules,
-        "use_rslora": config.use_rslora,
-        "use_dora": False,
-        "init_lora_weights": {"kaiming": True}.get(config.init, config.init),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "modules_to_save": config.modules_to_save,
-        "rank_pattern": dict(config.rank_pattern or {}),
-        "alpha_pattern": dict(config.alpha_pattern or {}),
-        "layers_to_transform": _peft_layers(config.layers_to_transform),
-        "layers_pattern": config.layers_pattern,
-        "task_type": None,
-        "inference_mode": True,
-    }
-
-
-def _peft_layers(layers: int | list[int] | None) -> list[int] | None:
-    """``layers_to_transform`` as peft writes it: a list (or null)."""
-    return [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
 
 
 def _apply(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:

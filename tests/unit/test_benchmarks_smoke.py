@@ -20,6 +20,14 @@ def _train(config: str) -> dict:
     return train_step.worker(train_step.parse_args(["--config", config, *TINY]))
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr", "vera"])
+def test_train_configs_train_the_same_parameters_as_peft(method):
+    pytest.importorskip("peft")
+    ours, theirs = _train(f"peftlab-{method}-all"), _train(f"peft-{method}-all")
+    assert ours["trainable_params"] == theirs["trainable_params"] > 0
+    assert ours["last_loss"] != ours["first_loss"]
+
+
 @pytest.mark.parametrize("config", ["floor", "peftlab-lora-all", "peftlab-dora-all", "full"])
 def test_train_worker_reports_a_step(config):
     r = _train(config)
