@@ -92,10 +92,33 @@ class LoHaLinear(DenseDeltaLinear):
         self.scaling[name] = config.scaling
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s·(B1·A1) ⊙ (B2·A2)`` as ``[out, in]``."""
-        w1 = self.hada_w1_a[name] @ self.hada_w1_b[name]
-        w2 = self.hada_w2_a[name] @ self.hada_w2_b[name]
-        return (w1 * w2) * self.scaling[name]
+        """``s·(B1·A1) ⊙ (B2·A2)`` as ``[out, in]`` (:class:`_Hadamard`: autograd keeps the
+        four factors, not the two dense products)."""
+        factors = (getattr(self, f)[name] for f in FACTORS)
+        return _Hadamard.apply(*factors, self.scaling[name])
+
+
+class _Hadamard(torch.autograd.Function):
+    """``ΔW = s·(B1·A1) ⊙ (B2·A2)`` whose backward recomputes ``B1·A1`` and ``B2·A2`` from the
+    saved factors instead of keeping both ``[out, in]`` products alive until backward (two
+    matmuls more per step, two weight-sized tensors less per layer — as peft's LoHa):
+
+        ∂W1 = s·g ⊙ W2,  ∂W2 = s·g ⊙ W1,  ∂B_i = ∂W_i·A_iᵀ,  ∂A_i = B_iᵀ·∂W_i.
+    """
+
+    @staticmethod
+    def forward(ctx, b1, a1, b2, a2, scale: float):  # noqa: D102
+        ctx.save_for_backward(b1, a1, b2, a2)
+        ctx.scale = scale
+        return (b1 @ a1) * (b2 @ a2) * scale
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        b1, a1, b2, a2 = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (b2 @ a2)  # ∂W1
+        g2 = grad * (b1 @ a1)  # ∂W2
+        return g1 @ a1.T, b1.T @ g1, g2 @ a2.T, b2.T @ g2, None
 
 
 def _apply(model: nn.Module, config: LoHaConfig, adapter_name: str) -> None:

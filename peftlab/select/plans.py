@@ -247,7 +247,8 @@ def _mean_block_ranks(arch: Architecture, ranks: dict[str, int]) -> dict[str, fl
 
 def loha_plan(arch: Architecture, f: dict) -> MethodPlan:
     """LoHa: ``2r·(in + out)`` per targeted linear; its input is saved (for the update's
-    gradient) and three dense ``[out, in]`` tensors per layer (see peftlab/methods/loha.py)."""
+    gradient) and one dense ``[out, in]`` tensor per layer, the update itself (its backward
+    recomputes the two products from the factors; see peftlab/methods/loha.py)."""
     r = int(f["r"])
     found = target_linears(arch, f["target_modules"])
     trainable = sum(2 * r * (i + o) for i, o, _ in found.values())
@@ -256,7 +257,7 @@ def loha_plan(arch: Architecture, f: dict) -> MethodPlan:
         "loha",
         trainable + trained_head_params(arch, f),
         dict.fromkeys(suffixes, 0),
-        dense_deltas=dict.fromkeys(suffixes, 3),
+        dense_deltas=dict.fromkeys(suffixes, 1),
         head_trainable=trains_head(arch, f),
         head_adapted=adapts_head(found),
     )
