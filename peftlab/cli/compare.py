@@ -41,7 +41,7 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         help="one learning rate for every method (default: each method's own prior: "
-        "low-rank 1e-3, IA3, LoHa and LoKr 3e-3, prompt, P-Tuning v2 and VeRA 1e-2, "
+        "low-rank 1e-3, IA3, LoHa and LoKr 3e-3, prompt and P-Tuning v2 1e-2, VeRA 3e-2, "
         "Prefix-Tuning 3e-4, full fine-tuning 5e-5); a classification head trains at "
         "--train head_lr (default 1e-2) either way",
     )
