@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 from peftlab.core.config import ConfigError
@@ -153,11 +154,10 @@ def _eval_table(model, args: argparse.Namespace, names: list[str]) -> str:
         if score:
             header.append(f"{source} {score} (95% interval, n={len(data.test)})")
         for name in rows:
-            if name == BASE_ROW:
-                with peftlab.disable_adapters(model):
-                    m = evaluate(model, tokenizer, data, exact_match=exact, split="test")
-            else:
+            if name != BASE_ROW:
                 peftlab.set_adapter(model, name)
+            base = peftlab.disable_adapters(model) if name == BASE_ROW else nullcontext()
+            with base:
                 m = evaluate(model, tokenizer, data, exact_match=exact, split="test")
             rows[name].append(f"{m['test_loss']:.4f}")
             if score:

@@ -19,7 +19,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
 from peftlab.core.fileio import atomic_write_with
-from peftlab.core.model import adding_adapter, attach_adapter, set_adapter
+from peftlab.core.model import adding_adapter, attach_adapter, owner_index, set_adapter
 from peftlab.core.registry import get_method
 from peftlab.core.state import active_adapter, adapter_configs, saved_modules
 
@@ -35,13 +35,13 @@ class AdapterFileError(ValueError):
 
 def file_key(param_name: str, adapter_name: str, prefix: str) -> str | None:
     """peft's key for a parameter of adapter ``adapter_name``; None if not one of its params."""
-    parts = param_name.split(".")
     if not prefix:
         return KEY_PREFIX + param_name
-    for i in range(1, len(parts)):
-        if parts[i] == adapter_name and prefix in parts[i - 1]:
-            return KEY_PREFIX + ".".join(parts[:i] + parts[i + 1 :])
-    return None
+    i = owner_index(param_name, adapter_name, prefix)
+    if i is None:
+        return None
+    parts = param_name.split(".")
+    return KEY_PREFIX + ".".join(parts[:i] + parts[i + 1 :])
 
 
 def adapter_state_dict(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from peftlab.core.config import ConfigError
+from peftlab.core.config import ConfigError, check
 
 try:  # GPT-2 style layers store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -140,6 +140,17 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
         found.extend(h for h in hits if h not in found)
     _check_linear(model, found, available)
     return found
+
+
+def check_target_modules(target_modules: object) -> None:
+    """Raise :class:`ConfigError` unless ``target_modules`` is a non-empty list of names, a
+    regex or "all-linear" (a config's check; whether it matches is :func:`find_targets`')."""
+    check(
+        isinstance(target_modules, str | list | tuple) and len(target_modules) > 0,
+        "target_modules",
+        target_modules,
+        'a module name list, a regex, or "all-linear"',
+    )
 
 
 def check_regex(target_modules: str) -> None:

@@ -307,16 +307,26 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     update_state(model, active=tuple(names))
 
 
-def owns(param_name: str, adapter_name: str, prefixes: set[str] | str) -> bool:
-    """Parameter ``param_name`` belongs to adapter ``adapter_name``: one of its components is
-    the adapter's name, right after a component that holds a method's parameter prefix
-    (``…q_proj.lora_A.<name>.weight``, ``peftlab_prompt.prompt_embeddings.<name>``)."""
+def owner_index(param_name: str, adapter_name: str, prefixes: set[str] | str) -> int | None:
+    """Where parameter ``param_name`` names adapter ``adapter_name``: the index of the dotted
+    component that is the adapter's name, right after a component holding one of the methods'
+    parameter ``prefixes`` (``…q_proj.lora_A.<name>.weight``,
+    ``peftlab_prompt.prompt_embeddings.<name>``); None if it is not that adapter's."""
     prefixes = {prefixes} if isinstance(prefixes, str) else prefixes
     parts = param_name.split(".")
-    return any(
-        parts[i] == adapter_name and any(p in parts[i - 1] for p in prefixes)
-        for i in range(1, len(parts))
+    return next(
+        (
+            i
+            for i in range(1, len(parts))
+            if parts[i] == adapter_name and any(p in parts[i - 1] for p in prefixes)
+        ),
+        None,
     )
+
+
+def owns(param_name: str, adapter_name: str, prefixes: set[str] | str) -> bool:
+    """Parameter ``param_name`` belongs to adapter ``adapter_name`` (:func:`owner_index`)."""
+    return owner_index(param_name, adapter_name, prefixes) is not None
 
 
 def _check_composes(configs: dict[str, MethodConfig], names: list[str]) -> None:

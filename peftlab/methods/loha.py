@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import MethodConfig, check
+from peftlab.core.matching import check_target_modules
 from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.methods._dense_delta import DenseDeltaLinear, add_dense_adapters
 
@@ -59,12 +60,7 @@ class LoHaConfig(MethodConfig):
         super().__post_init__()
         check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer, e.g. 8")
         check(self.alpha > 0, "alpha", self.alpha, "a positive number, e.g. r")
-        check(
-            isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,
-            "target_modules",
-            self.target_modules,
-            'a module name list, a regex, or "all-linear"',
-        )
+        check_target_modules(self.target_modules)
 
     @property
     def scaling(self) -> float:

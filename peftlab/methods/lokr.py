@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import MethodConfig, check
+from peftlab.core.matching import check_target_modules
 from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.methods._dense_delta import DenseDeltaLinear, add_dense_adapters
 from peftlab.methods.loha import LOHA_LRS  # the same grid: see there and docs/methods/lokr.md
@@ -75,12 +76,7 @@ class LoKrConfig(MethodConfig):
             self.decompose_factor,
             "-1 (near the square root) or a positive integer",
         )
-        check(
-            isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,
-            "target_modules",
-            self.target_modules,
-            'a module name list, a regex, or "all-linear"',
-        )
+        check_target_modules(self.target_modules)
 
     @property
     def scaling(self) -> float:

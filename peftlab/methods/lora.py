@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import MethodConfig, check
-from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.matching import check_target_modules, find_targets, set_submodule
 from peftlab.core.model import check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
@@ -91,12 +91,7 @@ class LoRAConfig(MethodConfig):
         residual = _init.RESIDUAL_INITS if self.method == "lora" else ()
         inits = ("kaiming", "gaussian", *residual, *self.extra_inits)
         check(self.init in inits, "init", self.init, " or ".join(map(repr, inits)))
-        check(
-            isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,
-            "target_modules",
-            self.target_modules,
-            'a module name list, a regex, or "all-linear"',
-        )
+        check_target_modules(self.target_modules)
         _patterns.check_patterns(self)
 
     def conventional_adapter(self, model: nn.Module, adapter_name: str):

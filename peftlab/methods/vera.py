@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import MethodConfig, check
+from peftlab.core.matching import check_target_modules
 from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.methods._dense_delta import DenseDeltaLinear, add_dense_adapters
 
@@ -91,12 +92,7 @@ class VeRAConfig(MethodConfig):
             "a finite non-zero number, e.g. 0.1 (at 0, with b at 0, neither vector gets a gradient)",
         )
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1), e.g. 0.05")
-        check(
-            isinstance(self.target_modules, str | list | tuple) and len(self.target_modules) > 0,
-            "target_modules",
-            self.target_modules,
-            'a module name list, a regex, or "all-linear"',
-        )
+        check_target_modules(self.target_modules)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

@@ -97,7 +97,7 @@ class MethodPlan:
     """Per-block linear suffix → ``"out"`` or ``"in"``: the side an IA³ vector rescales."""
     dense_deltas: dict[str, int] = dataclasses.field(default_factory=dict)
     """Per-block linear suffix → weight-sized (in × out) tensors the method builds in every
-    forward and autograd keeps for backward (LoHa: B1·A1, B2·A2 and their product)."""
+    forward and autograd keeps for backward (LoHa and LoKr: the update ΔW itself)."""
     projected: dict[str, int] = dataclasses.field(default_factory=dict)
     """Per-block linear suffix → width of a frozen projection's output that autograd keeps per
     token for a trained vector's gradient, the layer input not kept (VeRA: ``A·x``, r wide,
