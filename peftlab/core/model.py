@@ -284,7 +284,8 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     one method. Adapters of methods that put virtual tokens in front of the sequence
     (prompt, prefix, P-Tuning v2) are active one at a time.
     """
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    # A name or a list/tuple of names; anything else is refused below as an unknown name.
+    names = list(adapter_name) if isinstance(adapter_name, list | tuple) else [adapter_name]
     configs = adapter_configs(model)
     unknown = [n for n in names if not isinstance(n, str) or n not in configs]
     if unknown or not names or len(set(names)) != len(names):
