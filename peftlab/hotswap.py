@@ -30,7 +30,7 @@ from peftlab.core.model import adapter_layers, merge, unmerge
 from peftlab.core.state import adapter_configs
 from peftlab.methods._lora_init import RESIDUAL_INITS
 from peftlab.methods.dora import DoRAConfig
-from peftlab.methods.lora import LoRAConfig, LoRALinear
+from peftlab.methods.lora import LoRAConfig, LoRALinear, embedding_file_key
 
 _MAGNITUDE = "lora_magnitude_vector"
 
@@ -115,7 +115,7 @@ def _places(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         key = file_key(name, adapter_name, "lora_")
         if key is not None:
-            out[key] = t
+            out[embedding_file_key(None, key)] = t
     return out
 
 
@@ -129,7 +129,7 @@ def _copy(model, adapter_name: str, tensors: dict, places: dict, ratio: float) -
         unmerge(model)
     for key, t in places.items():
         value = tensors[key].to(device=t.device, dtype=torch.float64)
-        if ".lora_B." in key and ratio != 1.0:
+        if (".lora_B." in key or ".lora_embedding_B" in key) and ratio != 1.0:
             value = value * ratio
         t.copy_(value.to(t.dtype))
     if merged:

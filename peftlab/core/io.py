@@ -324,6 +324,7 @@ def load_adapter(
         for module_name in saved_modules(model, adapter_name):
             for name, t in model.get_submodule(module_name).state_dict(keep_vars=True).items():
                 expected[f"{KEY_PREFIX}{module_name}.{name}"] = t
+        _drop_copied_base_weights(path, model, tensors, expected)
         check_fit(path, config, tensors, expected, strict and bool(spec.param_prefix), strict)
         # Nothing can refuse past this point: the writes into existing weights come last.
         with torch.no_grad():
@@ -334,6 +335,30 @@ def load_adapter(
     # DoRA and similar caches derived from loaded weights are keyed on tensor versions, so
     # the copies above invalidate them.
     return model
+
+
+def _drop_copied_base_weights(
+    path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict
+) -> None:
+    """Take out of ``tensors`` the base weights of adapted layers that peft writes beside an
+    adapter on embeddings (``….embed_tokens.base_layer.weight``, its ``save_embedding_layers``)
+    when they equal the model's; refuse when they differ (the adapter was trained on other
+    embeddings: a resized vocabulary) rather than overwrite the user's base model."""
+    params = dict(model.named_parameters())
+    for key in [k for k in tensors if k not in expected and ".base_layer." in k]:
+        mine = params.get(key.removeprefix(KEY_PREFIX))
+        if mine is None:
+            continue
+        t = tensors[key]
+        if t.shape == mine.shape and torch.equal(t.to(mine.dtype), mine.detach()):
+            del tensors[key]
+            continue
+        raise AdapterFileError(
+            f"{path / WEIGHTS_NAME} carries base weights {key} {tuple(t.shape)} that differ from "
+            f"this model's {tuple(mine.shape)}: the adapter was trained on other embeddings (a "
+            f"resized vocabulary?); load it on that model (resize_token_embeddings and load the "
+            f"trained embeddings first)"
+        )
 
 
 def check_fit(

@@ -73,6 +73,11 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` (Gemma's scaled one subclasses it), or a peftlab wrapper around one."""
+    return isinstance(getattr(module, "base_layer", module), nn.Embedding)
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Qualified names of every linear module in ``model``."""
     return [n for n, m in named_modules(model) if is_linear(m)]
@@ -98,8 +103,11 @@ def _suffix_summary(names: Sequence[str]) -> str:
     return ", ".join(f"{k} (×{v})" for k, v in counts.items())
 
 
-def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
-    """Resolve ``target_modules`` to the qualified names of linear modules in ``model``.
+def find_targets(
+    model: nn.Module, target_modules: TargetSpec, embeddings: bool = False
+) -> list[str]:
+    """Resolve ``target_modules`` to the qualified names of linear modules in ``model`` (and
+    of embedding tables, named explicitly, with ``embeddings``: LoRA adapts those too).
 
     Args:
         model: the model to search.
@@ -108,8 +116,8 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
             (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``).
 
     Raises:
-        ConfigError: an entry matches nothing, or matches a module that is not linear; the
-            message lists the model's linear modules.
+        ConfigError: an entry matches nothing, or matches a module that is not linear (nor,
+            with ``embeddings``, an embedding); the message lists the model's linear modules.
     """
     linears = linear_names(model)
     available = f"the model's linear modules are: {_suffix_summary(linears) or 'none'}"
@@ -126,7 +134,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
             raise ConfigError(
                 f"target_modules regex {target_modules!r} matched no module; {available}"
             )
-        _check_linear(model, found, available)
+        _check_linear(model, found, available, embeddings)
         return found
 
     found: list[str] = []
@@ -138,7 +146,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec) -> list[str]:
                 f"target module {entry!r} matches no module in the model; {available}"
             )
         found.extend(h for h in hits if h not in found)
-    _check_linear(model, found, available)
+    _check_linear(model, found, available, embeddings)
     return found
 
 
@@ -161,13 +169,23 @@ def check_regex(target_modules: str) -> None:
         raise ConfigError(f"target_modules={target_modules!r} is not a valid regex: {e}") from e
 
 
-def _check_linear(model: nn.Module, names: Sequence[str], available: str) -> None:
+def _check_linear(
+    model: nn.Module, names: Sequence[str], available: str, embeddings: bool = False
+) -> None:
     modules = dict(model.named_modules())
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_linear(modules[n])]
+    bad = [
+        n for n in names if not (is_linear(modules[n]) or (embeddings and is_embedding(modules[n])))
+    ]
     if bad:
+        listed = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in bad[:5])
+        hint = (
+            " (embedding tables take LoRA and QLoRA adapters only)"
+            if not embeddings and any(is_embedding(modules[n]) for n in bad)
+            else ""
+        )
         raise ConfigError(
-            f"target_modules matched modules that are not linear layers: {', '.join(bad[:5])}"
-            f"{' …' if len(bad) > 5 else ''}; {available}"
+            f"target_modules matched modules that are not linear layers: {listed}"
+            f"{' …' if len(bad) > 5 else ''}{hint}; {available}"
         )
 
 

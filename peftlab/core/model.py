@@ -412,23 +412,34 @@ def _mergeable_or_raise(model: nn.Module, what: str) -> None:
 
 
 def _untie_adapted_head(model: nn.Module) -> None:
-    """Give an adapted output head its own weight before a merge: with tied embeddings
-    (SmolLM2, GPT-2) the merge would write the head's update into the input embeddings too."""
+    """Give an adapted output head or input embedding its own weight before a merge: with
+    tied embeddings (SmolLM2, GPT-2) a merge into one would write its update into the other
+    too. The model's config then says the two are not tied, so a saved merged model keeps
+    both."""
     get_out, get_in = (
         getattr(model, n, None) for n in ("get_output_embeddings", "get_input_embeddings")
     )
-    head = get_out() if callable(get_out) else None
-    if not isinstance(head, AdapterLayer) or not callable(get_in):
+    if not (callable(get_out) and callable(get_in)):
         return
-    embed, base_layer = get_in(), head.base_layer
-    if embed is not None and base_layer.weight is embed.weight:
-        base_layer.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
-        configs = [getattr(model, "config", None)]
-        if hasattr(configs[0], "get_text_config"):
-            configs.append(configs[0].get_text_config())
-        for c in configs:
-            if c is not None and hasattr(c, "tie_word_embeddings"):
-                c.tie_word_embeddings = False
+    head, embed = get_out(), get_in()
+    if head is None or embed is None:
+        return
+    head_base, embed_base = (getattr(m, "base_layer", m) for m in (head, embed))
+    if head_base.weight is not embed_base.weight:
+        return
+    if isinstance(head, AdapterLayer):
+        untied = head_base
+    elif isinstance(embed, AdapterLayer):
+        untied = embed_base
+    else:
+        return
+    untied.weight = nn.Parameter(embed_base.weight.detach().clone(), requires_grad=False)
+    configs = [getattr(model, "config", None)]
+    if hasattr(configs[0], "get_text_config"):
+        configs.append(configs[0].get_text_config())
+    for c in configs:
+        if c is not None and hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = False
 
 
 @torch.no_grad()

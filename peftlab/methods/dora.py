@@ -41,6 +41,8 @@ class DoRAConfig(LoRAConfig):
 class DoRALinear(LoRALinear):
     """A linear layer with DoRA adapters: LoRA's A and B plus ``lora_magnitude_vector[name]``."""
 
+    adapts_embeddings = False
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_magnitude_vector = nn.ParameterDict()

@@ -20,8 +20,13 @@ import math
 import torch
 from torch import nn
 
-from peftlab.core.config import MethodConfig, check
-from peftlab.core.matching import check_target_modules, find_targets, set_submodule
+from peftlab.core.config import ConfigError, MethodConfig, check
+from peftlab.core.matching import (
+    check_target_modules,
+    find_targets,
+    is_embedding,
+    set_submodule,
+)
 from peftlab.core.model import check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
@@ -65,7 +70,8 @@ class LoRAConfig(MethodConfig):
     dropout: float = 0.0
     """Dropout on the input of the low-rank path, in [0, 1)."""
     target_modules: str | list[str] = "all-linear"
-    """Module names/suffixes, a regex, or "all-linear" (every linear layer but the output head)."""
+    """Module names/suffixes, a regex, or "all-linear" (every linear layer but the output head);
+    an embedding table named here (embed_tokens) gets LoRA too."""
     use_rslora: bool = False
     """Rank-stabilized scaling alpha / √r (Kalajdzievski 2023), so larger ranks keep learning."""
     init: str = "kaiming"
@@ -150,6 +156,9 @@ class LoRALinear(nn.Module):
     """
 
     _plan: Plan | None
+    adapts_embeddings = True
+    """Whether this method's adapter may target an embedding table (a
+    :class:`~peftlab.methods._lora_embedding.LoRAEmbedding` then holds it)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -450,21 +459,48 @@ def add_low_rank_adapters(
     """Wrap every targeted linear layer in ``layer_cls`` (reusing a wrapper already there)
     and add adapter ``adapter_name`` to it; then group the model's LoRA layers that share
     an input (:func:`peftlab.methods._lora_group.link`). Returns the targeted names."""
-    targets = _patterns.kept_layers(config, find_targets(model, config.target_modules))
+    targets = _patterns.kept_layers(
+        config, find_targets(model, config.target_modules, embeddings=True)
+    )
     _patterns.check_keys_match(config, targets)
     for name in targets:
         module = model.get_submodule(name)
-        check_free(name, module, layer_cls)
+        cls = (
+            _embedding_class(name, module, config, layer_cls) if is_embedding(module) else layer_cls
+        )
+        check_free(name, module, cls)
         if not isinstance(module, LoRALinear):
             if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
                 from peftlab.methods.nf4 import adopt_4bit
 
                 adopt_4bit(name, module)
-            module = layer_cls(module)
+            module = cls(module)
             set_submodule(model, name, module)
         module.add_adapter(adapter_name, config.for_module(name))
     _group.link((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
     return targets
+
+
+def _embedding_class(name: str, module: nn.Module, config: LoRAConfig, layer_cls: type) -> type:
+    """The layer class for an embedding target (:mod:`peftlab.methods._lora_embedding`), or a
+    one-line refusal where ``layer_cls``' method or ``config`` cannot adapt one."""
+    from peftlab.methods._lora_embedding import LoRAEmbedding, check_embedding
+
+    if not layer_cls.adapts_embeddings:
+        raise ConfigError(
+            f"target_modules: {name} is an embedding table, which {layer_cls.__name__} does not "
+            f"adapt (LoRA and QLoRA do); leave {name.rsplit('.', 1)[-1]!r} out of target_modules"
+        )
+    check_embedding(name, module, config.for_module(name))
+    return LoRAEmbedding
+
+
+def embedding_file_key(config: LoRAConfig, key: str) -> str:
+    """peft's file key for a tensor: an embedding's factors are ``….lora_embedding_A`` /
+    ``_B`` (peft holds them as bare parameters; peftlab's have a ``.weight``)."""
+    if ".lora_embedding_" in key and key.endswith(".weight"):
+        return key[: -len(".weight")]
+    return key
 
 
 def _apply(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
@@ -479,6 +515,7 @@ register_method(
         _apply,
         "lora_",
         peft_export=peft_lora_fields,
+        file_key=embedding_file_key,
         tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (8, 16, 32)}),
     )
 )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError, check
-from peftlab.core.matching import find_targets, set_submodule
+from peftlab.core.matching import find_targets, is_embedding, set_submodule
 from peftlab.core.model import adapter_configs, check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, is_quantized
@@ -33,6 +33,7 @@ from peftlab.methods.lora import (
     LoRAConfig,
     LoRALinear,
     add_low_rank_adapters,
+    embedding_file_key,
     peft_lora_fields,
 )
 
@@ -181,7 +182,8 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
 
     compute_dtype = DTYPES[config.compute_dtype]
     layer_cls = QDoRALinear if config.use_dora else QLoRALinear
-    targets = find_targets(model, config.target_modules)
+    found = find_targets(model, config.target_modules, embeddings=True)
+    targets = [n for n in found if not is_embedding(model.get_submodule(n))]  # kept in float
     loftq = config.init == _loftq.INIT
     for name in targets:  # every layer is checked before any is quantized
         module = model.get_submodule(name)
@@ -250,6 +252,7 @@ register_method(
         peft_export=_peft_fields,
         unload=_unload_model,
         export=_export,
+        file_key=embedding_file_key,
         tuning=Tuning(1e-3, {"lr": LOW_RANK_LRS, "r": (8, 16, 32)}),
     )
 )

@@ -303,7 +303,7 @@ def saved_activation_bytes(
     element)."""
     s = seq + p.seq_extra
     tokens = batch * s
-    grad0 = p.embeddings_trainable or p.seq_extra > 0 or bool(ckpt.layers)
+    grad0 = p.embeddings_trainable or p.embedding_adapted or p.seq_extra > 0 or bool(ckpt.layers)
     blocks = [
         block_saved_elements(arch, p, s, attention, grad_in=(k > 0 or grad0), training=training)
         for k in range(arch.layers)

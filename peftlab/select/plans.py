@@ -45,7 +45,7 @@ from peftlab.core.matching import ALL_LINEAR, check_regex, is_head_name, matches
 from peftlab.methods import _lora_patterns as _patterns
 from peftlab.methods.adapter import AdapterConfig, adapted_outputs, block_outputs
 from peftlab.methods.ia3 import IA3Config, feedforward_names, resolve_modules
-from peftlab.select.presets import BLOCKS, Architecture
+from peftlab.select.presets import BLOCKS, INPUT_EMBEDDING, Architecture
 
 Shape = tuple[int, int, bool]
 """A linear layer's ``(in, out, has_bias)``."""
@@ -105,19 +105,26 @@ class MethodPlan:
     frozen_extra: int = 0
     """Frozen elements the method adds beside the base weights (VeRA's shared projection
     pair): weights memory, neither trained nor part of the merged model."""
+    embedding_adapted: bool = False
+    """A LoRA on the input embedding table: its output (so block 0's input) needs a gradient."""
     head_adapted: bool = False
     """The method replaces a causal LM's output head (LoRA/QLoRA/an adapter targeting
     ``lm_head``), so the chunked loss cannot serve it and the trainer uses the plain loss."""
 
 
-def target_linears(arch: Architecture, target_modules: Any) -> dict[str, Shape]:
+def target_linears(
+    arch: Architecture, target_modules: Any, embeddings: bool = False
+) -> dict[str, Shape]:
     """The linear layers of ``arch`` that ``target_modules`` selects, by qualified name, with
-    ``peftlab.apply``'s rules (``"all-linear"`` leaves the output head out).
+    ``peftlab.apply``'s rules (``"all-linear"`` leaves the output head out); with
+    ``embeddings`` (LoRA, QLoRA) the input embedding too when named, as ``(vocab, hidden)``.
 
     Raises:
         ConfigError: an invalid regex, or a target (a list entry) that matches no linear layer.
     """
     linears = arch.named_linears()
+    if embeddings and target_modules != ALL_LINEAR:
+        linears[INPUT_EMBEDDING[arch.family]] = (arch.vocab, arch.hidden, False)
     per_block = ", ".join(arch.linear_shapes())
     if isinstance(target_modules, str):
         if target_modules != ALL_LINEAR:
@@ -216,7 +223,7 @@ def full_plan(arch: Architecture, f: dict) -> MethodPlan:
 def lowrank_plan(name: str, arch: Architecture, f: dict, dora: bool = False) -> MethodPlan:
     """Low-rank adapters (LoRA, DoRA): ``r·(in + out)`` per targeted linear, plus ``out`` (the
     magnitude) with ``dora``."""
-    found = target_linears(arch, f["target_modules"])
+    found = target_linears(arch, f["target_modules"], embeddings=not dora)
     keys = ("r", "rank_pattern", "layers_to_transform", "layers_pattern")
     cfg = SimpleNamespace(**{k: f.get(k) for k in keys})
     found = {n: found[n] for n in _patterns.kept_layers(cfg, list(found))}
@@ -230,6 +237,7 @@ def lowrank_plan(name: str, arch: Architecture, f: dict, dora: bool = False) -> 
         dora=dora,
         head_trainable=trains_head(arch, f),
         head_adapted=adapts_head(found),
+        embedding_adapted=INPUT_EMBEDDING[arch.family] in found,
     )
 
 
@@ -311,7 +319,9 @@ def qlora_plan(arch: Architecture, f: dict) -> MethodPlan:
     """LoRA's (or with ``use_dora`` DoRA's) closed form, with the targeted base weights stored
     in 4 bits and every other parameter upcast to float32 (as QLoRA's ``apply`` does)."""
     p = lowrank_plan("qlora", arch, f, dora=bool(f["use_dora"]))
-    p.quantized = sum(i * o for i, o, _ in target_linears(arch, f["target_modules"]).values())
+    found = target_linears(arch, f["target_modules"], embeddings=not f["use_dora"])
+    found.pop(INPUT_EMBEDDING[arch.family], None)  # an embedding target stays in float
+    p.quantized = sum(i * o for i, o, _ in found.values())
     p.quant_bits = nf4_bits(int(f["blocksize"]), bool(f["double_quant"]))
     p.upcast_non_quantized = True
     p.checkpointing = bool(f["gradient_checkpointing"])

@@ -22,6 +22,8 @@ learned positions, GELU MLP, dropout, classification head)."""
 BLOCKS = {LLAMA: "model.layers", BERT: "bert.encoder.layer"}
 """Where a family's blocks sit in its transformers model: block ``k``'s linear ``s`` is
 ``f"{BLOCKS[family]}.{k}.{s}"``, the name ``peftlab.core.matching`` matches targets against."""
+INPUT_EMBEDDING = {LLAMA: "model.embed_tokens", BERT: "bert.embeddings.word_embeddings"}
+"""Where a family's input embedding table sits (LoRA can target it by name)."""
 QUERY_VALUE = {LLAMA: ["q_proj", "v_proj"], BERT: ["query", "value"]}
 """A family's query and value projections (LoRA's original targets)."""
 

@@ -102,7 +102,8 @@ def optimizer_for(model, cfg: TrainConfig):
     """AdamW over the trainable parameters; matrices decay, vectors (biases, norms, DoRA
     magnitudes) do not. Learning rates: a classification model's head trains at
     ``cfg.head_lr`` (when set); with ``cfg.loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024,
-    https://arxiv.org/abs/2402.12354) every ``lora_B`` factor — and, as peft's
+    https://arxiv.org/abs/2402.12354) every ``lora_B`` factor (an embedding's
+    ``lora_embedding_B`` too; peft puts those at a fixed 1e-6) — and, as peft's
     ``create_loraplus_optimizer`` does, every other trainable vector — trains at
     ``ratio · lr``; the rest at ``lr``. One param group per (lr, decay), the ``lr`` groups
     first (group 0 carries the lr that is logged)."""
@@ -114,7 +115,7 @@ def optimizer_for(model, cfg: TrainConfig):
     def lr_of(name: str, p) -> float:
         if head and name.startswith(f"{head}."):
             return cfg.head_lr
-        if ratio is not None and ("lora_B" in name or p.dim() < 2):
+        if ratio is not None and ("lora_B" in name or "lora_embedding_B" in name or p.dim() < 2):
             return cfg.lr * ratio
         return cfg.lr
 

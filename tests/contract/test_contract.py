@@ -57,10 +57,31 @@ def _perturb(model, seed=3):
 
 @pytest.mark.parametrize("method,arch", CASES)
 def test_contract(method, arch, batch, tmp_path):
+    _check_contract(method, arch, _config(method), batch, tmp_path)
+
+
+EMBEDDINGS = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings"}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_contract_with_the_embedding_table_targeted(method, arch, batch, tmp_path):
+    """LoRA on the input embeddings (tied to the head on GPT-2) beside all-linear's layers."""
+    if method not in peftlab.methods():
+        pytest.skip(f"{method} is not registered in this install")
+    linear = {"llama": "(model.layers.*_proj)", "gpt2": "(transformer.h.*c_.*)",
+              "bert": "(bert.encoder.*(query|value|dense))"}  # fmt: skip
+    targets = f"(.*\\.{EMBEDDINGS[arch]})|{linear[arch]}"
+    config = _config(method).replace(target_modules=targets)
+    probe = peftlab.apply(TINY[arch](), config)
+    assert type(probe.get_input_embeddings()).__name__ == "LoRAEmbedding"
+    _check_contract(method, arch, config, batch, tmp_path)
+
+
+def _check_contract(method, arch, config, batch, tmp_path):
     base = TINY[arch]()
     ref = _logits(base, batch)
     model = copy.deepcopy(base)
-    config = _config(method)
     peftlab.apply(model, config)
     spec = get_method(method)
 
