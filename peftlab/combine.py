@@ -47,7 +47,7 @@ the dequantized base. **Biases**: peftlab's LoRA has no bias term (peft's ``lora
 so there is none to combine. Refused, in one line and with the model unchanged: an empty or
 non-dict ``weights``, an unknown name, a weight that is not a finite number, adapters of
 other methods or a mix of LoRA and DoRA parts, parts that train modules in full
-(``modules_to_save``: one shared module, nothing to combine), a ``density`` outside
+(``modules_to_save``: each adapter's own copy, not low-rank), a ``density`` outside
 ``(0, 1]``, a ``rank`` below 1, and options given to a method that does not use them.
 """
 
@@ -187,8 +187,8 @@ def _parts(model, weights) -> list[_Part]:
         if saved_modules(model, n):
             raise ConfigError(
                 f"adapter {n!r} trains {list(saved_modules(model, n))} in full "
-                f"(modules_to_save), one module shared by every adapter; combine merges "
-                f"low-rank factors only"
+                f"(modules_to_save), its own copy of them; combine merges low-rank factors "
+                f"only (give the parts modules_to_save=[])"
             )
         if cfg.init in RESIDUAL_INITS:
             raise ConfigError(

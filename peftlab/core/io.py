@@ -21,6 +21,7 @@ from peftlab.core.config import ConfigError, MethodConfig, check, config_from_di
 from peftlab.core.fileio import atomic_write_with
 from peftlab.core.model import adding_adapter, attach_adapter, owner_index, set_adapter
 from peftlab.core.registry import get_method
+from peftlab.core.saved import adapter_module_state
 from peftlab.core.state import active_adapter, adapter_configs, saved_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,8 +68,8 @@ def adapter_state_dict(
             key = spec.file_key(configs[adapter_name], key)
         if key is not None:
             out[key] = t.detach().contiguous()
-    for module_name in saved_modules(model, adapter_name):
-        for name, t in model.get_submodule(module_name).state_dict().items():
+    for module_name in saved_modules(model, adapter_name):  # the adapter's own copy
+        for name, t in adapter_module_state(model, adapter_name, module_name).items():
             out[f"{KEY_PREFIX}{module_name}.{name}"] = t.detach().contiguous()
     return out
 

@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from peftlab.core import saved as _saved
 from peftlab.core.config import ConfigError, MethodConfig
 from peftlab.core.matching import set_submodule
 from peftlab.core.registry import get_method, spec_for_config
@@ -243,6 +244,7 @@ def attach_adapter(
         saved={**(state.saved if state else {}), adapter_name: tuple(saved)},
         originals=originals,
     )
+    _saved.claim(model, adapter_name, tuple(saved))  # its own copy, from the base's values
     return config
 
 
@@ -295,8 +297,11 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
             f"each once (peftlab.disable_adapters(model) computes as the base model)"
         )
     _check_composes(configs, names)
+    state = state_of(model)
+    _saved.check_one_trainer(state.saved if state else {}, names)
     for _, layer in adapter_layers(model):
         layer.set_adapter(names)
+    _saved.sync(model, names)
     prefixes = {_prefix(c) for c in configs.values()} - {""}
     for name, p in model.named_parameters():
         if any(prefix in name for prefix in prefixes):

@@ -26,6 +26,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.matching import set_submodule
 from peftlab.core.model import AdapterLayer, adapter_layers, held_adapters, unload
 from peftlab.core.registry import get_method
+from peftlab.core.saved import forget, sync
 from peftlab.core.snapshot import atomic
 from peftlab.core.state import adapter_configs, adapters_disabled, state_of, update_state
 
@@ -96,6 +97,8 @@ def _remove(model: nn.Module, adapter_name: str, holders: list[tuple[str, nn.Mod
     spec = get_method(method)
     if spec.unload is not None and not any(c.method == method for c in configs.values()):
         spec.unload(model)  # the method's last adapter: its hooks and modules go
+    forget(model, adapter_name)  # its copies of modules trained in full
+    state = state_of(model)
     saved = dict(state.saved)
     mine = saved.pop(adapter_name, ())
     still = {m for names in saved.values() for m in names}
@@ -108,13 +111,12 @@ def _remove(model: nn.Module, adapter_name: str, holders: list[tuple[str, nn.Mod
         if module_name not in still:
             for p in model.get_submodule(module_name).parameters():
                 p.requires_grad_(False)
+    active = tuple(n for n in state.active if n != adapter_name)
+    holders = {m: h for m, h in state.holders.items() if m in still}
     update_state(
-        model,
-        configs=configs,
-        saved=saved,
-        originals=originals,
-        active=tuple(n for n in state.active if n != adapter_name),
+        model, configs=configs, saved=saved, originals=originals, active=active, holders=holders
     )
+    sync(model, active)  # another active adapter's copy into the modules it trains
 
 
 def drop_entries(module: nn.Module, adapter_name: str) -> None:

@@ -8,7 +8,8 @@ back restores all of it at once, and no caller can change it behind the core's b
 
 Adapter layers and a method's own modules keep their mechanics (which adapters a layer holds,
 its merged flag); the state holds what spans the model: the configs, the active adapter,
-whether adapters are disabled, and the modules trained in full with their original weights.
+whether adapters are disabled, and the modules trained in full with their original weights
+and each adapter's copy of them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class ModelState:
     originals: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
     """Module name → the state dict a ``modules_to_save`` module had before it trained in
     place, so ``unload`` can give the base model back."""
+    holders: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    """Module trained in full → the adapter whose copy the live module holds (None: the base's
+    values); see :mod:`peftlab.core.saved`."""
+    parked: dict[str, dict[str, dict[str, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    """Adapter → module → its copy's tensors, for the modules another adapter (or the base)
+    holds now."""
 
 
 def state_of(model: nn.Module) -> ModelState | None:
