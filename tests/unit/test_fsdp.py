@@ -123,6 +123,19 @@ def test_dora_fsdp_two_processes_match_one_process(tiny_dir, tmp_path):
 
 
 @needs_torchrun
+def test_lora_on_the_embeddings_under_fsdp_matches_one_process(tiny_dir, tmp_path):
+    """LoRA on the input embedding table (outside the decoder layers FSDP shards as units)."""
+    lora = {"method": "lora", "method_args": {"r": 4, "target_modules": ["embed_tokens", "q_proj"]}}
+    one = tmp_path / "one"
+    train(_config(tiny_dir, one, batch_size=4, **lora))
+    cfg = _config(tiny_dir, tmp_path / "two", batch_size=2, distributed=_FSDP, **lora)
+    two = _fsdp_train(tmp_path, cfg)
+    _assert_same_run(one, two)
+    keys = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys
+
+
+@needs_torchrun
 def test_sigkill_then_resume_matches_the_uninterrupted_fsdp_run(tiny_dir, tmp_path, lora_runs):
     """Rank 1 SIGKILLs itself in step 5, after the step-4 checkpoint; torchrun tears the other
     process down. Resumed on 2 processes, steps 5-6 equal the uninterrupted run's bit for bit
