@@ -132,7 +132,8 @@ class InferenceInfo:
     base_again: dict | None = _opt()
     """The base model timed in the second phase (with the merged model, or alone)."""
     noise_floor: float | None = _opt()
-    """:func:`peftlab.bench.timing.noise_floor` of the two phases' base timings."""
+    """:func:`peftlab.bench.timing.noise_floor`: the two phases' base timings and every
+    timed model's round-to-round spread."""
 
 
 @dataclasses.dataclass

@@ -34,7 +34,8 @@ def time_inference(
     with a classification head) report prefill only.
 
     Returns:
-        name → ``{"prefill_s", "decode_tokens_per_s"}``.
+        name → ``{"prefill_s", "decode_tokens_per_s", "rounds"}`` (``rounds``: each round's
+        ``[prefill_s, decode_tokens_per_s]``, the spread the noise floor reads).
     """
     rows = batch["input_ids"].shape[0]
     states = {name: m.training for name, m in models.items()}
@@ -79,6 +80,7 @@ def time_inference(
         out[name] = {
             "prefill_s": statistics.median(p for p, _ in ts),
             "decode_tokens_per_s": statistics.median(decode) if decode else None,
+            "rounds": [[p, d] for p, d in ts],  # each round's (prefill s, decode tok/s)
         }
     return out
 

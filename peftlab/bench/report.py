@@ -234,8 +234,9 @@ DEFINITIONS = [
     f"**train speed**: per run, medians over the steps after the first {measure.WARMUP_STEPS}.",
     "**inference overhead**: slowdown against the base model timed in the same process on the "
     "same prompts: max(prefill latency ratio, 1 / decode tokens/s ratio) − 1. The base model "
-    "is timed in two phases; the gap between them is the run's noise floor, and a slowdown "
-    "inside it is *within noise*. A merged adapter or full fine-tuning is never faster than its "
+    "is timed in two phases and every model in several rounds; the largest gap between two "
+    "timings of one model is the run's noise floor, and a slowdown inside it is *within "
+    "noise*. A merged adapter or full fine-tuning is never faster than its "
     "base.",
     "**unreliable (machine busy)**: the machine's load was read before, during and after each "
     "run; when other work used the cores (or the load changed between readings) the run's "

@@ -3,10 +3,13 @@
 - **Slowdown** of a form (unmerged or merged) against the base model timed in the same phase
   on the same prompts: ``s = max(prefill latency ratio, 1 / decode speed ratio)``; the
   overhead is ``s − 1``.
-- **Noise floor** of a run: the worker times the base model in two phases (with the unmerged
-  model, then with the merged one or alone); the base against itself,
-  ``|prefill₂ / prefill₁ − 1|`` and ``|decode₁ / decode₂ − 1|``, is what the timer and the
-  machine do to a model that did not change (:func:`peftlab.bench.stats.noise_floor`).
+- **Noise floor** of a run: what the timer and the machine do to a model that did not change
+  (:func:`peftlab.bench.stats.noise_floor`, the largest ``|r − 1|``). The worker times the
+  base model in two phases (with the unmerged model, then with the merged one or alone): the
+  base against itself, ``|prefill₂ / prefill₁ − 1|`` and ``|decode₁ / decode₂ − 1|``; and
+  every model is timed in several rounds of a phase: each one's rounds against each other are
+  the same kind of ratio. (With the phases alone, one quiet base pair could set a 9% floor
+  while a merged model's two decode rounds disagreed by 40%: a "slower" verdict from noise.)
 - **Finding** (:func:`peftlab.bench.stats.timing_verdict`): "slower" beyond the noise floor,
   "within noise" inside it, and "faster" only for a form whose computation could be cheaper
   than the base's — never for a merged adapter or for full fine-tuning, which compute exactly
@@ -36,17 +39,29 @@ def overhead_fraction(ratios: dict | None) -> float | None:
     return max(parts) - 1.0 if parts else None
 
 
-def noise_floor(first: dict | None, second: dict | None) -> float | None:
+def noise_floor(first: dict | None, second: dict | None, *timed: dict | None) -> float | None:
     """The noise floor from the base model's timings in two phases (``{"prefill_s",
-    "decode_tokens_per_s"}`` each); None when the base was timed only once."""
+    "decode_tokens_per_s"}`` each) and the round-to-round spread of those and of every other
+    timing in ``timed`` (their ``"rounds"``); None when the base was timed only once."""
     if not first or not second:
         return None
+    ratios = _pair_ratios(first, second)
+    for t in (first, second, *timed):
+        rounds = (t or {}).get("rounds") or []
+        for a, b in zip(rounds, rounds[1:]):  # both ways: the slower round against the faster
+            a, b = ({"prefill_s": r[0], "decode_tokens_per_s": r[1]} for r in (a, b))
+            ratios += _pair_ratios(a, b) + _pair_ratios(b, a)
+    return stats.noise_floor(ratios) if ratios else None
+
+
+def _pair_ratios(first: dict, second: dict) -> list[float]:
+    """An unchanged model timed twice: prefill latency and decode speed ratios."""
     ratios = []
     if first.get("prefill_s") and second.get("prefill_s"):
         ratios.append(second["prefill_s"] / first["prefill_s"])
     if first.get("decode_tokens_per_s") and second.get("decode_tokens_per_s"):
         ratios.append(first["decode_tokens_per_s"] / second["decode_tokens_per_s"])
-    return stats.noise_floor(ratios) if ratios else None
+    return ratios
 
 
 def findings(

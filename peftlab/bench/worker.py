@@ -351,10 +351,11 @@ def _time_inference(spec: RunSpec, base, model, prompts: dict) -> InferenceInfo:
         unmerged_vs_base=overhead_ratios(base_speed, unmerged),
         merged_vs_base=overhead_ratios(merged_base, merged) if merged else None,
         base_again=base_again,
-        noise_floor=timing.noise_floor(base_speed, base_again),
+        noise_floor=timing.noise_floor(base_speed, base_again, unmerged, merged),
         how=f"median of {inf.repeats} rounds, each timing a fresh base model and the "
         "adapted one in turn on the same prompts, after a warm-up round; the base model is "
-        "timed again in a second phase (with the merged model, or alone) for the noise floor",
+        "timed again in a second phase (with the merged model, or alone) for the noise floor, "
+        "which also reads every model's round-to-round spread",
     )
 
 
