@@ -39,6 +39,7 @@ from peftlab.core.state import (
     state_of,
     update_state,
 )
+from peftlab.core.tying import untie_adapted_embeddings
 
 __all__ = [
     "AdapterLayer",
@@ -206,6 +207,7 @@ def attach_adapter(
     """
     if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
         raise ConfigError(f"adapter_name={adapter_name!r} must be a Python identifier")
+    _refuse_while_disabled(model, "adding an adapter")
     spec = spec_for_config(config)
     existing = adapter_configs(model)
     if adapter_name in existing:
@@ -246,6 +248,17 @@ def attach_adapter(
     )
     _saved.claim(model, adapter_name, tuple(saved))  # its own copy, from the base's values
     return config
+
+
+def _refuse_while_disabled(model: nn.Module, what: str) -> None:
+    """Inside ``disable_adapters`` the modules trained in full hold the base's values until the
+    block ends and puts the adapter's back: changing which adapter holds them there would
+    hand one adapter's values to another."""
+    if adapters_disabled(model):
+        raise ConfigError(
+            f"{what} inside `with peftlab.disable_adapters(model):` is refused; leave the block "
+            f"first"
+        )
 
 
 def _prefix(config: MethodConfig) -> str:
@@ -297,6 +310,7 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
             f"each once (peftlab.disable_adapters(model) computes as the base model)"
         )
     _check_composes(configs, names)
+    _refuse_while_disabled(model, "set_adapter")
     state = state_of(model)
     _saved.check_one_trainer(state.saved if state else {}, names)
     for _, layer in adapter_layers(model):
@@ -416,43 +430,12 @@ def _mergeable_or_raise(model: nn.Module, what: str) -> None:
         )
 
 
-def _untie_adapted_head(model: nn.Module) -> None:
-    """Give an adapted output head or input embedding its own weight before a merge: with
-    tied embeddings (SmolLM2, GPT-2) a merge into one would write its update into the other
-    too. The model's config then says the two are not tied, so a saved merged model keeps
-    both."""
-    get_out, get_in = (
-        getattr(model, n, None) for n in ("get_output_embeddings", "get_input_embeddings")
-    )
-    if not (callable(get_out) and callable(get_in)):
-        return
-    head, embed = get_out(), get_in()
-    if head is None or embed is None:
-        return
-    head_base, embed_base = (getattr(m, "base_layer", m) for m in (head, embed))
-    if head_base.weight is not embed_base.weight:
-        return
-    if isinstance(head, AdapterLayer):
-        untied = head_base
-    elif isinstance(embed, AdapterLayer):
-        untied = embed_base
-    else:
-        return
-    untied.weight = nn.Parameter(embed_base.weight.detach().clone(), requires_grad=False)
-    configs = [getattr(model, "config", None)]
-    if hasattr(configs[0], "get_text_config"):
-        configs.append(configs[0].get_text_config())
-    for c in configs:
-        if c is not None and hasattr(c, "tie_word_embeddings"):
-            c.tie_word_embeddings = False
-
-
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
     """Fold the active adapter's update into the base weights (reversible with unmerge). An
     adapted output head tied to the input embeddings gets its own weight first."""
     _mergeable_or_raise(model, "merge")
-    _untie_adapted_head(model)
+    untie_adapted_embeddings(model)
     for _, layer in adapter_layers(model):
         layer.merge()
 
@@ -471,7 +454,7 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
     Keyword arguments go to each layer's ``unload`` (QLoRA: ``dequantize=True``).
     """
     _mergeable_or_raise(model, "merge_and_unload")
-    _untie_adapted_head(model)
+    untie_adapted_embeddings(model)
     return _unload(model, merge=True, **kwargs)
 
 

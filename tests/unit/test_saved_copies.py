@@ -118,3 +118,19 @@ def test_a_refused_load_leaves_the_first_adapters_head(tmp_path):
         peftlab.load_adapter(model, tmp_path / "r8", "c")
     torch.testing.assert_close(_logits(model), want_a, rtol=0, atol=0)
     assert peftlab.active_adapters(model) == ("a",)
+
+
+def test_switching_or_adding_inside_disable_adapters_is_refused(tmp_path):
+    """Inside the block the head holds the base's values; a switch there would hand them (and
+    then the block's restore) to the wrong adapter."""
+    model, _, want_a = _two_adapters()
+    _train(model, "b", 1)
+    want_b = _logits(model)
+    with peftlab.disable_adapters(model):
+        with pytest.raises(ConfigError, match="inside `with peftlab.disable_adapters"):
+            peftlab.set_adapter(model, "a")
+        with pytest.raises(ConfigError, match="inside `with peftlab.disable_adapters"):
+            peftlab.apply(model, peftlab.LoRAConfig(r=4, target_modules=["key"]), "c")
+    torch.testing.assert_close(_logits(model), want_b, rtol=0, atol=0)
+    peftlab.set_adapter(model, "a")
+    torch.testing.assert_close(_logits(model), want_a, rtol=0, atol=0)
