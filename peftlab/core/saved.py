@@ -61,6 +61,15 @@ def claim(model: nn.Module, adapter_name: str, modules: tuple[str, ...]) -> None
     base's values: another adapter's trained tensors there are parked first."""
     state = state_of(model)
     assert state is not None
+    others = {m for a, mods in state.saved.items() if a != adapter_name for m in mods}
+    for name in modules:
+        inside = [o for o in others if o.startswith(name + ".") or name.startswith(o + ".")]
+        if inside:
+            raise ConfigError(
+                f"modules_to_save: {name!r} overlaps {inside[0]!r}, which another adapter trains "
+                f"in full; each adapter keeps its own copy of whole modules — name the same "
+                f"module ({inside[0]!r} or {name!r}) in both"
+            )
     holders, parked = dict(state.holders), _copy_parked(state)
     for name in modules:
         module = model.get_submodule(name)

@@ -134,3 +134,13 @@ def test_switching_or_adding_inside_disable_adapters_is_refused(tmp_path):
     torch.testing.assert_close(_logits(model), want_b, rtol=0, atol=0)
     peftlab.set_adapter(model, "a")
     torch.testing.assert_close(_logits(model), want_a, rtol=0, atol=0)
+
+
+def test_a_module_inside_another_adapters_module_is_refused():
+    model = tiny_bert()
+    peftlab.apply(model, peftlab.LoRAConfig(r=4, modules_to_save=["bert.pooler"]), "a")
+    before = _logits(model)
+    with pytest.raises(ConfigError, match="'bert.pooler.dense' overlaps 'bert.pooler'"):
+        peftlab.apply(model, peftlab.LoRAConfig(r=4, modules_to_save=["pooler.dense"]), "b")
+    assert sorted(peftlab.core.state.adapter_configs(model)) == ["a"]
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
