@@ -146,3 +146,17 @@ class LoRAEmbedding(LoRALinear):
             f"num_embeddings={self.in_features}, dim={self.out_features}, "
             f"adapters={list(self.lora_A)}"
         )
+
+
+def embedding_layer_class(
+    name: str, module: nn.Module, config: LoRAConfig, layer_cls: type
+) -> type:
+    """The layer class for an embedding target (:mod:`peftlab.methods._lora_embedding`), or a
+    one-line refusal where ``layer_cls``' method or ``config`` cannot adapt one."""
+    if not layer_cls.adapts_embeddings:
+        raise ConfigError(
+            f"target_modules: {name} is an embedding table, which {layer_cls.__name__} does not "
+            f"adapt (LoRA and QLoRA do); leave {name.rsplit('.', 1)[-1]!r} out of target_modules"
+        )
+    check_embedding(name, module, config.for_module(name))
+    return LoRAEmbedding

@@ -151,3 +151,11 @@ def peft_lora_fields(config) -> dict:
 def _peft_layers(layers: int | list[int] | None) -> list[int] | None:
     """``layers_to_transform`` as peft writes it: a list (or null)."""
     return [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
+
+
+def embedding_file_key(config, key: str) -> str:
+    """peft's file key for a tensor: an embedding's factors are ``….lora_embedding_A`` /
+    ``_B`` (peft holds them as bare parameters; peftlab's have a ``.weight``)."""
+    if ".lora_embedding_" in key and key.endswith(".weight"):
+        return key[: -len(".weight")]
+    return key

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from peftlab.core.config import ConfigError, MethodConfig, check
+from peftlab.core.config import MethodConfig, check
 from peftlab.core.matching import (
     check_target_modules,
     find_targets,
@@ -49,6 +49,7 @@ from peftlab.methods._lora_fused import fast_path as fast_path  # the switch, pu
 from peftlab.methods._lora_fused import fast_path_enabled as fast_path_enabled
 from peftlab.methods._lora_group import grouping as grouping  # grouping's own switch
 from peftlab.methods._lora_group import grouping_enabled as grouping_enabled
+from peftlab.methods._lora_patterns import embedding_file_key as embedding_file_key
 from peftlab.methods._lora_patterns import peft_lora_fields as peft_lora_fields  # dora, qlora
 
 MIN_GROUP_ROWS = 16
@@ -465,9 +466,11 @@ def add_low_rank_adapters(
     _patterns.check_keys_match(config, targets)
     for name in targets:
         module = model.get_submodule(name)
-        cls = (
-            _embedding_class(name, module, config, layer_cls) if is_embedding(module) else layer_cls
-        )
+        cls = layer_cls
+        if is_embedding(module):  # LoRA on a lookup table (imported here: it subclasses ours)
+            from peftlab.methods._lora_embedding import embedding_layer_class
+
+            cls = embedding_layer_class(name, module, config, layer_cls)
         check_free(name, module, cls)
         if not isinstance(module, LoRALinear):
             if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
@@ -479,28 +482,6 @@ def add_low_rank_adapters(
         module.add_adapter(adapter_name, config.for_module(name))
     _group.link((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
     return targets
-
-
-def _embedding_class(name: str, module: nn.Module, config: LoRAConfig, layer_cls: type) -> type:
-    """The layer class for an embedding target (:mod:`peftlab.methods._lora_embedding`), or a
-    one-line refusal where ``layer_cls``' method or ``config`` cannot adapt one."""
-    from peftlab.methods._lora_embedding import LoRAEmbedding, check_embedding
-
-    if not layer_cls.adapts_embeddings:
-        raise ConfigError(
-            f"target_modules: {name} is an embedding table, which {layer_cls.__name__} does not "
-            f"adapt (LoRA and QLoRA do); leave {name.rsplit('.', 1)[-1]!r} out of target_modules"
-        )
-    check_embedding(name, module, config.for_module(name))
-    return LoRAEmbedding
-
-
-def embedding_file_key(config: LoRAConfig, key: str) -> str:
-    """peft's file key for a tensor: an embedding's factors are ``….lora_embedding_A`` /
-    ``_B`` (peft holds them as bare parameters; peftlab's have a ``.weight``)."""
-    if ".lora_embedding_" in key and key.endswith(".weight"):
-        return key[: -len(".weight")]
-    return key
 
 
 def _apply(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
