@@ -143,6 +143,11 @@ def target_linears(
     found = {}
     for entry in target_modules:
         hits = {n: s for n, s in linears.items() if matches_target(n, [entry])}
+        if not hits and matches_target(INPUT_EMBEDDING[arch.family], [entry]):
+            raise ConfigError(
+                f"target module {entry!r} is {arch.name}'s embedding table, which only LoRA and "
+                f"QLoRA (without use_dora) adapt; leave it out of target_modules"
+            )
         if not hits:
             raise ConfigError(
                 f"target module {entry!r} matches no linear layer of {arch.name}; its per-block "

@@ -282,3 +282,12 @@ def test_estimator_counts_the_embedding_factors_and_the_gradient_they_start(meth
     measured = _saved_bytes(model, ids, labels)
     # 2%: the gradient into block 0 alone adds 3.6% (llama) / 6.3% (bert) here
     assert est.detail["saved_activations"] == pytest.approx(measured, rel=0.02), measured
+
+
+@pytest.mark.parametrize("method", ["dora", "vera", "loha"])
+def test_estimator_names_the_embedding_table_for_methods_that_cannot_adapt_it(method):
+    from peftlab.select.estimator import estimate_memory
+
+    cfg = peftlab.config_from_dict({"method": method, "target_modules": ["embed_tokens", "q_proj"]})
+    with pytest.raises(ConfigError, match="'embed_tokens' is smollm2-135m's embedding table"):
+        estimate_memory("smollm2-135m", cfg, 1, 16)
