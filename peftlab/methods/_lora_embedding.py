@@ -105,12 +105,7 @@ class LoRAEmbedding(LoRALinear):
         rows = self.__dict__.get("_rows")  # set by peftlab.adapter_rows: a mixed batch
         if rows is not None:
             return rows.forward(self, x)
-        result = self.base_layer(x)
-        if self.disabled or self.merged:
-            return result
-        for name in self.active:
-            result = self.add_update(result, x, name)
-        return result
+        return self._general_forward(x)  # the base lookup, then each active update
 
     def add_update(
         self, result: torch.Tensor, x: torch.Tensor, name: str, dropout: bool = True
