@@ -345,7 +345,7 @@ def _drop_copied_base_weights(
     adapter on embeddings (``….embed_tokens.base_layer.weight``, its ``save_embedding_layers``)
     when they equal the model's; refuse when they differ (the adapter was trained on other
     embeddings: a resized vocabulary) rather than overwrite the user's base model."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied table: both names
     for key in [k for k in tensors if k not in expected and ".base_layer." in k]:
         mine = params.get(key.removeprefix(KEY_PREFIX))
         if mine is None:

@@ -7,10 +7,10 @@ An embedding is a linear map of a one-hot token vector, ``E[t] = Eᵀ·onehot(t)
     h(t) = E[t] + s·B·A[:, t],   A ∈ R^{r×V}, B ∈ R^{d×r},   s = alpha / r   (rsLoRA: / √r)
 
 computed as a lookup of A's column (``F.embedding(t, Aᵀ)``, ``(…, r)``) times ``Bᵀ`` — no
-one-hot product. As in peft, A starts at zero and B from N(0, 1) (the lookup's gradient is
-sparse in A, so a random A and a zero B would leave most of B's first steps driven by the few
-tokens seen), so the model is unchanged at init; merging adds ``s·(B·A)ᵀ`` (``[V, d]``) to the
-table. peft's file keys are ``….lora_embedding_A`` (``[r, V]``) and ``….lora_embedding_B``
+one-hot product. As in the LoRA reference code (loralib's ``Embedding``) and peft, A starts
+at zero and B from N(0, 1) — the roles of a linear layer's factors swapped —, so the model is
+unchanged at init; merging adds ``s·(B·A)ᵀ`` (``[V, d]``) to the table. A's gradient reaches
+only the columns of the ids a batch holds. peft's file keys are ``….lora_embedding_A`` (``[r, V]``) and ``….lora_embedding_B``
 (``[d, r]``); the layer holds its factors under those names and exposes them as ``lora_A`` /
 ``lora_B`` too, so combining, hot swaps, mixed batches and LoRA+ treat it as any LoRA layer.
 
