@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError
-from peftlab.core.io import check_fit, file_key, read_adapter_config, read_weights
+from peftlab.core.io import (
+    check_fit,
+    drop_copied_base_weights,
+    file_key,
+    read_adapter_config,
+    read_weights,
+)
 from peftlab.core.model import adapter_layers, merge, unmerge
 from peftlab.core.state import adapter_configs
 from peftlab.methods._lora_init import RESIDUAL_INITS
@@ -74,6 +80,7 @@ def hotswap_adapter(
         _check_compatible(path, old, new)
         tensors, ratio = read_weights(path), new.scaling / old.scaling
     places = _places(model, adapter_name)
+    drop_copied_base_weights(path, model, tensors, places)  # peft's copy of an embedding table
     check_fit(path, old, tensors, places, True, True)
     _copy(model, adapter_name, tensors, places, ratio)
     return model

@@ -325,7 +325,7 @@ def load_adapter(
         for module_name in saved_modules(model, adapter_name):
             for name, t in model.get_submodule(module_name).state_dict(keep_vars=True).items():
                 expected[f"{KEY_PREFIX}{module_name}.{name}"] = t
-        _drop_copied_base_weights(path, model, tensors, expected)
+        drop_copied_base_weights(path, model, tensors, expected)
         check_fit(path, config, tensors, expected, strict and bool(spec.param_prefix), strict)
         # Nothing can refuse past this point: the writes into existing weights come last.
         with torch.no_grad():
@@ -338,7 +338,7 @@ def load_adapter(
     return model
 
 
-def _drop_copied_base_weights(
+def drop_copied_base_weights(
     path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict
 ) -> None:
     """Take out of ``tensors`` the base weights of adapted layers that peft writes beside an

@@ -94,6 +94,9 @@ def test_adapters_load_both_ways_with_peft(arch, batch, tmp_path):
     assert any(".base_layer." in k for k in keys) == (arch == "llama")
     back = peftlab.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(_logits(back, batch), want, atol=1e-5, rtol=1e-5)
+    swapped = peftlab.apply(copy.deepcopy(base), _lora(arch))  # hot swap reads it too
+    peftlab.hotswap_adapter(swapped, tmp_path / "peft")
+    torch.testing.assert_close(_logits(swapped, batch), want, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_file_with_other_embedding_weights_is_refused(batch, tmp_path):
