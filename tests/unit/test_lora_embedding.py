@@ -294,3 +294,35 @@ def test_estimator_names_the_embedding_table_for_methods_that_cannot_adapt_it(me
     cfg = peftlab.config_from_dict({"method": method, "target_modules": ["embed_tokens", "q_proj"]})
     with pytest.raises(ConfigError, match="'embed_tokens' is smollm2-135m's embedding table"):
         estimate_memory("smollm2-135m", cfg, 1, 16)
+
+
+def test_a_scaled_embedding_scales_the_update_as_peft_does():
+    """Gemma multiplies its lookup by embed_scale (√d); the update is scaled the same way, and
+    the merge into its (tied) table stays exact."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    base = GemmaForCausalLM(cfg).eval()
+    assert getattr(base.get_input_embeddings(), "embed_scale", None) is not None
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note on tied layers
+        pm = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["embed_tokens"])
+        )
+    ours = peftlab.apply(
+        copy.deepcopy(base), peftlab.LoRAConfig(r=4, alpha=8, target_modules=["embed_tokens"])
+    )
+    _perturb(pm)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                mine[n.removeprefix("base_model.model.") + ".weight"].copy_(p)
+    want = _logits(pm, ids)
+    assert not torch.allclose(want, _logits(base, ids))
+    torch.testing.assert_close(_logits(ours, ids), want, atol=1e-5, rtol=1e-5)
+    peftlab.merge(ours)
+    torch.testing.assert_close(_logits(ours, ids), want, atol=1e-5, rtol=1e-5)
