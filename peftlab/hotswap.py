@@ -33,10 +33,11 @@ from peftlab.core.io import (
     read_weights,
 )
 from peftlab.core.model import adapter_layers, merge, unmerge
+from peftlab.core.registry import get_method
 from peftlab.core.state import adapter_configs
 from peftlab.methods._lora_init import RESIDUAL_INITS
 from peftlab.methods.dora import DoRAConfig
-from peftlab.methods.lora import LoRAConfig, LoRALinear, embedding_file_key
+from peftlab.methods.lora import LoRAConfig, LoRALinear
 
 _MAGNITUDE = "lora_magnitude_vector"
 
@@ -79,7 +80,7 @@ def hotswap_adapter(
         new = read_adapter_config(path)
         _check_compatible(path, old, new)
         tensors, ratio = read_weights(path), new.scaling / old.scaling
-    places = _places(model, adapter_name)
+    places = _places(model, adapter_name, old)
     drop_copied_base_weights(path, model, tensors, places)  # peft's copy of an embedding table
     check_fit(path, old, tensors, places, True, True)
     _copy(model, adapter_name, tensors, places, ratio)
@@ -116,13 +117,14 @@ def _check_compatible(path: Path, old: LoRAConfig, new) -> None:
         )
 
 
-def _places(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """File key → the live tensor of adapter ``adapter_name`` it loads into."""
-    out = {}
+def _places(model: nn.Module, adapter_name: str, config: LoRAConfig) -> dict[str, torch.Tensor]:
+    """File key → the live tensor of adapter ``adapter_name`` it loads into (keyed as
+    ``save_adapter`` keys them: the method's ``file_key``, e.g. an embedding's factors)."""
+    spec, out = get_method(config.method), {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         key = file_key(name, adapter_name, "lora_")
         if key is not None:
-            out[embedding_file_key(None, key)] = t
+            out[key if spec.file_key is None else spec.file_key(config, key)] = t
     return out
 
 

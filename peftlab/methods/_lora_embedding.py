@@ -10,8 +10,8 @@ computed as a lookup of A's column (``F.embedding(t, Aᵀ)``, ``(…, r)``) time
 one-hot product. As in the LoRA reference code (loralib's ``Embedding``) and peft, A starts
 at zero and B from N(0, 1) — the roles of a linear layer's factors swapped —, so the model is
 unchanged at init; merging adds ``s·(B·A)ᵀ`` (``[V, d]``) to the table. A's gradient reaches
-only the columns of the ids a batch holds. peft's file keys are ``….lora_embedding_A`` (``[r, V]``) and ``….lora_embedding_B``
-(``[d, r]``); the layer holds its factors under those names and exposes them as ``lora_A`` /
+only the columns of the ids a batch holds. peft's file keys are ``….lora_embedding_A``
+(``[r, V]``) and ``….lora_embedding_B`` (``[d, r]``); the layer holds its factors under those names and exposes them as ``lora_A`` /
 ``lora_B`` too, so combining, hot swaps, mixed batches and LoRA+ treat it as any LoRA layer.
 
 Scaled embeddings (Gemma's ``embed_scale``) scale the update as the base. Dropout does not
@@ -121,9 +121,6 @@ class LoRAEmbedding(LoRALinear):
         if scale is not None:
             update = update * (scale.to(update.dtype) if torch.is_tensor(scale) else scale)
         return result + update.to(result.dtype)
-
-    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)
 
     def _merge_in_place(self, name: str, w: torch.Tensor) -> None:
         """``w += s·Aᵀ·Bᵀ``, one ``addmm_`` into the table."""
