@@ -139,3 +139,37 @@ def keys_values_of(body: nn.Module, ids: list[int], cache_arg: str) -> torch.Ten
         p = k.shape[1]
         cols += [k.permute(1, 0, 2).reshape(p, -1), v.permute(1, 0, 2).reshape(p, -1)]
     return torch.cat(cols, dim=1).float()
+
+
+@torch.no_grad()
+def cache_geometry(body: nn.Module, cache_arg: str) -> tuple[int, int, int] | None:
+    """``(layers, key/value heads, head size)`` of the cache the transformer ``body`` fills for
+    one token — what the model itself uses, where configs disagree on how to say it (Falcon's
+    multi-query attention keeps one key/value head whatever ``num_kv_heads`` reads).
+
+    None when the probe cannot tell: no parameters, a meta-device model, a body that does not
+    run on ``input_ids`` alone, or layers of different shapes (the config's figures are used)."""
+    from transformers import DynamicCache
+
+    weight = next(body.parameters(), None)
+    if weight is None or weight.device.type == "meta":
+        return None
+    cache = DynamicCache(config=getattr(body, "config", None))
+    was_training = body.training
+    body.eval()
+    try:
+        body(input_ids=torch.zeros(1, 1, dtype=torch.long, device=weight.device), use_cache=True,
+             **{cache_arg: cache})  # fmt: skip
+    except Exception:  # noqa: BLE001 - a best-effort probe; the caller falls back to the config
+        return None
+    finally:
+        body.train(was_training)
+    shapes = {
+        (layer.keys.shape[1], layer.keys.shape[-1])
+        for layer in cache.layers
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
+    }
+    if len(shapes) != 1 or len(cache.layers) == 0:
+        return None
+    heads, size = shapes.pop()
+    return len(cache.layers), heads, size

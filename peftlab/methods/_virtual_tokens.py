@@ -30,11 +30,46 @@ def check_num_virtual_tokens(n: Any) -> None:
 
 def transformer_body(model: nn.Module) -> nn.Module:
     """The module that takes ``input_ids``/``inputs_embeds`` and runs the layers (LlamaModel,
-    GPT2Model, BertModel), i.e. ``model.base_model`` for transformers models."""
+    GPT2Model, BertModel, OPTDecoder).
+
+    That is ``model.base_model``, or the innermost module below it that holds both the input
+    embeddings and the transformer blocks and takes ``inputs_embeds``: OPT's heads call
+    ``model.decoder`` directly, past OPTModel, so a hook on OPTModel would never run."""
     body = getattr(model, "base_model", model)
     if not callable(getattr(body, "forward", None)):
         raise ConfigError(f"{type(model).__name__} has no transformer body to attach to")
-    return body
+    get_in = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get_in() if callable(get_in) else None
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    blocks = _block_list(body)
+    while True:
+        inner = [
+            child
+            for child in body.children()
+            if _holds(child, embeddings) and _holds(child, blocks) and _takes_embeds(child)
+        ]
+        if len(inner) != 1:
+            return body
+        body = inner[0]
+
+
+def _block_list(body: nn.Module) -> nn.Module | None:
+    """The body's transformer blocks: its ``nn.ModuleList`` with the most parameters."""
+    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def _holds(module: nn.Module, part: nn.Module | None) -> bool:
+    return part is None or any(m is part for m in module.modules())
+
+
+def _takes_embeds(module: nn.Module) -> bool:
+    try:
+        return "inputs_embeds" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def forward_params(module: nn.Module) -> inspect.Signature:
@@ -85,6 +120,31 @@ class VirtualTokenModule(nn.Module):
             return None
         mine = held_adapters(self)
         return next((n for n in active_adapters(self._owner) if n in mine), None)
+
+    def guard(self, body: nn.Module) -> None:
+        """Make a forward of the owner that never reached ``body`` an error, not a silent run
+        without the virtual tokens (a head that calls a module past the body's hooks)."""
+        if body is self._owner:
+            return
+        self._owner.register_forward_pre_hook(self._reset_ran)
+        self._owner.register_forward_hook(self._check_ran)
+
+    def reached(self) -> None:
+        """Called by the body's pre-hook: this forward goes through the body."""
+        object.__setattr__(self, "_ran", True)
+
+    def _reset_ran(self, owner: nn.Module, args: tuple) -> None:
+        object.__setattr__(self, "_ran", False)
+
+    def _check_ran(self, owner: nn.Module, args: tuple, output: Any) -> None:
+        if self.__dict__.get("_ran", True) or self.active() is None:
+            return
+        raise ConfigError(
+            f"{type(owner).__name__}.forward ran its layers without calling "
+            f"{type(transformer_body(owner)).__name__}, where the virtual tokens are put in, so "
+            f"the adapter had no effect; use a method that adapts layers ('lora', 'ia3') on this "
+            f"model"
+        )
 
     def remove_hooks(self) -> None:
         """Remove every hook this module registered (found by owner, so deep copies work)."""

@@ -223,7 +223,7 @@ class BottleneckAdapterLayer(nn.Module):
         return f"d={self.out_features}, bottleneck={sizes}"
 
 
-def _hidden_size(model: nn.Module) -> int | None:
+def hidden_size(model: nn.Module) -> int | None:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if isinstance(size, int):
         return size
@@ -258,10 +258,16 @@ def block_outputs(
         child with output width ``hidden``, and those outside every attention child that map
         another width to ``hidden``.
     """
-    attn = [c for c in children if is_attention_child(c)]
 
     def inside(name: str, child: str) -> bool:
         return name.startswith(child + ".")
+
+    # Only children holding linear layers: a norm or dropout named after attention
+    # ("post_attention_layernorm" before "attention" in GPT-NeoX, "attn_norm" in ModernBERT)
+    # is not the attention module.
+    attn = [
+        c for c in children if is_attention_child(c) and any(inside(n, c) for n, _, _ in linears)
+    ]
 
     # The first attention child is self-attention (cross-attention follows).
     attn_out = [n for n, _, o in linears if attn and inside(n, attn[0]) and o == hidden]
@@ -289,7 +295,7 @@ def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
         ConfigError: the model has no block this placement can be found in; the message names
             the architecture and the way out (``target_modules``).
     """
-    hidden = _hidden_size(model)
+    hidden = hidden_size(model)
     sites: list[str] = []
     problems: list[str] = []
     blocks = 0

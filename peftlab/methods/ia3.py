@@ -18,7 +18,8 @@ An entry of ``l`` at (or near) zero cannot be divided back out: ``merge`` keeps 
 
 ``target_modules=None`` takes peft's per-architecture defaults (:data:`DEFAULTS`): keys, values
 and the FFN's down projection on Llama, ``c_attn`` and ``mlp.c_proj`` on GPT-2, ``key``,
-``value`` and ``output.dense`` on BERT. Vectors are ``ia3_l[name]`` of shape ``(out, 1)`` or
+``value`` and ``output.dense`` on BERT; for other architectures the same layers are read from
+the model's blocks (``_ia3_defaults``). Vectors are ``ia3_l[name]`` of shape ``(out, 1)`` or
 ``(1, in)``, as peft's, so adapter files are interchangeable with peft's ``IA3`` type.
 """
 
@@ -42,22 +43,7 @@ from peftlab.core.model import check_free
 from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.core.state import adapter_configs
 from peftlab.core.weights import dense_weight, features, is_quantized
-
-_LLAMA = (("k_proj", "v_proj", "down_proj"), ("down_proj",))
-_QV_DOWN = (("q_proj", "v_proj", "down_proj"), ("down_proj",))
-_BERT = (("key", "value", "output.dense"), ("output.dense",))
-DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _QV_DOWN,
-    "qwen3": _QV_DOWN,
-    "gemma": _QV_DOWN,
-    "gemma2": _QV_DOWN,
-    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
-    "bert": _BERT,
-    "roberta": _BERT,
-}
-"""``model_type`` → (target modules, feed-forward modules), as peft 0.21's IA³ tables."""
+from peftlab.methods._ia3_defaults import DEFAULTS, default_modules  # noqa: F401 - DEFAULTS re-exported
 
 IA3_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 """Learning rates searched for IA³: its vectors want rates ~3-10× a low-rank adapter's (the
@@ -118,21 +104,9 @@ class IA3Config(MethodConfig):
             )
 
 
-def default_modules(model_type: str | None, key: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(targets, feedforward)`` defaults for ``model_type``; ``key`` is the option left None.
-
-    Raises:
-        ConfigError: peftlab knows no default for ``model_type``.
-    """
-    if model_type not in DEFAULTS:
-        raise ConfigError(
-            f"{key}=None is invalid: IA³ has no default for model_type {model_type!r} (it has "
-            f"{', '.join(DEFAULTS)}); pass {key} explicitly"
-        )
-    return DEFAULTS[model_type]
-
-
-def resolve_modules(config: IA3Config, model_type: str | None) -> tuple[object, object]:
+def resolve_modules(
+    config: IA3Config, model_type: str | None, model: nn.Module | None = None
+) -> tuple[object, object]:
     """``(target_modules, feedforward_modules)`` with None replaced by the defaults.
 
     A default feed-forward spec keeps, of a target list, the entries that name a default
@@ -145,10 +119,10 @@ def resolve_modules(config: IA3Config, model_type: str | None) -> tuple[object, 
     """
     targets = config.target_modules
     if targets is None:
-        targets = default_modules(model_type, "target_modules")[0]
+        targets = default_modules(model_type, "target_modules", model)[0]
     feedforward = config.feedforward_modules
     if feedforward is None:
-        ff = default_modules(model_type, "feedforward_modules")[1]
+        ff = default_modules(model_type, "feedforward_modules", model)[1]
         feedforward = [t for t in targets if matches_target(t, ff)] if _is_list(targets) else ff
     elif _is_list(targets) and _is_list(feedforward):
         extra = [m for m in feedforward if m not in targets]
@@ -295,7 +269,7 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def _apply(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
-    targets_spec, ff_spec = resolve_modules(config, _model_type(model))
+    targets_spec, ff_spec = resolve_modules(config, _model_type(model), model)
     targets = find_targets(model, targets_spec)
     feedforward = feedforward_names(targets, ff_spec, config.feedforward_modules is not None)
     for name in targets:
@@ -318,7 +292,7 @@ def _export(model: nn.Module, adapter_name: str) -> tuple[MethodConfig, dict]:
     """The config with the defaults written out (so peft, which reads lists, applies the same
     layers), and the vectors."""
     config = adapter_configs(model)[adapter_name]
-    targets, feedforward = resolve_modules(config, _model_type(model))
+    targets, feedforward = resolve_modules(config, _model_type(model), model)
     config = config.replace(target_modules=targets, feedforward_modules=feedforward)
     return config, {n: p for n, p in model.named_parameters() if ".ia3_l." in n}
 

@@ -45,7 +45,7 @@ from peftlab.core.registry import (
     register_method,
 )
 from peftlab.core.state import active_adapters, adapter_configs, replace_config
-from peftlab.methods._token_init import TokenInit, keys_values_of
+from peftlab.methods._token_init import TokenInit, cache_geometry, keys_values_of
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
@@ -131,6 +131,9 @@ class PrefixEncoder(VirtualTokenModule):
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         self.hidden_size = text.hidden_size
+        probed = cache_geometry(body, self.cache_arg)
+        if probed is not None:
+            self.num_layers, self.num_kv_heads, self.head_dim = probed
         kinds = {type(layer).__name__ for layer in DynamicCache(config=cfg).layers}
         if kinds - {DynamicLayer.__name__}:
             raise ConfigError(
@@ -148,6 +151,7 @@ class PrefixEncoder(VirtualTokenModule):
         """Adapter name → (parameter versions, the table they computed): see _inference_table."""
         body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         body.register_forward_hook(self._post_hook)
+        self.guard(body)
 
     def part(self, kind: str) -> nn.ParameterDict | nn.ModuleDict:
         return getattr(self, self.tag + kind)
@@ -260,6 +264,7 @@ class PrefixEncoder(VirtualTokenModule):
         return True
 
     def _pre_hook(self, body: nn.Module, args: tuple, kwargs: dict):
+        self.reached()
         name = self.active()
         if name not in self.configs or self.__dict__.get("_init_pending"):
             return None

@@ -77,6 +77,7 @@ class PromptEncoder(VirtualTokenModule):
         self._strip = 0  # prompt positions the pending forward call prepended
         body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         body.register_forward_hook(self._post_hook)
+        self.guard(body)
 
     def add(self, name: str, config: PromptTuningConfig) -> None:
         table = self._owner.get_input_embeddings().weight
@@ -95,6 +96,7 @@ class PromptEncoder(VirtualTokenModule):
 
     def _pre_hook(self, body: nn.Module, args: tuple, kwargs: dict):
         self._strip = 0
+        self.reached()
         name = self.active()
         if name not in self.prompt_embeddings:
             return None

@@ -1,4 +1,6 @@
-"""The contract every registered method keeps, checked on tiny Llama, GPT-2 and BERT models."""
+"""The contract every registered method keeps, checked on tiny Llama, GPT-2 and BERT models,
+and in a second sweep on five more families (OPT, Falcon, GPT-NeoX, Phi-3, ModernBERT) whose
+layouts broke a method once (see tests/conftest.py ``MORE``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import peftlab
 from peftlab.core.model import adapter_layers
 from peftlab.core.registry import get_method
 from peftlab.core.state import saved_modules, state_of
-from tests.conftest import TINY
+from tests.conftest import MORE, TINY
+
+ARCHS = {**TINY, **MORE}
 
 # Small settings per method for tiny models (defaults otherwise).
 TINY_ARGS: dict[str, dict] = {
@@ -60,6 +64,26 @@ def test_contract(method, arch, batch, tmp_path):
     _check_contract(method, arch, _config(method), batch, tmp_path)
 
 
+# (method, arch) pairs of the second sweep a method refuses, with the reason.
+REFUSED_MORE: dict[tuple[str, str], str] = {
+    ("prefix", "modernbert"): "ModernBERT's attention takes no key/value cache",
+    ("ptuning-v2", "modernbert"): "ModernBERT's attention takes no key/value cache",
+}
+CASES_MORE = [(m, a) for m in peftlab.methods() for a in sorted(MORE)]
+
+
+@pytest.mark.parametrize("method,arch", CASES_MORE)
+def test_contract_on_more_families(method, arch, batch, tmp_path):
+    if (method, arch) in REFUSED_MORE:
+        model = MORE[arch]()
+        before = _fingerprint(model)
+        with pytest.raises(peftlab.ConfigError):
+            peftlab.apply(model, _config(method))
+        _assert_same(before, _fingerprint(model))
+        return
+    _check_contract(method, arch, _config(method), batch, tmp_path)
+
+
 EMBEDDINGS = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings"}
 
 
@@ -79,7 +103,7 @@ def test_contract_with_the_embedding_table_targeted(method, arch, batch, tmp_pat
 
 
 def _check_contract(method, arch, config, batch, tmp_path):
-    base = TINY[arch]()
+    base = ARCHS[arch]()
     ref = _logits(base, batch)
     model = copy.deepcopy(base)
     peftlab.apply(model, config)
@@ -92,7 +116,8 @@ def _check_contract(method, arch, config, batch, tmp_path):
     assert trainable, "nothing trains"
     # A classification model's new head trains with every method (modules_to_save=None).
     heads = saved_modules(model, "default")
-    assert heads == (("classifier",) if arch == "bert" else ())
+    classifier = type(base).__name__.endswith("ForSequenceClassification")
+    assert heads == (("classifier",) if classifier else ())
     if spec.param_prefix:
         own = [n for n in trainable if not n.startswith(tuple(h + "." for h in heads))]
         assert all(spec.param_prefix in n for n in own), trainable
@@ -118,7 +143,7 @@ def _check_contract(method, arch, config, batch, tmp_path):
 
     # save → load reproduces the logits exactly.
     peftlab.save_adapter(model, tmp_path / "a")
-    loaded = peftlab.load_adapter(TINY[arch](), tmp_path / "a")
+    loaded = peftlab.load_adapter(ARCHS[arch](), tmp_path / "a")
     torch.testing.assert_close(_logits(loaded, batch), out, rtol=0, atol=0)
 
     if config.mergeable:

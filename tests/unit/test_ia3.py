@@ -276,10 +276,16 @@ def test_bad_targets_on_a_model_are_one_line_errors():
         )
     with pytest.raises(ConfigError, match=r"^feedforward_modules=\['mlp.down_proj'\] is invalid"):
         peftlab.apply(tiny_llama(), IA3Config(feedforward_modules=["mlp.down_proj"]))
+    # A type outside peft's table: the same layers are read from its blocks (an unreadable
+    # one is refused: tests/unit/test_architecture_reach.py).
     model = tiny_llama()
     model.config.model_type = "mystery"
-    with pytest.raises(ConfigError, match=r"^target_modules=None is invalid: IA³ has no default"):
-        peftlab.apply(model, IA3Config())
+    read = _ia3_layers(peftlab.apply(copy.deepcopy(model), IA3Config()))
+    assert {n.rsplit(".", 1)[-1] for n in read} == {"k_proj", "v_proj", "down_proj"}
+    assert {n for n, m in read.items() if m.feedforward["default"]} == {
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    }
     # Explicit targets and feed-forward modules work on any architecture.
     peftlab.apply(model, IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
     assert not any(m.feedforward["default"] for m in _ia3_layers(model).values())
