@@ -46,6 +46,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError
 from peftlab.data.encode import IGNORE
+from peftlab.methods._virtual_tokens import transformer_body
 
 LOGIT_BUDGET = 1 << 25
 """Elements of one chunk's logits when ``chunk_size`` is not given (128 MB in float32): 512
@@ -175,7 +176,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, _Head]:
-    """The transformer body (``model.base_model``) and the head with its logit transforms."""
+    """The transformer body (``model.base_model``, or the module below it that runs the layers:
+    see ``transformer_body``) and the head with its logit transforms."""
     name = type(model).__name__
     get_head = getattr(model, "get_output_embeddings", None)
     linear = get_head() if callable(get_head) else None
@@ -192,6 +194,7 @@ def _parts(model: nn.Module) -> tuple[nn.Module, _Head]:
     body = getattr(model, "base_model", None)
     if not isinstance(body, nn.Module) or body is model:
         raise ChunkedLossUnsupported(f"{name} has no transformer body (base_model) to call")
+    body = transformer_body(model)  # OPT's head calls model.decoder, past OPTModel
     if not _takes_logits_to_keep(type(model)):
         raise ChunkedLossUnsupported(
             f"{name}.forward takes no logits_to_keep, so it would compute the full logits anyway"

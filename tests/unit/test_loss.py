@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import peftlab
 from peftlab.train.evaluate import loss_sum
 from peftlab.train.loss import ChunkedLossUnsupported, chunked_loss_sum
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import MORE, tiny_gpt2, tiny_llama
 
 ARGS: dict[str, dict] = {
     "lora": {"r": 4, "target_modules": "all-linear", "dropout": 0.1},
@@ -68,6 +68,17 @@ def _assert_same(model, batch, rtol=1e-5, chunked="direct"):
 def test_every_method_matches_the_plain_loss(method):
     model = tiny_llama().train()
     peftlab.apply(model, peftlab.config_from_dict({"method": method, **ARGS.get(method, {})}))
+    _perturb(model)
+    _assert_same(model, _batch())
+
+
+@pytest.mark.parametrize("arch", sorted(a for a in MORE if a != "modernbert"))
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_other_causal_families_match_the_plain_loss(arch, method):
+    """OPT's head calls model.decoder past OPTModel: the loss hooks the module that runs the
+    layers (it fell back to the plain loss before); Falcon, GPT-NeoX and Phi-3 as well."""
+    model = MORE[arch]().train()
+    peftlab.apply(model, peftlab.config_from_dict({"method": method, **ARGS[method]}))
     _perturb(model)
     _assert_same(model, _batch())
 
