@@ -17,9 +17,10 @@ from peftlab.core.config import ConfigError
 from peftlab.core.matching import find_targets, set_submodule
 from peftlab.core.model import check_free
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
+from peftlab.core.wrapper import BaseLayerAttributes
 
 
-class DenseDeltaLinear(nn.Module):
+class DenseDeltaLinear(BaseLayerAttributes, nn.Module):
     """A linear layer plus adapters with dense updates; the base layer is wrapped, not copied."""
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -55,6 +55,22 @@ def transformer_body(model: nn.Module) -> nn.Module:
         body = inner[0]
 
 
+def check_not_encoder_decoder(model: nn.Module) -> None:
+    """Virtual tokens here go in front of one stack's input; an encoder-decoder model (T5,
+    BART) would need them on the encoder with the decoder's cross-attention mask extended to
+    match, which these methods do not do.
+
+    Raises:
+        ConfigError: ``model.config.is_encoder_decoder``.
+    """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder model: the virtual-token methods "
+            f"(prompt, prefix, ptuning-v2) support decoder-only and encoder-only models; use a "
+            f"layer method ('lora', 'ia3', 'dora', ...) on it"
+        )
+
+
 def _block_list(body: nn.Module) -> nn.Module | None:
     """The body's transformer blocks: its ``nn.ModuleList`` with the most parameters."""
     lists = [m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m)]
@@ -110,6 +126,7 @@ class VirtualTokenModule(nn.Module):
 
     def __init__(self, owner: nn.Module) -> None:
         super().__init__()
+        check_not_encoder_decoder(owner)
         # A plain attribute, not a submodule: the owner contains this module, not vice versa.
         object.__setattr__(self, "_owner", owner)
 

@@ -43,6 +43,7 @@ from peftlab.core.matching import find_targets, is_linear, named_modules, set_su
 from peftlab.core.model import check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import features
+from peftlab.core.wrapper import BaseLayerAttributes
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -153,7 +154,7 @@ class AdapterConfig(MethodConfig):
         return m
 
 
-class BottleneckAdapterLayer(nn.Module):
+class BottleneckAdapterLayer(BaseLayerAttributes, nn.Module):
     """A linear layer followed by bottleneck adapters on its output: y = h + up(act(down(h))).
 
     The base layer is wrapped, never copied. Adapter ``name`` owns ``adapter_down[name]``

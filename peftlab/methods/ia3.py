@@ -43,6 +43,7 @@ from peftlab.core.model import check_free
 from peftlab.core.registry import MethodSpec, Tuning, register_method
 from peftlab.core.state import adapter_configs
 from peftlab.core.weights import dense_weight, features, is_quantized
+from peftlab.core.wrapper import BaseLayerAttributes
 from peftlab.methods._ia3_defaults import DEFAULTS, default_modules  # noqa: F401 - DEFAULTS re-exported
 
 IA3_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -161,7 +162,7 @@ def feedforward_names(targets: Sequence[str], feedforward: object, explicit: boo
     return out
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(BaseLayerAttributes, nn.Module):
     """A linear layer (``nn.Linear`` or ``Conv1D``) whose output — for a feed-forward layer, its
     input — is rescaled elementwise by a learned vector per adapter.
 

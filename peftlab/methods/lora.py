@@ -30,6 +30,7 @@ from peftlab.core.matching import (
 from peftlab.core.model import check_free
 from peftlab.core.registry import LOW_RANK_LRS, MethodSpec, Tuning, register_method
 from peftlab.core.weights import dense_weight, features, is_quantized, write_dense_weight
+from peftlab.core.wrapper import BaseLayerAttributes
 from peftlab.methods import _lora_fused as _fast
 from peftlab.methods import _lora_group as _group
 from peftlab.methods import _lora_init as _init
@@ -138,7 +139,7 @@ _PLAN_INPUTS = frozenset(
 """Attributes the plan is computed from: assigning any of them calls ``_invalidate``."""
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(BaseLayerAttributes, nn.Module):
     """A linear layer (``nn.Linear``, ``Conv1D`` or a 4-bit ``Linear4bit``) plus LoRA adapters.
 
     The base layer is wrapped, never copied. Adapter ``name`` owns ``lora_A[name]``

@@ -127,7 +127,7 @@ class _QuantizedBaseMerge:
         base = self.base_layer
         if is_quantized(base):  # nothing was merged (no active adapter)
             return dequantized_layer(base) if dequantize else base
-        if dequantize:
+        if dequantize or not getattr(self, "_quantized", None):  # or a base kept in float
             return base
         q = requantize(base, self._quantized[0])
         q.__dict__["_peftlab_dense"] = base  # for the logit-drift log in _unload_model
@@ -169,6 +169,15 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
         enable()
 
 
+def kept_in_float(model: nn.Module, names: list[str]) -> set[str]:
+    """Of ``names``, the layers the model's class keeps in float32 whatever the quantization
+    (``_keep_in_fp32_modules``, matched on name components as transformers does: T5's ``wo``,
+    whose input T5 casts to the layer's weight dtype — a 4-bit weight would make it uint8)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return {n for n in names if keep & set(n.split("."))}
+
+
 def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
     for name, other in adapter_configs(model).items():
         diff = [k for k in QUANT_FIELDS if getattr(other, k) != getattr(config, k)]
@@ -195,6 +204,7 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
             )
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     adapter = config.adapter_config()
+    kept = kept_in_float(model, targets)
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
@@ -202,6 +212,8 @@ def _apply(model: nn.Module, config: QLoRAConfig, adapter_name: str) -> None:
         if is_quantized(module):  # loaded in 4 bits (transformers' BitsAndBytesConfig)
             adopt_4bit(name, module)
             continue
+        if name in kept:
+            continue  # the model needs it in float (T5's wo): LoRA on the float layer
         q = quantize_linear(
             module, config.quant_type, config.double_quant, config.blocksize, compute_dtype
         )

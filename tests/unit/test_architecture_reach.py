@@ -142,3 +142,53 @@ def test_ia3_on_a_type_it_cannot_read_names_the_fix():
     with pytest.raises(ConfigError, match=r"no default for model_type 'mixtral'.*pass target_"):
         peftlab.apply(model, peftlab.IA3Config())
     assert not any(isinstance(m, IA3Linear) for m in model.modules())
+
+
+def _t5():
+    return _tiny("T5Config", "T5ForConditionalGeneration", 0, d_model=32, d_ff=64, num_layers=2,
+                 num_heads=4, d_kv=8, decoder_start_token_id=0)  # fmt: skip
+
+
+def _seq2seq_logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch, labels=batch[:, :5].contiguous()).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "vera", "qlora"])
+def test_layer_methods_run_on_t5_which_reads_its_layers_weights(method, batch, tmp_path):
+    """T5's feed-forward casts its input to ``self.wo.weight.dtype``: a wrapper without
+    ``weight`` raised AttributeError; under QLoRA a 4-bit ``wo`` made the input uint8, so the
+    layers T5 keeps in float32 (``_keep_in_fp32_modules``) keep a float base."""
+    args = {"lora": {"r": 4, "target_modules": "all-linear"}, "qlora": {"r": 4}}
+    base = _t5()
+    model = peftlab.apply(copy.deepcopy(base), peftlab.config_from_dict(
+        {"method": method, **args.get(method, {})}))  # fmt: skip
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    if method != "vera":  # VeRA's defaults are q/v: wo is not wrapped
+        assert wo is not base.encoder.block[0].layer[1].DenseReluDense.wo
+        assert wo.weight is wo.base_layer.weight and wo.weight.dtype == torch.float32
+    if method == "qlora":
+        q = model.encoder.block[0].layer[0].SelfAttention.q
+        assert q.weight.dtype == torch.uint8  # the other layers are 4-bit
+    model.train()
+    model(input_ids=batch, labels=batch[:, :5].contiguous()).loss.backward()
+    with torch.no_grad():  # a non-trivial adapter (zero-init parts included)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    out = _seq2seq_logits(model.eval(), batch)
+    peftlab.save_adapter(model, tmp_path)
+    loaded = peftlab.load_adapter(_t5(), tmp_path)
+    torch.testing.assert_close(_seq2seq_logits(loaded, batch), out, rtol=0, atol=0)
+    plain = peftlab.merge_and_unload(model)
+    torch.testing.assert_close(_seq2seq_logits(plain, batch), out, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "ptuning-v2"])
+def test_virtual_tokens_refuse_encoder_decoder_models(method):
+    model = _t5()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="encoder-decoder model.*use a layer method"):
+        peftlab.apply(model, peftlab.config_from_dict({"method": method, "num_virtual_tokens": 4}))
+    assert model.state_dict().keys() == before.keys()
+    assert not any(type(m).__module__.startswith("peftlab") for m in model.modules())
