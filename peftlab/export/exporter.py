@@ -198,6 +198,7 @@ def _build(src: sources.Source, format: str, precision: str, tmp: Path, shard: s
         report["export"] = to_hf.write_hf(merged, tokenizer, tmp, precision, shard)
     else:
         name = f"{_export_name(src)}-{precision}"
+        report["warnings"] += to_gguf.check_architecture(merged.config)
         report["export"] = to_gguf.write_gguf(
             merged, tokenizer, src.base, tmp / f"{name}.gguf", precision, name
         )

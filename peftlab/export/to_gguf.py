@@ -1,26 +1,32 @@
-"""Merged model → one GGUF file for llama.cpp / Ollama (Llama architecture family).
+"""Merged model → one GGUF file for llama.cpp / Ollama (Llama, Mistral, Qwen2 and Qwen3).
 
-The file is what llama.cpp's ``convert_hf_to_gguf.py`` writes for ``LlamaForCausalLM``:
+The file is what llama.cpp's ``convert_hf_to_gguf.py`` writes for these classes (Mistral is
+written as llama.cpp's converter writes it: the ``llama`` architecture):
 
-- tensor names from gguf-py's own map (``model.layers.N.self_attn.q_proj.weight`` →
-  ``blk.N.attn_q.weight``, ``model.embed_tokens`` → ``token_embd``, ``lm_head`` → ``output``,
-  omitted when tied to the embeddings);
-- Q and K rows permuted for llama.cpp's rotary layout (pairs (i, i + d/2) become adjacent):
+- tensor names from gguf-py's own map for the architecture
+  (``model.layers.N.self_attn.q_proj.weight`` → ``blk.N.attn_q.weight``,
+  ``model.embed_tokens`` → ``token_embd``, ``lm_head`` → ``output``, omitted when tied to the
+  embeddings; Qwen's q/k/v biases and Qwen3's q/k norms under their own names);
+- for the ``llama`` architecture only, Q and K rows permuted for llama.cpp's rotary layout
+  (pairs (i, i + d/2) become adjacent):
   ``W.reshape(h, 2, d/2, n).swapaxes(1, 2).reshape(W.shape)`` with ``h`` = heads for Q and
-  key/value heads for K. transformers' GGUF loader applies the inverse on load;
+  key/value heads for K; transformers' GGUF loader applies the inverse on load. Qwen's
+  architectures use the rotary layout transformers uses (NeoX), unpermuted;
 - 1-D tensors (norms, biases) in F32; 2-D ones in the requested type. Q8_0 blocks hold 32
   values with one scale (8.5 bits per weight); a row whose length is not a multiple of 32
   falls back to F16, as llama.cpp's converter does;
-- ``llama.*`` hyperparameters under llama.cpp's key names, ``general.file_type`` and
+- ``<arch>.*`` hyperparameters under llama.cpp's key names, ``general.file_type`` and
   ``general.quantization_version``, and the tokenizer (:mod:`peftlab.export.gguf_vocab`).
 
-Architectures other than Llama are refused, as are Llama variants llama.cpp would run
-differently from transformers with only these keys (RoPE scaling, MLP biases, an activation
-other than SiLU).
+Other architectures are refused, as are variants llama.cpp would run differently from
+transformers with only these keys (RoPE scaling, MLP biases, an activation other than SiLU,
+Qwen's sliding-window attention). A Mistral sliding window is not stored (llama.cpp's converter
+drops it too): the export says so in its warnings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gguf
@@ -37,17 +43,41 @@ QUANTS = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-SUPPORTED = "Llama (model_type 'llama': Llama 1-3 without RoPE scaling, SmolLM/SmolLM2, TinyLlama)"
-ARCH = "llama"
+SUPPORTED = (
+    "Llama (Llama 1-3 without RoPE scaling, SmolLM/SmolLM2, TinyLlama), Mistral, Qwen2 and Qwen3"
+)
 
 
-def check_architecture(config) -> None:
-    """Refuse a model the Llama GGUF layout cannot describe exactly."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one transformers ``model_type`` is written."""
+
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool
+    """llama.cpp's Llama architecture keeps rotary pairs adjacent (Q/K rows permuted)."""
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+LAYOUTS = {
+    "llama": Layout(gguf.MODEL_ARCH.LLAMA, True),
+    "mistral": Layout(gguf.MODEL_ARCH.LLAMA, True),  # as llama.cpp's converter writes it
+    "qwen2": Layout(gguf.MODEL_ARCH.QWEN2, False),
+    "qwen3": Layout(gguf.MODEL_ARCH.QWEN3, False),
+}
+
+
+def check_architecture(config) -> list[str]:
+    """Refuse a model these GGUF layouts cannot describe exactly; returns warnings for what
+    the file leaves out that llama.cpp's converter leaves out as well."""
     model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
+    if model_type not in LAYOUTS:
         raise ExportError(
-            f"--format gguf supports the {SUPPORTED} family; this model is model_type "
-            f"{model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])})"
+            f"--format gguf supports the {SUPPORTED} families; this model is model_type "
+            f"{model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
+            f"export --format hf instead"
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -58,11 +88,22 @@ def check_architecture(config) -> None:
         problems.append("mlp_bias=True")
     if getattr(config, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={config.hidden_act!r}")
+    if model_type.startswith("qwen") and getattr(config, "use_sliding_window", False):
+        problems.append("use_sliding_window=True")
     if problems:
         raise ExportError(
-            f"--format gguf writes plain Llama models; this one has {', '.join(problems)}, which "
-            f"the GGUF writer does not describe (export --format hf instead)"
+            f"--format gguf writes plain {model_type} models; this one has "
+            f"{', '.join(problems)}, which the GGUF writer does not describe (export --format hf "
+            f"instead)"
         )
+    window = getattr(config, "sliding_window", None) if model_type == "mistral" else None
+    if window:
+        return [
+            f"sliding_window={window} is not stored in the GGUF (llama.cpp's converter drops "
+            f"it as well): llama.cpp attends over the whole context, which equals transformers' "
+            f"output for sequences of up to {window} tokens"
+        ]
+    return []
 
 
 def _rope_theta(config) -> float:
@@ -123,7 +164,8 @@ def tensors(model: nn.Module, quant: str) -> list[tuple[str, np.ndarray, object]
     as the ``uint8`` blocks gguf-py's writer takes)."""
     config = model.config
     qtype = QUANTS[quant][0]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    layout = LAYOUTS[config.model_type]
+    names = gguf.get_tensor_name_map(layout.arch, config.num_hidden_layers)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -133,11 +175,11 @@ def tensors(model: nn.Module, quant: str) -> list[tuple[str, np.ndarray, object]
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ExportError(f"tensor {hf_name!r} has no GGUF name in the Llama layout")
+            raise ExportError(f"tensor {hf_name!r} has no GGUF name in the {layout.name} layout")
         t = t.detach().float()
-        if ".self_attn.q_proj." in hf_name:
+        if layout.permute_qk and ".self_attn.q_proj." in hf_name:
             t = permute_qk(t, heads)
-        elif ".self_attn.k_proj." in hf_name:
+        elif layout.permute_qk and ".self_attn.k_proj." in hf_name:
             t = permute_qk(t, kv_heads)
         data = t.contiguous().numpy()
         ttype = qtype if data.ndim > 1 else gguf.GGMLQuantizationType.F32
@@ -151,14 +193,14 @@ def tensors(model: nn.Module, quant: str) -> list[tuple[str, np.ndarray, object]
 
 
 def write_gguf(model: nn.Module, tokenizer, base: str, path: Path, quant: str, name: str) -> dict:
-    """Write the merged Llama ``model`` with its tokenizer to ``path``; returns a summary."""
+    """Write the merged ``model`` with its tokenizer to ``path``; returns a summary."""
     from peftlab.export.source import source_gguf
     from peftlab.models import resolve
 
     check_architecture(model.config)
     qtype, file_type = QUANTS[quant]
     src_gguf = source_gguf(base)
-    writer = gguf.GGUFWriter(path, ARCH)
+    writer = gguf.GGUFWriter(path, LAYOUTS[model.config.model_type].name)
     _general(writer, name, src_gguf)
     _hyperparameters(writer, model.config, file_type)
     if src_gguf is not None:
@@ -184,7 +226,14 @@ def load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": path.name}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. a hyperparameter it does not map
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"transformers' GGUF loader could not load the export to verify it ({first}); "
+            f"nothing was written. --no-verify writes it unchecked"
+        ) from None
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, **kwargs)
 
 

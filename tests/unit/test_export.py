@@ -52,13 +52,36 @@ def bpe_tokenizer():
     return fast
 
 
+# Other GGUF families: (config class, model class, fields beyond the Llama ones).
+GGUF_FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),  # q/k/v biases
+    # q/k norms; transformers' GGUF loader assumes head_dim 128 (all Qwen3 dense models)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 128}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}),
+}
+
+
 def save_base(path: Path, arch: str = "llama") -> Path:
     """A 2-layer model (vocab padded past the tokenizer's, as real models do) + tokenizer."""
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tok = bpe_tokenizer()
     torch.manual_seed(0)
-    if arch == "llama":
+    if arch in GGUF_FAMILIES:
+        config_class, model_class, extra = GGUF_FAMILIES[arch]
+        cfg = getattr(transformers, config_class)(
+            vocab_size=len(tok) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            initializer_range=0.1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, **extra,
+        )  # fmt: skip
+        model = getattr(transformers, model_class)(cfg)
+        with torch.no_grad():  # biases that matter (zero at init)
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.5)
+    elif arch == "llama":
         cfg = LlamaConfig(
             vocab_size=len(tok) + 4,
             hidden_size=64,
@@ -219,6 +242,33 @@ def test_gguf_f32_reloads_through_transformers_with_matching_logits(lora_run, ba
         _rel(_logits(model.eval(), ids), _logits(_reference(base, lora_run / "adapter"), ids))
         < 1e-5
     )
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_FAMILIES))
+def test_gguf_other_families_reload_with_matching_logits(arch, root, tmp_path):
+    """Qwen2 (q/k/v biases, tied head, no Q/K permutation), Qwen3 (q/k norms) and Mistral
+    (written as llama.cpp writes it: the llama architecture, sliding window dropped and said)."""
+    from transformers import AutoModelForCausalLM
+
+    base = save_base(root / f"{arch}-base", arch=arch)
+    run = make_run(root, base, peftlab.LoRAConfig(r=4, alpha=8, target_modules="all-linear"),
+                   f"{arch}-lora")  # fmt: skip
+    out = tmp_path / arch
+    report = export(run, "gguf", out, quant="f32", **FAST)
+    (check,) = report["checks"]
+    assert check["passed"] and check["max_rel_logit_diff"] < 1e-4 and check["top1_agreement"] == 1
+    path = _gguf_file(out)
+    reader = gguf.GGUFReader(path)
+    expected = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}[arch]
+    assert _field(reader, "general.architecture") == expected
+    names = {t.name for t in reader.tensors}
+    assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) == (arch == "qwen3")
+    assert any("sliding_window=128" in w for w in report["warnings"]) == (arch == "mistral")
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name, dtype=torch.float32)
+    ids = torch.tensor([[5, 60, 7, 100, 33, 2]])
+    reference = _logits(_reference(base, run / "adapter"), ids)
+    assert _rel(_logits(model.eval(), ids), reference) < 1e-5
 
 
 def test_gguf_tensors_and_tokenizer_metadata_read_back(lora_run, base, tmp_path):
