@@ -170,21 +170,24 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
         raise AdapterFileError(f"{cfg_file}: {e}") from None
 
 
+def _from_peft_file(path: Path) -> bool:
+    """The adapter directory was written by peft (no ``peftlab`` section in its config);
+    :func:`read_adapter_config` has already checked the file."""
+    return "peftlab" not in json.loads((path / CONFIG_NAME).read_text())
+
+
 def _from_peft(doc: dict) -> MethodConfig:
     """Translate a peft ``LoraConfig`` (or ``LoHaConfig``, ``LoKrConfig``, ``VeraConfig``)
     document into a peftlab config."""
-    if doc.get("peft_type") in ("LOHA", "LOKR"):
-        return _lycoris_from_peft(doc)
-    if doc.get("peft_type") == "VERA":
-        return _vera_from_peft(doc)
+    readers = {"LOHA": _lycoris_from_peft, "LOKR": _lycoris_from_peft, "VERA": _vera_from_peft,
+               "IA3": _ia3_from_peft}  # fmt: skip
+    if doc.get("peft_type") in readers:
+        config = readers[doc["peft_type"]](doc)
+        return config.replace(modules_to_save=_peft_modules_to_save(doc))
     if doc.get("peft_type") != "LORA":
         raise ConfigError(
             f"peft_type={doc.get('peft_type')!r} is not supported for import; peftlab reads "
-            f"peft LORA adapters (plain, rsLoRA, DoRA, PiSSA, OLoRA), LOHA, LOKR and VERA"
-        )
-    if doc.get("modules_to_save"):
-        raise ConfigError(
-            f"peft option modules_to_save={doc['modules_to_save']!r} is not supported"
+            f"peft LORA adapters (plain, rsLoRA, DoRA, PiSSA, OLoRA), LOHA, LOKR, VERA and IA3"
         )
     if doc.get("bias", "none") != "none":
         raise ConfigError(f"peft option bias={doc['bias']!r} is not supported")
@@ -220,6 +223,7 @@ def _from_peft(doc: dict) -> MethodConfig:
         "alpha_pattern": doc.get("alpha_pattern") or None,
         "layers_to_transform": doc.get("layers_to_transform"),
         "layers_pattern": doc.get("layers_pattern") or None,
+        "modules_to_save": _peft_modules_to_save(doc),
     }
     try:
         return config_from_dict(d)
@@ -233,7 +237,7 @@ def _from_peft(doc: dict) -> MethodConfig:
 
 def _lycoris_from_peft(doc: dict) -> MethodConfig:
     """A peft ``LoHaConfig`` / ``LoKrConfig`` document as peftlab's ``loha`` / ``lokr``."""
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
         if doc.get(key):
             raise ConfigError(f"peft option {key}={doc[key]!r} is not supported for LoHa/LoKr")
     for key in ("rank_dropout", "module_dropout", "use_effective_conv2d", "rank_dropout_scale"):
@@ -254,7 +258,7 @@ def _lycoris_from_peft(doc: dict) -> MethodConfig:
 
 def _vera_from_peft(doc: dict) -> MethodConfig:
     """A peft ``VeraConfig`` document as peftlab's ``vera``."""
-    for key in ("layers_to_transform", "layers_pattern", "modules_to_save"):
+    for key in ("layers_to_transform", "layers_pattern"):
         if doc.get(key):
             raise ConfigError(f"peft option {key}={doc[key]!r} is not supported for VeRA")
     if doc.get("bias", "none") != "none":
@@ -273,6 +277,61 @@ def _vera_from_peft(doc: dict) -> MethodConfig:
         raise ConfigError(
             msg.replace("dropout", "vera_dropout", 2) if msg.startswith("dropout=") else msg
         ) from None
+
+
+def _ia3_from_peft(doc: dict) -> MethodConfig:
+    """A peft ``IA3Config`` document as peftlab's ``ia3``."""
+    if doc.get("target_modules") is None:
+        raise ConfigError("target_modules missing: a peft IA3 adapter_config.json names them")
+    d = {"method": "ia3"}
+    for key in ("target_modules", "feedforward_modules"):
+        value = doc.get(key)
+        if isinstance(value, list) and all(isinstance(t, str) for t in value):
+            value = sorted(value)  # peft writes sets, in no fixed order
+        d[key] = value
+    if "init_ia3_weights" in doc:
+        d["init_ia3_weights"] = doc["init_ia3_weights"]
+    return config_from_dict(d)
+
+
+def _peft_modules_to_save(doc: dict) -> list[str] | None:
+    """peft's ``modules_to_save`` (sorted: peft writes a set). peft adds ``["classifier",
+    "score"]`` to every sequence-classification adapter and ignores entries that name no
+    module; :func:`load_adapter` keeps the ones the model has."""
+    value = doc.get("modules_to_save")
+    if value is None:
+        return None
+    check(
+        isinstance(value, list) and all(isinstance(v, str) and v for v in value),
+        "modules_to_save",
+        value,
+        "a list of module names",
+    )
+    return sorted(set(value))
+
+
+def _present(model: nn.Module, config: MethodConfig) -> MethodConfig:
+    """``config`` of a peft file read as peft reads it on ``model``: ``modules_to_save``
+    entries that name no module left out (``"score"`` on a BERT classifier), and target-list
+    entries whose every module is saved in full left out too (peft skips those: its
+    "all-linear", written out, names a classifier that ``modules_to_save`` also names)."""
+    if not config.modules_to_save:
+        return config
+    names = [n for n, _ in model.named_modules() if n]
+
+    def hits(entry: str) -> list[str]:
+        return [n for n in names if n == entry or n.endswith("." + entry)]
+
+    kept = [e for e in config.modules_to_save if hits(e)]
+    config = config.replace(modules_to_save=kept)
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, list | tuple):
+        saved = {n for e in kept for n in hits(e)}
+        inside = [t for t in targets if not hits(t) or not all(
+            any(n == s or n.startswith(s + ".") for s in saved) for n in hits(t))]  # fmt: skip
+        if inside != list(targets):
+            config = config.replace(target_modules=inside)
+    return config
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -310,6 +369,8 @@ def load_adapter(
     """
     path = Path(path)
     config = read_adapter_config(path)
+    if _from_peft_file(path):
+        config = _present(model, config)
     tensors = read_weights(path)
     spec = get_method(config.method)
     with adding_adapter(model):

@@ -259,7 +259,7 @@ def test_a_file_whose_projection_is_too_small_is_refused(tmp_path):
     [
         ({"layers_to_transform": [0]}, "layers_to_transform=.*not supported for VeRA"),
         ({"bias": "all"}, "bias='all' is not supported"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save=.*not supported for VeRA"),
+        ({"modules_to_save": ["lm_head"]}, r"missing keys \[.base_model.model.lm_head.weight.\]"),
         ({"vera_dropout": 2.0}, r"^.*vera_dropout=2.0 is invalid: vera_dropout must be"),
         ({"r": 0}, "r=0 is invalid"),
     ],
