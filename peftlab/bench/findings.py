@@ -23,6 +23,13 @@ def headline(summary: dict[str, dict], comparison: dict) -> str:
         return "No method produced a quality figure."
     best = comparison["best"]
     better = "higher" if comparison["higher_is_better"] else "lower"
+    others = comparison.get("unseparated") or []
+    if others:  # the highest mean, but not a winner: say so in the same sentence
+        return (
+            f"Highest mean {_name(comparison)} ({better} is better): {best}, "
+            f"{_interval_text(summary[best])}; not separated from {', '.join(others)}, so "
+            f"there is no single best method."
+        )
     return (
         f"Best by {_name(comparison)} ({better} is better): **{best}**, "
         f"{_interval_text(summary[best])}."

@@ -217,7 +217,7 @@ def compare_methods(summary: dict[str, dict]) -> dict:
     higher = next(iter(ok.values()))["quality"]["higher_is_better"]
     means = {m: statistics.fmean(_values(s).values()) for m, s in ok.items()}
     best = (max if higher else min)(means, key=means.get)
-    verdicts = []
+    verdicts, unseparated = [], []
     for m in ok:
         if m == best:
             continue
@@ -228,7 +228,10 @@ def compare_methods(summary: dict[str, dict]) -> dict:
         else:
             va, vb = list(a.values()), list(b.values())
         verdicts.append(stats.verdict(best, va, m, vb, higher_is_better=higher))
+        if not stats.difference(va, vb).separated:
+            unseparated.append(m)
     return {
+        "unseparated": unseparated,
         "quality": name,
         "split": split,
         "higher_is_better": higher,

@@ -329,6 +329,20 @@ def test_load_readings_decide_reliability():
 # ---------------------------------------------------------------- the report
 
 
+def test_a_best_mean_not_separated_from_the_rest_is_not_called_best(tmp_path):
+    """The highest mean names no winner when its interval overlaps the others': the headline
+    says so (it used to print "Best by …: **adapter**" above eight "not separated" lines)."""
+    results = []
+    for seed, acc in enumerate(IDENTICAL):
+        results.append(with_timing(classified("lora", seed, acc), 0.03))
+        results.append(with_timing(classified("prompt", seed, acc - 0.001 * (seed - 1)), 0.03))
+    write_report(tmp_path, results, echo=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "Best by" not in md
+    assert re.search(r"Highest mean test accuracy \(higher is better\): (lora|prompt), .*; not "
+                     r"separated from (prompt|lora), so there is no single best method\.", md)  # fmt: skip
+
+
 def test_report_states_intervals_baselines_and_verdicts_without_markup(tmp_path):
     results = []
     for seed, acc in enumerate(IDENTICAL):
