@@ -43,14 +43,14 @@ def transformer_body(model: nn.Module) -> nn.Module:
         embeddings = get_in() if callable(get_in) else None
     except (NotImplementedError, AttributeError):
         embeddings = None
-    blocks = _block_list(body)
+    blocks: list[nn.Module | None] = []  # found once, only for a model that needs it
     while True:
-        inner = [
-            child
-            for child in body.children()
-            if _holds(child, embeddings) and _holds(child, blocks) and _takes_embeds(child)
-        ]
+        inner = [c for c in body.children() if _takes_embeds(c) and _holds(c, embeddings)]
         if len(inner) != 1:
+            return body
+        if not blocks:
+            blocks.append(_block_list(body))
+        if not _holds(inner[0], blocks[0]):
             return body
         body = inner[0]
 
