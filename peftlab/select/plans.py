@@ -44,6 +44,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.matching import ALL_LINEAR, check_regex, is_head_name, matches_target
 from peftlab.methods import _lora_patterns as _patterns
 from peftlab.methods.adapter import AdapterConfig, adapted_outputs, block_outputs
+from peftlab.methods.ia3 import DEFAULTS as IA3_DEFAULTS
 from peftlab.methods.ia3 import IA3Config, feedforward_names, resolve_modules
 from peftlab.select.presets import BLOCKS, INPUT_EMBEDDING, Architecture
 
@@ -397,7 +398,10 @@ def ia3_plan(arch: Architecture, f: dict) -> MethodPlan:
     config = IA3Config(
         target_modules=f["target_modules"], feedforward_modules=f["feedforward_modules"]
     )
-    targets, feedforward = resolve_modules(config, arch.family)
+    # A type outside IA³'s table is read from its blocks in apply: for this family's blocks
+    # that reads the family's own defaults (k/v and the down projection).
+    known = arch.model_type in IA3_DEFAULTS
+    targets, feedforward = resolve_modules(config, arch.model_type if known else arch.family)
     found = target_linears(arch, targets)
     ff = feedforward_names(list(found), feedforward, f["feedforward_modules"] is not None)
     n = sum(i if name in ff else o for name, (i, o, _) in found.items())

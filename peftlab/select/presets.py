@@ -16,7 +16,7 @@ from peftlab.core.config import ConfigError
 
 LLAMA, BERT = "llama", "bert"
 """Block families the estimator models: ``llama`` (pre-norm RMSNorm, RoPE, gated SiLU MLP,
-grouped-query attention: Llama, Mistral, Qwen2, SmolLM) and ``bert`` (post-norm LayerNorm,
+grouped-query attention: Llama, Mistral, Qwen2/3, SmolLM, OLMo, Gemma 1, Granite) and ``bert`` (post-norm LayerNorm,
 learned positions, GELU MLP, dropout, classification head)."""
 
 BLOCKS = {LLAMA: "model.layers", BERT: "bert.encoder.layer"}
@@ -27,7 +27,21 @@ INPUT_EMBEDDING = {LLAMA: "model.embed_tokens", BERT: "bert.embeddings.word_embe
 QUERY_VALUE = {LLAMA: ["q_proj", "v_proj"], BERT: ["query", "value"]}
 """A family's query and value projections (LoRA's original targets)."""
 
-_LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2"}
+_LLAMA_TYPES = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "olmo",
+    "olmo2",
+    "gemma",
+    "granite",
+}
+"""Gemma (GeGLU, a scaled embedding) and Granite (constant multipliers) save what a Llama
+block saves (tests/unit/test_estimator_families.py: within 4% of autograd); Gemma 2 and 3 do
+not (two more norms per block, soft-capped attention: 17-29% more than this model) and are
+refused."""
 _BERT_TYPES = {"bert", "roberta", "xlm-roberta"}
 
 
@@ -57,6 +71,9 @@ class Architecture:
     dropout: float = 0.0
     """Hidden and attention dropout in training (BERT: 0.1); dropout masks cost memory."""
     source: str = ""
+    model_type: str = ""
+    """transformers' ``model_type`` where known (a method's per-type defaults, IA³'s targets);
+    "" means the family's own."""
 
     @property
     def hd(self) -> int:
@@ -237,6 +254,7 @@ PRESETS: dict[str, Architecture] = {
             32000,
             False,
             "mistralai/Mistral-7B-v0.1 config.json",
+            model_type="mistral",
         ),
         _llama(
             "qwen2.5-7b",
@@ -249,6 +267,7 @@ PRESETS: dict[str, Architecture] = {
             False,
             "Qwen/Qwen2.5-7B config.json",
             qkv_bias=True,
+            model_type="qwen2",
         ),
         _llama(
             "smollm2-135m",
@@ -304,6 +323,7 @@ def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
                 cfg.get("hidden_dropout_prob", 0.1), cfg.get("attention_probs_dropout_prob", 0.1)
             ),
             source="config.json",
+            model_type=mtype,
         )
     if mtype in _LLAMA_TYPES:
         heads = cfg["num_attention_heads"]
@@ -320,6 +340,7 @@ def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> Architecture:
             head_dim=cfg.get("head_dim"),
             qkv_bias=bool(cfg.get("attention_bias", mtype == "qwen2")),
             source="config.json",
+            model_type=mtype,
         )
     raise ConfigError(
         f"model_type={mtype!r} is not modelled by the memory estimator; supported model types: "
