@@ -56,18 +56,18 @@ def transformer_body(model: nn.Module) -> nn.Module:
 
 
 def check_not_encoder_decoder(model: nn.Module) -> None:
-    """Virtual tokens here go in front of one stack's input; an encoder-decoder model (T5,
-    BART) would need them on the encoder with the decoder's cross-attention mask extended to
-    match, which these methods do not do.
+    """Prefixes here go into one stack's key/value cache; an encoder-decoder model (T5, BART)
+    would need them in the encoder's, the decoder's and the cross-attention's, which the prefix
+    methods do not build (prompt tuning does support these models: ``_prompt_seq2seq``).
 
     Raises:
         ConfigError: ``model.config.is_encoder_decoder``.
     """
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ConfigError(
-            f"{type(model).__name__} is an encoder-decoder model: the virtual-token methods "
-            f"(prompt, prefix, ptuning-v2) support decoder-only and encoder-only models; use a "
-            f"layer method ('lora', 'ia3', 'dora', ...) on it"
+            f"{type(model).__name__} is an encoder-decoder model: prefix and ptuning-v2 support "
+            f"decoder-only and encoder-only models; use 'prompt' or a layer method ('lora', "
+            f"'ia3', 'dora', ...) on it"
         )
 
 
@@ -126,7 +126,6 @@ class VirtualTokenModule(nn.Module):
 
     def __init__(self, owner: nn.Module) -> None:
         super().__init__()
-        check_not_encoder_decoder(owner)
         # A plain attribute, not a submodule: the owner contains this module, not vice versa.
         object.__setattr__(self, "_owner", owner)
 

@@ -49,6 +49,7 @@ from peftlab.methods._token_init import TokenInit, cache_geometry, keys_values_o
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
     bind_call,
+    check_not_encoder_decoder,
     check_num_virtual_tokens,
     forward_params,
     record_virtual_tokens,
@@ -110,6 +111,7 @@ class PrefixEncoder(VirtualTokenModule):
     """
 
     def __init__(self, owner: nn.Module, tag: str) -> None:
+        check_not_encoder_decoder(owner)
         super().__init__(owner)
         self.tag = tag
         body = transformer_body(owner)

@@ -30,6 +30,7 @@ from peftlab.core.registry import (
     Tuning,
     register_method,
 )
+from peftlab.methods import _prompt_seq2seq as _seq2seq
 from peftlab.methods._token_init import TokenInit, embeddings_of
 from peftlab.methods._virtual_tokens import (
     VirtualTokenModule,
@@ -64,6 +65,13 @@ class PromptEncoder(VirtualTokenModule):
 
     def __init__(self, owner: nn.Module) -> None:
         super().__init__(owner)
+        self.prompt_embeddings = nn.ParameterDict()
+        self._strip = 0  # prompt positions the pending forward call prepended
+        if _seq2seq.is_encoder_decoder(owner):  # the prompt goes on the encoder's input
+            encoder = _seq2seq.encoder_of(owner)
+            encoder.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True)
+            owner.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
+            return
         body = transformer_body(owner)
         self.signature = forward_params(body)
         if "inputs_embeds" not in self.signature.parameters:
@@ -73,8 +81,6 @@ class PromptEncoder(VirtualTokenModule):
             )
         names = [n for n in ("cache", "past_key_values") if n in self.signature.parameters]
         self.cache_arg = names[0] if names else None
-        self.prompt_embeddings = nn.ParameterDict()
-        self._strip = 0  # prompt positions the pending forward call prepended
         body.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         body.register_forward_hook(self._post_hook)
         self.guard(body)
@@ -93,6 +99,18 @@ class PromptEncoder(VirtualTokenModule):
                     * std
                 )
         self.prompt_embeddings[name] = nn.Parameter(init)
+
+    def _encoder_pre_hook(self, encoder: nn.Module, args: tuple, kwargs: dict):
+        name = self.active()
+        if name not in self.prompt_embeddings:
+            return None
+        return _seq2seq.encoder_pre_hook(self.prompt_embeddings[name], encoder, args, kwargs)
+
+    def _model_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict):
+        name = self.active()
+        if name not in self.prompt_embeddings:
+            return None
+        return _seq2seq.model_pre_hook(self.prompt_embeddings[name].shape[0], model, args, kwargs)
 
     def _pre_hook(self, body: nn.Module, args: tuple, kwargs: dict):
         self._strip = 0

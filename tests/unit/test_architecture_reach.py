@@ -184,11 +184,53 @@ def test_layer_methods_run_on_t5_which_reads_its_layers_weights(method, batch, t
     torch.testing.assert_close(_seq2seq_logits(plain, batch), out, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "ptuning-v2"])
-def test_virtual_tokens_refuse_encoder_decoder_models(method):
+def _bart():
+    return _tiny("BartConfig", "BartForConditionalGeneration", 0, d_model=32,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+                 encoder_attention_heads=4, decoder_attention_heads=4,
+                 max_position_embeddings=64)  # fmt: skip
+
+
+@pytest.mark.parametrize("make", [_t5, _bart], ids=["t5", "bart"])
+def test_prompt_tuning_on_encoder_decoder_models_equals_peft(make, batch, tmp_path):
+    """The prompt in front of the encoder's input, the decoder's cross-attention mask extended
+    (Lester et al. on T5): logits and greedy generation equal peft's SEQ_2_SEQ_LM prompt
+    tuning with one transformer submodule, with a padded row."""
+    base = make()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, num_transformer_submodules=1)).eval()  # fmt: skip
+    ours = peftlab.apply(copy.deepcopy(base), peftlab.config_from_dict(
+        {"method": "prompt", "num_virtual_tokens": 4}))  # fmt: skip
+    with torch.no_grad():
+        table = theirs.prompt_encoder["default"].embedding.weight
+        table.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+        ours.peftlab_prompt.prompt_embeddings["default"].copy_(table)
+    mask = torch.ones_like(batch)
+    mask[1, 6:] = 0
+    labels = batch[:, :5].contiguous()
+    with torch.no_grad():
+        mine = ours(input_ids=batch, attention_mask=mask, labels=labels).logits
+        torch.testing.assert_close(mine, theirs(input_ids=batch, attention_mask=mask,
+                                                labels=labels).logits, rtol=0, atol=1e-6)  # fmt: skip
+        assert not torch.allclose(mine, base(input_ids=batch, attention_mask=mask,
+                                             labels=labels).logits)  # fmt: skip
+        kw = dict(input_ids=batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours.generate(**kw), theirs.generate(**kw))
+    ours.train()
+    ours(input_ids=batch, attention_mask=mask, labels=labels).loss.backward()
+    assert ours.peftlab_prompt.prompt_embeddings["default"].grad.abs().sum() > 0
+    peftlab.save_adapter(ours, tmp_path)
+    loaded = peftlab.load_adapter(make(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch, attention_mask=mask,
+                                          labels=labels).logits, mine, rtol=0, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning-v2"])
+def test_prefix_methods_refuse_encoder_decoder_models(method):
     model = _t5()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match="encoder-decoder model.*use a layer method"):
+    with pytest.raises(ConfigError, match="encoder-decoder model.*use 'prompt' or a layer"):
         peftlab.apply(model, peftlab.config_from_dict({"method": method, "num_virtual_tokens": 4}))
     assert model.state_dict().keys() == before.keys()
     assert not any(type(m).__module__.startswith("peftlab") for m in model.modules())
