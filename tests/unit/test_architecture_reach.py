@@ -234,3 +234,16 @@ def test_prefix_methods_refuse_encoder_decoder_models(method):
         peftlab.apply(model, peftlab.config_from_dict({"method": method, "num_virtual_tokens": 4}))
     assert model.state_dict().keys() == before.keys()
     assert not any(type(m).__module__.startswith("peftlab") for m in model.modules())
+
+
+def test_tie_weights_on_a_wrapped_head_ties_the_wrapped_layer():
+    """transformers' tie_weights() sets ``lm_head.weight = wte.weight``; with LoRA on the head
+    that reaches the wrapped layer (no stray parameter on the wrapper, no KeyError)."""
+    from tests.conftest import tiny_gpt2
+
+    model = peftlab.apply(tiny_gpt2(), peftlab.LoRAConfig(r=2, target_modules=["lm_head"]))
+    model.lm_head.base_layer.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    model.tie_weights()
+    assert model.lm_head.base_layer.weight is model.transformer.wte.weight
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert "weight" not in model.lm_head._parameters  # nothing stray on the wrapper itself
