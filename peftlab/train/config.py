@@ -374,8 +374,13 @@ class TrainConfig:
                 f"{path} is a directory; give a YAML config file, or use --resume {path} to "
                 f"continue the run in it"
             )
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():  # /dev/null, a pipe: nothing to read a config from twice
+            raise ConfigError(
+                f"config file {path} is not a regular file; give a YAML file (an empty one "
+                f"takes every key from the key=value overrides)"
+            )
         data = path.read_bytes()
         try:
             d = yaml.safe_load(data.decode("utf-8"))

@@ -281,6 +281,8 @@ def test_config_file_paths(tmp_path):
         TrainConfig.load(tmp_path)
     with pytest.raises(ConfigError, match="^config file .*nope.yaml does not exist$"):
         TrainConfig.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="^config file /dev/null is not a regular file; give a"):
+        TrainConfig.load("/dev/null")  # it used to say "does not exist"
     (tmp_path / "latin1.yaml").write_bytes(b"model: m\ndata: caf\xe9.csv\n")
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 on line 2\)"):
         TrainConfig.load(tmp_path / "latin1.yaml")
