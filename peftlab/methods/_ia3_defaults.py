@@ -14,8 +14,6 @@ from __future__ import annotations
 from torch import nn
 
 from peftlab.core.config import ConfigError
-from peftlab.core.matching import is_linear, named_modules
-from peftlab.core.weights import features
 
 _LLAMA = (("k_proj", "v_proj", "down_proj"), ("down_proj",))
 _QV_DOWN = (("q_proj", "v_proj", "down_proj"), ("down_proj",))
@@ -57,29 +55,23 @@ FUSED_QKV = frozenset({"query_key_value", "qkv_proj", "c_attn", "Wqkv", "qkv", "
 def structural_modules(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """``(targets, feedforward)`` as qualified names read from ``model``'s blocks, or None when
     some block has no key/value (or fused) projection or no single feed-forward output."""
-    from peftlab.methods.adapter import _base, block_outputs, hidden_size, is_attention_child
+    from peftlab.methods.adapter import block_outputs, hidden_size, transformer_blocks
 
     hidden = hidden_size(model)
+    if hidden is None:
+        return None
     targets: list[str] = []
     feedforward: list[str] = []
-    for list_name, module_list in named_modules(model):
-        if hidden is None or not isinstance(module_list, nn.ModuleList):
-            continue
-        for idx, block in enumerate(module_list):
-            children = [n for n, _ in block.named_children()]
-            if not any(is_attention_child(c) for c in children):
-                continue
-            linears = [(n, *features(_base(m))) for n, m in named_modules(block) if is_linear(m)]
-            attn_out, ffn_out = block_outputs(children, linears, hidden)
-            attention = attn_out[0].split(".")[0] if attn_out else None
-            inside = [n for n, _, _ in linears if attention and n.startswith(attention + ".")]
-            own = [n for n in inside if n.rsplit(".", 1)[-1] in KEY_VALUE]
-            own = own or [n for n in inside if n.rsplit(".", 1)[-1] in FUSED_QKV]
-            if not own or len(ffn_out) != 1:
-                return None
-            prefix = f"{list_name}.{idx}."
-            targets += [prefix + n for n in own + ffn_out]
-            feedforward.append(prefix + ffn_out[0])
+    for name, children, linears in transformer_blocks(model):
+        attn_out, ffn_out = block_outputs(children, linears, hidden)
+        attention = attn_out[0].split(".")[0] if attn_out else None
+        inside = [n for n, _, _ in linears if attention and n.startswith(attention + ".")]
+        own = [n for n in inside if n.rsplit(".", 1)[-1] in KEY_VALUE]
+        own = own or [n for n in inside if n.rsplit(".", 1)[-1] in FUSED_QKV]
+        if not own or len(ffn_out) != 1:
+            return None
+        targets += [f"{name}.{n}" for n in own + ffn_out]
+        feedforward.append(f"{name}.{ffn_out[0]}")
     return (tuple(targets), tuple(feedforward)) if targets else None
 
 

@@ -33,7 +33,7 @@ weights: the method is not mergeable.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -289,6 +289,25 @@ def adapted_outputs(attn_out: list[str], ffn_out: list[str], placement: str) -> 
     return ([attn_out[-1]] if placement == "houlsby" else []) + ffn_out
 
 
+def transformer_blocks(
+    model: nn.Module,
+) -> Iterator[tuple[str, list[str], list[tuple[str, int, int]]]]:
+    """Every transformer block of ``model`` — an ``nn.ModuleList`` element with an attention
+    child — as ``(qualified name, child names, linear layers)``, the linears as
+    ``(name relative to the block, in, out)`` in module order (what :func:`block_outputs`
+    reads)."""
+    for list_name, module_list in named_modules(model):
+        if not isinstance(module_list, nn.ModuleList):
+            continue
+        for idx, block in enumerate(module_list):
+            children = [n for n, _ in block.named_children()]
+            if any(is_attention_child(c) for c in children):
+                linears = [
+                    (n, *features(_base(m))) for n, m in named_modules(block) if is_linear(m)
+                ]
+                yield f"{list_name}.{idx}", children, linears
+
+
 def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
     """Qualified names of the linear layers whose output gets an adapter, block by block.
 
@@ -300,27 +319,19 @@ def find_adapter_sites(model: nn.Module, placement: str) -> list[str]:
     sites: list[str] = []
     problems: list[str] = []
     blocks = 0
-    for list_name, module_list in named_modules(model):
-        if not isinstance(module_list, nn.ModuleList):
+    for name, children, linears in transformer_blocks(model):
+        blocks += 1
+        if hidden is None:
             continue
-        for idx, block in enumerate(module_list):
-            name = f"{list_name}.{idx}"
-            children = [n for n, _ in block.named_children()]
-            if not any(is_attention_child(c) for c in children):
-                continue
-            blocks += 1
-            if hidden is None:
-                continue
-            linears = [(n, *features(_base(m))) for n, m in named_modules(block) if is_linear(m)]
-            attn_out, ffn_out = block_outputs(children, linears, hidden)
-            picked = adapted_outputs(attn_out, ffn_out, placement)
-            if picked is None:
-                problems.append(
-                    f"{name}: attention outputs {[f'{name}.{n}' for n in attn_out[-1:]] or 'none'}, "
-                    f"feed-forward outputs {[f'{name}.{n}' for n in ffn_out] or 'none'}"
-                )
-                continue
-            sites.extend(f"{name}.{n}" for n in picked)
+        attn_out, ffn_out = block_outputs(children, linears, hidden)
+        picked = adapted_outputs(attn_out, ffn_out, placement)
+        if picked is None:
+            problems.append(
+                f"{name}: attention outputs {[f'{name}.{n}' for n in attn_out[-1:]] or 'none'}, "
+                f"feed-forward outputs {[f'{name}.{n}' for n in ffn_out] or 'none'}"
+            )
+            continue
+        sites.extend(f"{name}.{n}" for n in picked)
     if problems or not sites:
         if problems:
             detail = (
