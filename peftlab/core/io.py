@@ -19,6 +19,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError, MethodConfig, check, config_from_dict
 from peftlab.core.fileio import atomic_write_with
+from peftlab.core.matching import matches_target
 from peftlab.core.model import adding_adapter, attach_adapter, owner_index, set_adapter
 from peftlab.core.registry import get_method
 from peftlab.core.saved import adapter_module_state
@@ -148,7 +149,11 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
         AdapterFileError: the file is missing, not JSON, or holds a value of the wrong type or
             range (the message names the file, the key, the value and what is allowed).
     """
-    path = Path(path)
+    return _read_config(Path(path))[0]
+
+
+def _read_config(path: Path) -> tuple[MethodConfig, bool]:
+    """:func:`read_adapter_config`, and whether peft wrote the file (no ``peftlab`` section)."""
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise AdapterFileError(
@@ -162,18 +167,12 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
         check(isinstance(doc, dict), "adapter_config.json", doc, "a JSON object")
         own = doc.get("peftlab")
         if own is None:
-            return _from_peft(doc)
+            return _from_peft(doc), True
         check(isinstance(own, dict), "peftlab", own, 'an object with a "config" object')
         check(isinstance(own.get("config"), dict), "peftlab.config", own.get("config"), "an object")
-        return config_from_dict(own["config"])
+        return config_from_dict(own["config"]), False
     except ConfigError as e:
         raise AdapterFileError(f"{cfg_file}: {e}") from None
-
-
-def _from_peft_file(path: Path) -> bool:
-    """The adapter directory was written by peft (no ``peftlab`` section in its config);
-    :func:`read_adapter_config` has already checked the file."""
-    return "peftlab" not in json.loads((path / CONFIG_NAME).read_text())
 
 
 def _from_peft(doc: dict) -> MethodConfig:
@@ -320,7 +319,7 @@ def _present(model: nn.Module, config: MethodConfig) -> MethodConfig:
     names = [n for n, _ in model.named_modules() if n]
 
     def hits(entry: str) -> list[str]:
-        return [n for n in names if n == entry or n.endswith("." + entry)]
+        return [n for n in names if matches_target(n, [entry])]
 
     kept = [e for e in config.modules_to_save if hits(e)]
     config = config.replace(modules_to_save=kept)
@@ -368,8 +367,8 @@ def load_adapter(
             the model (the message names the missing, unexpected and mis-shaped keys).
     """
     path = Path(path)
-    config = read_adapter_config(path)
-    if _from_peft_file(path):
+    config, from_peft = _read_config(path)
+    if from_peft:
         config = _present(model, config)
     tensors = read_weights(path)
     spec = get_method(config.method)
