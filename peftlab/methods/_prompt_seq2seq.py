@@ -16,15 +16,13 @@ This is peft's ``PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_transformer_su
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from peftlab.core.config import ConfigError
 from peftlab.methods._virtual_tokens import bind_call, forward_params
-
-
-def is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def encoder_of(model: nn.Module) -> nn.Module:
@@ -48,9 +46,12 @@ def _extended(mask: torch.Tensor, p: int) -> torch.Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
 
 
-def encoder_pre_hook(prompt: nn.Parameter, encoder: nn.Module, args: tuple, kwargs: dict):
-    """Prepend ``prompt`` ``[p, d]`` to the encoder's input embeddings (and its mask)."""
-    kw = bind_call(forward_params(encoder), args, kwargs)
+def encoder_pre_hook(
+    prompt: nn.Parameter, sig: inspect.Signature, encoder: nn.Module, args: tuple, kwargs: dict
+):
+    """Prepend ``prompt`` ``[p, d]`` to the encoder's input embeddings (and its mask);
+    ``sig`` is the encoder's forward signature."""
+    kw = bind_call(sig, args, kwargs)
     embeds = kw.get("inputs_embeds")
     if embeds is None:
         table = getattr(encoder, "embed_tokens", None) or encoder.get_input_embeddings()
@@ -65,9 +66,10 @@ def encoder_pre_hook(prompt: nn.Parameter, encoder: nn.Module, args: tuple, kwar
     return (), kw
 
 
-def model_pre_hook(p: int, model: nn.Module, args: tuple, kwargs: dict):
-    """Extend the mask the model gives the decoder for cross-attention to the prompt."""
-    kw = bind_call(forward_params(model), args, kwargs)
+def model_pre_hook(p: int, sig: inspect.Signature, model: nn.Module, args: tuple, kwargs: dict):
+    """Extend the mask the model gives the decoder for cross-attention to the prompt; ``sig``
+    is the model's forward signature."""
+    kw = bind_call(sig, args, kwargs)
     mask = kw.get("attention_mask")
     if mask is None:
         return None

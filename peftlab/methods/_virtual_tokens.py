@@ -55,6 +55,10 @@ def transformer_body(model: nn.Module) -> nn.Module:
         body = inner[0]
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def check_not_encoder_decoder(model: nn.Module) -> None:
     """Prefixes here go into one stack's key/value cache; an encoder-decoder model (T5, BART)
     would need them in the encoder's, the decoder's and the cross-attention's, which the prefix
@@ -63,7 +67,7 @@ def check_not_encoder_decoder(model: nn.Module) -> None:
     Raises:
         ConfigError: ``model.config.is_encoder_decoder``.
     """
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ConfigError(
             f"{type(model).__name__} is an encoder-decoder model: prefix and ptuning-v2 support "
             f"decoder-only and encoder-only models; use 'prompt' or a layer method ('lora', "

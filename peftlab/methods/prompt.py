@@ -37,6 +37,7 @@ from peftlab.methods._virtual_tokens import (
     bind_call,
     check_num_virtual_tokens,
     forward_params,
+    is_encoder_decoder,
     record_virtual_tokens,
     transformer_body,
     virtual_tokens_in,
@@ -67,8 +68,9 @@ class PromptEncoder(VirtualTokenModule):
         super().__init__(owner)
         self.prompt_embeddings = nn.ParameterDict()
         self._strip = 0  # prompt positions the pending forward call prepended
-        if _seq2seq.is_encoder_decoder(owner):  # the prompt goes on the encoder's input
+        if is_encoder_decoder(owner):  # the prompt goes on the encoder's input
             encoder = _seq2seq.encoder_of(owner)
+            self.signature, self.model_signature = forward_params(encoder), forward_params(owner)
             encoder.register_forward_pre_hook(self._encoder_pre_hook, with_kwargs=True)
             owner.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)
             return
@@ -104,13 +106,15 @@ class PromptEncoder(VirtualTokenModule):
         name = self.active()
         if name not in self.prompt_embeddings:
             return None
-        return _seq2seq.encoder_pre_hook(self.prompt_embeddings[name], encoder, args, kwargs)
+        prompt = self.prompt_embeddings[name]
+        return _seq2seq.encoder_pre_hook(prompt, self.signature, encoder, args, kwargs)
 
     def _model_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict):
         name = self.active()
         if name not in self.prompt_embeddings:
             return None
-        return _seq2seq.model_pre_hook(self.prompt_embeddings[name].shape[0], model, args, kwargs)
+        p = self.prompt_embeddings[name].shape[0]
+        return _seq2seq.model_pre_hook(p, self.model_signature, model, args, kwargs)
 
     def _pre_hook(self, body: nn.Module, args: tuple, kwargs: dict):
         self._strip = 0
