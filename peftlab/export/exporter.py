@@ -198,10 +198,10 @@ def _build(src: sources.Source, format: str, precision: str, tmp: Path, shard: s
         report["export"] = to_hf.write_hf(merged, tokenizer, tmp, precision, shard)
     else:
         name = f"{_export_name(src)}-{precision}"
-        report["warnings"] += to_gguf.check_architecture(merged.config)
         report["export"] = to_gguf.write_gguf(
             merged, tokenizer, src.base, tmp / f"{name}.gguf", precision, name
         )
+        report["warnings"] += report["export"].pop("warnings")
         (tmp / "Modelfile").write_text(f"FROM ./{name}.gguf\n")  # `ollama create NAME -f Modelfile`
     if getattr(src.config, "quant_type", None):
         report["qlora"] = {

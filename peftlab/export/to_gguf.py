@@ -193,11 +193,12 @@ def tensors(model: nn.Module, quant: str) -> list[tuple[str, np.ndarray, object]
 
 
 def write_gguf(model: nn.Module, tokenizer, base: str, path: Path, quant: str, name: str) -> dict:
-    """Write the merged ``model`` with its tokenizer to ``path``; returns a summary."""
+    """Write the merged ``model`` with its tokenizer to ``path``; returns a summary (its
+    ``warnings``: what the file leaves out, see :func:`check_architecture`)."""
     from peftlab.export.source import source_gguf
     from peftlab.models import resolve
 
-    check_architecture(model.config)
+    warnings = check_architecture(model.config)
     qtype, file_type = QUANTS[quant]
     src_gguf = source_gguf(base)
     writer = gguf.GGUFWriter(path, LAYOUTS[model.config.model_type].name)
@@ -218,7 +219,7 @@ def write_gguf(model: nn.Module, tokenizer, base: str, path: Path, quant: str, n
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"file": path.name, "tensor_types": counts, "tokenizer": vocab}
+    return {"file": path.name, "tensor_types": counts, "tokenizer": vocab, "warnings": warnings}
 
 
 def load_gguf(path: Path):
