@@ -4,8 +4,9 @@ Model code reads attributes off layers it built: T5's feed-forward casts its inp
 ``self.wo.weight.dtype``, other code checks ``layer.bias is None``. A wrapper that replaced
 ``wo`` would raise ``AttributeError`` there, so every adapter layer (``self.base_layer`` is the
 wrapped layer) shows the wrapped layer's ``weight`` and ``bias`` as peft's layers do; setting
-them (transformers' ``tie_weights``) sets the wrapped layer's. The wrapper's own parameters stay under their own names (``lora_A``, ``ia3_l``, ...), and
-the state dict is unchanged: properties are not parameters.
+them (transformers' ``tie_weights``) sets the wrapped layer's. The wrapper's own parameters
+stay under their own names (``lora_A``, ``ia3_l``, ...), and the state dict is unchanged:
+properties are not parameters.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ one-hot product. As in the LoRA reference code (loralib's ``Embedding``) and pef
 at zero and B from N(0, 1) — the roles of a linear layer's factors swapped —, so the model is
 unchanged at init; merging adds ``s·(B·A)ᵀ`` (``[V, d]``) to the table. A's gradient reaches
 only the columns of the ids a batch holds. peft's file keys are ``….lora_embedding_A``
-(``[r, V]``) and ``….lora_embedding_B`` (``[d, r]``); the layer holds its factors under those names and exposes them as ``lora_A`` /
-``lora_B`` too, so combining, hot swaps, mixed batches and LoRA+ treat it as any LoRA layer.
+(``[r, V]``) and ``….lora_embedding_B`` (``[d, r]``); the layer holds its factors under those
+names and exposes them as ``lora_A`` / ``lora_B`` too, so combining, hot swaps, mixed batches
+and LoRA+ treat it as any LoRA layer.
 
 Scaled embeddings (Gemma's ``embed_scale``) scale the update as the base. Dropout does not
 apply (an id cannot be dropped out, as in peft). ``padding_idx`` and ``scale_grad_by_freq``

@@ -16,8 +16,8 @@ from peftlab.core.config import ConfigError
 
 LLAMA, BERT = "llama", "bert"
 """Block families the estimator models: ``llama`` (pre-norm RMSNorm, RoPE, gated SiLU MLP,
-grouped-query attention: Llama, Mistral, Qwen2/3, SmolLM, OLMo, Gemma 1, Granite) and ``bert`` (post-norm LayerNorm,
-learned positions, GELU MLP, dropout, classification head)."""
+grouped-query attention: Llama, Mistral, Qwen2/3, SmolLM, OLMo, Gemma 1, Granite) and
+``bert`` (post-norm LayerNorm, learned positions, GELU MLP, dropout, classification head)."""
 
 BLOCKS = {LLAMA: "model.layers", BERT: "bert.encoder.layer"}
 """Where a family's blocks sit in its transformers model: block ``k``'s linear ``s`` is
